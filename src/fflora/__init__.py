@@ -1,0 +1,31 @@
+"""fflora: fused forward-backward adapters (FFBA) for parameter-efficient fine-tuning of LLMs.
+
+Reference implementation of FLoRA (Gowda, Song, Lee, Goka; arXiv 2511.00050). The paper's
+equations are not public: the method implemented here is our reading of it, written down in
+the README's "The method" section.
+"""
+
+__version__ = "0.1.0"
+
+from .base_models import load_base_model  # noqa: E402
+from .budget import ffba_parameter_count, lora_parameter_count  # noqa: E402
+from .config import FFBAConfig  # noqa: E402
+from .fused import fuse, unfuse  # noqa: E402
+from .model import apply_ffba, parameter_summary, print_trainable_parameters, remove_ffba  # noqa: E402
+from .serialization import BaseModelMismatchWarning, load_adapter, save_adapter  # noqa: E402
+
+__all__ = [
+    "BaseModelMismatchWarning",
+    "FFBAConfig",
+    "apply_ffba",
+    "ffba_parameter_count",
+    "fuse",
+    "load_adapter",
+    "load_base_model",
+    "lora_parameter_count",
+    "parameter_summary",
+    "print_trainable_parameters",
+    "remove_ffba",
+    "save_adapter",
+    "unfuse",
+]

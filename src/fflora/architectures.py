@@ -1,0 +1,64 @@
+"""Model surgery as data: where each supported architecture keeps its sub-blocks' projections.
+
+The adapter logic never looks at a model type; it asks this table which modules are the input
+and output projections of the attention and MLP sub-blocks of each decoder layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class SubBlockSpec:
+    """One sub-block of a decoder layer: the module holding it, its input and output projections."""
+
+    module: str
+    inputs: tuple[str, ...]
+    output: str
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """Where the decoder layers of a causal LM live, and the two sub-blocks of each layer."""
+
+    layers: str
+    attn: SubBlockSpec
+    mlp: SubBlockSpec
+
+    def sub_block(self, name: str) -> SubBlockSpec:
+        return {"attn": self.attn, "mlp": self.mlp}[name]
+
+
+_LLAMA_LIKE = ArchitectureSpec(
+    layers="model.layers",
+    attn=SubBlockSpec("self_attn", ("q_proj", "k_proj", "v_proj"), "o_proj"),
+    mlp=SubBlockSpec("mlp", ("gate_proj", "up_proj"), "down_proj"),
+)
+
+# model_type -> spec. Qwen2 has biases on q/k/v and Gemma 3 normalises q and k after projecting;
+# both only touch what happens after the projections, so the same spec serves them.
+ARCHITECTURES: dict[str, ArchitectureSpec] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "gemma3_text": _LLAMA_LIKE,
+}
+
+
+def architecture_of(model: nn.Module) -> ArchitectureSpec:
+    """The spec for `model`, or a ValueError naming the model types fflora supports."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise ValueError(
+            f"fflora does not support model type {model_type!r}; supported model types are "
+            f"{sorted(ARCHITECTURES)}. Add an entry to fflora.architectures.ARCHITECTURES if the "
+            "model has Llama-style pre-norm attention and gated-MLP sub-blocks."
+        )
+    return ARCHITECTURES[model_type]
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return model.get_submodule(architecture_of(model).layers)

@@ -1,0 +1,45 @@
+"""Parameter budgets from a model config alone: the FFBA formula of the design and LoRA's."""
+
+from __future__ import annotations
+
+from .config import FFBAConfig
+
+
+def _dims(hf_config) -> dict[str, int]:
+    heads = hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    return {
+        "d": hf_config.hidden_size,
+        "d_q": heads * head_dim,
+        "kv": kv_heads * head_dim,
+        "inter": hf_config.intermediate_size,
+        "layers": hf_config.num_hidden_layers,
+    }
+
+
+def ffba_parameter_count(hf_config, cfg: FFBAConfig) -> int:
+    """Trainable parameters of FFBA on a Llama-family model, per the design's per-layer formula.
+
+    Per layer: FA attn 2*d*r, FA mlp 2*d*r, BA attn->mlp d_attn*r + 2*inter*r; and for each of the
+    layers-1 layers that have a successor, BA mlp->next attn inter*r + (d_q + 2*kv)*r.
+    """
+    k = _dims(hf_config)
+    r_f, r_b = cfg.r, cfg.rank_backward
+    per_layer = 0
+    if cfg.forward:
+        per_layer += sum(2 * k["d"] * r_f for s in ("attn", "mlp") if s in cfg.sub_blocks)
+    if cfg.backward and "attn" in cfg.sub_blocks:
+        per_layer += k["d_q"] * r_b + 2 * k["inter"] * r_b
+    crossing = 0
+    if cfg.backward and "mlp" in cfg.sub_blocks:
+        crossing = k["inter"] * r_b + (k["d_q"] + 2 * k["kv"]) * r_b
+    return k["layers"] * per_layer + (k["layers"] - 1) * crossing
+
+
+def lora_parameter_count(hf_config, r: int) -> int:
+    """Trainable parameters of LoRA at rank r on all seven projections (r * (in + out) each)."""
+    k = _dims(hf_config)
+    d, d_q, kv, inter = k["d"], k["d_q"], k["kv"], k["inter"]
+    per_layer = (d + d_q) + 2 * (d + kv) + (d_q + d) + 2 * (d + inter) + (inter + d)
+    return k["layers"] * per_layer * r

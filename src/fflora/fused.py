@@ -1,0 +1,271 @@
+"""Fused inference form: one GEMM for a sub-block's input projections, one for its output.
+
+For a sub-block with input projections P_1..P_k (q|k|v or gate|up), output projection P_out and
+an FFBA adapter, `fuse` builds
+
+    W_in  = [ W_1  s_b B_b1 ]        acting on [u; z_b_in]   -> [p_1; ...; p_k; z_f]
+            [ ...  ...      ]
+            [ W_k  s_b B_bk ]
+            [ A_f  0        ]
+
+    W_out = [ W_o  s_f B_f ]         acting on [c; phi(z_f)] -> [y; z_b_out]
+            [ A_b  0       ]
+
+The fused matrices are the only copy of the base weights while fused (no duplicate memory);
+`unfuse` rebuilds the original nn.Linear modules from them bit for bit. Adapter parameters stay
+where they are and the adapter rows/columns are derived from them, so replacing an adapter in a
+fused model rewrites only those rows/columns (`refresh_adapter_weights`).
+
+The model's own attention/MLP code is kept: it calls q_proj, k_proj and v_proj in turn on the
+same input, so the first of them runs the fused GEMM and its siblings return views of the result.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .adapter import NEXT_SUB_BLOCK, PHI, SubBlockAdapter, current_state
+from .architectures import architecture_of, decoder_layers
+from .layers import AdaptedInputProjection, AdaptedOutputProjection
+
+
+class FusedInputProjections(nn.Module):
+    """All input projections of one sub-block (plus FA down rows and BA up columns) as one GEMM."""
+
+    def __init__(self, bases: list[nn.Linear], adapter: SubBlockAdapter | None, name: str) -> None:
+        super().__init__()
+        self.name = name
+        self.widths = [b.out_features for b in bases]
+        self.d_in = bases[0].in_features
+        fa_rank = adapter.fa_rank if adapter is not None else 0
+        ba_in_rank = adapter.ba_in_rank if adapter is not None else 0
+        self.fa_rank, self.ba_in_rank = fa_rank, ba_in_rank
+        self.phi = PHI[adapter.phi_name] if adapter is not None else None
+        ref = bases[0].weight
+        rows = sum(self.widths)
+        weight = torch.zeros(rows + fa_rank, self.d_in + ba_in_rank, dtype=ref.dtype, device=ref.device)
+        weight[:rows, : self.d_in] = torch.cat([b.weight.detach() for b in bases], dim=0)
+        self.register_buffer("weight", weight)
+        self.has_bias = [b.bias is not None for b in bases]
+        if any(self.has_bias):
+            bias = torch.zeros(rows + fa_rank, dtype=ref.dtype, device=ref.device)
+            start = 0
+            for b, width in zip(bases, self.widths):
+                if b.bias is not None:
+                    bias[start : start + width] = b.bias.detach()
+                start += width
+            self.register_buffer("bias", bias)
+        else:
+            self.bias = None
+        self._cache: tuple[Tensor, list[Tensor]] | None = None
+        self._served = 0
+
+    def refresh_adapter_weights(self, adapter: SubBlockAdapter) -> None:
+        """Write the adapter's rows/columns in place; the base block is not touched."""
+        rows = sum(self.widths)
+        if self.fa_rank:
+            self.weight[rows:, : self.d_in] = adapter.fa_down.detach().to(self.weight.dtype)
+        if self.ba_in_rank:
+            self.weight[:rows, self.d_in :] = (adapter.ba_scale * adapter.ba_up.detach()).to(self.weight.dtype)
+
+    def output(self, x: Tensor, index: int) -> Tensor:
+        """Input projection `index` of x; the first call for a new x runs the fused GEMM."""
+        if self._cache is None or self._cache[0] is not x:
+            self._cache = (x, self._project(x))
+            self._served = 0
+        parts = self._cache[1]
+        self._served += 1
+        if self._served == len(self.widths):  # every sibling has its view: drop the reference
+            self._cache = None
+        return parts[index]
+
+    def _project(self, x: Tensor) -> list[Tensor]:
+        if self.ba_in_rank or self.fa_rank:
+            state = current_state()
+        inp = x
+        if self.ba_in_rank:
+            z = state.into.get(self.name)
+            if z is None:  # no BA state arrived (cannot happen inside an FFBA layer)
+                raise RuntimeError(f"fused {self.name} expected backward-adapter input, found none")
+            inp = torch.cat([x, z.to(x.dtype)], dim=-1)
+        out = F.linear(inp, self.weight, self.bias)
+        parts = list(out.split(self.widths + ([self.fa_rank] if self.fa_rank else []), dim=-1))
+        if self.fa_rank:
+            state.fa[self.name] = self.phi(parts.pop())
+        return parts
+
+    def unfused(self) -> list[nn.Linear]:
+        """Exact copies of the original base projections."""
+        linears, start = [], 0
+        for width, has_bias in zip(self.widths, self.has_bias):
+            linear = nn.Linear(self.d_in, width, bias=has_bias, device="meta")
+            linear.weight = nn.Parameter(self.weight[start : start + width, : self.d_in].clone(), requires_grad=False)
+            if has_bias:
+                linear.bias = nn.Parameter(self.bias[start : start + width].clone(), requires_grad=False)
+            linears.append(linear)
+            start += width
+        return linears
+
+
+class FusedInputSlice(nn.Module):
+    """Stands where q_proj (k_proj, ...) stood; returns its part of the shared fused GEMM."""
+
+    def __init__(self, group: FusedInputProjections, index: int) -> None:
+        super().__init__()
+        # Not registered as a submodule: the group belongs to the sub-block, once.
+        object.__setattr__(self, "group", group)
+        self.index = index
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.group.output(x, self.index)
+
+    def extra_repr(self) -> str:
+        return f"index={self.index}, out_features={self.group.widths[self.index]}"
+
+
+class FusedOutputProjection(nn.Module):
+    """The output projection plus FA up columns and BA down rows, as one GEMM."""
+
+    def __init__(self, base: nn.Linear, adapter: SubBlockAdapter | None, name: str) -> None:
+        super().__init__()
+        self.name = name
+        self.d_core, self.d_out = base.in_features, base.out_features
+        self.fa_rank = adapter.fa_rank if adapter is not None else 0
+        self.ba_out_rank = adapter.ba_out_rank if adapter is not None else 0
+        ref = base.weight
+        weight = torch.zeros(
+            self.d_out + self.ba_out_rank, self.d_core + self.fa_rank, dtype=ref.dtype, device=ref.device
+        )
+        weight[: self.d_out, : self.d_core] = base.weight.detach()
+        self.register_buffer("weight", weight)
+        if base.bias is not None:
+            bias = torch.zeros(self.d_out + self.ba_out_rank, dtype=ref.dtype, device=ref.device)
+            bias[: self.d_out] = base.bias.detach()
+            self.register_buffer("bias", bias)
+        else:
+            self.bias = None
+
+    def refresh_adapter_weights(self, adapter: SubBlockAdapter) -> None:
+        """Write the adapter's rows/columns in place; the base block is not touched."""
+        if self.fa_rank:
+            self.weight[: self.d_out, self.d_core :] = (adapter.fa_scale * adapter.fa_up.detach()).to(self.weight.dtype)
+        if self.ba_out_rank:
+            self.weight[self.d_out :, : self.d_core] = adapter.ba_down.detach().to(self.weight.dtype)
+
+    def forward(self, c: Tensor) -> Tensor:
+        if not (self.fa_rank or self.ba_out_rank):
+            return F.linear(c, self.weight, self.bias)
+        state = current_state()
+        inp = torch.cat([c, state.fa.pop(self.name).to(c.dtype)], dim=-1) if self.fa_rank else c
+        out = F.linear(inp, self.weight, self.bias)
+        if self.ba_out_rank:
+            state.into[NEXT_SUB_BLOCK[self.name]] = out[..., self.d_out :]
+            return out[..., : self.d_out]
+        return out
+
+    def unfused(self) -> nn.Linear:
+        linear = nn.Linear(self.d_core, self.d_out, bias=self.bias is not None, device="meta")
+        linear.weight = nn.Parameter(self.weight[: self.d_out, : self.d_core].clone(), requires_grad=False)
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias[: self.d_out].clone(), requires_grad=False)
+        return linear
+
+    def extra_repr(self) -> str:
+        return f"in={self.d_core}+{self.fa_rank}, out={self.d_out}+{self.ba_out_rank}"
+
+
+def _unwrap(module: nn.Module) -> nn.Linear:
+    """The base nn.Linear of a projection, whether adapted (training form) or plain."""
+    if isinstance(module, (AdaptedInputProjection, AdaptedOutputProjection)):
+        return module.base
+    if type(module) is not nn.Linear:
+        raise ValueError(f"cannot fuse a {type(module).__name__}; fflora fuses plain torch.nn.Linear projections")
+    return module
+
+
+def fuse(model: nn.Module) -> nn.Module:
+    """Switch `model` to the fused inference form, in place; returns it.
+
+    Works with or without adapters (without: the fused base model, the latency lower bound).
+    The fused form is for inference: adapter parameters receive no gradient through it.
+    """
+    spec = architecture_of(model)
+    if getattr(model, "ffba_fused", False):
+        return model
+    for layer in decoder_layers(model):
+        adapters = getattr(layer, "ffba", None)
+        for name in ("attn", "mlp"):
+            block = spec.sub_block(name)
+            holder = layer.get_submodule(block.module)
+            adapter = getattr(adapters, name) if adapters is not None else None
+            bases = [_unwrap(getattr(holder, p)) for p in block.inputs]
+            group = FusedInputProjections(bases, adapter, name)
+            output = FusedOutputProjection(_unwrap(getattr(holder, block.output)), adapter, name)
+            if adapter is not None:
+                group.refresh_adapter_weights(adapter)
+                output.refresh_adapter_weights(adapter)
+            holder.ffba_fused_inputs = group
+            for index, p in enumerate(block.inputs):
+                setattr(holder, p, FusedInputSlice(group, index))
+            setattr(holder, block.output, output)
+    model.ffba_fused = True
+    return model
+
+
+def unfuse(model: nn.Module) -> nn.Module:
+    """Switch a fused model back to the training form (or the plain base), in place; returns it."""
+    spec = architecture_of(model)
+    if not getattr(model, "ffba_fused", False):
+        return model
+    for layer in decoder_layers(model):
+        adapters = getattr(layer, "ffba", None)
+        for name in ("attn", "mlp"):
+            block = spec.sub_block(name)
+            holder = layer.get_submodule(block.module)
+            adapter = getattr(adapters, name) if adapters is not None else None
+            group = holder.ffba_fused_inputs
+            for index, (p, base) in enumerate(zip(block.inputs, group.unfused())):
+                setattr(holder, p, AdaptedInputProjection(base, adapter, index) if adapter is not None else base)
+            base = getattr(holder, block.output).unfused()
+            setattr(holder, block.output, AdaptedOutputProjection(base, adapter) if adapter is not None else base)
+            del holder.ffba_fused_inputs
+    model.ffba_fused = False
+    return model
+
+
+def refresh_adapter_weights(model: nn.Module) -> None:
+    """After adapter parameters changed in a fused model, rewrite their fused rows/columns in place."""
+    spec = architecture_of(model)
+    for layer in decoder_layers(model):
+        adapters = getattr(layer, "ffba", None)
+        if adapters is None:
+            continue
+        for name in ("attn", "mlp"):
+            adapter = getattr(adapters, name)
+            if adapter is None:
+                continue
+            holder = layer.get_submodule(spec.sub_block(name).module)
+            holder.ffba_fused_inputs.refresh_adapter_weights(adapter)
+            getattr(holder, spec.sub_block(name).output).refresh_adapter_weights(adapter)
+
+
+def base_projection_weights(model: nn.Module):
+    """Yield (name, weight) of every base projection, in training, fused or plain form."""
+    spec = architecture_of(model)
+    for i, layer in enumerate(decoder_layers(model)):
+        for name in ("attn", "mlp"):
+            block = spec.sub_block(name)
+            holder = layer.get_submodule(block.module)
+            for p in (*block.inputs, block.output):
+                module = getattr(holder, p)
+                if isinstance(module, FusedInputSlice):
+                    group = module.group
+                    start = sum(group.widths[: module.index])
+                    weight = group.weight[start : start + group.widths[module.index], : group.d_in]
+                elif isinstance(module, FusedOutputProjection):
+                    weight = module.weight[: module.d_out, : module.d_core]
+                else:
+                    weight = _unwrap(module).weight
+                yield f"layers.{i}.{block.module}.{p}", weight

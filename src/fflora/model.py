@@ -1,0 +1,152 @@
+"""Attach FFBA adapters to a transformers causal LM, and count what they cost."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .adapter import SubBlockAdapter
+from .architectures import architecture_of, decoder_layers
+from .config import FFBAConfig
+from .fused import unfuse
+from .layers import AdaptedInputProjection, AdaptedOutputProjection, LayerAdapters, ffba_layer_class
+
+
+def _linear(module: nn.Module, path: str) -> nn.Linear:
+    if type(module) is not nn.Linear:
+        raise ValueError(
+            f"fflora adapts plain torch.nn.Linear projections, but {path} is a {type(module).__name__}; "
+            "load the base model unquantized (e.g. dtype=torch.bfloat16) before applying FFBA"
+        )
+    return module
+
+
+def _sub_block_adapter(layer, spec, name, cfg, *, ba_in, ba_out, dtype, device) -> SubBlockAdapter | None:
+    """The adapter of sub-block `name` of one layer, or None if nothing adapts it."""
+    fa = cfg.forward and name in cfg.sub_blocks
+    if not (fa or ba_in or ba_out):
+        return None
+    block = spec.sub_block(name)
+    holder = layer.get_submodule(block.module)
+    inputs = [_linear(getattr(holder, p), f"{block.module}.{p}") for p in block.inputs]
+    output = _linear(getattr(holder, block.output), f"{block.module}.{block.output}")
+    return SubBlockAdapter(
+        name,
+        d_in=inputs[0].in_features,
+        d_core=output.in_features,
+        input_widths=tuple(p.out_features for p in inputs),
+        fa_rank=cfg.r if fa else 0,
+        fa_scale=cfg.scale_forward,
+        ba_out_rank=cfg.rank_backward if ba_out else 0,
+        ba_in_rank=cfg.rank_backward if ba_in else 0,
+        ba_scale=cfg.scale_backward,
+        phi=cfg.phi,
+        dropout=cfg.dropout,
+        dtype=dtype,
+        device=device,
+    )
+
+
+def _wrap_projections(layer, spec, adapter: SubBlockAdapter) -> None:
+    block = spec.sub_block(adapter.name)
+    holder = layer.get_submodule(block.module)
+    for index, name in enumerate(block.inputs):
+        setattr(holder, name, AdaptedInputProjection(getattr(holder, name), adapter, index))
+    setattr(holder, block.output, AdaptedOutputProjection(getattr(holder, block.output), adapter))
+
+
+def apply_ffba(model: nn.Module, config: FFBAConfig) -> nn.Module:
+    """Add FFBA adapters to `model` in place (training form) and return it.
+
+    Every base parameter is frozen; only adapter parameters are trainable. Raises ValueError for
+    unsupported architectures, quantized projections, or a model that already has adapters.
+    """
+    if not isinstance(config, FFBAConfig):
+        raise TypeError(f"apply_ffba expects an FFBAConfig, got {type(config).__name__}")
+    spec = architecture_of(model)
+    if has_ffba(model):
+        raise ValueError("this model already has FFBA adapters; load or apply them onto a fresh base model")
+    if getattr(model, "ffba_fused", False):
+        raise ValueError("this model is fused; call fflora.unfuse(model) before applying adapters")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    layers = decoder_layers(model)
+    ba_from = {name: config.backward and name in config.sub_blocks for name in ("attn", "mlp")}
+    ref = layers[0].get_submodule(spec.attn.module).get_submodule(spec.attn.inputs[0]).weight
+    dtype, device = ref.dtype, ref.device
+    for i, layer in enumerate(layers):
+        last = i == len(layers) - 1
+        attn = _sub_block_adapter(
+            layer, spec, "attn", config,
+            ba_in=ba_from["mlp"] and i > 0, ba_out=ba_from["attn"], dtype=dtype, device=device,
+        )
+        mlp = _sub_block_adapter(
+            layer, spec, "mlp", config,
+            ba_in=ba_from["attn"], ba_out=ba_from["mlp"] and not last, dtype=dtype, device=device,
+        )
+        carried = mlp.ba_out_rank if mlp is not None else 0
+        layer.ffba = LayerAdapters(attn, mlp, carried)
+        layer.ffba_carried_in_width = layers[i - 1].ffba.carried_width if i else 0
+        for adapter in (attn, mlp):
+            if adapter is not None:
+                _wrap_projections(layer, spec, adapter)
+        layer.__class__ = ffba_layer_class(type(layer))
+    model.ffba_config = config
+    # Reentrant gradient checkpointing only tracks inputs that require grad; the embeddings are
+    # frozen, so make their output require grad (as PEFT does) or adapter gradients would vanish.
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    return model
+
+
+def remove_ffba(model: nn.Module) -> nn.Module:
+    """Take every FFBA adapter off `model` (unfusing first if needed): the plain base model again."""
+    if not has_ffba(model):
+        return model
+    if getattr(model, "ffba_fused", False):
+        unfuse(model)
+    spec = architecture_of(model)
+    for layer in decoder_layers(model):
+        for adapter in (layer.ffba.attn, layer.ffba.mlp):
+            if adapter is None:
+                continue
+            block = spec.sub_block(adapter.name)
+            holder = layer.get_submodule(block.module)
+            for name in (*block.inputs, block.output):
+                setattr(holder, name, getattr(holder, name).base)
+        del layer.ffba
+        del layer.ffba_carried_in_width
+        layer.__class__ = layer._fflora_base_class
+    model.ffba_config = None
+    return model
+
+
+def has_ffba(model: nn.Module) -> bool:
+    return getattr(model, "ffba_config", None) is not None
+
+
+def sub_block_adapters(model: nn.Module):
+    """Yield (layer_index, SubBlockAdapter) for every adapted sub-block of `model`."""
+    for i, layer in enumerate(decoder_layers(model)):
+        adapters = getattr(layer, "ffba", None)
+        if adapters is None:
+            continue
+        for adapter in (adapters.attn, adapters.mlp):
+            if adapter is not None:
+                yield i, adapter
+
+
+def parameter_summary(model: nn.Module) -> dict:
+    """Trainable and total parameter counts, as PEFT's print_trainable_parameters reports them."""
+    seen, trainable, total = set(), 0, 0
+    for param in model.parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        total += param.numel()
+        trainable += param.numel() if param.requires_grad else 0
+    return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / total if total else 0.0}
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    s = parameter_summary(model)
+    print(f"trainable params: {s['trainable']:,} || all params: {s['total']:,} || trainable%: {s['percent']:.4f}")

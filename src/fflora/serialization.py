@@ -1,0 +1,195 @@
+"""Save and load FFBA adapters: `adapter_config.json` + `adapter.safetensors`.
+
+The config records the FFBA configuration, the base model's shape and a fingerprint of its
+weights, so that loading onto another architecture or shape fails and loading onto a base with
+other weights warns (or fails with strict=True).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import __version__
+from .architectures import architecture_of
+from .config import FFBAConfig
+from .fused import base_projection_weights, refresh_adapter_weights
+from .model import apply_ffba, has_ffba, remove_ffba, sub_block_adapters
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter.safetensors"
+FORMAT = "fflora-ffba/1"
+ADAPTER_PARAMS = ("fa_down", "fa_up", "ba_down", "ba_up")
+_SHAPE_KEYS = (
+    "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "head_dim",
+)
+
+
+class BaseModelMismatchWarning(UserWarning):
+    """The adapter was saved for a base of the same shape but other weights."""
+
+
+def base_model_shape(model: nn.Module) -> dict:
+    cfg = model.config
+    return {k: getattr(cfg, k, None) for k in _SHAPE_KEYS}
+
+
+def base_model_fingerprint(model: nn.Module, samples: int = 4096) -> str:
+    """sha256 over the shapes and an evenly strided sample of every base projection and the embeddings.
+
+    Values are rounded to bfloat16 first, so the same base loaded in fp32 or bf16 matches.
+    """
+    digest = hashlib.sha256()
+    weights = [("embed_tokens", model.get_input_embeddings().weight), *base_projection_weights(model)]
+    for name, weight in weights:
+        flat = weight.detach().reshape(-1)
+        index = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel()), device=flat.device).long()
+        sample = flat[index].to(torch.bfloat16).float().cpu().numpy()
+        digest.update(f"{name}:{tuple(weight.shape)}".encode())
+        digest.update(sample.tobytes())
+    return digest.hexdigest()
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Adapter tensors under canonical keys `layers.{i}.{attn|mlp}.{fa_down|fa_up|ba_down|ba_up}`."""
+    state = {}
+    for i, adapter in sub_block_adapters(model):
+        for param in ADAPTER_PARAMS:
+            tensor = getattr(adapter, param)
+            if tensor is not None:
+                state[f"layers.{i}.{adapter.name}.{param}"] = tensor.detach().contiguous().cpu()
+    return state
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write the model's adapter to folder `path` (created if needed); each file is replaced atomically."""
+    if not has_ffba(model):
+        raise ValueError("this model has no FFBA adapter to save; call fflora.apply_ffba first")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format": FORMAT,
+        "fflora_version": __version__,
+        "ffba": model.ffba_config.to_dict(),
+        "base_model": {
+            **base_model_shape(model),
+            "name_or_path": getattr(model.config, "_name_or_path", None),
+            "fingerprint": base_model_fingerprint(model),
+        },
+    }
+    _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(adapter_state_dict(model), tmp, metadata={"format": FORMAT}))
+    _atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    return path
+
+
+def _atomic_write(target: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_adapter_config(path: str | os.PathLike) -> dict:
+    """The parsed adapter_config.json of an adapter folder, with clear errors for missing/corrupt files."""
+    file = Path(path) / CONFIG_NAME
+    if not file.is_file():
+        raise FileNotFoundError(f"no FFBA adapter at {path}: {CONFIG_NAME} is missing (save one with fflora.save_adapter)")
+    try:
+        meta = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is corrupt (not valid JSON: {e}); save the adapter again") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{file} is not an fflora FFBA adapter config (expected format {FORMAT!r})")
+    return meta
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = False) -> nn.Module:
+    """Load the adapter in folder `path` onto `model` and return it.
+
+    `model` is a base model (FFBA is applied with the saved configuration) or a model that already
+    carries an adapter of the same configuration (its weights are replaced; in a fused model only
+    the adapter rows/columns are rewritten). Raises ValueError when the adapter was saved for
+    another architecture or shape, or its files are corrupt. When the base weights differ from
+    those the adapter was trained on, warns, or raises ValueError if `strict`.
+    """
+    meta = read_adapter_config(path)
+    architecture_of(model)
+    saved_base = meta.get("base_model", {})
+    this_base = base_model_shape(model)
+    diffs = [f"{k}: adapter {saved_base.get(k)!r}, model {this_base[k]!r}" for k in _SHAPE_KEYS if saved_base.get(k) != this_base[k]]
+    if diffs:
+        raise ValueError(
+            f"the adapter at {path} was saved for another base model ({saved_base.get('name_or_path')!r}); "
+            "load it onto that model. Differences: " + "; ".join(diffs)
+        )
+    config = FFBAConfig.from_dict(meta["ffba"])
+    state = _read_weights(Path(path) / WEIGHTS_NAME)
+    fingerprint = base_model_fingerprint(model)
+    if saved_base.get("fingerprint") != fingerprint:
+        message = (
+            f"the adapter at {path} was trained on a base model with other weights "
+            f"({saved_base.get('name_or_path')!r}) than this one ({getattr(model.config, '_name_or_path', None)!r}); "
+            "its outputs will not be what was trained"
+        )
+        if strict:
+            raise ValueError(message + " (strict=True)")
+        warnings.warn(message, BaseModelMismatchWarning, stacklevel=2)
+    applied_here = not has_ffba(model)
+    if applied_here:
+        apply_ffba(model, config)
+    elif model.ffba_config != config:
+        raise ValueError(
+            f"the model carries an FFBA adapter with another configuration ({model.ffba_config}) than the one "
+            f"at {path} ({config}); load it onto a fresh base model"
+        )
+    try:
+        _copy_into(model, state, path)
+    except ValueError:
+        if applied_here:
+            remove_ffba(model)
+        raise
+    if getattr(model, "ffba_fused", False):
+        refresh_adapter_weights(model)
+    return model
+
+
+def _read_weights(file: Path) -> dict[str, torch.Tensor]:
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} is missing; save the adapter again with fflora.save_adapter")
+    try:
+        return load_file(file)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{file} is truncated or corrupt ({e}); save the adapter again") from e
+
+
+def _copy_into(model: nn.Module, state: dict[str, torch.Tensor], path) -> None:
+    expected = adapter_state_dict(model)
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"the adapter weights at {path} do not match their config: missing {missing[:4]}, "
+            f"unexpected {unexpected[:4]}; the file is corrupt or was edited, save the adapter again"
+        )
+    wrong = [f"{k}: {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape]
+    if wrong:
+        raise ValueError(f"the adapter weights at {path} have wrong shapes ({'; '.join(wrong[:4])}); save the adapter again")
+    with torch.no_grad():
+        for i, adapter in sub_block_adapters(model):
+            for param in ADAPTER_PARAMS:
+                tensor = getattr(adapter, param)
+                if tensor is not None:
+                    tensor.copy_(state[f"layers.{i}.{adapter.name}.{param}"])
