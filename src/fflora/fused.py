@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from .adapter import NEXT_SUB_BLOCK, PHI, SubBlockAdapter, current_state
 from .architectures import architecture_of, decoder_layers
-from .layers import AdaptedInputProjection, AdaptedOutputProjection
+from .layers import AdaptedInputProjection, AdaptedOutputProjection, _refer_to
 
 
 class FusedInputProjections(nn.Module):
@@ -114,8 +114,7 @@ class FusedInputSlice(nn.Module):
 
     def __init__(self, group: FusedInputProjections, index: int) -> None:
         super().__init__()
-        # Not registered as a submodule: the group belongs to the sub-block, once.
-        object.__setattr__(self, "group", group)
+        _refer_to(self, "group", group)  # the group is registered once, on the sub-block
         self.index = index
 
     def forward(self, x: Tensor) -> Tensor:

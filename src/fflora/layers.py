@@ -14,6 +14,12 @@ from torch import Tensor, nn
 from .adapter import NEXT_SUB_BLOCK, SubBlockAdapter, current_state, layer_state
 
 
+def _refer_to(module: nn.Module, name: str, other: nn.Module) -> None:
+    """Keep a plain reference to `other`, not a submodule: its parameters belong to `layer.ffba`
+    (one canonical name each), however many projections use them."""
+    object.__setattr__(module, name, other)
+
+
 class AdaptedInputProjection(nn.Module):
     """One input projection (q/k/v, gate/up) of an adapted sub-block, training form.
 
@@ -24,7 +30,7 @@ class AdaptedInputProjection(nn.Module):
     def __init__(self, base: nn.Linear, adapter: SubBlockAdapter, index: int) -> None:
         super().__init__()
         self.base = base
-        self.adapter = adapter
+        _refer_to(self, "adapter", adapter)
         self.index = index
 
     def forward(self, x: Tensor) -> Tensor:
@@ -45,7 +51,7 @@ class AdaptedOutputProjection(nn.Module):
     def __init__(self, base: nn.Linear, adapter: SubBlockAdapter) -> None:
         super().__init__()
         self.base = base
-        self.adapter = adapter
+        _refer_to(self, "adapter", adapter)
 
     def forward(self, c: Tensor) -> Tensor:
         y = self.base(c)
