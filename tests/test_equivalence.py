@@ -181,3 +181,16 @@ def test_remove_ffba_restores_the_base_model(arch):
     assert set(model.state_dict()) == keys
     assert type(model.model.layers[0]).__name__ == type(make_model(arch).model.layers[0]).__name__
     assert torch.equal(model(ids).logits, base)
+
+
+@torch.no_grad()
+def test_bfloat16_model_fuses_within_bfloat16_noise(arch):
+    model = make_model(arch).to(torch.bfloat16)
+    fflora.apply_ffba(model, fflora.FFBAConfig(r=4, alpha=8))
+    randomize_adapters(model)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.bfloat16}
+    ids = _ids()
+    unfused = model(ids).logits.float()
+    fflora.fuse(model)
+    fused = model(ids).logits.float()
+    assert (fused - unfused).abs().max().item() < 0.05 * unfused.abs().max().item()

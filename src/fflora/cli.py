@@ -1,0 +1,178 @@
+"""The `fflora` command line: parameter budgets, fused-form verification and generation."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="Hugging Face id or local folder (default: embedded SmolLM2-135M-Instruct)")
+
+
+def _add_ffba(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--r", type=int, default=8, help="FFBA rank (default 8)")
+    p.add_argument("--alpha", type=float, default=16.0, help="FFBA alpha (default 16)")
+    p.add_argument("--phi", default="identity", choices=["identity", "relu", "silu"])
+    p.add_argument("--sub-blocks", default="attn,mlp", help="comma-separated: attn, mlp")
+    p.add_argument("--no-forward", action="store_true", help="no forward adapters (BA only)")
+    p.add_argument("--no-backward", action="store_true", help="no backward adapters (FA only)")
+
+
+def _ffba_config(args):
+    from .config import FFBAConfig
+
+    return FFBAConfig(
+        r=args.r, alpha=args.alpha, phi=args.phi, sub_blocks=tuple(s for s in args.sub_blocks.split(",") if s),
+        forward=not args.no_forward, backward=not args.no_backward,
+    )
+
+
+def _model_config(name):
+    from transformers import AutoConfig
+
+    from .base_models import default_model_dir
+
+    return AutoConfig.from_pretrained(default_model_dir() if name is None else name)
+
+
+def cmd_params(args) -> dict:
+    """Trainable parameters of FFBA at rank r next to LoRA on all seven projections."""
+    from .budget import ffba_parameter_count, lora_parameter_count
+
+    config = _model_config(args.model)
+    ffba = ffba_parameter_count(config, _ffba_config(args))
+    lora = lora_parameter_count(config, args.lora_r)
+    result = {"model": args.model or "SmolLM2-135M-Instruct", "ffba_r": args.r, "ffba_params": ffba,
+              "lora_r": args.lora_r, "lora_params": lora, "ffba_over_lora": ffba / lora}
+    print(f"{'method':<8} {'rank':>4} {'trainable params':>17}")
+    print(f"{'FFBA':<8} {args.r:>4} {ffba:>17,}")
+    print(f"{'LoRA':<8} {args.lora_r:>4} {lora:>17,}   (q,k,v,o,gate,up,down)")
+    print(f"FFBA / LoRA = {ffba / lora:.3f}")
+    return result
+
+
+
+
+def _chat_batch(tokenizer, prompts):
+    if tokenizer.chat_template:
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+                   for p in prompts]
+    return tokenizer(prompts, return_tensors="pt", padding=True)
+
+
+@torch.no_grad()
+def cmd_verify(args) -> dict:
+    """Fused vs training form on real prompts: max |logit difference| and greedy-token equality."""
+    from . import fuse
+
+    from . import apply_ffba, load_adapter, load_base_model
+
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_base_model(args.model)
+    batch = _chat_batch(tokenizer, args.prompt)
+    mask = batch["attention_mask"].bool()
+    base = model(**batch).logits
+    if args.adapter:
+        load_adapter(model, args.adapter)
+    else:  # a fresh adapter is the identity: give it random weights to test something
+        apply_ffba(model, _ffba_config(args))
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, args.init_std)
+    unfused = model(**batch).logits
+    gen_unfused = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=False)
+    fuse(model)
+    fused = model(**batch).logits
+    gen_fused = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=False)
+    result = {
+        "model": args.model or "SmolLM2-135M-Instruct",
+        "adapter": args.adapter or f"random (std {args.init_std}), FFBA r={args.r}",
+        "max_abs_logit_diff": (fused - unfused)[mask].abs().max().item(),
+        "max_abs_logit": unfused[mask].abs().max().item(),
+        "max_abs_adapter_effect": (unfused - base)[mask].abs().max().item(),
+        "greedy_tokens_equal": bool(torch.equal(gen_fused, gen_unfused)),
+        "new_tokens": args.max_new_tokens,
+        "prompts": len(args.prompt),
+    }
+    print(json.dumps(result, indent=2))
+    return result
+
+
+@torch.no_grad()
+def cmd_generate(args) -> dict:
+    from . import fuse, load_adapter, load_base_model
+
+    model, tokenizer = load_base_model(args.model)
+    if args.adapter:
+        load_adapter(model, args.adapter, strict=args.strict)
+    if not args.unfused:
+        fuse(model)
+    batch = _chat_batch(tokenizer, args.prompt)
+    torch.manual_seed(args.seed)
+    out = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                         **({"temperature": args.temperature} if args.temperature > 0 else {}))
+    texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    for prompt, text in zip(args.prompt, texts):
+        print(f"### {prompt}\n{text.strip()}\n")
+    return {"completions": texts}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fflora", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("params", help="FFBA trainable parameters next to LoRA's")
+    _add_model(p)
+    _add_ffba(p)
+    p.add_argument("--lora-r", type=int, default=8)
+    p.set_defaults(func=cmd_params)
+
+    p = sub.add_parser("verify", help="check the fused form against the training form on a real model")
+    _add_model(p)
+    _add_ffba(p)
+    p.add_argument("--adapter", help="adapter folder (default: a random FFBA adapter)")
+    p.add_argument("--init-std", type=float, default=0.01, help="std of the random adapter weights")
+    p.add_argument("--prompt", action="append", default=None)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("generate", help="generate with the base model or an adapter (fused by default)")
+    _add_model(p)
+    p.add_argument("--adapter", help="adapter folder")
+    p.add_argument("--strict", action="store_true", help="fail if the adapter was trained on other base weights")
+    p.add_argument("--unfused", action="store_true", help="run the training form instead of the fused one")
+    p.add_argument("--prompt", action="append", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+DEFAULT_PROMPTS = [
+    "What is the capital of France?",
+    "Write one sentence about the sea.",
+    "Explain in a few words why the sky is blue.",
+    "List three prime numbers.",
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "prompt", "unset") is None:
+        args.prompt = DEFAULT_PROMPTS
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"fflora: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+import json
+
+from conftest import randomize_adapters
+
+import fflora
+from fflora.cli import main
+
+
+def test_params_prints_ffba_next_to_lora(tiny_model_dir, capsys):
+    assert main(["params", "--model", str(tiny_model_dir), "--r", "2", "--lora-r", "2"]) == 0
+    out = capsys.readouterr().out
+    config = fflora.load_base_model(tiny_model_dir)[0].config
+    assert f"FFBA        2 {fflora.ffba_parameter_count(config, fflora.FFBAConfig(r=2)):>17,}" in out
+    assert f"LoRA        2 {fflora.lora_parameter_count(config, 2):>17,}" in out
+
+
+def test_verify_reports_fused_equivalence(tiny_model_dir, capsys):
+    assert main(["verify", "--model", str(tiny_model_dir), "--r", "4", "--init-std", "0.05", "--max-new-tokens", "4"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["greedy_tokens_equal"] is True
+    assert result["max_abs_logit_diff"] < 1e-4
+    assert result["max_abs_adapter_effect"] > 1e-3
+
+
+def test_generate_with_adapter_fused_equals_unfused(tiny_model_dir, tmp_path, capsys):
+    model, _ = fflora.load_base_model(tiny_model_dir)
+    fflora.apply_ffba(model, fflora.FFBAConfig(r=4))
+    randomize_adapters(model)
+    fflora.save_adapter(model, tmp_path / "adapter")
+    args = ["generate", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "adapter"), "--prompt", "abc", "--max-new-tokens", "5"]
+    assert main(args) == 0
+    fused = capsys.readouterr().out
+    assert main(args + ["--unfused"]) == 0
+    assert capsys.readouterr().out == fused
+    assert fused.startswith("### abc\n")
+
+
+def test_cli_errors_are_one_clear_line(tiny_model_dir, tmp_path, capsys):
+    assert main(["generate", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "nope"), "--prompt", "a"]) == 2
+    assert "fflora: error: no FFBA adapter at" in capsys.readouterr().err
+    assert main(["params", "--model", str(tiny_model_dir), "--r", "0"]) == 2
+    assert "FFBAConfig.r must be an integer >= 1" in capsys.readouterr().err
