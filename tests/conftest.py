@@ -20,9 +20,11 @@ CONFIGS = {
 ARCHS = list(CONFIGS)
 
 
-def make_model(arch: str, seed: int = 0, attn: str = "sdpa"):
+def make_model(arch: str, seed: int = 0, attn: str = "sdpa", **overrides):
     torch.manual_seed(seed)
     config = CONFIGS[arch]()
+    for key, value in overrides.items():
+        setattr(config, key, value)
     config._attn_implementation = attn
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if arch == "qwen2":  # random biases so that fusing them is really tested
@@ -58,8 +60,48 @@ def tiny_model_dir(tmp_path):
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-    model = make_model("llama")
+    model = make_model("llama", max_position_embeddings=1024)
     folder = tmp_path / "tiny-llama"
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def _commonsense_records(dataset, split, n):
+    choices = {"boolq": ["true", "false"], "piqa": ["cut it", "eat it"], "winogrande": ["Ann", "Bob"]}
+    records = []
+    for i in range(n):
+        options = choices.get(dataset, ["red", "blue", "green", "gray"])
+        records.append({"id": f"{dataset}-{split}-{i}", "dataset": dataset, "question": f"q{i} about {dataset}?",
+                        "choices": options, "label": i % len(options)})
+    return records
+
+
+def write_jsonl(path, records):
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+@pytest.fixture
+def tiny_data_dir(tmp_path):
+    """Canonical splits of every task, a few records each, written as `fflora data prepare` would."""
+    from fflora.data import FAMILIES
+
+    root = tmp_path / "data"
+    for dataset in FAMILIES["commonsense"]:
+        for split, n in (("train", 8), ("test", 5)):
+            write_jsonl(root / "commonsense" / dataset / f"{split}.jsonl", _commonsense_records(dataset, split, n))
+    for dataset in FAMILIES["math"]:
+        write_jsonl(root / "math" / dataset / "test.jsonl",
+                    [{"id": f"{dataset}-test-{i}", "dataset": dataset, "question": f"What is {i} + 1?", "answer": i + 1.0}
+                     for i in range(4)])
+    write_jsonl(root / "math" / "gsm8k" / "train.jsonl",
+                [{"id": f"gsm8k-train-{i}", "dataset": "gsm8k", "question": f"What is {i} + 2?", "answer": i + 2.0,
+                  "solution": f"{i} + 2 = {i + 2}."} for i in range(8)])
+    for split, n in (("train", 6), ("test", 3)):
+        write_jsonl(root / "summary" / "xsum" / f"{split}.jsonl",
+                    [{"id": f"xsum-{split}-{i}", "dataset": "xsum", "document": f"a short story number {i}.",
+                      "summary": f"story {i}."} for i in range(n)])
+    return root

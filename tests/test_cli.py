@@ -7,7 +7,7 @@ from fflora.cli import main
 
 
 def test_params_prints_ffba_next_to_lora(tiny_model_dir, capsys):
-    assert main(["params", "--model", str(tiny_model_dir), "--r", "2", "--lora-r", "2"]) == 0
+    assert main(["params", "--model", str(tiny_model_dir), "--rank", "2", "--lora-rank", "2"]) == 0
     out = capsys.readouterr().out
     config = fflora.load_base_model(tiny_model_dir)[0].config
     assert f"FFBA        2 {fflora.ffba_parameter_count(config, fflora.FFBAConfig(r=2)):>17,}" in out
@@ -15,7 +15,7 @@ def test_params_prints_ffba_next_to_lora(tiny_model_dir, capsys):
 
 
 def test_verify_reports_fused_equivalence(tiny_model_dir, capsys):
-    assert main(["verify", "--model", str(tiny_model_dir), "--r", "4", "--init-std", "0.05", "--max-new-tokens", "4"]) == 0
+    assert main(["verify", "--model", str(tiny_model_dir), "--rank", "4", "--init-std", "0.05", "--max-new-tokens", "4"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["greedy_tokens_equal"] is True
     assert result["max_abs_logit_diff"] < 1e-4
@@ -38,5 +38,5 @@ def test_generate_with_adapter_fused_equals_unfused(tiny_model_dir, tmp_path, ca
 def test_cli_errors_are_one_clear_line(tiny_model_dir, tmp_path, capsys):
     assert main(["generate", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "nope"), "--prompt", "a"]) == 2
     assert "fflora: error: no FFBA adapter at" in capsys.readouterr().err
-    assert main(["params", "--model", str(tiny_model_dir), "--r", "0"]) == 2
+    assert main(["params", "--model", str(tiny_model_dir), "--rank", "0"]) == 2
     assert "FFBAConfig.r must be an integer >= 1" in capsys.readouterr().err

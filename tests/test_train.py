@@ -1,0 +1,138 @@
+"""The fine-tuning recipe on a tiny model and tiny in-test data."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import fflora
+from fflora.train import NonFiniteLossError, TrainConfig, match_ffba_rank, train
+
+
+def _cfg(tiny_model_dir, tiny_data_dir, out, **kw):
+    base = dict(method="ffba", task="commonsense", output_dir=str(out), model=str(tiny_model_dir),
+                data_dir=str(tiny_data_dir), r=4, alpha=8, max_steps=6, batch_size=4, lr=1e-2,
+                max_length=1024, save_steps=3, logging_steps=1, warmup_ratio=0.0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _logged_losses(out):
+    return [r["loss"] for r in map(json.loads, (out / "logs.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def test_ffba_training_lowers_the_loss_and_writes_the_run(tiny_model_dir, tiny_data_dir, tmp_path):
+    out = tmp_path / "run"
+    record = train(_cfg(tiny_model_dir, tiny_data_dir, out, max_steps=12, save_steps=100))
+    losses = _logged_losses(out)
+    assert len(losses) == 12
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    run = json.loads((out / "run.json").read_text())
+    assert run["global_step"] == 12 and run["parameters"]["trainable"] == run["parameters"]["ffba_params"]
+    model = fflora.load_adapter(fflora.load_base_model(tiny_model_dir)[0], out / "adapter", strict=True)
+    assert model.ffba_config.r == 4
+    assert record["seconds_per_step"] > 0
+
+
+def test_resume_continues_exactly(tiny_model_dir, tiny_data_dir, tmp_path):
+    """6 steps straight == 3 steps, a crash, --resume, 3 more steps (same adapter weights)."""
+    out = tmp_path / "run"
+    cfg = _cfg(tiny_model_dir, tiny_data_dir, out, dropout=0.1)
+    train(cfg)
+    straight = load_file(out / "adapter" / "adapter.safetensors")
+    # Simulate a run killed right after its step-3 checkpoint.
+    for leftover in ("checkpoint-6", "adapter", "run.json"):
+        path = out / leftover
+        subprocess.run(["rm", "-rf", str(path)], check=True)
+    record = train(cfg, resume=True)
+    assert record["resumed_from"].endswith("checkpoint-3") and record["global_step"] == 6
+    resumed = load_file(out / "adapter" / "adapter.safetensors")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=1e-7, msg=key)
+
+
+def test_existing_run_is_never_overwritten_and_resume_checks_settings(tiny_model_dir, tiny_data_dir, tmp_path):
+    out = tmp_path / "run"
+    train(_cfg(tiny_model_dir, tiny_data_dir, out, max_steps=3))
+    with pytest.raises(ValueError, match="already holds a run; pass --resume"):
+        train(_cfg(tiny_model_dir, tiny_data_dir, out, max_steps=3))
+    with pytest.raises(ValueError, match=r"--resume with other settings.*lr: 0.01 -> 0.02"):
+        train(_cfg(tiny_model_dir, tiny_data_dir, out, max_steps=3, lr=2e-2), resume=True)
+    with pytest.raises(ValueError, match="nothing to resume"):
+        train(_cfg(tiny_model_dir, tiny_data_dir, tmp_path / "empty"), resume=True)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir, tiny_data_dir, tmp_path):
+    out = tmp_path / "run"
+    model, tokenizer = fflora.load_base_model(tiny_model_dir)
+    calls = {"n": 0}
+
+    def poison(module, args, output):  # the 4th forward pass produces NaN logits
+        calls["n"] += 1
+        return output * float("nan") if calls["n"] == 4 else output
+
+    model.lm_head.register_forward_hook(poison)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 4.*Last good checkpoint: .*checkpoint-3"):
+        train(_cfg(tiny_model_dir, tiny_data_dir, out), model=model, tokenizer=tokenizer)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-3"]
+    assert all(torch.isfinite(t).all() for t in load_file(out / "checkpoint-3" / "adapter.safetensors").values())
+    assert not (out / ".staging").exists()
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_lora_and_full_fine_tuning_save_loadable_results(method, tiny_model_dir, tiny_data_dir, tmp_path):
+    from fflora.artifacts import load_trained
+
+    out = tmp_path / method
+    record = train(_cfg(tiny_model_dir, tiny_data_dir, out, method=method, lora_r=2, max_steps=2, save_steps=1))
+    expected = {"lora": fflora.lora_parameter_count(record_model_config(tiny_model_dir), 2),
+                "full": record["parameters"]["total"]}[method]
+    assert record["parameters"]["trainable"] == expected
+    model, _, kind = load_trained(out, base_model=str(tiny_model_dir))
+    assert kind == method
+
+
+def record_model_config(path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path)
+
+
+def test_match_params_picks_the_closest_rank(tiny_model_dir):
+    config = record_model_config(tiny_model_dir)
+    target = fflora.lora_parameter_count(config, 4)
+    r = match_ffba_rank(config, 4)
+    gaps = {k: abs(fflora.ffba_parameter_count(config, fflora.FFBAConfig(r=k)) - target) for k in range(1, 40)}
+    assert gaps[r] == min(gaps.values())
+
+
+def test_smollm2_budget_match():
+    """On SmolLM2-135M (config values written out), LoRA r=8 is matched by FFBA r=10."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, head_dim=64)
+    assert fflora.lora_parameter_count(config, 8) == 2_442_240
+    assert match_ffba_rank(config, 8) == 10
+    assert fflora.ffba_parameter_count(config, fflora.FFBAConfig(r=10)) == 2_509_440
+
+
+def test_two_process_data_parallel_run_on_gloo(tiny_model_dir, tiny_data_dir, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           str(Path(sys.executable).with_name("fflora")), "train", "--method", "ffba", "--task", "commonsense", "--model", str(tiny_model_dir),
+           "--data-dir", str(tiny_data_dir), "--output-dir", str(out), "--rank", "2", "--max-steps", "3",
+           "--batch-size", "2", "--max-length", "1024", "--save-steps", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = json.loads((out / "run.json").read_text())
+    assert run["world_size"] == 2 and run["global_step"] == 3
+    assert (out / "checkpoint-2" / "adapter.safetensors").is_file()
+    assert (out / "adapter" / "adapter.safetensors").is_file()
