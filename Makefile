@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow clean
+.PHONY: install test test-slow demo clean
 
 install: $(STAMP)
 
@@ -20,6 +20,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+# The main job on the embedded model (< 30 min on 2 cores); QUICK=1 for a 5-minute smoke run.
+demo: $(STAMP)
+	$(BIN)/fflora demo $(if $(QUICK),--quick)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

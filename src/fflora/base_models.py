@@ -62,8 +62,15 @@ def load_base_model(name_or_path: str | os.PathLike | None = None, dtype: torch.
     Extra keyword arguments go to `AutoModelForCausalLM.from_pretrained`.
     """
     source = default_model_dir() if name_or_path is None else name_or_path
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    except OSError as e:
+        raise FileNotFoundError(
+            f"could not load the model {str(source)!r}: it is not a model folder here and could not be fetched "
+            f"from the Hugging Face hub ({str(e).splitlines()[0]}). Pass a local folder with config.json, or omit "
+            "--model for the embedded default"
+        ) from e
     if name_or_path is None:
         model.config._name_or_path = DEFAULT_MODEL
     if tokenizer.pad_token is None:

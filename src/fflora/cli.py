@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 import torch
 
@@ -166,6 +167,31 @@ def cmd_eval(args) -> dict:
     return summary
 
 
+def cmd_bench(args) -> dict:
+    from pathlib import Path
+
+    from .base_models import load_base_model
+    from .bench import BenchSettings, format_bench_table, run_bench, write_bench
+
+    model, _ = load_base_model(args.model)
+    settings = BenchSettings(
+        prompt_len=args.prompt_len, new_tokens=args.new_tokens, batch_sizes=tuple(args.batch_sizes),
+        repeats=args.repeats, warmup=args.warmup, rank=args.r, lora_rank=args.lora_r, threads=args.threads,
+        train_steps=args.train_steps,
+    )
+    result = run_bench(model, settings)
+    out = write_bench(result, Path(args.output_dir or time.strftime("runs/bench-%Y%m%d-%H%M%S")))
+    print(format_bench_table(result))
+    print(f"\nresults in {out}/ (bench.json, bench.md, bench.png)")
+    return result
+
+
+def cmd_demo(args) -> dict:
+    from .demo import run_demo
+
+    return run_demo(args.output_dir, quick=args.quick, model=args.model, data_dir=args.data_dir)
+
+
 def _add_train(p: argparse.ArgumentParser) -> None:
     from .train import METHODS, TrainConfig
 
@@ -226,6 +252,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--output", help="results JSON (predictions go next to it)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="latency of base, fused base, LoRA and FFBA, interleaved in one process")
+    _add_model(p)
+    p.add_argument("--rank", dest="r", type=int, default=8, help="FFBA rank (default 8)")
+    p.add_argument("--lora-rank", dest="lora_r", type=int, default=None, help="default: matched to FFBA's budget")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--train-steps", type=int, default=3, help="timed training steps per method")
+    p.add_argument("--output-dir", default=None, help="default: runs/bench-<time>")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("demo", help="the main job: train FFBA and LoRA, evaluate, benchmark, report")
+    _add_model(p)
+    p.add_argument("--quick", action="store_true", help="a five-minute smoke run (numbers mean nothing)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--output-dir", default=None, help="default: runs/demo-<time>")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("params", help="FFBA trainable parameters next to LoRA's")
     _add_model(p)

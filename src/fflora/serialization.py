@@ -62,15 +62,20 @@ def base_model_fingerprint(model: nn.Module, samples: int = 4096) -> str:
     return digest.hexdigest()
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Adapter tensors under canonical keys `layers.{i}.{attn|mlp}.{fa_down|fa_up|ba_down|ba_up}`."""
-    state = {}
+def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The live adapter parameters under canonical keys `layers.{i}.{attn|mlp}.{fa_down|fa_up|ba_down|ba_up}`."""
+    params = {}
     for i, adapter in sub_block_adapters(model):
-        for param in ADAPTER_PARAMS:
-            tensor = getattr(adapter, param)
+        for name in ADAPTER_PARAMS:
+            tensor = getattr(adapter, name)
             if tensor is not None:
-                state[f"layers.{i}.{adapter.name}.{param}"] = tensor.detach().contiguous().cpu()
-    return state
+                params[f"layers.{i}.{adapter.name}.{name}"] = tensor
+    return params
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of the adapter parameters, under their canonical keys."""
+    return {k: v.detach().contiguous().cpu() for k, v in adapter_parameters(model).items()}
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
@@ -160,14 +165,23 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = False
             f"at {path} ({config}); load it onto a fresh base model"
         )
     try:
-        _copy_into(model, state, path)
+        load_adapter_state(model, state, source=path)
     except ValueError:
         if applied_here:
             remove_ffba(model)
         raise
+    return model
+
+
+def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], source="the given state dict") -> None:
+    """Replace the adapter weights of a model carrying FFBA adapters, in place.
+
+    `state` uses the canonical keys of `adapter_state_dict`. In a fused model only the adapter
+    rows/columns of the fused matrices are rewritten; the base weights are not touched or copied.
+    """
+    _copy_into(model, state, source)
     if getattr(model, "ffba_fused", False):
         refresh_adapter_weights(model)
-    return model
 
 
 def _read_weights(file: Path) -> dict[str, torch.Tensor]:
@@ -179,20 +193,17 @@ def _read_weights(file: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{file} is truncated or corrupt ({e}); save the adapter again") from e
 
 
-def _copy_into(model: nn.Module, state: dict[str, torch.Tensor], path) -> None:
-    expected = adapter_state_dict(model)
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+def _copy_into(model: nn.Module, state: dict[str, torch.Tensor], source) -> None:
+    params = adapter_parameters(model)
+    missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
     if missing or unexpected:
         raise ValueError(
-            f"the adapter weights at {path} do not match their config: missing {missing[:4]}, "
+            f"the adapter weights at {source} do not match their config: missing {missing[:4]}, "
             f"unexpected {unexpected[:4]}; the file is corrupt or was edited, save the adapter again"
         )
-    wrong = [f"{k}: {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape]
+    wrong = [f"{k}: {tuple(state[k].shape)} != {tuple(p.shape)}" for k, p in params.items() if state[k].shape != p.shape]
     if wrong:
-        raise ValueError(f"the adapter weights at {path} have wrong shapes ({'; '.join(wrong[:4])}); save the adapter again")
+        raise ValueError(f"the adapter weights at {source} have wrong shapes ({'; '.join(wrong[:4])}); save the adapter again")
     with torch.no_grad():
-        for i, adapter in sub_block_adapters(model):
-            for param in ADAPTER_PARAMS:
-                tensor = getattr(adapter, param)
-                if tensor is not None:
-                    tensor.copy_(state[f"layers.{i}.{adapter.name}.{param}"])
+        for key, param in params.items():
+            param.copy_(state[key])

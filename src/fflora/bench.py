@@ -1,0 +1,323 @@
+"""Latency benchmark: base, fused base, LoRA (unmerged, merged) and FFBA (unfused, fused).
+
+All configurations live in one process and are measured interleaved (A B C ... A B C ...) after a
+warm-up, so machine noise hits them alike; compare them by their ratios to the base model, not by
+absolute times across runs. Per configuration:
+
+* TTFT: one prefill forward pass over the prompt batch (time to first token);
+* TPOT: the mean time of each following greedy decode step with the KV cache;
+* roofline: weight bytes read per decode step / TPOT, against the memory bandwidth of a large
+  tensor copy measured in the same run (decode at small batch is bandwidth-bound);
+* weight memory: bytes of the distinct tensors the configuration holds.
+
+Also: the training-step time of FFBA and LoRA at matched budget, and the time to switch the active
+adapter (FFBA fused: rewrite its rows/columns in place; LoRA merged: unmerge, load, merge).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .budget import ffba_parameter_count, lora_parameter_count
+from .config import FFBAConfig
+from .fused import fuse
+from .model import apply_ffba
+from .serialization import adapter_state_dict, load_adapter_state
+from .sources import say
+from .train import LORA_TARGETS
+
+CONFIGS = ("base", "fused_base", "lora_unmerged", "lora_merged", "ffba_unfused", "ffba_fused")
+
+
+@dataclass
+class BenchSettings:
+    prompt_len: int = 128
+    new_tokens: int = 64
+    batch_sizes: tuple[int, ...] = (1, 8)
+    repeats: int = 5
+    warmup: int = 1
+    rank: int = 8
+    lora_rank: int | None = None  # None: the LoRA rank whose budget is closest to FFBA's
+    threads: int | None = None
+    train_steps: int = 3
+    train_batch: int = 4
+    train_len: int = 128
+    seed: int = 0
+    configs: tuple[str, ...] = CONFIGS
+    extra: dict = field(default_factory=dict)
+
+
+def tensor_bytes(model: nn.Module) -> int:
+    """Bytes of the distinct parameters and buffers (tied weights once): what a decode step reads."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        key = (t.untyped_storage().data_ptr(), t.data_ptr(), t.numel())
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def memory_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
+    """Bytes per second of a large tensor copy (one read + one write of every byte), best of repeats."""
+    src = torch.empty(megabytes * 2**20, dtype=torch.uint8).fill_(1)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() / best
+
+
+def _randomize(model: nn.Module, seed: int, std: float = 0.02) -> None:
+    """Non-zero trainable (adapter) weights, so adapters are not skipped as zero work."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def matched_lora_rank(hf_config, ffba: FFBAConfig) -> int:
+    """The LoRA rank whose trainable-parameter count is closest to this FFBA configuration's."""
+    target = ffba_parameter_count(hf_config, ffba)
+    return min(range(1, 4 * ffba.r + 2), key=lambda r: (abs(lora_parameter_count(hf_config, r) - target), r))
+
+
+def build_configs(base: nn.Module, settings: BenchSettings) -> dict[str, nn.Module]:
+    """The benchmark's models, each a deep copy of `base` (which stays untouched)."""
+    from peft import LoraConfig, get_peft_model
+
+    ffba_cfg = FFBAConfig(r=settings.rank, alpha=2 * settings.rank)
+    lora_rank = settings.lora_rank or matched_lora_rank(base.config, ffba_cfg)
+    settings.extra.update(lora_rank=lora_rank, ffba_params=ffba_parameter_count(base.config, ffba_cfg),
+                          lora_params=lora_parameter_count(base.config, lora_rank))
+    models = {}
+    for name in settings.configs:
+        model = copy.deepcopy(base)
+        if name == "fused_base":
+            fuse(model)
+        elif name.startswith("lora"):
+            model = get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=LORA_TARGETS))
+            _randomize(model, settings.seed)
+            if name == "lora_merged":
+                model = model.merge_and_unload()
+        elif name.startswith("ffba"):
+            apply_ffba(model, ffba_cfg)
+            _randomize(model, settings.seed)
+            if name == "ffba_fused":
+                fuse(model)
+        models[name] = model.eval()
+    return models
+
+
+@torch.no_grad()
+def time_generation(model: nn.Module, input_ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    """(TTFT, TPOT) in seconds of greedy decoding with the KV cache."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    start = time.perf_counter()
+    logits = model(input_ids=input_ids, cache=cache, use_cache=True).logits
+    token = logits[:, -1].argmax(-1, keepdim=True)
+    ttft = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        token = model(input_ids=token, cache=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+    tpot = (time.perf_counter() - start) / max(new_tokens - 1, 1)
+    return ttft, tpot
+
+
+def _median_spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def bench_latency(models: dict[str, nn.Module], settings: BenchSettings, vocab: int) -> dict:
+    """TTFT/TPOT per batch size and configuration, measured interleaved."""
+    results = {}
+    for batch in settings.batch_sizes:
+        gen = torch.Generator().manual_seed(settings.seed)
+        ids = torch.randint(10, vocab, (batch, settings.prompt_len), generator=gen)
+        samples = {name: {"ttft": [], "tpot": []} for name in models}
+        total = settings.warmup + settings.repeats
+        for round_ in range(total):
+            say(f"latency batch {batch}: round {round_ + 1}/{total}" + (" (warm-up)" if round_ < settings.warmup else ""))
+            for name, model in models.items():
+                ttft, tpot = time_generation(model, ids, settings.new_tokens)
+                if round_ >= settings.warmup:
+                    samples[name]["ttft"].append(ttft)
+                    samples[name]["tpot"].append(tpot)
+        results[str(batch)] = {name: {k: _median_spread(v) for k, v in s.items()} for name, s in samples.items()}
+    return results
+
+
+def bench_training(base: nn.Module, settings: BenchSettings) -> dict:
+    """Median seconds per optimizer step (forward, backward, AdamW) of FFBA and LoRA at matched budget."""
+    from peft import LoraConfig, get_peft_model
+
+    gen = torch.Generator().manual_seed(settings.seed)
+    ids = torch.randint(10, base.config.vocab_size, (settings.train_batch, settings.train_len), generator=gen)
+    models = {
+        "ffba": apply_ffba(copy.deepcopy(base), FFBAConfig(r=settings.rank, alpha=2 * settings.rank)),
+        "lora": get_peft_model(copy.deepcopy(base), LoraConfig(r=settings.extra["lora_rank"],
+                                                               lora_alpha=2 * settings.extra["lora_rank"],
+                                                               target_modules=LORA_TARGETS)),
+    }
+    optimizers = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) for k, m in models.items()}
+    times = {k: [] for k in models}
+    for step in range(settings.train_steps + 1):  # the first step warms up
+        for name, model in models.items():
+            model.train()
+            start = time.perf_counter()
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizers[name].step()
+            optimizers[name].zero_grad(set_to_none=True)
+            if step:
+                times[name].append(time.perf_counter() - start)
+    return {name: _median_spread(t) for name, t in times.items()}
+
+
+@torch.no_grad()
+def bench_adapter_switch(models: dict[str, nn.Module], settings: BenchSettings, repeats: int = 3) -> dict:
+    """Seconds to make another adapter active: FFBA fused (in place) vs LoRA merged (unmerge, load, merge)."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from peft.utils import get_peft_model_state_dict
+
+    results = {}
+    fused = models.get("ffba_fused")
+    if fused is not None:
+        other = {k: torch.randn_like(v) * 0.02 for k, v in adapter_state_dict(fused).items()}
+        current = adapter_state_dict(fused)
+        times = []
+        for i in range(repeats):
+            start = time.perf_counter()
+            load_adapter_state(fused, other if i % 2 == 0 else current)
+            times.append(time.perf_counter() - start)
+        results["ffba_fused"] = _median_spread(times)
+    base = models.get("base")
+    if base is not None:
+        lora = get_peft_model(copy.deepcopy(base), LoraConfig(r=settings.extra["lora_rank"], target_modules=LORA_TARGETS))
+        _randomize(lora, settings.seed)
+        states = [get_peft_model_state_dict(lora)]
+        states.append({k: torch.randn_like(v) * 0.02 for k, v in states[0].items()})
+        lora.merge_adapter()
+        times = []
+        for i in range(repeats):
+            start = time.perf_counter()
+            lora.unmerge_adapter()
+            set_peft_model_state_dict(lora, states[(i + 1) % 2])
+            lora.merge_adapter()
+            times.append(time.perf_counter() - start)
+        results["lora_merged"] = _median_spread(times)
+    return results
+
+
+def run_bench(base: nn.Module, settings: BenchSettings) -> dict:
+    """Every measurement of the benchmark, as one JSON-ready dict."""
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    torch.manual_seed(settings.seed)
+    say("building the configurations")
+    models = build_configs(base, settings)
+    say("measuring memory bandwidth (large tensor copy)")
+    bandwidth = memory_bandwidth()
+    latency = bench_latency(models, settings, base.config.vocab_size)
+    weights = {name: tensor_bytes(m) for name, m in models.items()}
+    for per_batch in latency.values():
+        for name, r in per_batch.items():
+            r["weight_bytes"] = weights[name]
+            r["achieved_bytes_per_s"] = weights[name] / r["tpot"]["median"]
+            r["fraction_of_copy_bandwidth"] = r["achieved_bytes_per_s"] / bandwidth
+    say("timing adapter switches")
+    switch = bench_adapter_switch(models, settings)
+    say("timing training steps")
+    training = bench_training(base, settings)
+    return {
+        "model": getattr(base.config, "_name_or_path", None),
+        "settings": {k: v for k, v in asdict(settings).items() if k != "extra"},
+        "budget": settings.extra,
+        "threads": torch.get_num_threads(),
+        "device": "cpu",
+        "copy_bandwidth_bytes_per_s": bandwidth,
+        "latency": latency,
+        "adapter_switch_s": switch,
+        "train_step_s": training,
+    }
+
+
+def format_bench_table(result: dict) -> str:
+    """Markdown tables: latency per batch size with ratios to base, then training and switch times."""
+    lines = []
+    for batch, per in result["latency"].items():
+        base = per.get("base")
+        lines += [f"**batch {batch}**, prompt {result['settings']['prompt_len']}, "
+                  f"{result['settings']['new_tokens']} new tokens, {result['threads']} threads", "",
+                  "| configuration | TTFT ms | TPOT ms (min-max) | TPOT / base | weights MB | GB/s | of copy BW |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for name, r in per.items():
+            tpot = r["tpot"]
+            ratio = f"{tpot['median'] / base['tpot']['median']:.3f}" if base else "-"
+            lines.append(
+                f"| {name} | {1e3 * r['ttft']['median']:.1f} | {1e3 * tpot['median']:.2f} "
+                f"({1e3 * tpot['min']:.2f}-{1e3 * tpot['max']:.2f}) | {ratio} | {r['weight_bytes'] / 1e6:.0f} | "
+                f"{r['achieved_bytes_per_s'] / 1e9:.1f} | {100 * r['fraction_of_copy_bandwidth']:.0f}% |")
+        lines.append("")
+    budget = result["budget"]
+    lines += [f"FFBA r={result['settings']['rank']}: {budget['ffba_params']:,} trainable parameters; "
+              f"LoRA r={budget['lora_rank']}: {budget['lora_params']:,}. "
+              f"Copy bandwidth {result['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s.", ""]
+    train = result["train_step_s"]
+    lines += ["| training step (median s) | FFBA | LoRA | FFBA / LoRA |", "|---|---:|---:|---:|",
+              f"| batch {result['settings']['train_batch']} x {result['settings']['train_len']} | "
+              f"{train['ffba']['median']:.3f} | {train['lora']['median']:.3f} | "
+              f"{train['ffba']['median'] / train['lora']['median']:.3f} |", ""]
+    switch = result["adapter_switch_s"]
+    if switch:
+        lines += ["| adapter switch (median ms) | " + " | ".join(switch) + " |",
+                  "|---|" + "---:|" * len(switch),
+                  "| | " + " | ".join(f"{1e3 * v['median']:.1f}" for v in switch.values()) + " |"]
+    return "\n".join(lines)
+
+
+def plot_bench(result: dict, path: Path) -> None:
+    """A bar chart of TPOT per configuration and batch size, relative to the base model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = list(result["latency"])
+    names = list(result["latency"][batches[0]])
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(batches)
+    for i, batch in enumerate(batches):
+        per = result["latency"][batch]
+        ratios = [per[n]["tpot"]["median"] / per["base"]["tpot"]["median"] for n in names]
+        bars = ax.bar([x + i * width for x in range(len(names))], ratios, width, label=f"batch {batch}")
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+    ax.set_xticks([x + width * (len(batches) - 1) / 2 for x in range(len(names))], names, rotation=20)
+    ax.set_ylabel("time per output token / base")
+    ax.set_title(f"decode latency relative to the base model ({result['model']})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_bench(result: dict, out_dir: Path) -> Path:
+    """bench.json, bench.md and bench.png in out_dir; returns the folder."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / "bench.md").write_text(format_bench_table(result) + "\n")
+    plot_bench(result, out_dir / "bench.png")
+    return out_dir

@@ -1,0 +1,67 @@
+import json
+
+import torch
+from conftest import make_model
+
+import fflora
+from fflora.bench import BenchSettings, CONFIGS, format_bench_table, run_bench, tensor_bytes, write_bench
+from fflora.serialization import adapter_state_dict, load_adapter_state
+
+
+def _settings(**kw):
+    base = dict(prompt_len=8, new_tokens=4, batch_sizes=(1, 2), repeats=2, warmup=1, rank=2,
+                train_steps=1, train_batch=2, train_len=8)
+    base.update(kw)
+    return BenchSettings(**base)
+
+
+def test_bench_reports_every_configuration_with_sane_numbers(tmp_path):
+    model = make_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = run_bench(model, _settings())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the base is left as it was
+    for batch in ("1", "2"):
+        per = result["latency"][batch]
+        assert list(per) == list(CONFIGS)
+        for r in per.values():
+            assert r["ttft"]["n"] == 2 and r["tpot"]["n"] == 2
+            assert 0 < r["tpot"]["min"] <= r["tpot"]["median"] <= r["tpot"]["max"]
+            assert r["ttft"]["median"] > 0 and r["weight_bytes"] > 0 and r["fraction_of_copy_bandwidth"] > 0
+    assert result["copy_bandwidth_bytes_per_s"] > 1e8
+    assert set(result["train_step_s"]) == {"ffba", "lora"} and result["train_step_s"]["ffba"]["median"] > 0
+    assert set(result["adapter_switch_s"]) == {"ffba_fused", "lora_merged"}
+    budget = result["budget"]
+    assert budget["ffba_params"] == fflora.ffba_parameter_count(model.config, fflora.FFBAConfig(r=2))
+    out = write_bench(result, tmp_path / "bench")
+    assert json.loads((out / "bench.json").read_text()) == json.loads(json.dumps(result))
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = format_bench_table(result)
+    assert "| ffba_fused |" in table and "**batch 2**" in table and "| adapter switch" in table
+
+
+def test_weight_bytes_count_tied_and_fused_tensors_once():
+    model = make_model("llama")  # tied embeddings
+    plain = tensor_bytes(model)
+    assert plain == sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    fflora.fuse(model)
+    assert tensor_bytes(model) == plain  # the fused matrices replace the projections, nothing doubles
+
+
+@torch.no_grad()
+def test_swapping_an_adapter_in_place_matches_loading_it_fresh(tmp_path):
+    model = fflora.apply_ffba(make_model("gemma3_text"), fflora.FFBAConfig(r=2))
+    fflora.fuse(model)
+    base_blocks = {n: b.clone() for n, b in model.named_buffers() if "ffba_fused" in n}
+    pointers = {n: b.data_ptr() for n, b in model.named_buffers()}
+    gen = torch.Generator().manual_seed(7)
+    new = {k: torch.randn(v.shape, generator=gen) * 0.1 for k, v in adapter_state_dict(model).items()}
+    load_adapter_state(model, new)
+    assert {n: b.data_ptr() for n, b in model.named_buffers()} == pointers  # nothing rebuilt or reallocated
+    for name, module in model.named_modules():
+        if hasattr(module, "widths"):  # fused input group: the base block is untouched
+            rows, cols = sum(module.widths), module.d_in
+            assert torch.equal(module.weight[:rows, :cols], base_blocks[f"{name}.weight"][:rows, :cols])
+    fresh = fflora.apply_ffba(make_model("gemma3_text"), fflora.FFBAConfig(r=2))
+    load_adapter_state(fresh, new)
+    ids = torch.randint(3, 128, (2, 7), generator=gen)
+    assert (model(ids).logits - fresh(ids).logits).abs().max().item() < 1e-4
