@@ -194,3 +194,16 @@ def test_bfloat16_model_fuses_within_bfloat16_noise(arch):
     fflora.fuse(model)
     fused = model(ids).logits.float()
     assert (fused - unfused).abs().max().item() < 0.05 * unfused.abs().max().item()
+
+
+def test_a_projection_that_is_not_nn_linear_is_refused_before_anything_changes():
+    class Quantized(torch.nn.Linear):
+        pass
+
+    model = make_model("llama")
+    old = model.model.layers[2].mlp.down_proj
+    model.model.layers[2].mlp.down_proj = Quantized(old.in_features, old.out_features, bias=False)
+    with pytest.raises(ValueError, match=r"mlp\.down_proj is a Quantized; load the base model unquantized"):
+        fflora.apply_ffba(model, fflora.FFBAConfig(r=2))
+    assert all(p.requires_grad for p in model.parameters())
+    assert not hasattr(model.model.layers[0], "ffba") and type(model.model.layers[0]).__name__ == "LlamaDecoderLayer"

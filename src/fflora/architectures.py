@@ -62,3 +62,13 @@ def architecture_of(model: nn.Module) -> ArchitectureSpec:
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return model.get_submodule(architecture_of(model).layers)
+
+
+def sub_blocks(model: nn.Module):
+    """Yield (layer_index, layer, name, spec, holder) for the attention and MLP of every decoder layer;
+    `holder` is the module whose attributes are the sub-block's projections."""
+    arch = architecture_of(model)
+    for i, layer in enumerate(model.get_submodule(arch.layers)):
+        for name in ("attn", "mlp"):
+            spec = arch.sub_block(name)
+            yield i, layer, name, spec, layer.get_submodule(spec.module)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .adapter import NEXT_SUB_BLOCK, PHI, SubBlockAdapter, current_state
-from .architectures import architecture_of, decoder_layers
+from .architectures import sub_blocks
 from .layers import AdaptedInputProjection, AdaptedOutputProjection, _refer_to
 
 
@@ -184,87 +184,68 @@ def _unwrap(module: nn.Module) -> nn.Linear:
     return module
 
 
+def _adapter_of(layer: nn.Module, name: str) -> SubBlockAdapter | None:
+    return getattr(getattr(layer, "ffba", None), name, None)
+
+
 def fuse(model: nn.Module) -> nn.Module:
     """Switch `model` to the fused inference form, in place; returns it.
 
     Works with or without adapters (without: the fused base model, the latency lower bound).
     The fused form is for inference: adapter parameters receive no gradient through it.
     """
-    spec = architecture_of(model)
     if getattr(model, "ffba_fused", False):
         return model
-    for layer in decoder_layers(model):
-        adapters = getattr(layer, "ffba", None)
-        for name in ("attn", "mlp"):
-            block = spec.sub_block(name)
-            holder = layer.get_submodule(block.module)
-            adapter = getattr(adapters, name) if adapters is not None else None
-            bases = [_unwrap(getattr(holder, p)) for p in block.inputs]
-            group = FusedInputProjections(bases, adapter, name)
-            output = FusedOutputProjection(_unwrap(getattr(holder, block.output)), adapter, name)
-            if adapter is not None:
-                group.refresh_adapter_weights(adapter)
-                output.refresh_adapter_weights(adapter)
-            holder.ffba_fused_inputs = group
-            for index, p in enumerate(block.inputs):
-                setattr(holder, p, FusedInputSlice(group, index))
-            setattr(holder, block.output, output)
+    for _, layer, name, spec, holder in sub_blocks(model):
+        adapter = _adapter_of(layer, name)
+        group = FusedInputProjections([_unwrap(getattr(holder, p)) for p in spec.inputs], adapter, name)
+        output = FusedOutputProjection(_unwrap(getattr(holder, spec.output)), adapter, name)
+        if adapter is not None:
+            group.refresh_adapter_weights(adapter)
+            output.refresh_adapter_weights(adapter)
+        holder.ffba_fused_inputs = group
+        for index, p in enumerate(spec.inputs):
+            setattr(holder, p, FusedInputSlice(group, index))
+        setattr(holder, spec.output, output)
     model.ffba_fused = True
     return model
 
 
 def unfuse(model: nn.Module) -> nn.Module:
     """Switch a fused model back to the training form (or the plain base), in place; returns it."""
-    spec = architecture_of(model)
     if not getattr(model, "ffba_fused", False):
         return model
-    for layer in decoder_layers(model):
-        adapters = getattr(layer, "ffba", None)
-        for name in ("attn", "mlp"):
-            block = spec.sub_block(name)
-            holder = layer.get_submodule(block.module)
-            adapter = getattr(adapters, name) if adapters is not None else None
-            group = holder.ffba_fused_inputs
-            for index, (p, base) in enumerate(zip(block.inputs, group.unfused())):
-                setattr(holder, p, AdaptedInputProjection(base, adapter, index) if adapter is not None else base)
-            base = getattr(holder, block.output).unfused()
-            setattr(holder, block.output, AdaptedOutputProjection(base, adapter) if adapter is not None else base)
-            del holder.ffba_fused_inputs
+    for _, layer, name, spec, holder in sub_blocks(model):
+        adapter = _adapter_of(layer, name)
+        for index, (p, base) in enumerate(zip(spec.inputs, holder.ffba_fused_inputs.unfused())):
+            setattr(holder, p, AdaptedInputProjection(base, adapter, index) if adapter is not None else base)
+        base = getattr(holder, spec.output).unfused()
+        setattr(holder, spec.output, AdaptedOutputProjection(base, adapter) if adapter is not None else base)
+        del holder.ffba_fused_inputs
     model.ffba_fused = False
     return model
 
 
 def refresh_adapter_weights(model: nn.Module) -> None:
     """After adapter parameters changed in a fused model, rewrite their fused rows/columns in place."""
-    spec = architecture_of(model)
-    for layer in decoder_layers(model):
-        adapters = getattr(layer, "ffba", None)
-        if adapters is None:
-            continue
-        for name in ("attn", "mlp"):
-            adapter = getattr(adapters, name)
-            if adapter is None:
-                continue
-            holder = layer.get_submodule(spec.sub_block(name).module)
+    for _, layer, name, spec, holder in sub_blocks(model):
+        adapter = _adapter_of(layer, name)
+        if adapter is not None:
             holder.ffba_fused_inputs.refresh_adapter_weights(adapter)
-            getattr(holder, spec.sub_block(name).output).refresh_adapter_weights(adapter)
+            getattr(holder, spec.output).refresh_adapter_weights(adapter)
 
 
 def base_projection_weights(model: nn.Module):
     """Yield (name, weight) of every base projection, in training, fused or plain form."""
-    spec = architecture_of(model)
-    for i, layer in enumerate(decoder_layers(model)):
-        for name in ("attn", "mlp"):
-            block = spec.sub_block(name)
-            holder = layer.get_submodule(block.module)
-            for p in (*block.inputs, block.output):
-                module = getattr(holder, p)
-                if isinstance(module, FusedInputSlice):
-                    group = module.group
-                    start = sum(group.widths[: module.index])
-                    weight = group.weight[start : start + group.widths[module.index], : group.d_in]
-                elif isinstance(module, FusedOutputProjection):
-                    weight = module.weight[: module.d_out, : module.d_core]
-                else:
-                    weight = _unwrap(module).weight
-                yield f"layers.{i}.{block.module}.{p}", weight
+    for i, _, _, spec, holder in sub_blocks(model):
+        for p in (*spec.inputs, spec.output):
+            module = getattr(holder, p)
+            if isinstance(module, FusedInputSlice):
+                group = module.group
+                start = sum(group.widths[: module.index])
+                weight = group.weight[start : start + group.widths[module.index], : group.d_in]
+            elif isinstance(module, FusedOutputProjection):
+                weight = module.weight[: module.d_out, : module.d_core]
+            else:
+                weight = _unwrap(module).weight
+            yield f"layers.{i}.{spec.module}.{p}", weight

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from .adapter import SubBlockAdapter
-from .architectures import architecture_of, decoder_layers
+from .architectures import architecture_of, decoder_layers, sub_blocks
 from .config import FFBAConfig
 from .fused import unfuse
 from .layers import AdaptedInputProjection, AdaptedOutputProjection, LayerAdapters, ffba_layer_class
@@ -20,13 +20,11 @@ def _linear(module: nn.Module, path: str) -> nn.Linear:
     return module
 
 
-def _sub_block_adapter(layer, spec, name, cfg, *, ba_in, ba_out, dtype, device) -> SubBlockAdapter | None:
-    """The adapter of sub-block `name` of one layer, or None if nothing adapts it."""
+def _sub_block_adapter(holder, block, name, cfg, *, ba_in, ba_out) -> SubBlockAdapter | None:
+    """The adapter of one sub-block (projections on `holder`), or None if nothing adapts it."""
     fa = cfg.forward and name in cfg.sub_blocks
     if not (fa or ba_in or ba_out):
         return None
-    block = spec.sub_block(name)
-    holder = layer.get_submodule(block.module)
     inputs = [_linear(getattr(holder, p), f"{block.module}.{p}") for p in block.inputs]
     output = _linear(getattr(holder, block.output), f"{block.module}.{block.output}")
     return SubBlockAdapter(
@@ -41,55 +39,47 @@ def _sub_block_adapter(layer, spec, name, cfg, *, ba_in, ba_out, dtype, device) 
         ba_scale=cfg.scale_backward,
         phi=cfg.phi,
         dropout=cfg.dropout,
-        dtype=dtype,
-        device=device,
+        dtype=output.weight.dtype,
+        device=output.weight.device,
     )
-
-
-def _wrap_projections(layer, spec, adapter: SubBlockAdapter) -> None:
-    block = spec.sub_block(adapter.name)
-    holder = layer.get_submodule(block.module)
-    for index, name in enumerate(block.inputs):
-        setattr(holder, name, AdaptedInputProjection(getattr(holder, name), adapter, index))
-    setattr(holder, block.output, AdaptedOutputProjection(getattr(holder, block.output), adapter))
 
 
 def apply_ffba(model: nn.Module, config: FFBAConfig) -> nn.Module:
     """Add FFBA adapters to `model` in place (training form) and return it.
 
     Every base parameter is frozen; only adapter parameters are trainable. Raises ValueError for
-    unsupported architectures, quantized projections, or a model that already has adapters.
+    unsupported architectures, quantized projections, or a model that already has adapters; the
+    model is left untouched when it does.
     """
     if not isinstance(config, FFBAConfig):
         raise TypeError(f"apply_ffba expects an FFBAConfig, got {type(config).__name__}")
-    spec = architecture_of(model)
+    architecture_of(model)
     if has_ffba(model):
         raise ValueError("this model already has FFBA adapters; load or apply them onto a fresh base model")
     if getattr(model, "ffba_fused", False):
         raise ValueError("this model is fused; call fflora.unfuse(model) before applying adapters")
+    last = len(decoder_layers(model)) - 1
+    ba_from = {name: config.backward and name in config.sub_blocks for name in ("attn", "mlp")}
+    # BA into attn comes from the previous layer's MLP; BA out of the MLP needs a next layer.
+    ba_in = {"attn": lambda i: ba_from["mlp"] and i > 0, "mlp": lambda i: ba_from["attn"]}
+    ba_out = {"attn": lambda i: ba_from["attn"], "mlp": lambda i: ba_from["mlp"] and i < last}
+    adapters = {}  # built (and validated) before the model is touched
+    for i, _, name, block, holder in sub_blocks(model):
+        adapters[i, name] = _sub_block_adapter(holder, block, name, config, ba_in=ba_in[name](i), ba_out=ba_out[name](i))
     for param in model.parameters():
         param.requires_grad_(False)
-    layers = decoder_layers(model)
-    ba_from = {name: config.backward and name in config.sub_blocks for name in ("attn", "mlp")}
-    ref = layers[0].get_submodule(spec.attn.module).get_submodule(spec.attn.inputs[0]).weight
-    dtype, device = ref.dtype, ref.device
-    for i, layer in enumerate(layers):
-        last = i == len(layers) - 1
-        attn = _sub_block_adapter(
-            layer, spec, "attn", config,
-            ba_in=ba_from["mlp"] and i > 0, ba_out=ba_from["attn"], dtype=dtype, device=device,
-        )
-        mlp = _sub_block_adapter(
-            layer, spec, "mlp", config,
-            ba_in=ba_from["attn"], ba_out=ba_from["mlp"] and not last, dtype=dtype, device=device,
-        )
-        carried = mlp.ba_out_rank if mlp is not None else 0
-        layer.ffba = LayerAdapters(attn, mlp, carried)
-        layer.ffba_carried_in_width = layers[i - 1].ffba.carried_width if i else 0
-        for adapter in (attn, mlp):
-            if adapter is not None:
-                _wrap_projections(layer, spec, adapter)
+    carried_in = 0
+    for i, layer in enumerate(decoder_layers(model)):
+        attn, mlp = adapters[i, "attn"], adapters[i, "mlp"]
+        layer.ffba = LayerAdapters(attn, mlp, carried_width=mlp.ba_out_rank if mlp is not None else 0)
+        layer.ffba_carried_in_width, carried_in = carried_in, layer.ffba.carried_width
         layer.__class__ = ffba_layer_class(type(layer))
+    for i, _, name, block, holder in sub_blocks(model):
+        adapter = adapters[i, name]
+        if adapter is not None:
+            for index, p in enumerate(block.inputs):
+                setattr(holder, p, AdaptedInputProjection(getattr(holder, p), adapter, index))
+            setattr(holder, block.output, AdaptedOutputProjection(getattr(holder, block.output), adapter))
     model.ffba_config = config
     # Reentrant gradient checkpointing only tracks inputs that require grad; the embeddings are
     # frozen, so make their output require grad (as PEFT does) or adapter gradients would vanish.
@@ -102,17 +92,12 @@ def remove_ffba(model: nn.Module) -> nn.Module:
     """Take every FFBA adapter off `model` (unfusing first if needed): the plain base model again."""
     if not has_ffba(model):
         return model
-    if getattr(model, "ffba_fused", False):
-        unfuse(model)
-    spec = architecture_of(model)
+    unfuse(model)
+    for _, layer, name, block, holder in sub_blocks(model):
+        if getattr(layer.ffba, name) is not None:
+            for p in (*block.inputs, block.output):
+                setattr(holder, p, getattr(holder, p).base)
     for layer in decoder_layers(model):
-        for adapter in (layer.ffba.attn, layer.ffba.mlp):
-            if adapter is None:
-                continue
-            block = spec.sub_block(adapter.name)
-            holder = layer.get_submodule(block.module)
-            for name in (*block.inputs, block.output):
-                setattr(holder, name, getattr(holder, name).base)
         del layer.ffba
         del layer.ffba_carried_in_width
         layer.__class__ = layer._fflora_base_class
