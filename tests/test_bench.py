@@ -28,6 +28,10 @@ def test_bench_reports_every_configuration_with_sane_numbers(tmp_path):
             assert 0 < r["tpot"]["min"] <= r["tpot"]["median"] <= r["tpot"]["max"]
             assert r["ttft"]["median"] > 0 and r["weight_bytes"] > 0 and r["fraction_of_copy_bandwidth"] > 0
     assert result["copy_bandwidth_bytes_per_s"] > 1e8
+    target = result["targets"]["1"]
+    per = result["latency"]["1"]
+    assert target["ffba_fused_over_fused_base"] == per["ffba_fused"]["tpot"]["median"] / per["fused_base"]["tpot"]["median"]
+    assert target["within_5pct_of_fused_base"] == (target["ffba_fused_over_fused_base"] <= 1.05)
     assert set(result["train_step_s"]) == {"ffba", "lora"} and result["train_step_s"]["ffba"]["median"] > 0
     assert set(result["adapter_switch_s"]) == {"ffba_fused", "lora_merged"}
     budget = result["budget"]
@@ -37,6 +41,7 @@ def test_bench_reports_every_configuration_with_sane_numbers(tmp_path):
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = format_bench_table(result)
     assert "| ffba_fused |" in table and "**batch 2**" in table and "| adapter switch" in table
+    assert "Targets: FFBA fused / fused base = " in table
 
 
 def test_weight_bytes_count_tied_and_fused_tensors_once():

@@ -237,6 +237,7 @@ def run_bench(base: nn.Module, settings: BenchSettings) -> dict:
             r["weight_bytes"] = weights[name]
             r["achieved_bytes_per_s"] = weights[name] / r["tpot"]["median"]
             r["fraction_of_copy_bandwidth"] = r["achieved_bytes_per_s"] / bandwidth
+    targets = {batch: check_targets(per) for batch, per in latency.items()}
     say("timing adapter switches")
     switch = bench_adapter_switch(models, settings)
     say("timing training steps")
@@ -249,9 +250,21 @@ def run_bench(base: nn.Module, settings: BenchSettings) -> dict:
         "device": "cpu",
         "copy_bandwidth_bytes_per_s": bandwidth,
         "latency": latency,
+        "targets": targets,
         "adapter_switch_s": switch,
         "train_step_s": training,
     }
+
+
+def check_targets(per: dict) -> dict:
+    """The latency targets: fused FFBA decode within 5% of the fused base, and faster than unmerged LoRA."""
+    if not {"ffba_fused", "fused_base", "lora_unmerged"} <= set(per):
+        return {}
+    tpot = {name: r["tpot"]["median"] for name, r in per.items()}
+    vs_fused_base = tpot["ffba_fused"] / tpot["fused_base"]
+    vs_lora = tpot["ffba_fused"] / tpot["lora_unmerged"]
+    return {"ffba_fused_over_fused_base": vs_fused_base, "within_5pct_of_fused_base": vs_fused_base <= 1.05,
+            "ffba_fused_over_lora_unmerged": vs_lora, "faster_than_lora_unmerged": vs_lora < 1.0}
 
 
 def format_bench_table(result: dict) -> str:
@@ -270,6 +283,13 @@ def format_bench_table(result: dict) -> str:
                 f"| {name} | {1e3 * r['ttft']['median']:.1f} | {1e3 * tpot['median']:.2f} "
                 f"({1e3 * tpot['min']:.2f}-{1e3 * tpot['max']:.2f}) | {ratio} | {r['weight_bytes'] / 1e6:.0f} | "
                 f"{r['achieved_bytes_per_s'] / 1e9:.1f} | {100 * r['fraction_of_copy_bandwidth']:.0f}% |")
+        target = result.get("targets", {}).get(batch)
+        if target:
+            lines.append(
+                f"\nTargets: FFBA fused / fused base = {target['ffba_fused_over_fused_base']:.3f} "
+                f"({'met' if target['within_5pct_of_fused_base'] else 'NOT met'}: within 5%); "
+                f"FFBA fused / LoRA unmerged = {target['ffba_fused_over_lora_unmerged']:.3f} "
+                f"({'met' if target['faster_than_lora_unmerged'] else 'NOT met'}: faster).")
         lines.append("")
     budget = result["budget"]
     lines += [f"FFBA r={result['settings']['rank']}: {budget['ffba_params']:,} trainable parameters; "

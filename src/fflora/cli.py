@@ -17,22 +17,23 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 
 
 def _add_ffba(p: argparse.ArgumentParser) -> None:
+    from .config import FFBAConfig
+
+    d = FFBAConfig()
     # Not "--r": torchrun's parser would take it for an abbreviation of its own options.
-    p.add_argument("--rank", dest="r", type=int, default=8, help="FFBA rank (default 8)")
-    p.add_argument("--alpha", type=float, default=16.0, help="FFBA alpha (default 16)")
-    p.add_argument("--phi", default="identity", choices=["identity", "relu", "silu"])
-    p.add_argument("--sub-blocks", default="attn,mlp", help="comma-separated: attn, mlp")
-    p.add_argument("--no-forward", action="store_true", help="no forward adapters (BA only)")
-    p.add_argument("--no-backward", action="store_true", help="no backward adapters (FA only)")
+    p.add_argument("--rank", dest="r", type=int, default=d.r, help=f"FFBA rank (default {d.r})")
+    p.add_argument("--alpha", type=float, default=d.alpha, help=f"FFBA alpha (default {d.alpha:g})")
+    p.add_argument("--phi", default=d.phi, choices=["identity", "relu", "silu"])
+    p.add_argument("--sub-blocks", default=",".join(d.sub_blocks), help="comma-separated: attn, mlp")
+    p.add_argument("--no-forward", dest="forward", action="store_false", help="no forward adapters (BA only)")
+    p.add_argument("--no-backward", dest="backward", action="store_false", help="no backward adapters (FA only)")
 
 
 def _ffba_config(args):
     from .config import FFBAConfig
 
-    return FFBAConfig(
-        r=args.r, alpha=args.alpha, phi=args.phi, sub_blocks=tuple(s for s in args.sub_blocks.split(",") if s),
-        forward=not args.no_forward, backward=not args.no_backward,
-    )
+    return FFBAConfig(r=args.r, alpha=args.alpha, phi=args.phi, sub_blocks=tuple(s for s in args.sub_blocks.split(",") if s),
+                      forward=args.forward, backward=args.backward)
 
 
 def _model_config(name):
@@ -152,6 +153,8 @@ def cmd_eval(args) -> dict:
     from .base_models import load_base_model
     from .evaluate import evaluate, format_table
 
+    if args.adapter and args.method == "base":
+        raise ValueError("give either --adapter DIR or --method base, not both")
     if args.adapter:
         model, tokenizer, kind = load_trained(args.adapter, args.model, strict=args.strict)
         title = f"{kind} ({args.adapter})"
@@ -201,9 +204,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     _add_model(p)
     p.add_argument("--output-dir", required=True)
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--rank", dest="r", type=int, default=d.r, help="FFBA rank")
-    p.add_argument("--alpha", type=float, default=d.alpha, help="FFBA alpha")
-    p.add_argument("--phi", default=d.phi, choices=["identity", "relu", "silu"])
+    _add_ffba(p)
     p.add_argument("--lora-rank", dest="lora_r", type=int, default=d.lora_r)
     p.add_argument("--lora-alpha", type=float, default=d.lora_alpha)
     p.add_argument("--match-params", action="store_true", help="FFBA rank with the parameter count closest to LoRA at --lora-rank")

@@ -24,6 +24,7 @@ from torch import nn
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
+from .artifacts import RUN_FILE
 from .base_models import load_base_model
 from .budget import ffba_parameter_count, lora_parameter_count
 from .config import FFBAConfig
@@ -37,7 +38,6 @@ from .sources import say
 METHODS = ("ffba", "lora", "full")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TRAIN_DATASETS = {"commonsense": FAMILIES["commonsense"], "math": ("gsm8k",), "summary": ("xsum",)}
-RUN_FILE = "run.json"
 CONFIG_FILE = "train_config.json"
 
 
@@ -53,6 +53,9 @@ class TrainConfig:
     r: int = 8
     alpha: float = 16.0
     phi: str = "identity"
+    sub_blocks: str = "attn,mlp"
+    forward: bool = True
+    backward: bool = True
     lora_r: int = 8
     lora_alpha: float = 16.0
     match_params: bool = False
@@ -132,9 +135,10 @@ def prepare_model(cfg: TrainConfig, model: nn.Module) -> tuple[nn.Module, dict]:
     """Attach the method's trainable parameters; returns (model, parameter record)."""
     counts = {"lora_r": cfg.lora_r, "lora_params_at_lora_r": lora_parameter_count(model.config, cfg.lora_r)}
     if cfg.method == "ffba":
-        r = match_ffba_rank(model.config, cfg.lora_r, phi=cfg.phi) if cfg.match_params else cfg.r
+        variant = dict(phi=cfg.phi, sub_blocks=tuple(cfg.sub_blocks.split(",")), forward=cfg.forward, backward=cfg.backward)
+        r = match_ffba_rank(model.config, cfg.lora_r, **variant) if cfg.match_params else cfg.r
         alpha = cfg.alpha * r / cfg.r if cfg.match_params else cfg.alpha  # keep alpha / r when matching
-        ffba = FFBAConfig(r=r, alpha=alpha, phi=cfg.phi, dropout=cfg.dropout)
+        ffba = FFBAConfig(r=r, alpha=alpha, dropout=cfg.dropout, **variant)
         apply_ffba(model, ffba)
         counts.update(ffba_r=r, ffba_config=ffba.to_dict(), ffba_params=ffba_parameter_count(model.config, ffba))
     elif cfg.method == "lora":
