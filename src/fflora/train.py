@@ -30,6 +30,7 @@ from .budget import ffba_parameter_count, lora_parameter_count
 from .config import FFBAConfig
 from .data import FAMILIES, load_split
 from .errors import FFloraError
+from .files import atomic_write_text
 from .model import apply_ffba, has_ffba, parameter_summary
 from .prompts import instruction_and_response, render_prompt, response_suffix
 from .serialization import load_adapter, save_adapter
@@ -292,7 +293,7 @@ def train(cfg: TrainConfig, resume: bool = False, model=None, tokenizer=None) ->
         callbacks=[JsonlLogger(out / "logs.jsonl")],
     )
     if trainer.is_world_process_zero():
-        (out / CONFIG_FILE).write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        atomic_write_text(out / CONFIG_FILE, json.dumps(asdict(cfg), indent=2) + "\n")
         say(f"{cfg.method}: {counts['trainable']:,} trainable of {counts['total']:,} parameters "
             f"({counts['percent']:.3f}%), {len(dataset)} training examples")
     start = time.time()
@@ -312,7 +313,7 @@ def train(cfg: TrainConfig, resume: bool = False, model=None, tokenizer=None) ->
     }
     if trainer.is_world_process_zero():
         _save_final(trainer, out / "adapter", tokenizer)
-        (out / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        atomic_write_text(out / RUN_FILE, json.dumps(record, indent=2) + "\n")
     return record
 
 
