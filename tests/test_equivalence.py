@@ -207,3 +207,16 @@ def test_a_projection_that_is_not_nn_linear_is_refused_before_anything_changes()
         fflora.apply_ffba(model, fflora.FFBAConfig(r=2))
     assert all(p.requires_grad for p in model.parameters())
     assert not hasattr(model.model.layers[0], "ffba") and type(model.model.layers[0]).__name__ == "LlamaDecoderLayer"
+
+
+def test_fused_gemms_widened_by_adapters_have_aligned_sizes():
+    """Odd GEMM sizes are slow on CPU: adapter rows/columns are zero-padded to a multiple of 8."""
+    from fflora.fused import ALIGN
+
+    model = fflora.apply_ffba(make_model("qwen2"), fflora.FFBAConfig(r=3, r_backward=5))
+    fflora.fuse(model)
+    attn = model.model.layers[1].self_attn
+    assert attn.ffba_fused_inputs.weight.shape == (64 + ALIGN, 32 + ALIGN)  # q|k|v = 64 rows + 3; d = 32 + 5
+    assert attn.o_proj.weight.shape == (32 + ALIGN, 32 + ALIGN)
+    plain = fflora.fuse(make_model("qwen2")).model.layers[1].self_attn
+    assert plain.ffba_fused_inputs.weight.shape == (64, 32)  # no adapter, no padding

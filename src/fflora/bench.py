@@ -20,19 +20,18 @@ import copy
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .budget import ffba_parameter_count, lora_parameter_count
+from .budget import LORA_TARGETS, ffba_parameter_count, lora_parameter_count
 from .config import FFBAConfig
 from .fused import fuse
 from .model import apply_ffba
 from .serialization import adapter_state_dict, load_adapter_state
 from .sources import say
-from .train import LORA_TARGETS
 
 CONFIGS = ("base", "fused_base", "lora_unmerged", "lora_merged", "ffba_unfused", "ffba_fused")
 
@@ -52,7 +51,6 @@ class BenchSettings:
     train_len: int = 128
     seed: int = 0
     configs: tuple[str, ...] = CONFIGS
-    extra: dict = field(default_factory=dict)
 
 
 def tensor_bytes(model: nn.Module) -> int:
@@ -93,27 +91,38 @@ def matched_lora_rank(hf_config, ffba: FFBAConfig) -> int:
     return min(range(1, 4 * ffba.r + 2), key=lambda r: (abs(lora_parameter_count(hf_config, r) - target), r))
 
 
-def build_configs(base: nn.Module, settings: BenchSettings) -> dict[str, nn.Module]:
-    """The benchmark's models, each a deep copy of `base` (which stays untouched)."""
+def _ffba(model: nn.Module, rank: int) -> nn.Module:
+    return apply_ffba(model, FFBAConfig(r=rank, alpha=2 * rank))
+
+
+def _lora(model: nn.Module, rank: int) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
-    ffba_cfg = FFBAConfig(r=settings.rank, alpha=2 * settings.rank)
-    lora_rank = settings.lora_rank or matched_lora_rank(base.config, ffba_cfg)
-    settings.extra.update(lora_rank=lora_rank, ffba_params=ffba_parameter_count(base.config, ffba_cfg),
-                          lora_params=lora_parameter_count(base.config, lora_rank))
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS))
+
+
+def budget_of(hf_config, settings: BenchSettings) -> dict:
+    """FFBA and LoRA ranks and trainable-parameter counts of the benchmark."""
+    ffba = FFBAConfig(r=settings.rank)
+    lora_rank = settings.lora_rank or matched_lora_rank(hf_config, ffba)
+    return {"ffba_rank": settings.rank, "ffba_params": ffba_parameter_count(hf_config, ffba),
+            "lora_rank": lora_rank, "lora_params": lora_parameter_count(hf_config, lora_rank)}
+
+
+def build_configs(base: nn.Module, settings: BenchSettings, lora_rank: int) -> dict[str, nn.Module]:
+    """The benchmark's models, each a deep copy of `base` (which stays untouched)."""
     models = {}
     for name in settings.configs:
         model = copy.deepcopy(base)
         if name == "fused_base":
             fuse(model)
         elif name.startswith("lora"):
-            model = get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=LORA_TARGETS))
+            model = _lora(model, lora_rank)
             _randomize(model, settings.seed)
             if name == "lora_merged":
                 model = model.merge_and_unload()
         elif name.startswith("ffba"):
-            apply_ffba(model, ffba_cfg)
-            _randomize(model, settings.seed)
+            _randomize(_ffba(model, settings.rank), settings.seed)
             if name == "ffba_fused":
                 fuse(model)
         models[name] = model.eval()
@@ -160,18 +169,11 @@ def bench_latency(models: dict[str, nn.Module], settings: BenchSettings, vocab: 
     return results
 
 
-def bench_training(base: nn.Module, settings: BenchSettings) -> dict:
+def bench_training(base: nn.Module, settings: BenchSettings, lora_rank: int) -> dict:
     """Median seconds per optimizer step (forward, backward, AdamW) of FFBA and LoRA at matched budget."""
-    from peft import LoraConfig, get_peft_model
-
     gen = torch.Generator().manual_seed(settings.seed)
     ids = torch.randint(10, base.config.vocab_size, (settings.train_batch, settings.train_len), generator=gen)
-    models = {
-        "ffba": apply_ffba(copy.deepcopy(base), FFBAConfig(r=settings.rank, alpha=2 * settings.rank)),
-        "lora": get_peft_model(copy.deepcopy(base), LoraConfig(r=settings.extra["lora_rank"],
-                                                               lora_alpha=2 * settings.extra["lora_rank"],
-                                                               target_modules=LORA_TARGETS)),
-    }
+    models = {"ffba": _ffba(copy.deepcopy(base), settings.rank), "lora": _lora(copy.deepcopy(base), lora_rank)}
     optimizers = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) for k, m in models.items()}
     times = {k: [] for k in models}
     for step in range(settings.train_steps + 1):  # the first step warms up
@@ -187,25 +189,25 @@ def bench_training(base: nn.Module, settings: BenchSettings) -> dict:
 
 
 @torch.no_grad()
-def bench_adapter_switch(models: dict[str, nn.Module], settings: BenchSettings, repeats: int = 3) -> dict:
+def bench_adapter_switch(models: dict[str, nn.Module], settings: BenchSettings, lora_rank: int, repeats: int = 3) -> dict:
     """Seconds to make another adapter active: FFBA fused (in place) vs LoRA merged (unmerge, load, merge)."""
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from peft import set_peft_model_state_dict
     from peft.utils import get_peft_model_state_dict
 
     results = {}
     fused = models.get("ffba_fused")
     if fused is not None:
-        other = {k: torch.randn_like(v) * 0.02 for k, v in adapter_state_dict(fused).items()}
-        current = adapter_state_dict(fused)
+        states = [adapter_state_dict(fused)]
+        states.append({k: torch.randn_like(v) * 0.02 for k, v in states[0].items()})
         times = []
         for i in range(repeats):
             start = time.perf_counter()
-            load_adapter_state(fused, other if i % 2 == 0 else current)
+            load_adapter_state(fused, states[(i + 1) % 2])
             times.append(time.perf_counter() - start)
         results["ffba_fused"] = _median_spread(times)
     base = models.get("base")
     if base is not None:
-        lora = get_peft_model(copy.deepcopy(base), LoraConfig(r=settings.extra["lora_rank"], target_modules=LORA_TARGETS))
+        lora = _lora(copy.deepcopy(base), lora_rank)
         _randomize(lora, settings.seed)
         states = [get_peft_model_state_dict(lora)]
         states.append({k: torch.randn_like(v) * 0.02 for k, v in states[0].items()})
@@ -226,8 +228,9 @@ def run_bench(base: nn.Module, settings: BenchSettings) -> dict:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
+    budget = budget_of(base.config, settings)
     say("building the configurations")
-    models = build_configs(base, settings)
+    models = build_configs(base, settings, budget["lora_rank"])
     say("measuring memory bandwidth (large tensor copy)")
     bandwidth = memory_bandwidth()
     latency = bench_latency(models, settings, base.config.vocab_size)
@@ -239,13 +242,13 @@ def run_bench(base: nn.Module, settings: BenchSettings) -> dict:
             r["fraction_of_copy_bandwidth"] = r["achieved_bytes_per_s"] / bandwidth
     targets = {batch: check_targets(per) for batch, per in latency.items()}
     say("timing adapter switches")
-    switch = bench_adapter_switch(models, settings)
+    switch = bench_adapter_switch(models, settings, budget["lora_rank"])
     say("timing training steps")
-    training = bench_training(base, settings)
+    training = bench_training(base, settings, budget["lora_rank"])
     return {
         "model": getattr(base.config, "_name_or_path", None),
-        "settings": {k: v for k, v in asdict(settings).items() if k != "extra"},
-        "budget": settings.extra,
+        "settings": asdict(settings),
+        "budget": budget,
         "threads": torch.get_num_threads(),
         "device": "cpu",
         "copy_bandwidth_bytes_per_s": bandwidth,

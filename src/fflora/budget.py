@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from .config import FFBAConfig
 
+# The seven projections of a Llama-family decoder layer: LoRA's targets in every comparison.
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
 
 def _dims(hf_config) -> dict[str, int]:
     heads = hf_config.num_attention_heads

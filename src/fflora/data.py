@@ -173,17 +173,20 @@ def _splits() -> list[Split]:
 SPLITS = {s.key: s for s in _splits()}
 
 
+def _unknown_task(task: str) -> ValueError:
+    known = sorted(FAMILIES) + sorted(d for members in FAMILIES.values() for d in members)
+    return ValueError(f"unknown task {task!r}; known tasks are {known}")
+
+
 def resolve_tasks(tasks: Iterable[str] | None) -> list[str]:
     """Family names ("commonsense", "math", "summary") and/or dataset names -> dataset names."""
     names = []
     for task in tasks or FAMILIES:
         if task in FAMILIES:
             names += FAMILIES[task]
-        elif any(task in members for members in FAMILIES.values()):
-            names.append(task)
         else:
-            known = sorted(FAMILIES) + sorted(d for members in FAMILIES.values() for d in members)
-            raise ValueError(f"unknown task {task!r}; known tasks are {known}")
+            family_of(task)  # raises for an unknown name
+            names.append(task)
     return list(dict.fromkeys(names))
 
 
@@ -246,8 +249,7 @@ def family_of(dataset: str) -> str:
     for family, members in FAMILIES.items():
         if dataset in members:
             return family
-    resolve_tasks([dataset])  # raises the unknown-task error
-    raise AssertionError
+    raise _unknown_task(dataset)
 
 
 def load_split(dataset: str, split: str, data_dir: str | os.PathLike | None = None) -> list[dict]:

@@ -11,7 +11,7 @@ from .fused import unfuse
 from .layers import AdaptedInputProjection, AdaptedOutputProjection, LayerAdapters, ffba_layer_class
 
 
-def _linear(module: nn.Module, path: str) -> nn.Linear:
+def _require_linear(module: nn.Module, path: str) -> nn.Linear:
     if type(module) is not nn.Linear:
         raise ValueError(
             f"fflora adapts plain torch.nn.Linear projections, but {path} is a {type(module).__name__}; "
@@ -25,8 +25,8 @@ def _sub_block_adapter(holder, block, name, cfg, *, ba_in, ba_out) -> SubBlockAd
     fa = cfg.forward and name in cfg.sub_blocks
     if not (fa or ba_in or ba_out):
         return None
-    inputs = [_linear(getattr(holder, p), f"{block.module}.{p}") for p in block.inputs]
-    output = _linear(getattr(holder, block.output), f"{block.module}.{block.output}")
+    inputs = [_require_linear(getattr(holder, p), f"{block.module}.{p}") for p in block.inputs]
+    output = _require_linear(getattr(holder, block.output), f"{block.module}.{block.output}")
     return SubBlockAdapter(
         name,
         d_in=inputs[0].in_features,

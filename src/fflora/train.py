@@ -26,7 +26,7 @@ from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 from .artifacts import RUN_FILE
 from .base_models import load_base_model
-from .budget import ffba_parameter_count, lora_parameter_count
+from .budget import LORA_TARGETS, ffba_parameter_count, lora_parameter_count
 from .config import FFBAConfig
 from .data import FAMILIES, load_split
 from .errors import FFloraError
@@ -37,7 +37,6 @@ from .serialization import load_adapter, save_adapter
 from .sources import say
 
 METHODS = ("ffba", "lora", "full")
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TRAIN_DATASETS = {"commonsense": FAMILIES["commonsense"], "math": ("gsm8k",), "summary": ("xsum",)}
 CONFIG_FILE = "train_config.json"
 
