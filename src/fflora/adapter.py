@@ -1,6 +1,6 @@
 """The adapter math of one sub-block, and the activations that flow between projections.
 
-Our reading of FFBA (the paper's equations are not public; see docs/design in the README). A
+Our reading of FFBA (the paper's equations are not public; see "The method" in the README). A
 sub-block is `u -> P_in(u) -> core -> P_out(c)`. Its adapter has up to three parts:
 
 * forward adapter (FA):  y += s_f * B_f phi(A_f u)                 fa_down = A_f, fa_up = B_f
