@@ -111,6 +111,9 @@ class SubBlockAdapter(nn.Module):
         super().__init__()
         self.name = name
         self.input_widths = tuple(input_widths)
+        # Row ranges of `ba_up` that belong to each input projection, in spec order.
+        ends = [sum(self.input_widths[: i + 1]) for i in range(len(self.input_widths))]
+        self.input_slices = tuple(slice(end - w, end) for end, w in zip(ends, self.input_widths))
         self.fa_scale = fa_scale
         self.ba_scale = ba_scale
         self.phi_name = phi
@@ -135,14 +138,6 @@ class SubBlockAdapter(nn.Module):
     def phi(self, x: Tensor) -> Tensor:
         return PHI[self.phi_name](x)
 
-    def input_slices(self) -> list[slice]:
-        """Row ranges of `ba_up` (and of a fused input GEMM) that belong to each input projection."""
-        bounds, start = [], 0
-        for width in self.input_widths:
-            bounds.append(slice(start, start + width))
-            start += width
-        return bounds
-
     # --- training form: each call is one small GEMM on the adapter's own parameters ---
 
     def fa_hidden(self, u: Tensor) -> Tensor:
@@ -159,7 +154,7 @@ class SubBlockAdapter(nn.Module):
 
     def ba_delta(self, z: Tensor, index: int, like: Tensor) -> Tensor:
         """s_b * B_bj z for input projection `index`."""
-        block = self.ba_up[self.input_slices()[index]]
+        block = self.ba_up[self.input_slices[index]]
         return (self.ba_scale * _linear(z, block)).to(like.dtype)
 
 
