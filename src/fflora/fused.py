@@ -63,7 +63,7 @@ class FusedInputProjections(nn.Module):
         self.fa_rank, self.ba_in_rank = fa_rank, ba_in_rank
         self.phi = PHI[adapter.phi_name] if adapter is not None else None
         ref = bases[0].weight
-        rows = sum(self.widths)
+        self.base_rows = rows = sum(self.widths)
         self.n_rows = _aligned(rows + fa_rank, fa_rank)
         self.n_cols = _aligned(self.d_in + ba_in_rank, ba_in_rank)
         weight = torch.zeros(self.n_rows, self.n_cols, dtype=ref.dtype, device=ref.device)
@@ -85,7 +85,7 @@ class FusedInputProjections(nn.Module):
 
     def refresh_adapter_weights(self, adapter: SubBlockAdapter) -> None:
         """Write the adapter's rows/columns in place; the base block is not touched."""
-        rows, d_in = sum(self.widths), self.d_in
+        rows, d_in = self.base_rows, self.d_in
         if self.fa_rank:
             self.weight[rows : rows + self.fa_rank, :d_in] = adapter.fa_down.detach().to(self.weight.dtype)
         if self.ba_in_rank:
@@ -112,8 +112,7 @@ class FusedInputProjections(nn.Module):
                 raise RuntimeError(f"fused {self.name} expected backward-adapter input, found none")
             inp = _zero_padded([x, z.to(x.dtype)], self.n_cols)
         out = F.linear(inp, self.weight, self.bias)
-        rows = sum(self.widths)
-        parts = list(out.split(self.widths + [self.n_rows - rows], dim=-1))
+        parts = list(out.split(self.widths + [self.n_rows - self.base_rows], dim=-1))
         tail = parts.pop()  # FA rows, then zero padding
         if self.fa_rank:
             state.fa[self.name] = self.phi(tail[..., : self.fa_rank])
