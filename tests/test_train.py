@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 import fflora
-from fflora.train import NonFiniteLossError, TrainConfig, match_ffba_rank, train
+from fflora.budget import match_ffba_rank
+from fflora.train import NonFiniteLossError, TrainConfig, train
 
 
 def _cfg(tiny_model_dir, tiny_data_dir, out, **kw):

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .budget import LORA_TARGETS, ffba_parameter_count, lora_parameter_count
+from .budget import LORA_TARGETS, ffba_parameter_count, lora_parameter_count, match_lora_rank
 from .config import FFBAConfig
 from .fused import fuse
 from .model import apply_ffba
@@ -85,12 +85,6 @@ def _randomize(model: nn.Module, seed: int, std: float = 0.02) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
-def matched_lora_rank(hf_config, ffba: FFBAConfig) -> int:
-    """The LoRA rank whose trainable-parameter count is closest to this FFBA configuration's."""
-    target = ffba_parameter_count(hf_config, ffba)
-    return min(range(1, 4 * ffba.r + 2), key=lambda r: (abs(lora_parameter_count(hf_config, r) - target), r))
-
-
 def _ffba(model: nn.Module, rank: int) -> nn.Module:
     return apply_ffba(model, FFBAConfig(r=rank, alpha=2 * rank))
 
@@ -104,7 +98,7 @@ def _lora(model: nn.Module, rank: int) -> nn.Module:
 def budget_of(hf_config, settings: BenchSettings) -> dict:
     """FFBA and LoRA ranks and trainable-parameter counts of the benchmark."""
     ffba = FFBAConfig(r=settings.rank)
-    lora_rank = settings.lora_rank or matched_lora_rank(hf_config, ffba)
+    lora_rank = settings.lora_rank or match_lora_rank(hf_config, ffba)
     return {"ffba_rank": settings.rank, "ffba_params": ffba_parameter_count(hf_config, ffba),
             "lora_rank": lora_rank, "lora_params": lora_parameter_count(hf_config, lora_rank)}
 

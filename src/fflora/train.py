@@ -26,7 +26,7 @@ from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 from .artifacts import RUN_FILE
 from .base_models import load_base_model
-from .budget import LORA_TARGETS, ffba_parameter_count, lora_parameter_count
+from .budget import LORA_TARGETS, ffba_parameter_count, lora_parameter_count, match_ffba_rank
 from .config import FFBAConfig
 from .data import FAMILIES, load_split
 from .errors import FFloraError
@@ -80,16 +80,6 @@ class TrainConfig:
             raise ValueError(f"unknown method {self.method!r}; choose one of {list(METHODS)}")
         if self.task not in TRAIN_DATASETS:
             raise ValueError(f"unknown task {self.task!r}; choose one of {sorted(TRAIN_DATASETS)}")
-
-
-def match_ffba_rank(hf_config, lora_r: int, **ffba_kwargs) -> int:
-    """The FFBA rank whose trainable-parameter count is closest to LoRA's at rank `lora_r`."""
-    target = lora_parameter_count(hf_config, lora_r)
-
-    def gap(r: int) -> int:
-        return abs(ffba_parameter_count(hf_config, FFBAConfig(r=r, **ffba_kwargs)) - target)
-
-    return min(range(1, 4 * lora_r + 2), key=lambda r: (gap(r), r))
 
 
 def training_records(cfg: TrainConfig) -> list[dict]:
