@@ -7,6 +7,7 @@ the README's "The method" section.
 
 __version__ = "0.1.0"
 
+from .bank import BASE_NAME, delete_adapter, list_adapters, select_adapters  # noqa: E402
 from .base_models import load_base_model  # noqa: E402
 from .budget import ffba_parameter_count, lora_parameter_count  # noqa: E402
 from .config import FFBAConfig  # noqa: E402
@@ -15,11 +16,14 @@ from .model import apply_ffba, parameter_summary, print_trainable_parameters, re
 from .serialization import BaseModelMismatchWarning, load_adapter, save_adapter  # noqa: E402
 
 __all__ = [
+    "BASE_NAME",
     "BaseModelMismatchWarning",
     "FFBAConfig",
     "apply_ffba",
+    "delete_adapter",
     "ffba_parameter_count",
     "fuse",
+    "list_adapters",
     "load_adapter",
     "load_base_model",
     "lora_parameter_count",
@@ -27,5 +31,6 @@ __all__ = [
     "print_trainable_parameters",
     "remove_ffba",
     "save_adapter",
+    "select_adapters",
     "unfuse",
 ]

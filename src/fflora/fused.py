@@ -53,15 +53,14 @@ def _zero_padded(parts: list[Tensor], width: int) -> Tensor:
 class FusedInputProjections(nn.Module):
     """All input projections of one sub-block (plus FA down rows and BA up columns) as one GEMM."""
 
-    def __init__(self, bases: list[nn.Linear], adapter: SubBlockAdapter | None, name: str) -> None:
+    def __init__(self, bases: list[nn.Linear], name: str, fa_rank: int = 0, ba_in_rank: int = 0, phi: str = "identity") -> None:
+        """`fa_rank` extra rows and `ba_in_rank` extra columns are reserved for the adapter (zeros until written)."""
         super().__init__()
         self.name = name
         self.widths = [b.out_features for b in bases]
         self.d_in = bases[0].in_features
-        fa_rank = adapter.fa_rank if adapter is not None else 0
-        ba_in_rank = adapter.ba_in_rank if adapter is not None else 0
         self.fa_rank, self.ba_in_rank = fa_rank, ba_in_rank
-        self.phi = PHI[adapter.phi_name] if adapter is not None else None
+        self.phi = PHI[phi]
         ref = bases[0].weight
         self.base_rows = rows = sum(self.widths)
         self.n_rows = _aligned(rows + fa_rank, fa_rank)
@@ -149,12 +148,12 @@ class FusedInputSlice(nn.Module):
 class FusedOutputProjection(nn.Module):
     """The output projection plus FA up columns and BA down rows, as one GEMM."""
 
-    def __init__(self, base: nn.Linear, adapter: SubBlockAdapter | None, name: str) -> None:
+    def __init__(self, base: nn.Linear, name: str, fa_rank: int = 0, ba_out_rank: int = 0) -> None:
+        """`fa_rank` extra columns and `ba_out_rank` extra rows are reserved for the adapter (zeros until written)."""
         super().__init__()
         self.name = name
         self.d_core, self.d_out = base.in_features, base.out_features
-        self.fa_rank = adapter.fa_rank if adapter is not None else 0
-        self.ba_out_rank = adapter.ba_out_rank if adapter is not None else 0
+        self.fa_rank, self.ba_out_rank = fa_rank, ba_out_rank
         self.n_rows = _aligned(self.d_out + self.ba_out_rank, self.ba_out_rank)
         self.n_cols = _aligned(self.d_core + self.fa_rank, self.fa_rank)
         ref = base.weight
@@ -210,33 +209,58 @@ def _adapter_of(layer: nn.Module, name: str) -> SubBlockAdapter | None:
     return getattr(getattr(layer, "ffba", None), name, None)
 
 
-def fuse(model: nn.Module) -> nn.Module:
+def fuse(model: nn.Module, max_adapters: int | None = None, rank_budget: int | None = None) -> nn.Module:
     """Switch `model` to the fused inference form, in place; returns it.
 
     Works with or without adapters (without: the fused base model, the latency lower bound).
     The fused form is for inference: adapter parameters receive no gradient through it.
+
+    With `max_adapters=K` the fused GEMMs reserve room for an adapter bank of up to K adapters
+    (`rank_budget`: their total rank per rank space, default 16 * K), loaded with
+    `fflora.load_adapter(model, path, adapter_name=...)` and chosen per batch row with
+    `adapter_names=` (see `fflora.bank`).
     """
+    if max_adapters is not None:
+        from .bank import fuse_with_bank
+
+        return fuse_with_bank(model, max_adapters, rank_budget)
     if getattr(model, "ffba_fused", False):
         return model
     for _, layer, name, spec, holder in sub_blocks(model):
         adapter = _adapter_of(layer, name)
-        group = FusedInputProjections([_unwrap(getattr(holder, p)) for p in spec.inputs], adapter, name)
-        output = FusedOutputProjection(_unwrap(getattr(holder, spec.output)), adapter, name)
-        if adapter is not None:
+        inputs, output = [_unwrap(getattr(holder, p)) for p in spec.inputs], _unwrap(getattr(holder, spec.output))
+        if adapter is None:
+            group, output = FusedInputProjections(inputs, name), FusedOutputProjection(output, name)
+        else:
+            group = FusedInputProjections(inputs, name, adapter.fa_rank, adapter.ba_in_rank, adapter.phi_name)
+            output = FusedOutputProjection(output, name, adapter.fa_rank, adapter.ba_out_rank)
             group.refresh_adapter_weights(adapter)
             output.refresh_adapter_weights(adapter)
-        holder.ffba_fused_inputs = group
-        for index, p in enumerate(spec.inputs):
-            setattr(holder, p, FusedInputSlice(group, index))
-        setattr(holder, spec.output, output)
+        install_fused(holder, spec, group, output)
     model.ffba_fused = True
     return model
 
 
+def install_fused(holder: nn.Module, spec, group: FusedInputProjections, output: FusedOutputProjection) -> None:
+    """Put a sub-block's fused GEMMs where its projections were (`spec` names them on `holder`)."""
+    holder.ffba_fused_inputs = group
+    for index, p in enumerate(spec.inputs):
+        setattr(holder, p, FusedInputSlice(group, index))
+    setattr(holder, spec.output, output)
+
+
 def unfuse(model: nn.Module) -> nn.Module:
-    """Switch a fused model back to the training form (or the plain base), in place; returns it."""
+    """Switch a fused model back to the training form (or the plain base), in place; returns it.
+
+    A model fused with an adapter bank becomes the plain base model: the bank and its adapters
+    (copies of what was loaded from disk) are dropped.
+    """
     if not getattr(model, "ffba_fused", False):
         return model
+    if getattr(model, "ffba_bank", None) is not None:
+        from .bank import unfuse_bank
+
+        unfuse_bank(model)
     for _, layer, name, spec, holder in sub_blocks(model):
         adapter = _adapter_of(layer, name)
         for index, (p, base) in enumerate(zip(spec.inputs, holder.ffba_fused_inputs.unfused())):

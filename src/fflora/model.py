@@ -20,10 +20,24 @@ def _require_linear(module: nn.Module, path: str) -> nn.Linear:
     return module
 
 
-def _sub_block_adapter(holder, block, name, cfg, *, ba_in, ba_out) -> SubBlockAdapter | None:
+def sub_block_ranks(cfg: FFBAConfig, name: str, layer_index: int, num_layers: int) -> tuple[int, int, int]:
+    """(fa_rank, ba_in_rank, ba_out_rank) of sub-block `name` ("attn"/"mlp") of layer `layer_index`.
+
+    BA into attention comes from the previous layer's MLP (none in layer 0); BA out of the MLP
+    needs a next layer (none in the last one). 0 means the sub-block has no such adapter.
+    """
+    ba_from = {s: cfg.backward and s in cfg.sub_blocks for s in ("attn", "mlp")}
+    r_b = cfg.rank_backward
+    fa = cfg.r if cfg.forward and name in cfg.sub_blocks else 0
+    if name == "attn":
+        return fa, r_b if ba_from["mlp"] and layer_index > 0 else 0, r_b if ba_from["attn"] else 0
+    return fa, r_b if ba_from["attn"] else 0, r_b if ba_from["mlp"] and layer_index < num_layers - 1 else 0
+
+
+def _sub_block_adapter(holder, block, name, cfg, ranks: tuple[int, int, int]) -> SubBlockAdapter | None:
     """The adapter of one sub-block (projections on `holder`), or None if nothing adapts it."""
-    fa = cfg.forward and name in cfg.sub_blocks
-    if not (fa or ba_in or ba_out):
+    fa_rank, ba_in_rank, ba_out_rank = ranks
+    if not (fa_rank or ba_in_rank or ba_out_rank):
         return None
     inputs = [_require_linear(getattr(holder, p), f"{block.module}.{p}") for p in block.inputs]
     output = _require_linear(getattr(holder, block.output), f"{block.module}.{block.output}")
@@ -32,10 +46,10 @@ def _sub_block_adapter(holder, block, name, cfg, *, ba_in, ba_out) -> SubBlockAd
         d_in=inputs[0].in_features,
         d_core=output.in_features,
         input_widths=tuple(p.out_features for p in inputs),
-        fa_rank=cfg.r if fa else 0,
+        fa_rank=fa_rank,
         fa_scale=cfg.scale_forward,
-        ba_out_rank=cfg.rank_backward if ba_out else 0,
-        ba_in_rank=cfg.rank_backward if ba_in else 0,
+        ba_out_rank=ba_out_rank,
+        ba_in_rank=ba_in_rank,
         ba_scale=cfg.scale_backward,
         phi=cfg.phi,
         dropout=cfg.dropout,
@@ -58,14 +72,11 @@ def apply_ffba(model: nn.Module, config: FFBAConfig) -> nn.Module:
         raise ValueError("this model already has FFBA adapters; load or apply them onto a fresh base model")
     if getattr(model, "ffba_fused", False):
         raise ValueError("this model is fused; call fflora.unfuse(model) before applying adapters")
-    last = len(decoder_layers(model)) - 1
-    ba_from = {name: config.backward and name in config.sub_blocks for name in ("attn", "mlp")}
-    # BA into attn comes from the previous layer's MLP; BA out of the MLP needs a next layer.
-    ba_in = {"attn": lambda i: ba_from["mlp"] and i > 0, "mlp": lambda i: ba_from["attn"]}
-    ba_out = {"attn": lambda i: ba_from["attn"], "mlp": lambda i: ba_from["mlp"] and i < last}
+    num_layers = len(decoder_layers(model))
     adapters = {}  # built (and validated) before the model is touched
     for i, _, name, block, holder in sub_blocks(model):
-        adapters[i, name] = _sub_block_adapter(holder, block, name, config, ba_in=ba_in[name](i), ba_out=ba_out[name](i))
+        ranks = sub_block_ranks(config, name, i, num_layers)
+        adapters[i, name] = _sub_block_adapter(holder, block, name, config, ranks)
     for param in model.parameters():
         param.requires_grad_(False)
     carried_in = 0

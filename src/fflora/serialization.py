@@ -22,7 +22,7 @@ from . import __version__
 from .architectures import architecture_of
 from .config import FFBAConfig
 from .files import atomic_write, atomic_write_text
-from .fused import base_projection_weights, refresh_adapter_weights
+from .fused import base_projection_weights, refresh_adapter_weights, unfuse
 from .model import apply_ffba, has_ffba, remove_ffba, sub_block_adapters
 
 CONFIG_NAME = "adapter_config.json"
@@ -113,15 +113,69 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
     return meta
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = False) -> nn.Module:
+def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = False, adapter_name: str | None = None) -> nn.Module:
     """Load the adapter in folder `path` onto `model` and return it.
 
-    `model` is a base model (FFBA is applied with the saved configuration) or a model that already
-    carries an adapter of the same configuration (its weights are replaced; in a fused model only
-    the adapter rows/columns are rewritten). Raises ValueError when the adapter was saved for
-    another architecture or shape, or its files are corrupt. When the base weights differ from
+    Without `adapter_name`: `model` is a base model (FFBA is applied with the saved configuration)
+    or a model that already carries an adapter of the same configuration (its weights are
+    replaced; in a fused model only the adapter rows/columns are rewritten).
+
+    With `adapter_name`: the adapter joins the model's adapter bank under that name (a plain base
+    model is first fused with a bank of `fflora.bank.DEFAULT_MAX_ADAPTERS` adapters; call
+    `fflora.fuse(model, max_adapters=K)` first for another size). Only its rows/columns are
+    written; adapters of any rank and FA/BA setting share the bank.
+
+    Raises ValueError when the adapter was saved for another architecture or shape, or its files
+    are corrupt, leaving the model (and its bank) unchanged. When the base weights differ from
     those the adapter was trained on, warns, or raises ValueError if `strict`.
     """
+    if adapter_name is not None:
+        return _load_into_bank(model, path, strict, adapter_name)
+    if getattr(model, "ffba_bank", None) is not None:
+        raise ValueError("this model has an adapter bank; load adapters into it with adapter_name=...")
+    config, state = _read_checked(model, path, strict)
+    applied_here = not has_ffba(model)
+    if applied_here:
+        apply_ffba(model, config)
+    elif model.ffba_config != config:
+        raise ValueError(
+            f"the model carries an FFBA adapter with another configuration ({model.ffba_config}) than the one "
+            f"at {path} ({config}); load it onto a fresh base model"
+        )
+    try:
+        load_adapter_state(model, state, source=path)
+    except ValueError:
+        if applied_here:
+            remove_ffba(model)
+        raise
+    return model
+
+
+def _load_into_bank(model: nn.Module, path, strict: bool, adapter_name: str) -> nn.Module:
+    from .bank import DEFAULT_MAX_ADAPTERS, fuse_with_bank
+
+    bank = getattr(model, "ffba_bank", None)
+    if bank is None and (has_ffba(model) or getattr(model, "ffba_fused", False)):
+        raise ValueError("this model carries a single FFBA adapter (or is fused without a bank); load named "
+                         "adapters onto a plain base model or one fused with fflora.fuse(model, max_adapters=K)")
+    if bank is not None:
+        bank.check_new_name(adapter_name)  # before reading any file
+    config, state = _read_checked(model, path, strict)
+    fused_here = bank is None
+    if fused_here:
+        fuse_with_bank(model, DEFAULT_MAX_ADAPTERS)
+    try:
+        model.ffba_bank.add(adapter_name, config, state, source=str(path))
+    except ValueError:
+        if fused_here:
+            unfuse(model)
+        raise
+    return model
+
+
+def _read_checked(model: nn.Module, path, strict: bool) -> tuple[FFBAConfig, dict[str, torch.Tensor]]:
+    """The configuration and weights of the adapter at `path`, after checking that it was saved for
+    this architecture and shape (ValueError) and for these base weights (warning, or ValueError if strict)."""
     meta = read_adapter_config(path)
     architecture_of(model)
     saved_base = meta.get("base_model", {})
@@ -143,22 +197,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = False
         )
         if strict:
             raise ValueError(message + " (strict=True)")
-        warnings.warn(message, BaseModelMismatchWarning, stacklevel=2)
-    applied_here = not has_ffba(model)
-    if applied_here:
-        apply_ffba(model, config)
-    elif model.ffba_config != config:
-        raise ValueError(
-            f"the model carries an FFBA adapter with another configuration ({model.ffba_config}) than the one "
-            f"at {path} ({config}); load it onto a fresh base model"
-        )
-    try:
-        load_adapter_state(model, state, source=path)
-    except ValueError:
-        if applied_here:
-            remove_ffba(model)
-        raise
-    return model
+        warnings.warn(message, BaseModelMismatchWarning, stacklevel=3)
+    return config, state
 
 
 def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], source="the given state dict") -> None:

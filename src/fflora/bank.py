@@ -1,0 +1,423 @@
+"""The adapter bank: many FFBA adapters resident in one fused model, chosen per token.
+
+Design: `shared/design/adapter-bank.md`. Each sub-block's two fused GEMMs reserve room for the
+adapter rows/columns of several adapters. The room is organised in four *rank spaces*, each
+shared by all layers:
+
+    fa.attn, fa.mlp   FA bottleneck of the attention / MLP sub-block: FA down rows of the input
+                      GEMM and FA up columns of the output GEMM
+    ba.attn, ba.mlp   BA leaving the attention / MLP sub-block: BA down rows of its output GEMM
+                      and BA up columns of the next sub-block's input GEMM
+
+An adapter occupies a contiguous range in each space it uses (its rank there, no padding to the
+largest rank; an FA-only adapter takes no BA room). Loading writes its rows/columns into free
+ranges in place, deleting zeroes them: O(r * d) per adapter, never a copy of the base weights.
+
+A forward pass names an adapter per batch row (or, for packed batches, per token). The adapter
+activations that leave a GEMM (z_f, z_b) are multiplied by a per-token 0/1 mask that keeps only
+the columns of the token's adapter; base tokens get an all-zero mask. Each GEMM covers a leading
+*window* of its space: the adapters present in the batch are kept packed at the front (moved
+there, from the adapters' stored weights, when a batch needs it), so a step costs the base GEMMs
+plus the ranks of the adapters present, not of all resident ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .adapter import PHI
+from .architectures import decoder_layers, sub_blocks
+from .config import FFBAConfig
+from .fused import ALIGN, FusedInputProjections, FusedOutputProjection, _unwrap, install_fused
+from .model import sub_block_ranks
+
+BASE_NAME = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+DEFAULT_MAX_ADAPTERS = 8
+DEFAULT_RANK_PER_ADAPTER = 16  # default rank budget per space: max_adapters * this
+SPACES = ("fa.attn", "fa.mlp", "ba.attn", "ba.mlp")
+_PREVIOUS = {"attn": "mlp", "mlp": "attn"}  # whose BA arrives at a sub-block's inputs
+
+
+def _round_up(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def adapter_space_ranks(config: FFBAConfig) -> dict[str, int]:
+    """The rank an adapter with `config` takes in each rank space (0: it does not use it)."""
+    ranks = {}
+    for s in ("attn", "mlp"):
+        ranks[f"fa.{s}"] = config.r if config.forward and s in config.sub_blocks else 0
+        ranks[f"ba.{s}"] = config.rank_backward if config.backward and s in config.sub_blocks else 0
+    return ranks
+
+
+@dataclass
+class BankEntry:
+    """One resident adapter: its configuration, its weights (canonical keys) and where it sits."""
+
+    name: str
+    config: FFBAConfig
+    state: dict[str, Tensor]
+    ranks: dict[str, int]
+    offsets: dict[str, int] = field(default_factory=dict)
+    source: str | None = None
+
+    def end(self, space: str) -> int:
+        return self.offsets[space] + self.ranks[space]
+
+
+@dataclass
+class BankSelection:
+    """Which adapter each token of one forward pass uses, resolved against the bank's layout.
+
+    windows[space]: the aligned width of that space each GEMM covers; masks[space]: (rows, tokens,
+    window) 0/1 masks that keep each token's own adapter columns; fa_phi[space]: for FA spaces with
+    a non-identity phi present, (phi, column mask) pairs. pending_* carry activations from one
+    fused GEMM to the next while the pass runs.
+    """
+
+    windows: dict[str, int]
+    masks: dict[str, Tensor]
+    fa_phi: dict[str, list[tuple]]
+    pending_fa: dict[str, Tensor] = field(default_factory=dict)
+    pending_ba: dict[str, Tensor] = field(default_factory=dict)
+
+    def mask(self, space: str, z: Tensor) -> Tensor:
+        """The mask of `space` for activations `z`, one per batch row (or per packed token).
+
+        generate() repeats each row for beams or num_return_sequences: the names are repeated
+        the same way, once per pass.
+        """
+        mask = self.masks[space]
+        rows, names = z.shape[0], mask.shape[0]
+        if rows != names:
+            if rows % names:
+                raise ValueError(f"adapter_names has {names} entries but the batch has {rows} rows; give one name per row")
+            self.masks = {s: m.repeat_interleave(rows // names, dim=0) for s, m in self.masks.items()}
+            mask = self.masks[space]
+        return mask
+
+    def fa_activation(self, space: str, z: Tensor) -> Tensor:
+        """phi(z) of each token's own FA columns, zero elsewhere (phi(0) = 0 for every phi)."""
+        mask = self.mask(space, z)
+        terms = self.fa_phi.get(space)
+        if not terms:
+            return z * mask
+        return sum(PHI[phi](z) * (mask * cols) for phi, cols in terms)
+
+
+_SELECTION: ContextVar[BankSelection | None] = ContextVar("fflora_bank_selection", default=None)
+
+
+class BankInputProjections(FusedInputProjections):
+    """A sub-block's input projections with room for the FA down rows / BA up columns of a bank."""
+
+    def _project(self, x: Tensor) -> list[Tensor]:
+        sel = _SELECTION.get()
+        fa_space, ba_space = f"fa.{self.name}", f"ba.{_PREVIOUS[self.name]}"
+        fa_w = sel.windows[fa_space] if sel is not None and self.fa_rank else 0
+        ba_w = sel.windows[ba_space] if sel is not None and self.ba_in_rank else 0
+        inp = torch.cat([x, sel.pending_ba.pop(ba_space)], dim=-1) if ba_w else x
+        rows = self.base_rows + fa_w
+        bias = None if self.bias is None else self.bias[:rows]
+        out = F.linear(inp, self.weight[:rows, : self.d_in + ba_w], bias)
+        if not fa_w:
+            return list(out.split(self.widths, dim=-1))
+        *parts, z = out.split([*self.widths, fa_w], dim=-1)
+        sel.pending_fa[fa_space] = sel.fa_activation(fa_space, z)
+        return parts
+
+
+class BankOutputProjection(FusedOutputProjection):
+    """A sub-block's output projection with room for the FA up columns / BA down rows of a bank."""
+
+    def forward(self, c: Tensor) -> Tensor:
+        sel = _SELECTION.get()
+        fa_space, ba_space = f"fa.{self.name}", f"ba.{self.name}"
+        fa_w = sel.windows[fa_space] if sel is not None and self.fa_rank else 0
+        ba_w = sel.windows[ba_space] if sel is not None and self.ba_out_rank else 0
+        inp = torch.cat([c, sel.pending_fa.pop(fa_space)], dim=-1) if fa_w else c
+        rows = self.d_out + ba_w
+        bias = None if self.bias is None else self.bias[:rows]
+        out = F.linear(inp, self.weight[:rows, : self.d_core + fa_w], bias)
+        if not ba_w:
+            return out
+        z = out[..., self.d_out :]
+        sel.pending_ba[ba_space] = z * sel.mask(ba_space, z)
+        return out[..., : self.d_out]
+
+
+class AdapterBank:
+    """The resident adapters of a fused model and their layout; `model.ffba_bank`.
+
+    Not an nn.Module: the fused GEMM modules it writes into are registered where the projections
+    were, once. Use it through `fflora.load_adapter(..., adapter_name=)`, `delete_adapter`,
+    `list_adapters`, the `adapter_names=` argument of forward/generate and `select_adapters`.
+    """
+
+    def __init__(self, model: nn.Module, max_adapters: int, rank_budget: int) -> None:
+        self.max_adapters = max_adapters
+        self.rank_budget = rank_budget
+        self.num_layers = len(decoder_layers(model))
+        # (layer index, sub-block name, input GEMM, output GEMM) of every sub-block.
+        self.blocks = [(i, name, holder.ffba_fused_inputs, getattr(holder, spec.output))
+                       for i, _, name, spec, holder in sub_blocks(model)]
+        self.entries: dict[str, BankEntry] = {}
+        ref = self.blocks[0][2].weight
+        self.dtype, self.device = ref.dtype, ref.device
+
+    # --- resident adapters ---
+
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def expected_shapes(self, config: FFBAConfig) -> dict[str, tuple[int, int]]:
+        """Canonical weight keys and shapes of an adapter with `config` on this model."""
+        shapes = {}
+        for i, name, group, out in self.blocks:
+            fa, ba_in, ba_out = sub_block_ranks(config, name, i, self.num_layers)
+            prefix = f"layers.{i}.{name}."
+            if fa:
+                shapes[prefix + "fa_down"] = (fa, group.d_in)
+                shapes[prefix + "fa_up"] = (out.d_out, fa)
+            if ba_out:
+                shapes[prefix + "ba_down"] = (ba_out, out.d_core)
+            if ba_in:
+                shapes[prefix + "ba_up"] = (group.base_rows, ba_in)
+        return shapes
+
+    def check_new_name(self, name: str) -> None:
+        """ValueError unless an adapter called `name` could join the bank (valid, unused, a free slot)."""
+        if not isinstance(name, str) or not name or name == BASE_NAME:
+            raise ValueError(f"adapter_name must be a non-empty string other than {BASE_NAME!r}, got {name!r}")
+        if name in self.entries:
+            raise ValueError(f"an adapter named {name!r} is already loaded; delete it first "
+                             f"(fflora.delete_adapter) or choose another name. Loaded: {self.names()}")
+        if len(self.entries) >= self.max_adapters:
+            raise ValueError(f"the adapter bank is full ({self.max_adapters} adapters: {self.names()}); delete one "
+                             "with fflora.delete_adapter or fuse with a larger max_adapters")
+
+    def add(self, name: str, config: FFBAConfig, state: dict[str, Tensor], source: str | None = None) -> None:
+        """Make `name` resident: validate everything first, then write its rows/columns in place."""
+        self.check_new_name(name)
+        where = source or "the given state"
+        expected = self.expected_shapes(config)
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"the adapter weights at {where} do not match their config: missing {missing[:4]}, "
+                             f"unexpected {unexpected[:4]}; the file is corrupt or was edited, save the adapter again")
+        wrong = [f"{k}: {tuple(state[k].shape)} != {shape}" for k, shape in expected.items() if tuple(state[k].shape) != shape]
+        if wrong:
+            raise ValueError(f"the adapter weights at {where} have wrong shapes ({'; '.join(wrong[:4])}); save the adapter again")
+        entry = BankEntry(name, config, {k: v.detach().to(self.device, self.dtype) for k, v in state.items()},
+                          adapter_space_ranks(config), source=source)
+        used = {s: sum(e.ranks[s] for e in self.entries.values()) for s in SPACES}
+        over = [f"{s}: {used[s]} used + {entry.ranks[s]} > {self.rank_budget}" for s in SPACES
+                if used[s] + entry.ranks[s] > self.rank_budget]
+        if over:
+            raise ValueError(f"the adapter bank has no room for {name!r} ({'; '.join(over)}); delete an adapter or "
+                             "fuse with a larger rank_budget")
+        if any(max((e.end(s) for e in self.entries.values()), default=0) + entry.ranks[s] > self.rank_budget for s in SPACES):
+            self._arrange(list(self.entries))  # holes left by deleted adapters: pack the others first
+        entry.offsets = {s: max((e.end(s) for e in self.entries.values()), default=0) for s in SPACES}
+        self.entries[name] = entry
+        self._write(entry)
+
+    def delete(self, name: str) -> None:
+        """Zero the rows/columns of `name` and free its ranges."""
+        entry = self._entry(name)
+        self._write(entry, zero=True)
+        del self.entries[name]
+
+    def _entry(self, name: str) -> BankEntry:
+        if name not in self.entries:
+            raise ValueError(f"no adapter named {name!r} is loaded; loaded adapters: {self.names()} "
+                             f"(and {BASE_NAME!r} for the base model)")
+        return self.entries[name]
+
+    @torch.no_grad()
+    def _write(self, entry: BankEntry, zero: bool = False) -> None:
+        """Write (or zero) the rows/columns of one adapter at its offsets, in every sub-block."""
+        cfg, state, off = entry.config, entry.state, entry.offsets
+        for i, name, group, out in self.blocks:
+            fa, ba_in, ba_out = sub_block_ranks(cfg, name, i, self.num_layers)
+            key = f"layers.{i}.{name}."
+
+            def value(k: str, scale: float = 1.0) -> Tensor | float:
+                return 0.0 if zero else scale * state[key + k]
+
+            if fa:
+                o = group.base_rows + off[f"fa.{name}"]
+                group.weight[o : o + fa, : group.d_in] = value("fa_down")
+                o = out.d_core + off[f"fa.{name}"]
+                out.weight[: out.d_out, o : o + fa] = value("fa_up", cfg.scale_forward)
+            if ba_in:
+                o = group.d_in + off[f"ba.{_PREVIOUS[name]}"]
+                group.weight[: group.base_rows, o : o + ba_in] = value("ba_up", cfg.scale_backward)
+            if ba_out:
+                o = out.d_out + off[f"ba.{name}"]
+                out.weight[o : o + ba_out, : out.d_core] = value("ba_down")
+
+    def _arrange(self, front: list[str]) -> None:
+        """Pack the adapters named in `front` at the start of every space, the others after them;
+        rewrite only the adapters that move (from their stored weights)."""
+        order = [*front, *sorted((n for n in self.entries if n not in front), key=lambda n: self.entries[n].offsets["fa.attn"])]
+        ends = dict.fromkeys(SPACES, 0)
+        for n in order:
+            entry = self.entries[n]
+            new = {}
+            for s in SPACES:
+                new[s], ends[s] = ends[s], ends[s] + entry.ranks[s]
+            if new != entry.offsets:
+                entry.offsets = new
+                self._write(entry)
+
+    # --- selection ---
+
+    def selection(self, names: Sequence[str], lengths: Sequence[int] | None = None) -> BankSelection:
+        """Resolve per-row names (or, with `lengths`, per-segment names of one packed row) into
+        windows and per-token masks; moves the present adapters to the front of the bank if needed."""
+        names = [names] if isinstance(names, str) else list(names)
+        for n in names:
+            if n != BASE_NAME:
+                self._entry(n)
+        present = list(dict.fromkeys(n for n in names if n != BASE_NAME))
+        if any(max((self.entries[n].end(s) for n in present), default=0) > sum(self.entries[n].ranks[s] for n in present)
+               for s in SPACES):
+            self._arrange(present)
+        ids = torch.tensor([present.index(n) if n != BASE_NAME else -1 for n in names], device=self.device)
+        if lengths is not None:
+            if len(lengths) != len(names):
+                raise ValueError(f"{len(names)} adapter names for {len(lengths)} packed segments; give one name per segment")
+            token_ids = ids.repeat_interleave(torch.tensor(list(lengths), device=self.device))[None, :]  # (1, tokens)
+        else:
+            token_ids = ids[:, None]  # (rows, 1): one adapter per row
+        windows, masks, fa_phi = {}, {}, {}
+        for s in SPACES:
+            used = sum(self.entries[n].ranks[s] for n in present)
+            width = min(_round_up(used), self.rank_budget)
+            windows[s] = width
+            if not width:
+                continue
+            owner = torch.full((width,), -2, device=self.device)  # -2: no adapter (alignment padding)
+            for k, n in enumerate(present):
+                entry = self.entries[n]
+                owner[entry.offsets[s] : entry.end(s)] = k
+            masks[s] = (token_ids[..., None] == owner).to(self.dtype)
+            if s.startswith("fa.") and any(self.entries[n].config.phi != "identity" for n in present):
+                phis = {}
+                for k, n in enumerate(present):
+                    phis.setdefault(self.entries[n].config.phi, []).append(k)
+                fa_phi[s] = [(phi, torch.isin(owner, torch.tensor(ks, device=self.device)).to(self.dtype)) for phi, ks in phis.items()]
+        return BankSelection(windows, masks, fa_phi)
+
+
+class BankModelMixin:
+    """Mixed into the class of a model fused with a bank: `adapter_names=` on forward, and so on
+    generate (which hands its extra keyword arguments to every forward step)."""
+
+    def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
+        if adapter_names is None:  # base model, or what an enclosing select_adapters chose
+            return super().forward(*args, **kwargs)
+        token = _SELECTION.set(self.ffba_bank.selection(adapter_names))
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            _SELECTION.reset(token)
+
+
+@functools.cache
+def _bank_model_class(base_cls: type) -> type:
+    return type(f"FFBABank{base_cls.__name__}", (BankModelMixin, base_cls), {"_fflora_base_class": base_cls})
+
+
+def bank_of(model: nn.Module) -> AdapterBank:
+    bank = getattr(model, "ffba_bank", None)
+    if bank is None:
+        raise ValueError("this model has no adapter bank; create one with fflora.fuse(model, max_adapters=K) "
+                         "or load an adapter with fflora.load_adapter(model, path, adapter_name=...)")
+    return bank
+
+
+def fuse_with_bank(model: nn.Module, max_adapters: int, rank_budget: int | None = None) -> nn.Module:
+    """Fuse a plain base model with room for `max_adapters` adapters (see `fflora.fuse`).
+
+    A model carrying one FFBA adapter in training form is fused with that adapter resident as
+    "default". `rank_budget` is the total rank of the resident adapters per rank space (default
+    16 per adapter); it is rounded up to a multiple of 8.
+    """
+    from .model import has_ffba, remove_ffba
+    from .serialization import adapter_state_dict
+
+    if isinstance(max_adapters, bool) or not isinstance(max_adapters, int) or max_adapters < 1:
+        raise ValueError(f"max_adapters must be an integer >= 1, got {max_adapters!r}")
+    budget = DEFAULT_RANK_PER_ADAPTER * max_adapters if rank_budget is None else rank_budget
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"rank_budget must be an integer >= 1, got {rank_budget!r}")
+    existing = getattr(model, "ffba_bank", None)
+    if existing is not None:
+        if existing.max_adapters != max_adapters or (rank_budget is not None and existing.rank_budget != _round_up(rank_budget)):
+            raise ValueError(f"this model already has an adapter bank ({existing.max_adapters} adapters, rank budget "
+                             f"{existing.rank_budget}); unfuse it first to change its size")
+        return model
+    if getattr(model, "ffba_fused", False):
+        raise ValueError("this model is fused with a single adapter; call fflora.unfuse(model) before fusing it with a bank")
+    carried = (model.ffba_config, adapter_state_dict(model)) if has_ffba(model) else None
+    if carried is not None:
+        remove_ffba(model)
+    budget = _round_up(budget)
+    for i, _, name, spec, holder in sub_blocks(model):
+        fa_room = budget
+        ba_in_room = budget if (name == "mlp" or i > 0) else 0
+        ba_out_room = budget if (name == "attn" or i < len(decoder_layers(model)) - 1) else 0
+        group = BankInputProjections([_unwrap(getattr(holder, p)) for p in spec.inputs], name, fa_room, ba_in_room)
+        output = BankOutputProjection(_unwrap(getattr(holder, spec.output)), name, fa_room, ba_out_room)
+        install_fused(holder, spec, group, output)
+    bank = AdapterBank(model, max_adapters, budget)
+    object.__setattr__(model, "ffba_bank", bank)  # a plain attribute, not a submodule
+    model.ffba_fused = True
+    model.__class__ = _bank_model_class(type(model))
+    if carried is not None:
+        bank.add("default", *carried)
+    return model
+
+
+def unfuse_bank(model: nn.Module) -> None:
+    """Drop the bank (its adapters with it) and restore the plain base projections."""
+    model.__class__ = model._fflora_base_class
+    object.__delattr__(model, "ffba_bank")
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Unload `adapter_name` from the model's adapter bank (its rows/columns are zeroed in place)."""
+    bank_of(model).delete(adapter_name)
+
+
+def list_adapters(model: nn.Module) -> list[str]:
+    """Names of the adapters resident in the model's bank, in load order ([] without a bank)."""
+    bank = getattr(model, "ffba_bank", None)
+    return [] if bank is None else bank.names()
+
+
+@contextlib.contextmanager
+def select_adapters(model: nn.Module, adapter_names: Sequence[str], lengths: Sequence[int] | None = None):
+    """Use `adapter_names` for the forward passes inside the block.
+
+    One name per batch row, or, for a packed (varlen) batch of one row holding several requests,
+    one name per request with `lengths` its token counts (as a continuous-batching engine builds
+    them). `model(..., adapter_names=...)` does the same for one call.
+    """
+    token = _SELECTION.set(bank_of(model).selection(adapter_names, lengths=lengths))
+    try:
+        yield
+    finally:
+        _SELECTION.reset(token)
+
