@@ -66,8 +66,8 @@ def _mix(seed, rows=6):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("names", [["ffba4", "mlp8", BASE_NAME, "ba2", "ffba4"], _mix(0), _mix(1)],
-                         ids=["identity-phi", "random-0", "random-1"])
+@pytest.mark.parametrize("names", [["ffba4", "mlp8", BASE_NAME, "ba2", "ffba4"], _mix(0), _mix(1), ["fa16"] * 3, ["mlp8"] * 2],
+                         ids=["identity-phi", "random-0", "random-1", "uniform-silu", "uniform-identity"])
 def test_each_row_of_a_mixed_batch_equals_its_request_alone(arch, saved, names):
     ids, mask = _left_padded(len(names), seed=len(names))
     model = _bank(arch, saved)
@@ -174,6 +174,9 @@ def test_gemms_cover_only_the_adapters_present_in_the_batch(arch, saved):
     assert bank.entries["ba2"].offsets == dict.fromkeys(("fa.attn", "fa.mlp", "ba.attn", "ba.mlp"), 0)
     two = bank.selection(["fa16", "mlp8"])
     assert two.windows == {"fa.attn": 16, "fa.mlp": 24, "ba.attn": 0, "ba.mlp": 8}
+    # One adapter whose ranks fill the window exactly, in every row: no mask to apply.
+    assert bank.selection(["mlp8"] * 3).masks == {"fa.mlp": None, "ba.mlp": None}
+    assert all(m is not None for m in bank.selection(["mlp8", BASE_NAME]).masks.values())
 
 
 @torch.no_grad()

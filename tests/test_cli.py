@@ -40,3 +40,14 @@ def test_cli_errors_are_one_clear_line(tiny_model_dir, tmp_path, capsys):
     assert "fflora: error: no FFBA adapter at" in capsys.readouterr().err
     assert main(["params", "--model", str(tiny_model_dir), "--rank", "0"]) == 2
     assert "FFBAConfig.r must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_bench_bank_runs_from_the_command_line_and_refuses_bad_sizes(tiny_model_dir, tmp_path, capsys):
+    assert main(["bench", "bank", "--batch-sizes", "0"]) == 2
+    assert "fflora: error: batch-sizes must be integers >= 1, got [0]" in capsys.readouterr().err
+    out_dir = tmp_path / "bank"
+    args = ["bench", "bank", "--model", str(tiny_model_dir), "--rank", "2", "--batch-sizes", "2", "--resident", "2",
+            "--mixes", "distinct", "--prompt-len", "4", "--steps", "1", "--rounds", "1", "--output-dir", str(out_dir)]
+    assert main(args) == 0
+    assert "| 2 | distinct | 2 |" in capsys.readouterr().out
+    assert [c["mix"] for c in json.loads((out_dir / "bank.json").read_text())["cells"]] == ["distinct"]

@@ -44,6 +44,7 @@ DEFAULT_MAX_ADAPTERS = 8
 DEFAULT_RANK_PER_ADAPTER = 16  # default rank budget per space: max_adapters * this
 SPACES = ("fa.attn", "fa.mlp", "ba.attn", "ba.mlp")
 _PREVIOUS = {"attn": "mlp", "mlp": "attn"}  # whose BA arrives at a sub-block's inputs
+_SPACE_NAMES = {s: {"in": (f"fa.{s}", f"ba.{_PREVIOUS[s]}"), "out": (f"fa.{s}", f"ba.{s}")} for s in ("attn", "mlp")}
 
 
 def _round_up(n: int) -> int:
@@ -90,13 +91,16 @@ class BankSelection:
     pending_fa: dict[str, Tensor] = field(default_factory=dict)
     pending_ba: dict[str, Tensor] = field(default_factory=dict)
 
-    def mask(self, space: str, z: Tensor) -> Tensor:
-        """The mask of `space` for activations `z`, one per batch row (or per packed token).
+    def mask(self, space: str, z: Tensor) -> Tensor | None:
+        """The mask of `space` for activations `z`, one per batch row (or per packed token); None
+        when every token uses the one adapter that fills the window (nothing to mask).
 
         generate() repeats each row for beams or num_return_sequences: the names are repeated
         the same way, once per pass.
         """
         mask = self.masks[space]
+        if mask is None:
+            return None
         rows, names = z.shape[0], mask.shape[0]
         if rows != names:
             if rows % names:
@@ -109,6 +113,8 @@ class BankSelection:
         """phi(z) of each token's own FA columns, zero elsewhere (phi(0) = 0 for every phi)."""
         mask = self.mask(space, z)
         terms = self.fa_phi.get(space)
+        if mask is None:
+            return PHI[terms[0][0]](z) if terms else z
         if not terms:
             return z * mask
         return sum(PHI[phi](z) * (mask * cols) for phi, cols in terms)
@@ -117,18 +123,36 @@ class BankSelection:
 _SELECTION: ContextVar[BankSelection | None] = ContextVar("fflora_bank_selection", default=None)
 
 
-class BankInputProjections(FusedInputProjections):
+class _WindowViews:
+    """Cached views of the leading rows/columns of a bank GEMM's weight and bias (slicing on every
+    call costs more than the small GEMM columns it selects). Rebuilt when the weight storage moves
+    (e.g. `model.to(device)` or a deep copy)."""
+
+    def window(self, rows: int, cols: int) -> tuple[Tensor, Tensor | None]:
+        views = self.__dict__.get("_window_views")
+        if views is None or views[0] != self.weight.data_ptr():
+            views = self.__dict__["_window_views"] = (self.weight.data_ptr(), {})
+        view = views[1].get((rows, cols))
+        if view is None:
+            view = views[1][rows, cols] = (self.weight[:rows, :cols], None if self.bias is None else self.bias[:rows])
+        return view
+
+
+class BankInputProjections(_WindowViews, FusedInputProjections):
     """A sub-block's input projections with room for the FA down rows / BA up columns of a bank."""
+
+    @property
+    def spaces(self) -> tuple[str, str]:
+        """(FA space of this sub-block, BA space arriving at its inputs)."""
+        return _SPACE_NAMES[self.name]["in"]
 
     def _project(self, x: Tensor) -> list[Tensor]:
         sel = _SELECTION.get()
-        fa_space, ba_space = f"fa.{self.name}", f"ba.{_PREVIOUS[self.name]}"
+        fa_space, ba_space = self.spaces
         fa_w = sel.windows[fa_space] if sel is not None and self.fa_rank else 0
         ba_w = sel.windows[ba_space] if sel is not None and self.ba_in_rank else 0
         inp = torch.cat([x, sel.pending_ba.pop(ba_space)], dim=-1) if ba_w else x
-        rows = self.base_rows + fa_w
-        bias = None if self.bias is None else self.bias[:rows]
-        out = F.linear(inp, self.weight[:rows, : self.d_in + ba_w], bias)
+        out = F.linear(inp, *self.window(self.base_rows + fa_w, self.d_in + ba_w))
         if not fa_w:
             return list(out.split(self.widths, dim=-1))
         *parts, z = out.split([*self.widths, fa_w], dim=-1)
@@ -136,22 +160,26 @@ class BankInputProjections(FusedInputProjections):
         return parts
 
 
-class BankOutputProjection(FusedOutputProjection):
+class BankOutputProjection(_WindowViews, FusedOutputProjection):
     """A sub-block's output projection with room for the FA up columns / BA down rows of a bank."""
+
+    @property
+    def spaces(self) -> tuple[str, str]:
+        """(FA space of this sub-block, BA space leaving it)."""
+        return _SPACE_NAMES[self.name]["out"]
 
     def forward(self, c: Tensor) -> Tensor:
         sel = _SELECTION.get()
-        fa_space, ba_space = f"fa.{self.name}", f"ba.{self.name}"
+        fa_space, ba_space = self.spaces
         fa_w = sel.windows[fa_space] if sel is not None and self.fa_rank else 0
         ba_w = sel.windows[ba_space] if sel is not None and self.ba_out_rank else 0
         inp = torch.cat([c, sel.pending_fa.pop(fa_space)], dim=-1) if fa_w else c
-        rows = self.d_out + ba_w
-        bias = None if self.bias is None else self.bias[:rows]
-        out = F.linear(inp, self.weight[:rows, : self.d_core + fa_w], bias)
+        out = F.linear(inp, *self.window(self.d_out + ba_w, self.d_core + fa_w))
         if not ba_w:
             return out
         z = out[..., self.d_out :]
-        sel.pending_ba[ba_space] = z * sel.mask(ba_space, z)
+        mask = sel.mask(ba_space, z)
+        sel.pending_ba[ba_space] = z if mask is None else z * mask
         return out[..., : self.d_out]
 
 
@@ -301,11 +329,18 @@ class AdapterBank:
         else:
             token_ids = ids[:, None]  # (rows, 1): one adapter per row
         windows, masks, fa_phi = {}, {}, {}
+        uniform = len(present) == 1 and BASE_NAME not in names
         for s in SPACES:
             used = sum(self.entries[n].ranks[s] for n in present)
             width = min(_round_up(used), self.rank_budget)
             windows[s] = width
             if not width:
+                continue
+            if uniform and width == used:  # one adapter fills the window: nothing to mask
+                masks[s] = None
+                phi = self.entries[present[0]].config.phi
+                if s.startswith("fa.") and phi != "identity":
+                    fa_phi[s] = [(phi, None)]
                 continue
             owner = torch.full((width,), -2, device=self.device)  # -2: no adapter (alignment padding)
             for k, n in enumerate(present):

@@ -189,6 +189,24 @@ def cmd_bench(args) -> dict:
     return result
 
 
+def cmd_bench_bank(args) -> dict:
+    from pathlib import Path
+
+    from .base_models import load_base_model
+    from .bench_bank import BankBenchSettings, format_bank_table, run_bank_bench, write_bank_bench
+
+    settings = BankBenchSettings(
+        batch_sizes=tuple(args.batch_sizes), resident=tuple(args.resident), mixes=tuple(args.mixes), rank=args.r,
+        lora_rank=args.lora_r, prompt_len=args.prompt_len, steps=args.steps, rounds=args.rounds, threads=args.threads,
+    )
+    model, _ = load_base_model(args.model)
+    result = run_bank_bench(model, settings)
+    out = write_bank_bench(result, Path(args.output_dir or time.strftime("runs/bench-bank-%Y%m%d-%H%M%S")))
+    print(format_bank_table(result))
+    print(f"\nresults in {out}/ (bank.json, bank.md, bank.png)")
+    return result
+
+
 def cmd_demo(args) -> dict:
     from .demo import run_demo
 
@@ -267,6 +285,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-steps", type=int, default=3, help="timed training steps per method")
     p.add_argument("--output-dir", default=None, help="default: runs/bench-<time>")
     p.set_defaults(func=cmd_bench)
+    suites = p.add_subparsers(dest="suite", metavar="{bank}", help="another benchmark instead of the latency one")
+    from .bench_bank import MIXES, BankBenchSettings
+
+    d = BankBenchSettings()
+    q = suites.add_parser("bank", help="multi-adapter decode: fused bank vs PEFT mixed batch vs gather LoRA vs fused base")
+    _add_model(q)
+    q.add_argument("--rank", dest="r", type=int, default=d.rank, help=f"FFBA rank (default {d.rank})")
+    q.add_argument("--lora-rank", dest="lora_r", type=int, default=None, help="default: matched to FFBA's budget")
+    q.add_argument("--batch-sizes", type=int, nargs="+", default=list(d.batch_sizes))
+    q.add_argument("--resident", type=int, nargs="+", default=list(d.resident), help="numbers K of resident adapters")
+    q.add_argument("--mixes", nargs="+", default=list(MIXES), choices=MIXES)
+    q.add_argument("--prompt-len", type=int, default=d.prompt_len)
+    q.add_argument("--steps", type=int, default=d.steps, help="timed decode steps per method and round")
+    q.add_argument("--rounds", type=int, default=d.rounds, help="interleaved rounds per cell")
+    q.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    q.add_argument("--output-dir", default=None, help="default: runs/bench-bank-<time>")
+    q.set_defaults(func=cmd_bench_bank)
 
     p = sub.add_parser("demo", help="the main job: train FFBA and LoRA, evaluate, benchmark, report")
     _add_model(p)

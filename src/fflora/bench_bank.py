@@ -1,0 +1,365 @@
+"""Multi-adapter decode benchmark: the fused adapter bank against what users serve adapters with.
+
+Per decode step (greedy, KV cache) of a batch whose rows name adapters, for every batch size,
+adapter mix and number of resident adapters K, four methods are measured interleaved in one
+process (compare them by ratios within a cell, never across runs):
+
+* fused_base:  the fused base model, no adapter (the floor);
+* bank:        FFBA adapters in the fused bank, `adapter_names=` per row (`fflora.bank`);
+* peft_mixed:  PEFT LoRA with K adapters loaded, `adapter_names=` per row (PEFT's mixed batch:
+               per projection, one extra pair of GEMMs per adapter present in the batch);
+* gather_lora: LoRA as vLLM's torch-native path runs it on CPU: per projection, gather each
+               row's A and B from the stacked adapters, then two batched einsums.
+
+LoRA's rank is matched to FFBA's parameter budget (`fflora.budget`). Adapter mixes follow
+Punica's patterns: identical (one adapter for every row), uniform, zipf (power law, alpha 1.5)
+and distinct (row i uses adapter i mod K).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import random
+import time
+from contextvars import ContextVar
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .bench import _median_spread
+from .budget import LORA_TARGETS, match_lora_rank
+from .config import FFBAConfig
+from .fused import fuse
+from .model import apply_ffba
+from .serialization import adapter_state_dict
+from .sources import say
+
+MIXES = ("identical", "uniform", "zipf", "distinct")
+METHODS = ("fused_base", "bank", "peft_mixed", "gather_lora")
+
+
+@dataclass
+class BankBenchSettings:
+    batch_sizes: tuple[int, ...] = (1, 4, 8, 16)
+    resident: tuple[int, ...] = (1, 2, 4, 8, 16)
+    mixes: tuple[str, ...] = MIXES
+    rank: int = 8
+    lora_rank: int | None = None  # None: the LoRA rank whose budget is closest to FFBA's
+    prompt_len: int = 32
+    steps: int = 8  # timed decode steps per method and round
+    rounds: int = 3  # interleaved rounds per cell (after one untimed step per method)
+    zipf_alpha: float = 1.5
+    threads: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("batch_sizes", "resident"):
+            values = tuple(getattr(self, name))
+            if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+                raise ValueError(f"{name.replace('_', '-')} must be integers >= 1, got {list(values)}")
+            setattr(self, name, tuple(sorted(set(values))))
+        unknown = [m for m in self.mixes if m not in MIXES]
+        if unknown or not self.mixes:
+            raise ValueError(f"mixes must be among {list(MIXES)}, got {list(self.mixes)}")
+        for name in ("rank", "prompt_len", "steps", "rounds"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+
+
+def assign_adapters(mix: str, batch: int, resident: int, rng: random.Random, zipf_alpha: float = 1.5) -> list[int]:
+    """The adapter index (0..resident-1) of each batch row under an adapter mix."""
+    if mix == "identical":
+        return [0] * batch
+    if mix == "uniform":
+        return [rng.randrange(resident) for _ in range(batch)]
+    if mix == "zipf":
+        weights = [1 / (k + 1) ** zipf_alpha for k in range(resident)]
+        return rng.choices(range(resident), weights=weights, k=batch)
+    if mix == "distinct":
+        return [row % resident for row in range(batch)]
+    raise ValueError(f"unknown adapter mix {mix!r}; choose one of {list(MIXES)}")
+
+
+_GATHER_ROWS: ContextVar[Tensor | None] = ContextVar("fflora_gather_rows", default=None)
+
+
+class GatherLoRALinear(nn.Module):
+    """A projection plus stacked LoRA adapters, each row picking its own (vLLM's torch-native CPU path).
+
+    y = W x + scale * B[idx] (A[idx] x): the per-row A and B are gathered from the stacks, then
+    applied with batched einsums. Row index -1 is the base model (a zero adapter at the end).
+    """
+
+    def __init__(self, base: nn.Linear, a: list[Tensor], b: list[Tensor], scale: float) -> None:
+        super().__init__()
+        self.base = base
+        self.register_buffer("a", torch.stack([*a, torch.zeros_like(a[0])]))  # (K + 1, r, in)
+        self.register_buffer("b", torch.stack([*b, torch.zeros_like(b[0])]))  # (K + 1, out, r)
+        self.scale = scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = _GATHER_ROWS.get()
+        shrunk = torch.einsum("bti,bri->btr", x, self.a[rows])
+        return self.base(x) + self.scale * torch.einsum("btr,bor->bto", shrunk, self.b[rows])
+
+
+@contextlib.contextmanager
+def gather_rows(rows: list[int]):
+    token = _GATHER_ROWS.set(torch.tensor(rows))
+    try:
+        yield
+    finally:
+        _GATHER_ROWS.reset(token)
+
+
+def _random_(tensor: Tensor, gen: torch.Generator, std: float = 0.02) -> None:
+    tensor.copy_(torch.randn(tensor.shape, generator=gen) * std)
+
+
+@torch.no_grad()
+def ffba_states(base: nn.Module, config: FFBAConfig, count: int, seed: int) -> list[dict[str, Tensor]]:
+    """`count` FFBA adapters with random weights, as canonical state dicts."""
+    model = apply_ffba(copy.deepcopy(base), config)
+    states = []
+    for k in range(count):
+        gen = torch.Generator().manual_seed(seed + k)
+        for p in model.parameters():
+            if p.requires_grad:
+                _random_(p, gen)
+        states.append(adapter_state_dict(model))
+    return states
+
+
+@torch.no_grad()
+def peft_with_adapters(base: nn.Module, lora_rank: int, count: int, seed: int) -> nn.Module:
+    """A PEFT model with `count` LoRA adapters a0..a{count-1} on the seven projections, random weights."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=LORA_TARGETS)
+    model = get_peft_model(copy.deepcopy(base), config, adapter_name="a0")
+    for k in range(count):
+        name = f"a{k}"
+        if k:
+            model.add_adapter(name, config)
+        gen = torch.Generator().manual_seed(10_000 + seed + k)
+        for pname, p in model.named_parameters():
+            if f".{name}." in pname:
+                _random_(p, gen)
+    return model.eval()
+
+
+def gather_lora_from_peft(base: nn.Module, peft_model: nn.Module, names: list[str]) -> nn.Module:
+    """A copy of `base` whose seven projections run the stacked LoRA adapters `names` of `peft_model`."""
+    model = copy.deepcopy(base)
+    lora_layers = {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
+    for name, lora in lora_layers.items():
+        parent, attr = name.rsplit(".", 1)
+        holder = model.get_submodule(parent)
+        a = [lora.lora_A[n].weight.detach() for n in names]
+        b = [lora.lora_B[n].weight.detach() for n in names]
+        setattr(holder, attr, GatherLoRALinear(getattr(holder, attr), a, b, lora.scaling[names[0]]))
+    return model.eval()
+
+
+class _Runner:
+    """One method's model and how a forward pass tells it which adapter each row uses."""
+
+    def __init__(self, model: nn.Module, kind: str) -> None:
+        self.model, self.kind = model, kind
+
+    def forward(self, ids: Tensor, cache, rows: list[int]) -> Tensor:
+        kwargs = {"input_ids": ids, "cache": cache, "use_cache": True}
+        if self.kind == "bank":
+            kwargs["adapter_names"] = [f"ffba{k}" for k in rows]
+        elif self.kind == "peft_mixed":
+            kwargs["adapter_names"] = [f"a{k}" for k in rows]
+        context = gather_rows(rows) if self.kind == "gather_lora" else contextlib.nullcontext()
+        with context:
+            return self.model(**kwargs).logits[:, -1].argmax(-1, keepdim=True)
+
+
+@torch.no_grad()
+def _time_cell(runners: dict[str, _Runner], prompt: Tensor, rows: list[int], settings: BankBenchSettings) -> dict:
+    """Seconds per decode step of each method, measured in interleaved rounds after a prefill and one untimed step."""
+    from transformers import DynamicCache
+
+    state = {}
+    for name, runner in runners.items():
+        cache = DynamicCache(config=runner.model.config)
+        token = runner.forward(prompt, cache, rows)
+        state[name] = (cache, runner.forward(token, cache, rows))
+    samples = {name: [] for name in runners}
+    for _ in range(settings.rounds):
+        for name, runner in runners.items():
+            cache, token = state[name]
+            start = time.perf_counter()
+            for _ in range(settings.steps):
+                token = runner.forward(token, cache, rows)
+            samples[name].append((time.perf_counter() - start) / settings.steps)
+            state[name] = (cache, token)
+    return {name: _median_spread(v) for name, v in samples.items()}
+
+
+def _cells(settings: BankBenchSettings):
+    """(resident, batch, mix) of every cell; with one resident adapter every mix is 'identical'."""
+    for resident in settings.resident:
+        for batch in settings.batch_sizes:
+            for mix in settings.mixes:
+                if resident == 1 and mix != "identical" and "identical" in settings.mixes:
+                    continue
+                yield resident, batch, mix
+
+
+def run_bank_bench(base: nn.Module, settings: BankBenchSettings) -> dict:
+    """Every cell of the benchmark, as one JSON-ready dict."""
+    from tqdm.auto import tqdm
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    torch.manual_seed(settings.seed)
+    config = FFBAConfig(r=settings.rank, alpha=2 * settings.rank)
+    lora_rank = settings.lora_rank or match_lora_rank(base.config, config)
+    most = max(settings.resident)
+    say(f"building {most} FFBA r={settings.rank} and {most} LoRA r={lora_rank} adapters")
+    states = ffba_states(base, config, most, settings.seed)
+    peft_model = peft_with_adapters(base, lora_rank, most, settings.seed)
+    bank_model = fuse(copy.deepcopy(base), max_adapters=most, rank_budget=settings.rank * most)
+    runners = {"fused_base": _Runner(fuse(copy.deepcopy(base)).eval(), "fused_base"),
+               "bank": _Runner(bank_model.eval(), "bank"), "peft_mixed": _Runner(peft_model, "peft_mixed")}
+    rng = random.Random(settings.seed)
+    cells = []
+    progress = tqdm(list(_cells(settings)), desc="bank bench", unit="cell")
+    loaded = 0
+    for resident, batch, mix in progress:
+        if loaded != resident:  # the bank and the gather stacks hold K adapters; PEFT holds all of them
+            for k in range(loaded, resident):
+                bank_model.ffba_bank.add(f"ffba{k}", config, states[k])
+            runners["gather_lora"] = _Runner(gather_lora_from_peft(base, peft_model, [f"a{k}" for k in range(resident)]),
+                                             "gather_lora")
+            loaded = resident
+        rows = assign_adapters(mix, batch, resident, rng, settings.zipf_alpha)
+        gen = torch.Generator().manual_seed(settings.seed + batch)
+        prompt = torch.randint(10, base.config.vocab_size, (batch, settings.prompt_len), generator=gen)
+        progress.set_postfix_str(f"K={resident} batch={batch} {mix}")
+        tpot = _time_cell(runners, prompt, rows, settings)
+        cells.append({"resident": resident, "batch": batch, "mix": mix, "rows": rows,
+                      "adapters_present": len(set(rows)), "tpot_s": tpot, "ratios": cell_ratios(tpot)})
+    return {
+        "model": getattr(base.config, "_name_or_path", None),
+        "settings": asdict(settings),
+        "ffba_rank": settings.rank,
+        "lora_rank": lora_rank,
+        "threads": torch.get_num_threads(),
+        "device": "cpu",
+        "cells": cells,
+        "targets": check_bank_targets(cells),
+    }
+
+
+def cell_ratios(tpot: dict) -> dict:
+    med = {name: r["median"] for name, r in tpot.items()}
+    return {"bank_over_fused_base": med["bank"] / med["fused_base"],
+            "peft_mixed_over_bank": med["peft_mixed"] / med["bank"],
+            "gather_lora_over_bank": med["gather_lora"] / med["bank"]}
+
+
+def check_bank_targets(cells: list[dict], batch: int = 8) -> dict:
+    """The issue's targets at batch 8: 8 distinct adapters within 1.15x of the fused base, one adapter
+    for the whole batch within 1.05x, and the bank at least 1.5x faster than PEFT's mixed batch."""
+    def find(resident, mix):
+        return next((c for c in cells if c["batch"] == batch and c["resident"] == resident and c["mix"] == mix), None)
+
+    targets = {}
+    distinct = find(8, "distinct")
+    if distinct:
+        r = distinct["ratios"]
+        targets["distinct8_bank_over_fused_base"] = r["bank_over_fused_base"]
+        targets["distinct8_within_1.15"] = r["bank_over_fused_base"] <= 1.15
+        targets["distinct8_peft_mixed_over_bank"] = r["peft_mixed_over_bank"]
+        targets["distinct8_bank_1.5x_faster_than_peft"] = r["peft_mixed_over_bank"] >= 1.5
+    identical = [c for c in cells if c["batch"] == batch and c["mix"] == "identical"]
+    if identical:
+        worst = max(c["ratios"]["bank_over_fused_base"] for c in identical)
+        targets["identical_worst_bank_over_fused_base"] = worst
+        targets["identical_within_1.05"] = worst <= 1.05
+    return targets
+
+
+def format_bank_table(result: dict) -> str:
+    """Markdown: one table per batch size, a row per (K resident, mix)."""
+    lines = [f"FFBA r={result['ffba_rank']} vs LoRA r={result['lora_rank']} (matched budget), "
+             f"prompt {result['settings']['prompt_len']}, {result['threads']} threads; ms per decode step (median)", ""]
+    for batch in result["settings"]["batch_sizes"]:
+        lines += [f"**batch {batch}**", "",
+                  "| K resident | mix | adapters in batch | fused base | bank | bank / fused base | PEFT mixed | PEFT / bank | gather LoRA | gather / bank |",
+                  "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for c in (c for c in result["cells"] if c["batch"] == batch):
+            t, r = c["tpot_s"], c["ratios"]
+            lines.append(
+                f"| {c['resident']} | {c['mix']} | {c['adapters_present']} | {1e3 * t['fused_base']['median']:.1f} | "
+                f"{1e3 * t['bank']['median']:.1f} | {r['bank_over_fused_base']:.3f} | {1e3 * t['peft_mixed']['median']:.1f} | "
+                f"{r['peft_mixed_over_bank']:.2f} | {1e3 * t['gather_lora']['median']:.1f} | {r['gather_lora_over_bank']:.2f} |")
+        lines.append("")
+    t = result["targets"]
+    if "distinct8_within_1.15" in t:
+        lines.append(f"Targets (batch 8): 8 distinct adapters, bank / fused base = {t['distinct8_bank_over_fused_base']:.3f} "
+                     f"({'met' if t['distinct8_within_1.15'] else 'NOT met'}: <= 1.15); PEFT mixed / bank = "
+                     f"{t['distinct8_peft_mixed_over_bank']:.2f} ({'met' if t['distinct8_bank_1.5x_faster_than_peft'] else 'NOT met'}: >= 1.5).")
+    if "identical_within_1.05" in t:
+        lines.append(f"One adapter for the whole batch, worst over K: bank / fused base = {t['identical_worst_bank_over_fused_base']:.3f} "
+                     f"({'met' if t['identical_within_1.05'] else 'NOT met'}: <= 1.05).")
+    return "\n".join(lines)
+
+
+def plot_bank(result: dict, path: Path) -> None:
+    """Left: decode time / fused base per method and mix at batch 8 with the most resident adapters;
+    right: bank / fused base against K resident, per mix, at batch 8."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = result["cells"]
+    batch = 8 if 8 in result["settings"]["batch_sizes"] else result["settings"]["batch_sizes"][-1]
+    most = max(result["settings"]["resident"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    chosen = [c for c in cells if c["batch"] == batch and c["resident"] == most]
+    width = 0.8 / max(len(chosen), 1)
+    for i, c in enumerate(chosen):
+        base = c["tpot_s"]["fused_base"]["median"]
+        ratios = [c["tpot_s"][m]["median"] / base for m in METHODS]
+        bars = left.bar([x + i * width for x in range(len(METHODS))], ratios, width, label=c["mix"])
+        left.bar_label(bars, fmt="%.2f", fontsize=6)
+    left.set_xticks([x + width * (len(chosen) - 1) / 2 for x in range(len(METHODS))], METHODS)
+    left.axhline(1.0, color="gray", lw=0.8, ls="--")
+    left.set_ylabel("decode step / fused base")
+    left.set_title(f"batch {batch}, K={most} resident")
+    left.legend(fontsize=7)
+    for mix in result["settings"]["mixes"]:
+        points = sorted((c["resident"], c["ratios"]["bank_over_fused_base"]) for c in cells if c["batch"] == batch and c["mix"] == mix)
+        if points:
+            right.plot(*zip(*points), marker="o", label=mix)
+    right.axhline(1.0, color="gray", lw=0.8, ls="--")
+    right.set_xscale("log", base=2)
+    right.set_xlabel("adapters resident (K)")
+    right.set_ylabel("bank / fused base")
+    right.set_title(f"fused bank, batch {batch}")
+    right.legend(fontsize=7)
+    fig.suptitle(f"multi-adapter decode ({result['model']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_bank_bench(result: dict, out_dir: Path) -> Path:
+    """bank.json, bank.md and bank.png in out_dir; returns the folder."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bank.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / "bank.md").write_text(format_bank_table(result) + "\n")
+    plot_bank(result, out_dir / "bank.png")
+    return out_dir
+
