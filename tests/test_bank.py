@@ -179,6 +179,15 @@ def test_gemms_cover_only_the_adapters_present_in_the_batch(arch, saved):
     assert all(m is not None for m in bank.selection(["mlp8", BASE_NAME]).masks.values())
 
 
+def test_forward_signature_keeps_the_base_parameters_generate_reads(arch):
+    import inspect
+
+    model = fflora.fuse(make_model(arch), max_adapters=2)
+    params = inspect.signature(model.forward).parameters
+    assert "adapter_names" in params and "logits_to_keep" in params  # prefill computes last-position logits only
+    assert list(params)[-1] == "kwargs"
+
+
 @torch.no_grad()
 def test_generation_repeats_names_for_num_return_sequences(arch, saved):
     model = _bank(arch, saved, names=["ffba4"])

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from collections.abc import Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -371,7 +372,19 @@ class BankModelMixin:
 
 @functools.cache
 def _bank_model_class(base_cls: type) -> type:
-    return type(f"FFBABank{base_cls.__name__}", (BankModelMixin, base_cls), {"_fflora_base_class": base_cls})
+    """The bank subclass of a model class. Its forward shows the base signature plus `adapter_names`:
+    generate reads the signature (e.g. to compute prefill logits for the last position only)."""
+
+    def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
+        return BankModelMixin.forward(self, *args, adapter_names=adapter_names, **kwargs)
+
+    params = list(inspect.signature(base_cls.forward).parameters.values())
+    extra = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
+    cut = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
+    forward.__signature__ = inspect.Signature([*params[:cut], extra, *params[cut:]])
+    forward.__doc__ = base_cls.forward.__doc__
+    return type(f"FFBABank{base_cls.__name__}", (BankModelMixin, base_cls),
+                {"_fflora_base_class": base_cls, "forward": forward})
 
 
 def bank_of(model: nn.Module) -> AdapterBank:
