@@ -142,10 +142,9 @@ class _WindowViews:
 class BankInputProjections(_WindowViews, FusedInputProjections):
     """A sub-block's input projections with room for the FA down rows / BA up columns of a bank."""
 
-    @property
-    def spaces(self) -> tuple[str, str]:
-        """(FA space of this sub-block, BA space arriving at its inputs)."""
-        return _SPACE_NAMES[self.name]["in"]
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.spaces = _SPACE_NAMES[self.name]["in"]  # (FA space of this sub-block, BA space arriving at its inputs)
 
     def _project(self, x: Tensor) -> list[Tensor]:
         sel = _SELECTION.get()
@@ -164,10 +163,9 @@ class BankInputProjections(_WindowViews, FusedInputProjections):
 class BankOutputProjection(_WindowViews, FusedOutputProjection):
     """A sub-block's output projection with room for the FA up columns / BA down rows of a bank."""
 
-    @property
-    def spaces(self) -> tuple[str, str]:
-        """(FA space of this sub-block, BA space leaving it)."""
-        return _SPACE_NAMES[self.name]["out"]
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.spaces = _SPACE_NAMES[self.name]["out"]  # (FA space of this sub-block, BA space leaving it)
 
     def forward(self, c: Tensor) -> Tensor:
         sel = _SELECTION.get()
@@ -178,10 +176,10 @@ class BankOutputProjection(_WindowViews, FusedOutputProjection):
         out = F.linear(inp, *self.window(self.d_out + ba_w, self.d_core + fa_w))
         if not ba_w:
             return out
-        z = out[..., self.d_out :]
+        y, z = out.split([self.d_out, ba_w], dim=-1)
         mask = sel.mask(ba_space, z)
         sel.pending_ba[ba_space] = z if mask is None else z * mask
-        return out[..., : self.d_out]
+        return y
 
 
 class AdapterBank:
