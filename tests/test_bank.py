@@ -198,6 +198,20 @@ def test_generation_repeats_names_for_num_return_sequences(arch, saved):
     assert out.shape == (4, 10)
     with pytest.raises(ValueError, match="adapter_names has 3 entries but the batch has 2 rows; give one name per row"):
         model(ids, adapter_names=["ffba4"] * 3)
+    # One adapter in every row whose FA rank fills its window (no mask) but whose BA rank does not (masked).
+    partial = fflora.apply_ffba(make_model(arch), fflora.FFBAConfig(r=8, r_backward=3))
+    randomize_adapters(partial, seed=9)
+    fflora.save_adapter(partial, saved / "fa8ba3")
+    fflora.load_adapter(model, saved / "fa8ba3", adapter_name="fa8ba3")
+    selection = model.ffba_bank.selection(["fa8ba3"])
+    assert selection.masks["fa.attn"] is None and selection.masks["ba.attn"] is not None
+    alone = _alone(arch, saved, "fa8ba3")  # make_model seeds torch: build it before seeding the sampler
+    sample = dict(num_return_sequences=2, do_sample=True, top_k=5, max_new_tokens=3, pad_token_id=0)
+    torch.manual_seed(1)
+    out = model.generate(ids, adapter_names=["fa8ba3", "fa8ba3"], **sample)
+    torch.manual_seed(1)
+    expected = alone.generate(ids, **sample)
+    assert torch.equal(out, expected)
 
 
 @torch.no_grad()

@@ -106,7 +106,7 @@ class BankSelection:
         if rows != names:
             if rows % names:
                 raise ValueError(f"adapter_names has {names} entries but the batch has {rows} rows; give one name per row")
-            self.masks = {s: m.repeat_interleave(rows // names, dim=0) for s, m in self.masks.items()}
+            self.masks = {s: None if m is None else m.repeat_interleave(rows // names, dim=0) for s, m in self.masks.items()}
             mask = self.masks[space]
         return mask
 
@@ -198,8 +198,14 @@ class AdapterBank:
         self.blocks = [(i, name, holder.ffba_fused_inputs, getattr(holder, spec.output))
                        for i, _, name, spec, holder in sub_blocks(model)]
         self.entries: dict[str, BankEntry] = {}
-        ref = self.blocks[0][2].weight
-        self.dtype, self.device = ref.dtype, ref.device
+
+    @property
+    def device(self) -> torch.device:
+        return self.blocks[0][2].weight.device  # read each time: the model may have moved since fusing
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.blocks[0][2].weight.dtype
 
     # --- resident adapters ---
 

@@ -331,10 +331,15 @@ def plot_bench(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def write_results(result: dict, out_dir: Path, stem: str, table, plot) -> Path:
+    """{stem}.json, {stem}.md (`table(result)`) and {stem}.png (`plot(result, path)`) in out_dir; returns the folder."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / f"{stem}.md").write_text(table(result) + "\n")
+    plot(result, out_dir / f"{stem}.png")
+    return out_dir
+
+
 def write_bench(result: dict, out_dir: Path) -> Path:
     """bench.json, bench.md and bench.png in out_dir; returns the folder."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out_dir / "bench.md").write_text(format_bench_table(result) + "\n")
-    plot_bench(result, out_dir / "bench.png")
-    return out_dir
+    return write_results(result, out_dir, "bench", format_bench_table, plot_bench)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import random
 import time
 from contextvars import ContextVar
@@ -30,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .bench import _median_spread
+from .bench import _median_spread, write_results
 from .budget import LORA_TARGETS, match_lora_rank
 from .config import FFBAConfig
 from .fused import fuse
@@ -357,9 +356,5 @@ def plot_bank(result: dict, path: Path) -> None:
 
 def write_bank_bench(result: dict, out_dir: Path) -> Path:
     """bank.json, bank.md and bank.png in out_dir; returns the folder."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bank.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out_dir / "bank.md").write_text(format_bank_table(result) + "\n")
-    plot_bank(result, out_dir / "bank.png")
-    return out_dir
+    return write_results(result, out_dir, "bank", format_bank_table, plot_bank)
 
