@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import random
+import statistics
 import time
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass
@@ -182,8 +183,9 @@ class _Runner:
 
 
 @torch.no_grad()
-def _time_cell(runners: dict[str, _Runner], prompt: Tensor, rows: list[int], settings: BankBenchSettings) -> dict:
-    """Seconds per decode step of each method, measured in interleaved rounds after a prefill and one untimed step."""
+def _time_cell(runners: dict[str, _Runner], prompt: Tensor, rows: list[int], settings: BankBenchSettings) -> dict[str, list[float]]:
+    """Seconds per decode step of each method in each round; rounds interleave the methods, after a
+    prefill and one untimed step each."""
     from transformers import DynamicCache
 
     state = {}
@@ -200,7 +202,7 @@ def _time_cell(runners: dict[str, _Runner], prompt: Tensor, rows: list[int], set
                 token = runner.forward(token, cache, rows)
             samples[name].append((time.perf_counter() - start) / settings.steps)
             state[name] = (cache, token)
-    return {name: _median_spread(v) for name, v in samples.items()}
+    return samples
 
 
 def _cells(settings: BankBenchSettings):
@@ -244,9 +246,10 @@ def run_bank_bench(base: nn.Module, settings: BankBenchSettings) -> dict:
         gen = torch.Generator().manual_seed(settings.seed + batch)
         prompt = torch.randint(10, base.config.vocab_size, (batch, settings.prompt_len), generator=gen)
         progress.set_postfix_str(f"K={resident} batch={batch} {mix}")
-        tpot = _time_cell(runners, prompt, rows, settings)
-        cells.append({"resident": resident, "batch": batch, "mix": mix, "rows": rows,
-                      "adapters_present": len(set(rows)), "tpot_s": tpot, "ratios": cell_ratios(tpot)})
+        rounds = _time_cell(runners, prompt, rows, settings)
+        cells.append({"resident": resident, "batch": batch, "mix": mix, "rows": rows, "adapters_present": len(set(rows)),
+                      "tpot_s": {name: _median_spread(v) for name, v in rounds.items()}, "rounds_s": rounds,
+                      "ratios": cell_ratios(rounds)})
     return {
         "model": getattr(base.config, "_name_or_path", None),
         "settings": asdict(settings),
@@ -259,11 +262,14 @@ def run_bank_bench(base: nn.Module, settings: BankBenchSettings) -> dict:
     }
 
 
-def cell_ratios(tpot: dict) -> dict:
-    med = {name: r["median"] for name, r in tpot.items()}
-    return {"bank_over_fused_base": med["bank"] / med["fused_base"],
-            "peft_mixed_over_bank": med["peft_mixed"] / med["bank"],
-            "gather_lora_over_bank": med["gather_lora"] / med["bank"]}
+def cell_ratios(rounds: dict[str, list[float]]) -> dict:
+    """Each ratio is the median over rounds of the ratio within a round: the methods of one round
+    ran back to back, so drift of the shared machine between rounds cancels out."""
+    def paired(num: str, den: str) -> float:
+        return statistics.median(a / b for a, b in zip(rounds[num], rounds[den]))
+
+    return {"bank_over_fused_base": paired("bank", "fused_base"), "peft_mixed_over_bank": paired("peft_mixed", "bank"),
+            "gather_lora_over_bank": paired("gather_lora", "bank")}
 
 
 def check_bank_targets(cells: list[dict], batch: int = 8) -> dict:
@@ -291,7 +297,9 @@ def check_bank_targets(cells: list[dict], batch: int = 8) -> dict:
 def format_bank_table(result: dict) -> str:
     """Markdown: one table per batch size, a row per (K resident, mix)."""
     lines = [f"FFBA r={result['ffba_rank']} vs LoRA r={result['lora_rank']} (matched budget), "
-             f"prompt {result['settings']['prompt_len']}, {result['threads']} threads; ms per decode step (median)", ""]
+             f"prompt {result['settings']['prompt_len']}, {result['threads']} threads, {result['settings']['rounds']} rounds of "
+             f"{result['settings']['steps']} steps; ms per decode step (median over rounds), ratios: median of the "
+             "ratios within each round", ""]
     for batch in result["settings"]["batch_sizes"]:
         lines += [f"**batch {batch}**", "",
                   "| K resident | mix | adapters in batch | fused base | bank | bank / fused base | PEFT mixed | PEFT / bank | gather LoRA | gather / bank |",
