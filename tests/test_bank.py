@@ -303,3 +303,20 @@ def test_holes_left_by_deleted_adapters_are_packed_when_room_runs_out(saved):
     mixed = model(ids, adapter_names=names).logits
     for row, name in enumerate(names):
         assert (mixed[row] - _alone("mistral", saved, name)(ids[row : row + 1]).logits[0]).abs().max().item() < TOL
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch", ["qwen2"])
+def test_a_bfloat16_bank_matches_each_request_alone_within_bfloat16_noise(saved):
+    model = fflora.fuse(make_model("qwen2").to(torch.bfloat16), max_adapters=3)
+    for name in ("ffba4", "fa16", "ba2"):
+        fflora.load_adapter(model, saved / name, adapter_name=name)
+    names = ["fa16", "ba2", BASE_NAME, "ffba4"]
+    ids = torch.randint(3, 128, (4, 7), generator=torch.Generator().manual_seed(6))
+    mixed = model(ids, adapter_names=names).logits.float()
+    for row, name in enumerate(names):
+        alone = make_model("qwen2").to(torch.bfloat16)
+        if name != BASE_NAME:
+            fflora.load_adapter(alone, saved / name)
+        expected = fflora.fuse(alone)(ids[row : row + 1]).logits.float()[0]
+        assert (mixed[row] - expected).abs().max().item() < 0.05 * expected.abs().max().item(), name
