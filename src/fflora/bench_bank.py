@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .bench import _median_spread, write_results
+from .bench import _median_spread, _randomize, write_results
 from .budget import LORA_TARGETS, match_lora_rank
 from .config import FFBAConfig
 from .fused import fuse
@@ -116,20 +116,13 @@ def gather_rows(rows: list[int]):
         _GATHER_ROWS.reset(token)
 
 
-def _random_(tensor: Tensor, gen: torch.Generator, std: float = 0.02) -> None:
-    tensor.copy_(torch.randn(tensor.shape, generator=gen) * std)
-
-
 @torch.no_grad()
 def ffba_states(base: nn.Module, config: FFBAConfig, count: int, seed: int) -> list[dict[str, Tensor]]:
     """`count` FFBA adapters with random weights, as canonical state dicts."""
     model = apply_ffba(copy.deepcopy(base), config)
     states = []
     for k in range(count):
-        gen = torch.Generator().manual_seed(seed + k)
-        for p in model.parameters():
-            if p.requires_grad:
-                _random_(p, gen)
+        _randomize(model, seed + k)
         states.append(adapter_state_dict(model))
     return states
 
@@ -147,8 +140,8 @@ def peft_with_adapters(base: nn.Module, lora_rank: int, count: int, seed: int) -
             model.add_adapter(name, config)
         gen = torch.Generator().manual_seed(10_000 + seed + k)
         for pname, p in model.named_parameters():
-            if f".{name}." in pname:
-                _random_(p, gen)
+            if f".{name}." in pname:  # only this adapter's A and B (a fresh B is zero)
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
     return model.eval()
 
 
