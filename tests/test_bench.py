@@ -70,3 +70,18 @@ def test_swapping_an_adapter_in_place_matches_loading_it_fresh(tmp_path):
     load_adapter_state(fresh, new)
     ids = torch.randint(3, 128, (2, 7), generator=gen)
     assert (model(ids).logits - fresh(ids).logits).abs().max().item() < 1e-4
+
+
+def test_bad_bench_options_are_one_line_errors_before_any_work(capsys):
+    import pytest
+
+    from fflora.cli import main
+
+    for args, message in ((["--batch-sizes", "0"], "batch-sizes must be integers >= 1, got [0]"),
+                          (["--repeats", "0"], "repeats must be an integer >= 1, got 0"),
+                          (["--lora-rank", "0"], "lora-rank must be an integer >= 1, got 0"),
+                          (["--warmup", "-1"], "warmup must be >= 0, got -1")):
+        assert main(["bench", *args]) == 2
+        assert capsys.readouterr().err.strip() == f"fflora: error: {message}"
+    with pytest.raises(ValueError, match=r"configs must be among \['base', 'fused_base'"):
+        BenchSettings(configs=("merged",))

@@ -92,7 +92,7 @@ def test_targets_are_checked_on_the_batch_8_cells():
     ({"batch_sizes": (0,)}, r"batch-sizes must be integers >= 1, got \[0\]"),
     ({"resident": ()}, r"resident must be integers >= 1, got \[\]"),
     ({"mixes": ("skewed",)}, r"mixes must be among \['identical', 'uniform', 'zipf', 'distinct'\]"),
-    ({"steps": 0}, "steps must be >= 1, got 0"),
+    ({"steps": 0}, "steps must be an integer >= 1, got 0"),
 ])
 def test_bad_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -52,6 +52,32 @@ class BenchSettings:
     seed: int = 0
     configs: tuple[str, ...] = CONFIGS
 
+    def __post_init__(self) -> None:
+        check_sizes(self, lists=("batch_sizes",), positive=("prompt_len", "new_tokens", "repeats", "rank", "train_steps",
+                                                            "train_batch", "train_len"),
+                    optional=("lora_rank", "threads"))
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        unknown = [c for c in self.configs if c not in CONFIGS]
+        if unknown or not self.configs:
+            raise ValueError(f"configs must be among {list(CONFIGS)}, got {list(self.configs)}")
+
+
+def check_sizes(settings, lists: tuple[str, ...] = (), positive: tuple[str, ...] = (), optional: tuple[str, ...] = ()) -> None:
+    """ValueError, naming the command-line option, unless every field in `lists` is a non-empty list of
+    integers >= 1, every field in `positive` an integer >= 1 and every field in `optional` None or >= 1."""
+    def bad(v) -> bool:
+        return isinstance(v, bool) or not isinstance(v, int) or v < 1
+
+    for name in lists:
+        values = list(getattr(settings, name))
+        if not values or any(bad(v) for v in values):
+            raise ValueError(f"{name.replace('_', '-')} must be integers >= 1, got {values}")
+    for name in (*positive, *optional):
+        value = getattr(settings, name)
+        if not (value is None and name in optional) and bad(value):
+            raise ValueError(f"{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+
 
 def tensor_bytes(model: nn.Module) -> int:
     """Bytes of the distinct parameters and buffers (tied weights once): what a decode step reads."""

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .bench import _median_spread, _randomize, write_results
+from .bench import _median_spread, _randomize, check_sizes, write_results
 from .budget import LORA_TARGETS, match_lora_rank
 from .config import FFBAConfig
 from .fused import fuse
@@ -57,17 +57,12 @@ class BankBenchSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("batch_sizes", "resident"):
-            values = tuple(getattr(self, name))
-            if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
-                raise ValueError(f"{name.replace('_', '-')} must be integers >= 1, got {list(values)}")
-            setattr(self, name, tuple(sorted(set(values))))
+        check_sizes(self, lists=("batch_sizes", "resident"), positive=("rank", "prompt_len", "steps", "rounds"),
+                    optional=("lora_rank", "threads"))
+        self.batch_sizes, self.resident = tuple(sorted(set(self.batch_sizes))), tuple(sorted(set(self.resident)))
         unknown = [m for m in self.mixes if m not in MIXES]
         if unknown or not self.mixes:
             raise ValueError(f"mixes must be among {list(MIXES)}, got {list(self.mixes)}")
-        for name in ("rank", "prompt_len", "steps", "rounds"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
 
 
 def assign_adapters(mix: str, batch: int, resident: int, rng: random.Random, zipf_alpha: float = 1.5) -> list[int]:

@@ -176,12 +176,12 @@ def cmd_bench(args) -> dict:
     from .base_models import load_base_model
     from .bench import BenchSettings, format_bench_table, run_bench, write_bench
 
-    model, _ = load_base_model(args.model)
     settings = BenchSettings(
         prompt_len=args.prompt_len, new_tokens=args.new_tokens, batch_sizes=tuple(args.batch_sizes),
         repeats=args.repeats, warmup=args.warmup, rank=args.r, lora_rank=args.lora_r, threads=args.threads,
         train_steps=args.train_steps,
-    )
+    )  # validated before the model loads
+    model, _ = load_base_model(args.model)
     result = run_bench(model, settings)
     out = write_bench(result, Path(args.output_dir or time.strftime("runs/bench-%Y%m%d-%H%M%S")))
     print(format_bench_table(result))
