@@ -320,3 +320,29 @@ def test_a_bfloat16_bank_matches_each_request_alone_within_bfloat16_noise(saved)
             fflora.load_adapter(alone, saved / name)
         expected = fflora.fuse(alone)(ids[row : row + 1]).logits.float()[0]
         assert (mixed[row] - expected).abs().max().item() < 0.05 * expected.abs().max().item(), name
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch", ["llama"])
+def test_the_bank_generates_through_transformers_continuous_batching(saved):
+    """transformers' engine packs requests into one varlen row and runs the model in its own thread:
+    the bank serves it, with the adapter chosen inside the forward call (as an engine would)."""
+    from transformers import GenerationConfig
+
+    prompts = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16]]
+    config = GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    model = _bank("llama", saved, names=["ffba4", "mlp8"])
+
+    def generated(selected):
+        forward = type(model).forward
+        model.forward = lambda *args, **kwargs: forward(model, *args, adapter_names=selected, **kwargs)
+        try:
+            out = model.generate_batch(inputs=prompts, generation_config=config, warmup=False)
+        finally:
+            del model.forward
+        return [out[f"req_{i}"].generated_tokens for i in range(len(prompts))]
+
+    for name in (BASE_NAME, "ffba4"):
+        alone = _alone("llama", saved, name)
+        expected = [alone.generate(torch.tensor([p]), generation_config=config)[0, len(p):].tolist() for p in prompts]
+        assert generated([name]) == expected, name
