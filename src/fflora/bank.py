@@ -266,11 +266,12 @@ class AdapterBank:
 
     def delete(self, name: str) -> None:
         """Zero the rows/columns of `name` and free its ranges."""
-        entry = self._entry(name)
+        entry = self.entry(name)
         self._write(entry, zero=True)
         del self.entries[name]
 
-    def _entry(self, name: str) -> BankEntry:
+    def entry(self, name: str) -> BankEntry:
+        """The resident adapter `name`; a ValueError listing the loaded adapters if there is none."""
         if name not in self.entries:
             raise ValueError(f"no adapter named {name!r} is loaded; loaded adapters: {self.names()} "
                              f"(and {BASE_NAME!r} for the base model)")
@@ -321,7 +322,7 @@ class AdapterBank:
         names = [names] if isinstance(names, str) else list(names)
         for n in names:
             if n != BASE_NAME:
-                self._entry(n)
+                self.entry(n)
         present = list(dict.fromkeys(n for n in names if n != BASE_NAME))
         if any(max((self.entries[n].end(s) for n in present), default=0) > sum(self.entries[n].ranks[s] for n in present)
                for s in SPACES):
