@@ -170,41 +170,39 @@ def cmd_eval(args) -> dict:
     return summary
 
 
-def cmd_bench(args) -> dict:
+def _report_bench(args, settings, run, write, table, folder: str, stem: str) -> dict:
+    """Load the model (the settings are validated first), run a benchmark, write and print its report."""
     from pathlib import Path
 
     from .base_models import load_base_model
+
+    model, _ = load_base_model(args.model)
+    result = run(model, settings)
+    out = write(result, Path(args.output_dir or time.strftime(f"runs/{folder}-%Y%m%d-%H%M%S")))
+    print(table(result))
+    print(f"\nresults in {out}/ ({stem}.json, {stem}.md, {stem}.png)")
+    return result
+
+
+def cmd_bench(args) -> dict:
     from .bench import BenchSettings, format_bench_table, run_bench, write_bench
 
     settings = BenchSettings(
         prompt_len=args.prompt_len, new_tokens=args.new_tokens, batch_sizes=tuple(args.batch_sizes),
         repeats=args.repeats, warmup=args.warmup, rank=args.r, lora_rank=args.lora_r, threads=args.threads,
         train_steps=args.train_steps,
-    )  # validated before the model loads
-    model, _ = load_base_model(args.model)
-    result = run_bench(model, settings)
-    out = write_bench(result, Path(args.output_dir or time.strftime("runs/bench-%Y%m%d-%H%M%S")))
-    print(format_bench_table(result))
-    print(f"\nresults in {out}/ (bench.json, bench.md, bench.png)")
-    return result
+    )
+    return _report_bench(args, settings, run_bench, write_bench, format_bench_table, "bench", "bench")
 
 
 def cmd_bench_bank(args) -> dict:
-    from pathlib import Path
-
-    from .base_models import load_base_model
     from .bench_bank import BankBenchSettings, format_bank_table, run_bank_bench, write_bank_bench
 
     settings = BankBenchSettings(
         batch_sizes=tuple(args.batch_sizes), resident=tuple(args.resident), mixes=tuple(args.mixes), rank=args.r,
         lora_rank=args.lora_r, prompt_len=args.prompt_len, steps=args.steps, rounds=args.rounds, threads=args.threads,
     )
-    model, _ = load_base_model(args.model)
-    result = run_bank_bench(model, settings)
-    out = write_bank_bench(result, Path(args.output_dir or time.strftime("runs/bench-bank-%Y%m%d-%H%M%S")))
-    print(format_bank_table(result))
-    print(f"\nresults in {out}/ (bank.json, bank.md, bank.png)")
-    return result
+    return _report_bench(args, settings, run_bank_bench, write_bank_bench, format_bank_table, "bench-bank", "bank")
 
 
 def cmd_demo(args) -> dict:
