@@ -45,7 +45,6 @@ DEFAULT_MAX_ADAPTERS = 8
 DEFAULT_RANK_PER_ADAPTER = 16  # default rank budget per space: max_adapters * this
 SPACES = ("fa.attn", "fa.mlp", "ba.attn", "ba.mlp")
 _PREVIOUS = {"attn": "mlp", "mlp": "attn"}  # whose BA arrives at a sub-block's inputs
-_SPACE_NAMES = {s: {"in": (f"fa.{s}", f"ba.{_PREVIOUS[s]}"), "out": (f"fa.{s}", f"ba.{s}")} for s in ("attn", "mlp")}
 
 
 def _round_up(n: int) -> int:
@@ -82,15 +81,14 @@ class BankSelection:
 
     windows[space]: the aligned width of that space each GEMM covers; masks[space]: (rows, tokens,
     window) 0/1 masks that keep each token's own adapter columns; fa_phi[space]: for FA spaces with
-    a non-identity phi present, (phi, column mask) pairs. pending_* carry activations from one
-    fused GEMM to the next while the pass runs.
+    a non-identity phi present, (phi, column mask) pairs. `pending[space]` carries the activations
+    of a space from the GEMM that produces them to the one that consumes them while the pass runs.
     """
 
     windows: dict[str, int]
     masks: dict[str, Tensor]
     fa_phi: dict[str, list[tuple]]
-    pending_fa: dict[str, Tensor] = field(default_factory=dict)
-    pending_ba: dict[str, Tensor] = field(default_factory=dict)
+    pending: dict[str, Tensor] = field(default_factory=dict)
 
     def mask(self, space: str, z: Tensor) -> Tensor | None:
         """The mask of `space` for activations `z`, one per batch row (or per packed token); None
@@ -124,12 +122,25 @@ class BankSelection:
 _SELECTION: ContextVar[BankSelection | None] = ContextVar("fflora_bank_selection", default=None)
 
 
-class _WindowViews:
-    """Cached views of the leading rows/columns of a bank GEMM's weight and bias (slicing on every
-    call costs more than the small GEMM columns it selects). Rebuilt when the weight storage moves
-    (e.g. `model.to(device)` or a deep copy)."""
+class _BankGemm:
+    """One fused GEMM of a bank: its base block plus a leading window of `row_space` rows (adapter
+    activations it produces) and of `col_space` columns (the activations it consumes, appended to
+    its input). Subclasses set the spaces, the base sizes and the room reserved for each."""
+
+    row_space: str
+    col_space: str
+
+    def gemm(self, x: Tensor) -> tuple[BankSelection | None, Tensor, int]:
+        """(the current selection, the GEMM's output, the width of its row window)."""
+        sel = _SELECTION.get()
+        rows = sel.windows[self.row_space] if sel is not None and self.row_room else 0
+        cols = sel.windows[self.col_space] if sel is not None and self.col_room else 0
+        inp = torch.cat([x, sel.pending.pop(self.col_space)], dim=-1) if cols else x
+        return sel, F.linear(inp, *self.window(self.base_size[0] + rows, self.base_size[1] + cols)), rows
 
     def window(self, rows: int, cols: int) -> tuple[Tensor, Tensor | None]:
+        """Cached views of the leading rows/columns of the weight and bias (slicing on every call costs
+        more than the small GEMM columns it selects); rebuilt when the storage moves (`model.to(...)`)."""
         views = self.__dict__.get("_window_views")
         if views is None or views[0] != self.weight.data_ptr():
             views = self.__dict__["_window_views"] = (self.weight.data_ptr(), {})
@@ -139,46 +150,38 @@ class _WindowViews:
         return view
 
 
-class BankInputProjections(_WindowViews, FusedInputProjections):
+class BankInputProjections(_BankGemm, FusedInputProjections):
     """A sub-block's input projections with room for the FA down rows / BA up columns of a bank."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.spaces = _SPACE_NAMES[self.name]["in"]  # (FA space of this sub-block, BA space arriving at its inputs)
+        self.row_space, self.col_space = f"fa.{self.name}", f"ba.{_PREVIOUS[self.name]}"
+        self.base_size, self.row_room, self.col_room = (self.base_rows, self.d_in), self.fa_rank, self.ba_in_rank
 
     def _project(self, x: Tensor) -> list[Tensor]:
-        sel = _SELECTION.get()
-        fa_space, ba_space = self.spaces
-        fa_w = sel.windows[fa_space] if sel is not None and self.fa_rank else 0
-        ba_w = sel.windows[ba_space] if sel is not None and self.ba_in_rank else 0
-        inp = torch.cat([x, sel.pending_ba.pop(ba_space)], dim=-1) if ba_w else x
-        out = F.linear(inp, *self.window(self.base_rows + fa_w, self.d_in + ba_w))
+        sel, out, fa_w = self.gemm(x)
         if not fa_w:
             return list(out.split(self.widths, dim=-1))
         *parts, z = out.split([*self.widths, fa_w], dim=-1)
-        sel.pending_fa[fa_space] = sel.fa_activation(fa_space, z)
+        sel.pending[self.row_space] = sel.fa_activation(self.row_space, z)
         return parts
 
 
-class BankOutputProjection(_WindowViews, FusedOutputProjection):
+class BankOutputProjection(_BankGemm, FusedOutputProjection):
     """A sub-block's output projection with room for the FA up columns / BA down rows of a bank."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.spaces = _SPACE_NAMES[self.name]["out"]  # (FA space of this sub-block, BA space leaving it)
+        self.row_space, self.col_space = f"ba.{self.name}", f"fa.{self.name}"
+        self.base_size, self.row_room, self.col_room = (self.d_out, self.d_core), self.ba_out_rank, self.fa_rank
 
     def forward(self, c: Tensor) -> Tensor:
-        sel = _SELECTION.get()
-        fa_space, ba_space = self.spaces
-        fa_w = sel.windows[fa_space] if sel is not None and self.fa_rank else 0
-        ba_w = sel.windows[ba_space] if sel is not None and self.ba_out_rank else 0
-        inp = torch.cat([c, sel.pending_fa.pop(fa_space)], dim=-1) if fa_w else c
-        out = F.linear(inp, *self.window(self.d_out + ba_w, self.d_core + fa_w))
+        sel, out, ba_w = self.gemm(c)
         if not ba_w:
             return out
         y, z = out.split([self.d_out, ba_w], dim=-1)
-        mask = sel.mask(ba_space, z)
-        sel.pending_ba[ba_space] = z if mask is None else z * mask
+        mask = sel.mask(self.row_space, z)
+        sel.pending[self.row_space] = z if mask is None else z * mask
         return y
 
 
