@@ -63,3 +63,13 @@ def test_unknown_adapter_is_refused_with_the_loaded_names(saved):
         engine.add_request([1, 2, 3], adapter="nope")
     with pytest.raises(ValueError, match="has no adapter bank"):
         BankEngine(make_model("llama"))
+
+
+@torch.no_grad()
+def test_streaming_yields_each_token_as_it_comes(saved):
+    config = GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    with BankEngine(_bank(saved), config) as engine:
+        streamed = [list(o.generated_tokens) for o in engine.results(engine.add_request([5, 6, 7], "ba", streaming=True))]
+        whole = engine.wait(engine.add_request([5, 6, 7], "ba")).generated_tokens
+    assert [len(tokens) for tokens in streamed] == [1, 2, 3, 4]
+    assert streamed[-1] == whole and all(a == whole[: len(a)] for a in streamed)
