@@ -130,6 +130,9 @@ def test_packed_batch_selects_the_adapter_of_each_token(arch, saved):
         packed = model(torch.cat(requests, dim=1), position_ids=position_ids, attention_mask=allowed[None, None]).logits
     for part, name, request in zip(packed.split(lengths, dim=1), names, requests):
         assert (part - _alone(arch, saved, name)(request).logits).abs().max().item() < TOL, name
+    with pytest.raises(ValueError, match="packed segment lengths add up to 13 tokens but the batch has 14"):
+        with fflora.select_adapters(model, names, lengths=[5, 3, 5]):
+            model(torch.cat(requests, dim=1))
 
 
 @torch.no_grad()

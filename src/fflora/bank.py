@@ -100,6 +100,9 @@ class BankSelection:
         mask = self.masks[space]
         if mask is None:
             return None
+        if mask.shape[1] not in (1, z.shape[1]):
+            raise ValueError(f"the packed segment lengths add up to {mask.shape[1]} tokens but the batch has "
+                             f"{z.shape[1]}; give one length per request, summing to the packed row's length")
         rows, names = z.shape[0], mask.shape[0]
         if rows != names:
             if rows % names:
