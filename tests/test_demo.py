@@ -18,4 +18,7 @@ def test_quick_demo_on_a_tiny_model_writes_the_report(tiny_model_dir, tiny_data_
         assert (out / name).is_file(), name
     report = (out / "report.md").read_text()
     assert report.startswith("# fflora demo (quick") and "| ffba |" in report and "## Latency" in report
+    # The tiny sets' first two items have labels 0 and 1: always answering 0 is right half the time.
+    assert summary["best_constant"] == {"average": 50.0, **dict.fromkeys(summary["best_constant"].keys() - {"average"}, 50.0)}
+    assert "| best constant label (same items) | | | | 50.0 |" in report
     assert report in capsys.readouterr().out

@@ -43,6 +43,11 @@ def test_evaluation_in_every_mode_writes_results(tiny_model_dir, tiny_data_dir, 
     assert len(rows) == 24 and {"dataset", "id", "prediction", "correct"} <= set(rows[0])
     table = format_table(summary)
     assert "| **average** |" in table and "| boolq | 3 |" in table
+    boolq = summary["datasets"]["boolq"]  # labels 0, 1, 0 on the first three items
+    assert boolq["best_constant"]["label"] == 0 and abs(boolq["best_constant"]["accuracy"] - 200 / 3) < 1e-9
+    assert sum(boolq["predicted_labels"].values()) == 3
+    assert "66.7 (always 0)" in table
+    assert abs(summary["best_constant_average"] - (3 * 200 / 3 + 5 * 100 / 3) / 8) < 1e-9  # 3 two-way, 5 four-way sets
     math = evaluate(model, tokenizer, ["addsub"], data_dir=tiny_data_dir, max_new_tokens=4)
     assert math["datasets"]["addsub"]["n"] == 4
     summ = evaluate(model, tokenizer, ["summary"], data_dir=tiny_data_dir, max_new_tokens=4)

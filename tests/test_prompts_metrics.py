@@ -88,3 +88,11 @@ def test_rouge_known_values():
     assert scores["rouge1"] == pytest.approx(100 * 2 * (1.0 * 0.5) / 1.5)  # P=1, R=0.5
     assert scores["rouge2"] == pytest.approx(100 * 2 * (1.0 * 1 / 3) / (4 / 3))
     assert rouge(["dog"], ["cat"])["rouge1"] == 0.0
+
+
+def test_best_constant_label_and_label_histogram():
+    from fflora.metrics import best_constant_label, label_histogram
+
+    assert best_constant_label([3, 1, 3, 0, 1, 3]) == {"label": 3, "accuracy": 50.0}
+    assert best_constant_label([2, 1]) == {"label": 1, "accuracy": 50.0}  # a tie goes to the lowest label
+    assert label_histogram([1, None, 0, 1]) == {"0": 1, "1": 2, "none": 1}

@@ -77,6 +77,8 @@ def run_demo(out_dir: str | Path | None = None, quick: bool = False, model: str 
                      | {"trainable": r["parameters"]["trainable"]} for m, r in runs.items()},
         "accuracy": {m: {"average": a["average"], **{d: v["accuracy"] for d, v in a["datasets"].items()}}
                      for m, a in accuracy.items()},
+        "best_constant": {"average": accuracy["ffba"]["best_constant_average"],
+                          **{d: v["best_constant"]["accuracy"] for d, v in accuracy["ffba"]["datasets"].items()}},
         "eval_limit": sizes.eval_limit,
         "tpot_ratio_to_base": {b: {c: r["tpot"]["median"] / per["base"]["tpot"]["median"] for c, r in per.items()}
                                for b, per in bench["latency"].items()},
@@ -107,6 +109,9 @@ def format_report(summary: dict, bench: dict) -> str:
         t = train_[method]
         lines.append(f"| {method} | {t['trainable']:,} | {t['global_step']} | {t['seconds_per_step']:.2f} | "
                      + " | ".join(f"{acc[method][d]:.1f}" for d in datasets) + f" | **{acc[method]['average']:.1f}** |")
+    constant = summary["best_constant"]
+    lines.append("| best constant label (same items) | | | | " + " | ".join(f"{constant[d]:.1f}" for d in datasets)
+                 + f" | {constant['average']:.1f} |")
     lines += ["", "## Latency", "", format_bench_table(bench)]
     return "\n".join(lines)
 
@@ -123,7 +128,10 @@ def plot_accuracy(summary: dict, path: Path) -> None:
     for i, (method, acc) in enumerate(summary["accuracy"].items()):
         bars = ax.bar([x + i * width for x in range(len(names))], [acc[n] for n in names], width, label=method)
         ax.bar_label(bars, fmt="%.0f", fontsize=7)
-    ax.set_xticks([x + width * (len(summary["accuracy"]) - 1) / 2 for x in range(len(names))], names)
+    centers = [x + width * (len(summary["accuracy"]) - 1) / 2 for x in range(len(names))]
+    ax.scatter(centers, [summary["best_constant"][n] for n in names], marker="_", s=900, color="black",
+               label="best constant label", zorder=3)
+    ax.set_xticks(centers, names)
     ax.set_ylabel("accuracy (%)")
     ax.set_title(f"commonsense accuracy, first {summary['eval_limit']} test examples per set")
     ax.legend()

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import family_of, load_split, resolve_tasks
-from .metrics import accuracy, extract_choice, extract_number, math_correct, rouge
+from .metrics import accuracy, best_constant_label, extract_choice, extract_number, label_histogram, math_correct, rouge
 from .prompts import commonsense_response, instruction_and_response, render_prompt
 
 MAX_NEW_TOKENS = {"commonsense": 32, "math": 256, "summary": 64}
@@ -107,6 +107,9 @@ def evaluate_dataset(model, tokenizer, dataset: str, *, data_dir=None, limit=Non
         metrics = rouge([r["output"] for r in rows], [r["summary"] for r in records])
     else:
         metrics = {"accuracy": 100.0 * accuracy([r["correct"] for r in rows])}
+    if family == "commonsense":  # a label-format accuracy means little without its trivial baseline
+        metrics["best_constant"] = best_constant_label([r["label"] for r in records])
+        metrics["predicted_labels"] = label_histogram([r["prediction"] for r in rows])
     return {"n": len(rows), **metrics}, rows
 
 
@@ -130,6 +133,8 @@ def evaluate(model, tokenizer, tasks, *, output: str | Path | None = None, **kwa
         "datasets": results,
         "average": sum(r[main_metric] for r in results.values()) / len(results),
         "metric": main_metric,
+        **({"best_constant_average": sum(r["best_constant"]["accuracy"] for r in results.values()) / len(results)}
+           if all("best_constant" in r for r in results.values()) else {}),
         **{k: v for k, v in kwargs.items() if k in ("limit", "mode")},
     }
     if output:
@@ -148,9 +153,15 @@ def format_table(summary: dict, title: str = "") -> str:
     metric = summary["metric"]
     lines = [title] if title else []
     if metric == "accuracy":
-        lines += ["| dataset | n | accuracy (%) |", "|---|---:|---:|"]
-        lines += [f"| {d} | {r['n']} | {r['accuracy']:.1f} |" for d, r in summary["datasets"].items()]
-        lines.append(f"| **average** | | **{summary['average']:.1f}** |")
+        lines += ["| dataset | n | accuracy (%) | best constant label (%) | predicted labels |", "|---|---:|---:|---:|---|"]
+        for d, r in summary["datasets"].items():
+            constant = r.get("best_constant")
+            lines.append(f"| {d} | {r['n']} | {r['accuracy']:.1f} | "
+                         + (f"{constant['accuracy']:.1f} (always {constant['label']})" if constant else "-") + " | "
+                         + (", ".join(f"{k}: {v}" for k, v in r["predicted_labels"].items()) if constant else "-") + " |")
+        constant_avg = summary.get("best_constant_average")
+        lines.append(f"| **average** | | **{summary['average']:.1f}** | "
+                     + (f"{constant_avg:.1f}" if constant_avg is not None else "-") + " | |")
     else:
         lines += ["| dataset | n | ROUGE-1 | ROUGE-2 | ROUGE-L |", "|---|---:|---:|---:|---:|"]
         lines += [f"| {d} | {r['n']} | {r['rouge1']:.1f} | {r['rouge2']:.1f} | {r['rougeL']:.1f} |"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 from .prompts import candidate_labels
 
@@ -16,6 +17,20 @@ def extract_choice(record: dict, text: str) -> int | None:
     pattern = "|".join(re.escape(label) for label in sorted(labels, key=len, reverse=True))
     match = re.search(pattern, text)
     return labels.index(match.group(0)) if match else None
+
+
+def best_constant_label(labels: list[int]) -> dict:
+    """The trivial baseline of a multiple-choice accuracy: always giving the label that is most
+    often right on these items (ties: the lowest label). {"label": k, "accuracy": percent}."""
+    counts = Counter(labels)
+    label = max(sorted(counts), key=lambda k: counts[k])
+    return {"label": label, "accuracy": 100.0 * counts[label] / len(labels)}
+
+
+def label_histogram(predictions: list[int | None]) -> dict[str, int]:
+    """How often each label was predicted ("none": no label found in the output), by label."""
+    counts = Counter("none" if p is None else str(p) for p in predictions)
+    return dict(sorted(counts.items()))
 
 
 def extract_number(text: str) -> float | None:
