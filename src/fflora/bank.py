@@ -64,12 +64,10 @@ def adapter_space_ranks(config: FFBAConfig) -> dict[str, int]:
 class BankEntry:
     """One resident adapter: its configuration, its weights (canonical keys) and where it sits."""
 
-    name: str
     config: FFBAConfig
     state: dict[str, Tensor]
     ranks: dict[str, int]
     offsets: dict[str, int] = field(default_factory=dict)
-    source: str | None = None
 
     def end(self, space: str) -> int:
         return self.offsets[space] + self.ranks[space]
@@ -256,19 +254,23 @@ class AdapterBank:
         wrong = [f"{k}: {tuple(state[k].shape)} != {shape}" for k, shape in expected.items() if tuple(state[k].shape) != shape]
         if wrong:
             raise ValueError(f"the adapter weights at {where} have wrong shapes ({'; '.join(wrong[:4])}); save the adapter again")
-        entry = BankEntry(name, config, {k: v.detach().to(self.device, self.dtype) for k, v in state.items()},
-                          adapter_space_ranks(config), source=source)
+        entry = BankEntry(config, {k: v.detach().to(self.device, self.dtype) for k, v in state.items()},
+                          adapter_space_ranks(config))
         used = {s: sum(e.ranks[s] for e in self.entries.values()) for s in SPACES}
         over = [f"{s}: {used[s]} used + {entry.ranks[s]} > {self.rank_budget}" for s in SPACES
                 if used[s] + entry.ranks[s] > self.rank_budget]
         if over:
             raise ValueError(f"the adapter bank has no room for {name!r} ({'; '.join(over)}); delete an adapter or "
                              "fuse with a larger rank_budget")
-        if any(max((e.end(s) for e in self.entries.values()), default=0) + entry.ranks[s] > self.rank_budget for s in SPACES):
+        if any(self._extent(s) + entry.ranks[s] > self.rank_budget for s in SPACES):
             self._arrange(list(self.entries))  # holes left by deleted adapters: pack the others first
-        entry.offsets = {s: max((e.end(s) for e in self.entries.values()), default=0) for s in SPACES}
+        entry.offsets = {s: self._extent(s) for s in SPACES}
         self.entries[name] = entry
         self._write(entry)
+
+    def _extent(self, space: str) -> int:
+        """Where the last resident adapter's range in `space` ends (new adapters go after it)."""
+        return max((e.end(space) for e in self.entries.values()), default=0)
 
     def delete(self, name: str) -> None:
         """Zero the rows/columns of `name` and free its ranges."""
@@ -367,35 +369,25 @@ class AdapterBank:
         return BankSelection(windows, masks, fa_phi)
 
 
-class BankModelMixin:
-    """Mixed into the class of a model fused with a bank: `adapter_names=` on forward, and so on
-    generate (which hands its extra keyword arguments to every forward step)."""
+@functools.cache
+def _bank_model_class(base_cls: type) -> type:
+    """The bank subclass of a model class: `adapter_names=` on forward, and so on generate (which
+    hands its extra keyword arguments to every forward step). Its forward shows the base signature
+    plus `adapter_names`: generate reads the signature (e.g. to compute prefill logits for the last
+    position only)."""
 
     def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
         if adapter_names is None:  # base model, or what an enclosing select_adapters chose
-            return super().forward(*args, **kwargs)
-        token = _SELECTION.set(self.ffba_bank.selection(adapter_names))
-        try:
-            return super().forward(*args, **kwargs)
-        finally:
-            _SELECTION.reset(token)
-
-
-@functools.cache
-def _bank_model_class(base_cls: type) -> type:
-    """The bank subclass of a model class. Its forward shows the base signature plus `adapter_names`:
-    generate reads the signature (e.g. to compute prefill logits for the last position only)."""
-
-    def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
-        return BankModelMixin.forward(self, *args, adapter_names=adapter_names, **kwargs)
+            return base_cls.forward(self, *args, **kwargs)
+        with select_adapters(self, adapter_names):
+            return base_cls.forward(self, *args, **kwargs)
 
     params = list(inspect.signature(base_cls.forward).parameters.values())
     extra = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
     cut = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
     forward.__signature__ = inspect.Signature([*params[:cut], extra, *params[cut:]])
     forward.__doc__ = base_cls.forward.__doc__
-    return type(f"FFBABank{base_cls.__name__}", (BankModelMixin, base_cls),
-                {"_fflora_base_class": base_cls, "forward": forward})
+    return type(f"FFBABank{base_cls.__name__}", (base_cls,), {"_fflora_base_class": base_cls, "forward": forward})
 
 
 def bank_of(model: nn.Module) -> AdapterBank:
@@ -432,11 +424,11 @@ def fuse_with_bank(model: nn.Module, max_adapters: int, rank_budget: int | None 
     carried = (model.ffba_config, adapter_state_dict(model)) if has_ffba(model) else None
     if carried is not None:
         remove_ffba(model)
-    budget = _round_up(budget)
+    budget, last = _round_up(budget), len(decoder_layers(model)) - 1
     for i, _, name, spec, holder in sub_blocks(model):
         fa_room = budget
-        ba_in_room = budget if (name == "mlp" or i > 0) else 0
-        ba_out_room = budget if (name == "attn" or i < len(decoder_layers(model)) - 1) else 0
+        ba_in_room = budget if (name == "mlp" or i > 0) else 0  # layer 0's attention has no BA arriving
+        ba_out_room = budget if (name == "attn" or i < last) else 0  # the last MLP has no successor
         group = BankInputProjections([_unwrap(getattr(holder, p)) for p in spec.inputs], name, fa_room, ba_in_room)
         output = BankOutputProjection(_unwrap(getattr(holder, spec.output)), name, fa_room, ba_out_room)
         install_fused(holder, spec, group, output)
