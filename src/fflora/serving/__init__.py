@@ -1,5 +1,5 @@
-"""Serving many adapters: an engine that batches requests for different adapters continuously."""
+"""Serving many adapters: a continuous-batching engine over an adapter bank, and an OpenAI-compatible server."""
 
-from .engine import BankEngine
+from .engine import BankEngine, sampling_generation_config
 
-__all__ = ["BankEngine"]
+__all__ = ["BankEngine", "sampling_generation_config"]

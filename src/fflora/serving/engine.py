@@ -4,39 +4,71 @@ transformers' engine schedules requests, lets them join and leave the running ba
 steps, packs each step's tokens into one varlen row over a paged KV cache, and calls the model
 from its own thread. What it lacks is adapters: here each request names an adapter of the bank,
 and every forward call selects, per packed segment, the adapter of the request that segment
-belongs to (`fflora.select_adapters` with the segment lengths). The engine knows nothing of
-HTTP; a server puts it behind an API.
+belongs to (`fflora.select_adapters` with the segment lengths). Adapters can be loaded and
+unloaded while the engine runs. The engine knows nothing of HTTP; a server puts it behind an API.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import copy
+import threading
 import uuid
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
 
 from torch import nn
+from transformers import ContinuousBatchingConfig, GenerationConfig
 
 from ..bank import BASE_NAME, bank_of, select_adapters
+from ..serialization import load_adapter
+
+# Greedy requests keep only the top token (exact argmax) instead of switching the engine out of
+# sampling mode, which transformers' engine sets once for all requests.
+_GREEDY = {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
+
+
+def sampling_generation_config(base: GenerationConfig | None = None, **overrides) -> GenerationConfig:
+    """A generation config under which each request can choose greedy decoding or its own temperature and top_p.
+
+    transformers' engine creates a per-request temperature, top-k and top-p processor only when the
+    config it starts with sets each to a non-default value; the values here are placeholders that
+    every request of `BankEngine.add_request` overrides.
+    """
+    config = copy.deepcopy(base) if base is not None else GenerationConfig()
+    config.update(do_sample=True, temperature=0.5, top_k=1, top_p=0.5, **overrides)
+    return config
 
 
 class BankEngine:
     """Requests for different adapters of one fused bank model, batched continuously.
 
-        with BankEngine(model, generation_config) as engine:
-            rid = engine.add_request(prompt_ids, adapter="math", max_new_tokens=64)
+        with BankEngine(model, sampling_generation_config(max_new_tokens=64)) as engine:
+            rid = engine.add_request(prompt_ids, adapter="math", temperature=0.0)
             output = engine.wait(rid)            # transformers' GenerationOutput
 
     The model must have an adapter bank (`fflora.fuse(model, max_adapters=K)`). While the engine
     runs, the model's forward selects adapters from the scheduled batch; `stop` restores it.
-    Load or delete adapters only while the engine is stopped: the bank's writes are not
-    synchronised with the engine's thread.
+    Prefix caching is turned off: a cached prefix holds one adapter's keys and values.
     """
 
-    def __init__(self, model: nn.Module, generation_config=None, continuous_batching_config=None) -> None:
+    def __init__(self, model: nn.Module, generation_config: GenerationConfig | None = None,
+                 continuous_batching_config: ContinuousBatchingConfig | None = None) -> None:
         self.bank = bank_of(model)
         self.model = model
-        self._adapter_of: dict[str, str] = {}
-        self.manager = model.init_continuous_batching(generation_config=generation_config,
-                                                      continuous_batching_config=continuous_batching_config)
+        cb_config = copy.deepcopy(continuous_batching_config) if continuous_batching_config else ContinuousBatchingConfig()
+        cb_config.allow_block_sharing = False
+        cb_config.per_request_processors = True
+        self.generation_config = generation_config if generation_config is not None else sampling_generation_config()
+        self._per_request_sampling = bool(self.generation_config.do_sample)
+        self._lock = threading.Lock()  # guards the two tables below (server threads, the engine's thread)
+        self._adapter_of: dict[str, str] = {}  # request id -> adapter, for requests not yet finished
+        self._retiring: set[str] = set()  # unloaded adapters that still have requests running
+        self.manager = model.init_continuous_batching(generation_config=self.generation_config,
+                                                      continuous_batching_config=cb_config)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
 
     def start(self) -> BankEngine:
         # The engine's thread calls model(**batch): an instance attribute shadows the class's forward.
@@ -47,6 +79,7 @@ class BankEngine:
     def stop(self) -> None:
         self.manager.stop(block=True)
         self.model.__dict__.pop("forward", None)
+        self._delete_retired()
 
     def __enter__(self) -> BankEngine:
         return self.start()
@@ -54,22 +87,114 @@ class BankEngine:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    def is_running(self) -> bool:
+        """True while the generation thread runs (False once stopped, or after an error killed it)."""
+        return self.manager.is_running()
+
+    # -- adapters ----------------------------------------------------------------------------------
+
+    def adapters(self) -> list[str]:
+        """The adapters new requests can use, in load order."""
+        with self._lock:
+            return [name for name in self.bank.names() if name not in self._retiring]
+
+    def load_adapter(self, path, name: str, strict: bool = False) -> None:
+        """Load the adapter saved in `path` as `name`; running requests pause for the write (milliseconds).
+
+        Raises ValueError (bank unchanged) for a bad name, a full bank, or a missing, corrupt or
+        mismatched adapter, as `fflora.load_adapter` does.
+        """
+        with self._paused():
+            self._delete_retired()  # unloaded adapters whose requests are done free their room first
+            if name in self._retiring:
+                raise ValueError(f"adapter {name!r} was unloaded and still has requests running; load it again "
+                                 "once they finish, or under another name")
+            load_adapter(self.model, path, strict=strict, adapter_name=name)
+
+    def unload_adapter(self, name: str) -> None:
+        """Stop taking requests for `name`; its rows are freed once its running requests finish.
+
+        Raises KeyError (listing the loaded adapters) when no adapter `name` is loaded.
+        """
+        with self._lock:
+            if name not in self.bank.names() or name in self._retiring:
+                raise KeyError(f"no adapter named {name!r} is loaded; loaded adapters: "
+                               f"{[n for n in self.bank.names() if n not in self._retiring]}")
+            self._retiring.add(name)
+        with self._paused():
+            self._delete_retired()  # if it has running requests, the engine's thread deletes it after them
+
+    def _paused(self):
+        """Hold the engine between two steps (nothing to hold when it is stopped)."""
+        return self.manager.pause() if self.is_running() else contextlib.nullcontext()
+
+    def running_requests(self) -> Counter:
+        """Unfinished requests per adapter (queued or in the batch)."""
+        with self._lock:
+            return Counter(self._adapter_of.values())
+
+    def scheduled_requests(self) -> int:
+        """Requests the scheduler holds (waiting or in the batch); a cancelled one leaves at the next step."""
+        processor = getattr(self.manager, "batch_processor", None)
+        if processor is None:
+            return 0
+        return len(processor.scheduler.active_requests) + len(processor.scheduler.waiting_requests)
+
+    def _delete_retired(self) -> None:
+        """Delete the unloaded adapters that no unfinished request uses; call between engine steps."""
+        with self._lock:
+            busy = set(self._adapter_of.values())
+            done = [name for name in self._retiring if name not in busy]
+            for name in done:
+                self.bank.delete(name)
+                self._retiring.discard(name)
+
+    # -- requests ----------------------------------------------------------------------------------
+
     def add_request(self, input_ids: Sequence[int], adapter: str = BASE_NAME, max_new_tokens: int | None = None,
-                    streaming: bool = False, request_id: str | None = None) -> str:
-        """Queue a request for `adapter` (a loaded adapter's name, or "__base__"); returns its id."""
-        if adapter != BASE_NAME:
-            self.bank.entry(adapter)  # ValueError listing the loaded adapters
+                    streaming: bool = False, request_id: str | None = None, temperature: float | None = None,
+                    top_p: float | None = None) -> str:
+        """Queue a request for `adapter` (a loaded adapter's name, or "__base__"); returns its id.
+
+        `temperature` None or 0 decodes greedily; other temperatures and top_p need an engine
+        started with a sampling config (the default, see `sampling_generation_config`).
+        """
+        sampling = self._sampling_kwargs(temperature, top_p)
         request_id = request_id or f"req-{uuid.uuid4().hex}"
-        self._adapter_of[request_id] = adapter  # known before the scheduler can see the request
-        self.manager.add_request(list(input_ids), request_id=request_id, max_new_tokens=max_new_tokens, streaming=streaming)
+        with self._lock:
+            if adapter != BASE_NAME and (adapter not in self.bank.names() or adapter in self._retiring):
+                raise ValueError(f"no adapter named {adapter!r} is loaded; loaded adapters: "
+                                 f"{[n for n in self.bank.names() if n not in self._retiring]} "
+                                 f"(and {BASE_NAME!r} for the base model)")
+            self._adapter_of[request_id] = adapter  # known before the scheduler can see the request
+        added = self.manager.add_request(list(input_ids), request_id=request_id, max_new_tokens=max_new_tokens,
+                                         streaming=streaming, **sampling)
+        if added is None:
+            self._release(request_id)
+            raise RuntimeError("the engine does not accept requests (stopped, or stopped by an error)")
         return request_id
+
+    def _sampling_kwargs(self, temperature: float | None, top_p: float | None) -> dict:
+        if not self._per_request_sampling:
+            if temperature or (top_p is not None and top_p != 1.0):
+                raise ValueError("this engine decodes greedily for every request (its generation config has "
+                                 "do_sample=False); start it with fflora.serving.sampling_generation_config() "
+                                 "to choose temperature and top_p per request")
+            return {}
+        if not temperature:
+            return dict(_GREEDY)
+        vocab = self.model.config.get_text_config().vocab_size
+        return {"temperature": float(temperature), "top_k": vocab, "top_p": float(1.0 if top_p is None else top_p)}
 
     def results(self, request_id: str):
         """The outputs of one request as they come (one per new token when streaming), the last finished."""
-        for output in self.manager.request_id_iter(request_id):
-            if output.is_finished():
-                self._adapter_of.pop(request_id, None)
-            yield output
+        try:
+            for output in self.manager.request_id_iter(request_id):
+                yield output
+                if output.is_finished():
+                    return
+        finally:
+            self._release(request_id)
 
     def wait(self, request_id: str):
         """The finished output of one request."""
@@ -80,13 +205,48 @@ class BankEngine:
             raise RuntimeError(f"request {request_id} did not finish: the engine stopped ({output and output.status})")
         return output
 
+    async def stream(self, input_ids: Sequence[int], adapter: str = BASE_NAME, max_new_tokens: int | None = None,
+                     temperature: float | None = None, top_p: float | None = None) -> AsyncIterator:
+        """Run one request from asyncio code: yields an output per new token, the last one finished.
+
+        Leaving the loop early (a client that went away, a stop string) cancels the request and
+        frees its place in the batch. A request the engine failed raises RuntimeError.
+        """
+        outputs: asyncio.Queue = asyncio.Queue()
+        request_id = f"req-{uuid.uuid4().hex}"
+        self.manager.register_result_handler(request_id, outputs.put_nowait)
+        finished = False
+        try:
+            self.add_request(input_ids, adapter, max_new_tokens, streaming=True, request_id=request_id,
+                             temperature=temperature, top_p=top_p)
+            while not finished:
+                output = await outputs.get()
+                if output.error:
+                    raise RuntimeError(f"generation failed: {output.error}")
+                finished = output.is_finished()
+                yield output
+        finally:
+            if not finished:
+                self.cancel(request_id)
+            self._release(request_id)
+
     def cancel(self, request_id: str) -> None:
+        """Drop a request from the queue or the running batch."""
         self.manager.cancel_request(request_id)
-        self._adapter_of.pop(request_id, None)
+        self._release(request_id)
+
+    def _release(self, request_id: str) -> None:
+        with self._lock:
+            self._adapter_of.pop(request_id, None)
+        with self.manager.output_router._lock:  # a cancelled request never delivers its last output
+            self.manager.output_router.result_handlers.pop(request_id, None)
 
     def _forward(self, *args, **kwargs):
         batch = self.manager.batch_processor.inputs_and_outputs.requests_in_batch
-        names = [self._adapter_of.get(f.state.request_id, BASE_NAME) for f in batch]
+        with self._lock:
+            names = [self._adapter_of.get(f.state.request_id, BASE_NAME) for f in batch]
+        if self._retiring:
+            self._delete_retired()
         lengths = [f.query_length for f in batch]
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         padding = input_ids.shape[-1] - sum(lengths)  # static-shape engines pad the packed row
