@@ -51,3 +51,12 @@ def test_bench_bank_runs_from_the_command_line_and_refuses_bad_sizes(tiny_model_
     assert main(args) == 0
     assert "| 2 | distinct | 2 |" in capsys.readouterr().out
     assert [c["mix"] for c in json.loads((out_dir / "bank.json").read_text())["cells"]] == ["distinct"]
+
+
+def test_serve_refuses_bad_adapters_before_listening(tiny_model_dir, tmp_path, capsys):
+    assert main(["serve", "--model", str(tiny_model_dir), "--adapter", "nameonly"]) == 2
+    assert "fflora: error: --adapter takes NAME=PATH, got 'nameonly'" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tiny_model_dir), "--adapter", f"a={tmp_path}", "--adapter", f"a={tmp_path}"]) == 2
+    assert "--adapter 'a' is given twice" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tiny_model_dir), "--adapter", f"a={tmp_path / 'none'}"]) == 2
+    assert f"fflora: error: no FFBA adapter at {tmp_path / 'none'}" in capsys.readouterr().err

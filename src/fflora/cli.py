@@ -126,6 +126,26 @@ def cmd_generate(args) -> dict:
     return {"completions": texts}
 
 
+def cmd_serve(args) -> dict:
+    from .serving.api_server import run_server
+
+    adapters = {}
+    for spec in args.adapter:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--adapter takes NAME=PATH, got {spec!r}")
+        if name in adapters:
+            raise ValueError(f"--adapter {name!r} is given twice")
+        adapters[name] = path
+    if len(adapters) > args.max_adapters:
+        raise ValueError(f"{len(adapters)} adapters do not fit in --max-adapters {args.max_adapters}")
+    run_server(args.model, adapters, max_adapters=args.max_adapters, rank_budget=args.rank_budget, host=args.host,
+               port=args.port, served_model_name=args.served_model_name, dtype=args.dtype,
+               max_batch_tokens=args.max_batch_tokens, limit_max_requests=args.limit_max_requests,
+               default_max_tokens=args.default_max_tokens, log_level=args.log_level)
+    return {}
+
+
 def cmd_data_prepare(args) -> dict:
     from .data import default_data_dir, prepare
 
@@ -334,6 +354,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server: the base model and many adapters, batched together")
+    _add_model(p)
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="an adapter to load at start, requested as model NAME (repeatable)")
+    p.add_argument("--max-adapters", type=int, default=8, help="adapters resident at once (default 8)")
+    p.add_argument("--rank-budget", type=int, default=None, help="rank room per rank space (default 16 x max-adapters)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None, help="the base model's name in the API (default: --model)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max-batch-tokens", type=int, default=None, help="tokens per engine step (default: transformers')")
+    p.add_argument("--default-max-tokens", type=int, default=256,
+                   help="new tokens for a chat request that sets no max_tokens (default 256)")
+    p.add_argument("--limit-max-requests", type=int, default=None, help="exit after serving this many requests")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -1,0 +1,269 @@
+"""`fflora serve`: a real uvicorn server on 127.0.0.1, driven by the `openai` client and raw HTTP.
+
+One server process for the module (a tiny random Llama, two adapters), started with a bounded
+request budget and stopped by its process id at the end.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx2 as httpx
+import openai
+import pytest
+import torch
+from conftest import make_model, randomize_adapters
+
+import fflora
+
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+BASE = "tiny-base"
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 127)]
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    vocab.update({f"<x{i}>": i for i in range(len(vocab), 128)})  # every id the model can emit decodes
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, root):
+        self.root = root
+        self.tokenizer = _tokenizer()
+        model = make_model("llama", max_position_embeddings=256)
+        model.generation_config.eos_token_id = 2
+        model.save_pretrained(root / "base")
+        self.tokenizer.save_pretrained(root / "base")
+        configs = {"a": fflora.FFBAConfig(r=4, alpha=8), "b": fflora.FFBAConfig(r=8, forward=False)}
+        for seed, (name, config) in enumerate(configs.items(), start=1):
+            adapted = fflora.apply_ffba(make_model("llama", max_position_embeddings=256), config)
+            randomize_adapters(adapted, seed=seed, std=0.3)
+            fflora.save_adapter(adapted, root / name)
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="none", max_retries=0, timeout=60)
+
+    def start(self):
+        cmd = [sys.executable, "-m", "fflora.cli", "serve", "--model", str(self.root / "base"),
+               "--served-model-name", BASE, "--adapter", f"a={self.root / 'a'}", "--adapter", f"b={self.root / 'b'}",
+               "--max-adapters", "3", "--host", "127.0.0.1", "--port", str(self.port),
+               "--limit-max-requests", "300", "--log-level", "warning"]
+        self.log = open(self.root / "server.log", "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, (self.root / "server.log").read_text()
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.25)
+        raise TimeoutError("the server did not answer /health within 120 s")
+
+    def stop(self):
+        os.kill(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        self.log.close()
+
+    @torch.no_grad()
+    def expected(self, adapter, prompt_ids, max_new_tokens):
+        """Greedy text of the fused model carrying only `adapter` (None: the base), in this process."""
+        model = make_model("llama", max_position_embeddings=256)
+        if adapter is not None:
+            fflora.load_adapter(model, self.root / adapter)
+        out = fflora.fuse(model).generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens,
+                                          do_sample=False, eos_token_id=2, pad_token_id=0)
+        return self.tokenizer.decode(out[0, len(prompt_ids):], skip_special_tokens=True)
+
+    def health(self):
+        return httpx.get(f"{self.url}/health", timeout=5).json()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    server = Server(tmp_path_factory.mktemp("serve")).start()
+    yield server
+    server.stop()
+
+
+def test_models_lists_the_base_model_then_each_adapter(server):
+    models = server.client.models.list().data
+    assert [m.id for m in models] == [BASE, "a", "b"]
+    assert [getattr(m, "parent", None) for m in models] == [None, BASE, BASE]
+
+
+def test_concurrent_completions_for_two_adapters_and_the_base_equal_each_alone(server):
+    prompt = "Hello there"
+    ids = server.tokenizer(prompt)["input_ids"]
+    jobs = [(name, model) for name, model in (("a", "a"), ("b", "b"), (None, BASE))] * 2
+    results = [None] * len(jobs)
+
+    def call(i, model):
+        results[i] = server.client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0)
+
+    threads = [threading.Thread(target=call, args=(i, model)) for i, (_, model) in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for (adapter, model), result in zip(jobs, results):
+        assert result.model == model
+        assert result.choices[0].text == server.expected(adapter, ids, 12), model
+        assert result.usage.prompt_tokens == len(ids)
+    assert len({r.choices[0].text for r in results}) == 3  # the three models really differ
+
+
+def test_chat_streaming_gives_the_non_streamed_answer_piece_by_piece(server):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"}]
+    whole = server.client.chat.completions.create(model="b", messages=messages, max_tokens=10, temperature=0)
+    chunks = list(server.client.chat.completions.create(model="b", messages=messages, max_tokens=10, temperature=0,
+                                                        stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert text == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    rendered = server.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = server.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    assert whole.choices[0].message.content == server.expected("b", ids, 10)
+    assert whole.usage.prompt_tokens == len(ids)
+
+
+def test_a_stop_string_ends_the_text_before_it(server):
+    full = server.client.completions.create(model="a", prompt="Hi", max_tokens=16, temperature=0).choices[0]
+    assert full.finish_reason == "length" and len(full.text) >= 6
+    stop = full.text[3:5]
+    cut = server.client.completions.create(model="a", prompt="Hi", max_tokens=16, temperature=0, stop=[stop])
+    assert cut.choices[0].text == full.text[: full.text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    streamed = server.client.completions.create(model="a", prompt="Hi", max_tokens=16, temperature=0, stop=stop,
+                                                stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == cut.choices[0].text
+
+
+def test_sampling_follows_the_request(server):
+    texts = {server.client.completions.create(model="a", prompt="Hi", max_tokens=8, temperature=2.0).choices[0].text
+             for _ in range(4)}
+    assert len(texts) > 1  # sampled at temperature 2, not greedy
+    nucleus = server.client.completions.create(model="a", prompt="Hi", max_tokens=8, temperature=1.0, top_p=1e-6)
+    assert nucleus.choices[0].text == server.expected("a", server.tokenizer("Hi")["input_ids"], 8)
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": 1000}, "max_tokens"),  # past the 256-token context
+    ({"temperature": 2.5}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"n": 2}, "n"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"logprobs": 2}, "logprobs"),
+    ({"prompt": None}, "prompt"),
+])
+def test_bad_parameters_are_a_400_naming_the_field(server, body, field):
+    payload = {"model": "a", "prompt": "Hi", **body}
+    response = httpx.post(f"{server.url}/v1/completions", json=payload, timeout=30)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert field in error["message"]
+    assert error["code"] == 400
+
+
+def test_unknown_model_and_malformed_bodies(server):
+    with pytest.raises(openai.NotFoundError, match=r"The model 'nope' does not exist. Available models: "
+                                                   r"\['tiny-base', 'a', 'b'\]"):
+        server.client.completions.create(model="nope", prompt="Hi", max_tokens=2)
+    response = httpx.post(f"{server.url}/v1/chat/completions", content=b"{not json", timeout=10,
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
+    response = httpx.post(f"{server.url}/v1/chat/completions", json={"model": "a", "messages": []}, timeout=10)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "messages"
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        server.client.chat.completions.create(model="a", messages=[{"role": "user", "content": "x"}], max_tokens=-1)
+    assert server.health()["status"] == "ok"
+
+
+def test_adapters_load_and_unload_while_serving(server, tmp_path):
+    post = lambda path, body: httpx.post(f"{server.url}{path}", json=body, timeout=60)  # noqa: E731
+    with server.client.completions.create(model="a", prompt="Hi", max_tokens=60, temperature=0,
+                                          stream=True) as running:
+        first = next(iter(running))  # a request for "a" is in the batch
+
+        response = post("/v1/load_lora_adapter", {"lora_name": "c", "lora_path": str(server.root / "b")})
+        assert response.status_code == 200 and response.text == "Success: LoRA adapter 'c' added successfully."
+        c = server.client.completions.create(model="c", prompt="Hi", max_tokens=6, temperature=0)
+        assert c.choices[0].text == server.expected("b", server.tokenizer("Hi")["input_ids"], 6)
+
+        # Bad loads are refused and change nothing.
+        (tmp_path / "corrupt").mkdir()
+        (tmp_path / "corrupt" / "adapter_config.json").write_text((server.root / "a" / "adapter_config.json").read_text())
+        (tmp_path / "corrupt" / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
+        other = fflora.apply_ffba(make_model("llama", hidden_size=64, intermediate_size=96), fflora.FFBAConfig(r=4))
+        fflora.save_adapter(other, tmp_path / "other-shape")
+        for name, path, message in [("d", tmp_path / "missing", "could not load adapter 'd'"),
+                                    ("d", tmp_path / "corrupt", "could not load adapter 'd'"),
+                                    ("d", tmp_path / "other-shape", "could not load adapter 'd'"),
+                                    ("e", server.root / "a", "bank is full"),
+                                    ("c", server.root / "a", "has already been loaded"),
+                                    (BASE, server.root / "a", "base model's name")]:
+            response = post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)})
+            assert response.status_code == 400, (name, path, response.text)
+            assert message in response.json()["error"]["message"]
+        assert [m.id for m in server.client.models.list().data] == [BASE, "a", "b", "c"]
+
+        response = post("/v1/unload_lora_adapter", {"lora_name": "a"})
+        assert response.status_code == 200 and response.text == "Success: LoRA adapter 'a' removed successfully."
+        assert [m.id for m in server.client.models.list().data] == [BASE, "b", "c"]
+        with pytest.raises(openai.NotFoundError, match="Available models: \\['tiny-base', 'b', 'c'\\]"):
+            server.client.completions.create(model="a", prompt="Hi", max_tokens=2)
+        assert post("/v1/unload_lora_adapter", {"lora_name": "a"}).status_code == 404
+        text = first.choices[0].text + "".join(chunk.choices[0].text for chunk in running)
+    assert text == server.expected("a", server.tokenizer("Hi")["input_ids"], 60)  # finished on the unloaded adapter
+
+    # The unloaded adapter's room is free again once its request is done; restore the module's set.
+    assert post("/v1/unload_lora_adapter", {"lora_name": "c"}).status_code == 200
+    assert post("/v1/load_lora_adapter", {"lora_name": "a", "lora_path": str(server.root / "a")}).status_code == 200
+    assert [m.id for m in server.client.models.list().data] == [BASE, "b", "a"]
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
+    body = {"model": "b", "prompt": "Hi", "max_tokens": 200, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as response:
+        lines = response.iter_lines()
+        events = []
+        for line in lines:
+            if line.startswith("data: {"):
+                events.append(json.loads(line[6:]))
+            if len(events) == 2:
+                break
+        assert server.health()["running_requests"] == 1
+    deadline = time.monotonic() + 30
+    while server.health()["running_requests"] or server.health()["scheduled_requests"]:
+        assert time.monotonic() < deadline, "the request kept running after its client left"
+        time.sleep(0.1)
+    assert server.client.completions.create(model="b", prompt="Hi", max_tokens=3, temperature=0).choices[0].text
