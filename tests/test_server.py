@@ -175,6 +175,17 @@ def test_sampling_follows_the_request(server):
     assert nucleus.choices[0].text == server.expected("a", server.tokenizer("Hi")["input_ids"], 8)
 
 
+def test_token_id_prompts_and_ignore_eos_give_exact_lengths(server):
+    ids = server.tokenizer("Hello")["input_ids"]
+    result = server.client.completions.create(model="b", prompt=ids, max_tokens=9, temperature=0,
+                                              extra_body={"ignore_eos": True})
+    assert result.usage.completion_tokens == 9 and result.usage.prompt_tokens == len(ids)
+    assert result.choices[0].finish_reason == "length"
+    assert result.choices[0].text.startswith(server.expected("b", ids, 9))  # `expected` stops at an eos
+    response = httpx.post(f"{server.url}/v1/completions", json={"model": "b", "prompt": [5, 999]}, timeout=10)
+    assert response.status_code == 400 and "prompt token ids must lie in [0, 128)" in response.text
+
+
 @pytest.mark.parametrize("body, field", [
     ({"max_tokens": 0}, "max_tokens"),
     ({"max_tokens": 1000}, "max_tokens"),  # past the 256-token context

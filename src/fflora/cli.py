@@ -141,7 +141,8 @@ def cmd_serve(args) -> dict:
         raise ValueError(f"{len(adapters)} adapters do not fit in --max-adapters {args.max_adapters}")
     run_server(args.model, adapters, max_adapters=args.max_adapters, rank_budget=args.rank_budget, host=args.host,
                port=args.port, served_model_name=args.served_model_name, dtype=args.dtype,
-               max_batch_tokens=args.max_batch_tokens, limit_max_requests=args.limit_max_requests,
+               max_batch_tokens=args.max_batch_tokens, max_batch_requests=args.max_batch_requests,
+               limit_max_requests=args.limit_max_requests,
                default_max_tokens=args.default_max_tokens, log_level=args.log_level)
     return {}
 
@@ -366,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None, help="the base model's name in the API (default: --model)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--max-batch-tokens", type=int, default=None, help="tokens per engine step (default: transformers')")
+    p.add_argument("--max-batch-requests", type=int, default=None,
+                   help="requests per engine step (default: transformers'; 1 serves one request at a time)")
     p.add_argument("--default-max-tokens", type=int, default=256,
                    help="new tokens for a chat request that sets no max_tokens (default 256)")
     p.add_argument("--limit-max-requests", type=int, default=None, help="exit after serving this many requests")

@@ -117,6 +117,11 @@ class OpenAIServing:
 
     def prompt_ids(self, body: CompletionRequest | ChatCompletionRequest) -> list[int]:
         if isinstance(body, CompletionRequest):
+            if isinstance(body.prompt, list):
+                vocab = self.engine.model.config.get_text_config().vocab_size
+                if not all(0 <= t < vocab for t in body.prompt):
+                    raise APIError(400, f"prompt token ids must lie in [0, {vocab})", "prompt")
+                return body.prompt
             return self.tokenizer(body.prompt)["input_ids"]
         if not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, f"the model '{self.model_name}' has no chat template; use /v1/completions",
@@ -147,7 +152,7 @@ class OpenAIServing:
         max_new = self.max_new_tokens(body, limit, len(ids))
         text = TextStream(self.tokenizer, body.stop)
         stream = self.engine.stream(ids, adapter, max_new_tokens=max_new, temperature=body.temperature,
-                                    top_p=body.top_p)
+                                    top_p=body.top_p, ignore_eos=body.ignore_eos)
         try:
             async with _closing(stream):  # leaving early (stop string, client gone) cancels the request
                 async for output in stream:
@@ -317,7 +322,8 @@ def build_app(serving: OpenAIServing, start_engine: bool = True) -> FastAPI:
 def run_server(model_name_or_path: str | None = None, adapters: dict[str, str] | None = None, max_adapters: int = 8,
                rank_budget: int | None = None, host: str = "127.0.0.1", port: int = 8000,
                served_model_name: str | None = None, dtype: str = "float32", max_batch_tokens: int | None = None,
-               limit_max_requests: int | None = None, default_max_tokens: int = 256, log_level: str = "info") -> None:
+               max_batch_requests: int | None = None, limit_max_requests: int | None = None,
+               default_max_tokens: int = 256, log_level: str = "info") -> None:
     """Load the base model, fuse it with a bank of `max_adapters`, load `adapters` ({name: folder}), serve."""
     import torch
     import uvicorn
@@ -331,7 +337,8 @@ def run_server(model_name_or_path: str | None = None, adapters: dict[str, str] |
     name = served_model_name or model.config._name_or_path or "base"
     fuse(model, max_adapters=max_adapters, rank_budget=rank_budget)
     engine = BankEngine(model, sampling_generation_config(model.generation_config),
-                        ContinuousBatchingConfig(max_batch_tokens=max_batch_tokens))
+                        ContinuousBatchingConfig(max_batch_tokens=max_batch_tokens,
+                                                 max_requests_per_batch=max_batch_requests))
     serving = OpenAIServing(engine, tokenizer, name, model.config.get_text_config().max_position_embeddings,
                             default_max_tokens)
     for adapter, path in (adapters or {}).items():

@@ -153,9 +153,10 @@ class BankEngine:
 
     def add_request(self, input_ids: Sequence[int], adapter: str = BASE_NAME, max_new_tokens: int | None = None,
                     streaming: bool = False, request_id: str | None = None, temperature: float | None = None,
-                    top_p: float | None = None) -> str:
+                    top_p: float | None = None, ignore_eos: bool = False) -> str:
         """Queue a request for `adapter` (a loaded adapter's name, or "__base__"); returns its id.
 
+        `ignore_eos` generates exactly `max_new_tokens` (benchmarks fix output lengths this way).
         `temperature` None or 0 decodes greedily; other temperatures and top_p need an engine
         started with a sampling config (the default, see `sampling_generation_config`).
         """
@@ -168,7 +169,7 @@ class BankEngine:
                                  f"(and {BASE_NAME!r} for the base model)")
             self._adapter_of[request_id] = adapter  # known before the scheduler can see the request
         added = self.manager.add_request(list(input_ids), request_id=request_id, max_new_tokens=max_new_tokens,
-                                         streaming=streaming, **sampling)
+                                         streaming=streaming, eos_token_id=-1 if ignore_eos else None, **sampling)
         if added is None:
             self._release(request_id)
             raise RuntimeError("the engine does not accept requests (stopped, or stopped by an error)")
@@ -206,7 +207,8 @@ class BankEngine:
         return output
 
     async def stream(self, input_ids: Sequence[int], adapter: str = BASE_NAME, max_new_tokens: int | None = None,
-                     temperature: float | None = None, top_p: float | None = None) -> AsyncIterator:
+                     temperature: float | None = None, top_p: float | None = None,
+                     ignore_eos: bool = False) -> AsyncIterator:
         """Run one request from asyncio code: yields an output per new token, the last one finished.
 
         Leaving the loop early (a client that went away, a stop string) cancels the request and
@@ -218,7 +220,7 @@ class BankEngine:
         finished = False
         try:
             self.add_request(input_ids, adapter, max_new_tokens, streaming=True, request_id=request_id,
-                             temperature=temperature, top_p=top_p)
+                             temperature=temperature, top_p=top_p, ignore_eos=ignore_eos)
             while not finished:
                 output = await outputs.get()
                 if output.error:

@@ -30,6 +30,7 @@ class SamplingRequest(BaseModel):
     stop: list[str] = Field(default_factory=list, description="a string or up to 4 strings")
     stream: bool = False
     stream_options: StreamOptions | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens
 
     @model_validator(mode="before")
     @classmethod
@@ -54,13 +55,13 @@ class StreamOptions(BaseModel):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str]
+    prompt: str | list[int] | list[str] = Field(description="text, or token ids")
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
 
     @field_validator("prompt")
     @classmethod
     def _one_prompt(cls, prompt):
-        if isinstance(prompt, list):
+        if isinstance(prompt, list) and (not prompt or isinstance(prompt[0], str)):
             if len(prompt) != 1:
                 raise ValueError("one prompt per request (send a request per prompt: they are batched together)")
             prompt = prompt[0]
