@@ -182,6 +182,24 @@ def test_gemms_cover_only_the_adapters_present_in_the_batch(arch, saved):
     assert all(m is not None for m in bank.selection(["mlp8", BASE_NAME]).masks.values())
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("names", [["mlp8"] * 2, ["mixed", BASE_NAME, "mlp8"], _mix(2)], ids=["one-adapter", "mixed", "random"])
+def test_without_rearranging_adapters_stay_in_place_and_rows_are_exact(arch, saved, names):
+    """What a continuous-batching engine uses: the window reaches the furthest adapter present."""
+    model = _bank(arch, saved)
+    bank = model.ffba_bank
+    offsets = {n: dict(e.offsets) for n, e in bank.entries.items()}
+    ids, mask = _left_padded(len(names))
+    with fflora.select_adapters(model, names, rearrange=False):
+        logits = model(ids, attention_mask=mask).logits
+    assert {n: e.offsets for n, e in bank.entries.items()} == offsets
+    reach = bank.selection(names, rearrange=False).windows
+    assert all(reach[s] >= max((bank.entries[n].end(s) for n in names if n != BASE_NAME), default=0) for s in reach)
+    for row, name in enumerate(names):
+        alone = _alone(arch, saved, name)(ids[row : row + 1], attention_mask=mask[row : row + 1]).logits
+        assert (logits[row, mask[row].bool()] - alone[0, mask[row].bool()]).abs().max().item() < TOL, name
+
+
 def test_forward_signature_keeps_the_base_parameters_generate_reads(arch):
     import inspect
 

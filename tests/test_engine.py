@@ -35,9 +35,10 @@ def test_concurrent_requests_for_different_adapters_equal_each_alone(saved, monk
 
     steps = []  # the adapters of each packed step's segments
 
-    def recording(model, names, lengths):
+    def recording(model, names, lengths, rearrange):
+        assert rearrange is False  # the engine never moves adapters between steps
         steps.append(list(names))
-        return fflora.select_adapters(model, names, lengths=lengths)
+        return fflora.select_adapters(model, names, lengths=lengths, rearrange=rearrange)
 
     monkeypatch.setattr(engine_module, "select_adapters", recording)
     config = GenerationConfig(max_new_tokens=5, do_sample=False, eos_token_id=-1, pad_token_id=0)

@@ -5,21 +5,17 @@ request budget and stopped by its process id at the end.
 """
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 
-import httpx2 as httpx
+import httpx
 import openai
 import pytest
 import torch
 from conftest import make_model, randomize_adapters
 
 import fflora
+from fflora.serving.process import ServerProcess
 
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<assistant>{% endif %}")
@@ -41,12 +37,6 @@ def _tokenizer():
     return tokenizer
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     def __init__(self, root):
         self.root = root
@@ -60,36 +50,12 @@ class Server:
             adapted = fflora.apply_ffba(make_model("llama", max_position_embeddings=256), config)
             randomize_adapters(adapted, seed=seed, std=0.3)
             fflora.save_adapter(adapted, root / name)
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        args = ["--model", str(root / "base"), "--served-model-name", BASE, "--adapter", f"a={root / 'a'}",
+                "--adapter", f"b={root / 'b'}", "--max-adapters", "3", "--limit-max-requests", "300",
+                "--log-level", "warning"]
+        self.process = ServerProcess(args, root / "server.log", ready_timeout_s=120)
+        self.url = self.process.url
         self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="none", max_retries=0, timeout=60)
-
-    def start(self):
-        cmd = [sys.executable, "-m", "fflora.cli", "serve", "--model", str(self.root / "base"),
-               "--served-model-name", BASE, "--adapter", f"a={self.root / 'a'}", "--adapter", f"b={self.root / 'b'}",
-               "--max-adapters", "3", "--host", "127.0.0.1", "--port", str(self.port),
-               "--limit-max-requests", "300", "--log-level", "warning"]
-        self.log = open(self.root / "server.log", "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, (self.root / "server.log").read_text()
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
-        raise TimeoutError("the server did not answer /health within 120 s")
-
-    def stop(self):
-        os.kill(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=30)
-        self.log.close()
 
     @torch.no_grad()
     def expected(self, adapter, prompt_ids, max_new_tokens):
@@ -107,9 +73,9 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    server = Server(tmp_path_factory.mktemp("serve")).start()
-    yield server
-    server.stop()
+    server = Server(tmp_path_factory.mktemp("serve"))
+    with server.process:  # stopped by its process id when the module's tests are done
+        yield server
 
 
 def test_models_lists_the_base_model_then_each_adapter(server):

@@ -262,15 +262,16 @@ class AdapterBank:
         if over:
             raise ValueError(f"the adapter bank has no room for {name!r} ({'; '.join(over)}); delete an adapter or "
                              "fuse with a larger rank_budget")
-        if any(self._extent(s) + entry.ranks[s] > self.rank_budget for s in SPACES):
+        if any(self._reach(self.entries, s) + entry.ranks[s] > self.rank_budget for s in SPACES):
             self._arrange(list(self.entries))  # holes left by deleted adapters: pack the others first
-        entry.offsets = {s: self._extent(s) for s in SPACES}
+        entry.offsets = {s: self._reach(self.entries, s) for s in SPACES}
         self.entries[name] = entry
         self._write(entry)
 
-    def _extent(self, space: str) -> int:
-        """Where the last resident adapter's range in `space` ends (new adapters go after it)."""
-        return max((e.end(space) for e in self.entries.values()), default=0)
+    def _reach(self, names: Sequence[str], space: str) -> int:
+        """Where the furthest of `names` ends in `space` (their window must reach that far; for all
+        resident adapters, where a new one would go)."""
+        return max((self.entries[n].end(space) for n in names), default=0)
 
     def delete(self, name: str) -> None:
         """Zero the rows/columns of `name` and free its ranges."""
@@ -324,16 +325,22 @@ class AdapterBank:
 
     # --- selection ---
 
-    def selection(self, names: Sequence[str], lengths: Sequence[int] | None = None) -> BankSelection:
+    def selection(self, names: Sequence[str], lengths: Sequence[int] | None = None,
+                  rearrange: bool = True) -> BankSelection:
         """Resolve per-row names (or, with `lengths`, per-segment names of one packed row) into
-        windows and per-token masks; moves the present adapters to the front of the bank if needed."""
+        windows and per-token masks.
+
+        With `rearrange`, the present adapters are first moved to the front of the bank if they are
+        not there, so that the GEMMs cover only their ranks. Moving rewrites every adapter that
+        shifts (~16 ms each on SmolLM2 on a CPU): worth it when one set of adapters serves many
+        steps (`generate`), not when the set changes as requests come and go (a continuous-batching
+        engine passes False and its windows reach the furthest adapter present)."""
         names = [names] if isinstance(names, str) else list(names)
         for n in names:
             if n != BASE_NAME:
                 self.entry(n)
         present = list(dict.fromkeys(n for n in names if n != BASE_NAME))
-        if any(max((self.entries[n].end(s) for n in present), default=0) > sum(self.entries[n].ranks[s] for n in present)
-               for s in SPACES):
+        if rearrange and any(self._reach(present, s) > sum(self.entries[n].ranks[s] for n in present) for s in SPACES):
             self._arrange(present)
         ids = torch.tensor([present.index(n) if n != BASE_NAME else -1 for n in names], device=self.device)
         if lengths is not None:
@@ -345,12 +352,12 @@ class AdapterBank:
         windows, masks, fa_phi = {}, {}, {}
         uniform = len(present) == 1 and BASE_NAME not in names
         for s in SPACES:
-            used = sum(self.entries[n].ranks[s] for n in present)
+            used = self._reach(present, s)
             width = min(_round_up(used), self.rank_budget)
             windows[s] = width
             if not width:
                 continue
-            if uniform and width == used:  # one adapter fills the window: nothing to mask
+            if uniform and width == used and self.entries[present[0]].offsets[s] == 0:  # it fills the window
                 masks[s] = None
                 phi = self.entries[present[0]].config.phi
                 if s.startswith("fa.") and phi != "identity":
@@ -459,14 +466,16 @@ def list_adapters(model: nn.Module) -> list[str]:
 
 
 @contextlib.contextmanager
-def select_adapters(model: nn.Module, adapter_names: Sequence[str], lengths: Sequence[int] | None = None):
+def select_adapters(model: nn.Module, adapter_names: Sequence[str], lengths: Sequence[int] | None = None,
+                    rearrange: bool = True):
     """Use `adapter_names` for the forward passes inside the block.
 
     One name per batch row, or, for a packed (varlen) batch of one row holding several requests,
     one name per request with `lengths` its token counts (as a continuous-batching engine builds
-    them). `model(..., adapter_names=...)` does the same for one call.
+    them). `model(..., adapter_names=...)` does the same for one call. `rearrange=False` leaves the
+    adapters where they are (see `AdapterBank.selection`).
     """
-    token = _SELECTION.set(bank_of(model).selection(adapter_names, lengths=lengths))
+    token = _SELECTION.set(bank_of(model).selection(adapter_names, lengths=lengths, rearrange=rearrange))
     try:
         yield
     finally:

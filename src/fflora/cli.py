@@ -226,6 +226,25 @@ def cmd_bench_bank(args) -> dict:
     return _report_bench(args, settings, run_bank_bench, write_bank_bench, format_bank_table, "bench-bank", "bank")
 
 
+def cmd_bench_serve(args) -> dict:
+    from pathlib import Path
+
+    from .base_models import load_base_model
+    from .bench_serve import ServeBenchSettings, format_serve_table, run_serve_bench, write_serve_bench
+
+    settings = ServeBenchSettings(
+        adapters=tuple(args.adapters), distributions=tuple(args.distributions), rate=args.rate,
+        requests=args.requests, prompt_len=tuple(args.prompt_len), output_len=tuple(args.output_len),
+        rounds=args.rounds, rank=args.r, seed=args.seed,
+    )
+    model, _ = load_base_model(args.model)
+    result = run_serve_bench(model, args.model, settings)
+    out = write_serve_bench(result, Path(args.output_dir or time.strftime("runs/bench-serve-%Y%m%d-%H%M%S")))
+    print(format_serve_table(result))
+    print(f"\nresults in {out}/ (serve.json, serve.md, serve.png)")
+    return result
+
+
 def cmd_demo(args) -> dict:
     from .demo import run_demo
 
@@ -304,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-steps", type=int, default=3, help="timed training steps per method")
     p.add_argument("--output-dir", default=None, help="default: runs/bench-<time>")
     p.set_defaults(func=cmd_bench)
-    suites = p.add_subparsers(dest="suite", metavar="{bank}", help="another benchmark instead of the latency one")
+    suites = p.add_subparsers(dest="suite", metavar="{bank,serve}", help="another benchmark instead of the latency one")
     from .bench_bank import MIXES, BankBenchSettings
 
     d = BankBenchSettings()
@@ -321,6 +340,23 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     q.add_argument("--output-dir", default=None, help="default: runs/bench-bank-<time>")
     q.set_defaults(func=cmd_bench_bank)
+
+    from .bench_serve import DISTRIBUTIONS, ServeBenchSettings
+
+    d = ServeBenchSettings()
+    q = suites.add_parser("serve", help="end to end: fflora serve under Poisson load, batched vs one request at a time")
+    _add_model(q)
+    q.add_argument("--adapters", type=int, nargs="+", default=list(d.adapters), help="numbers N of adapters in use")
+    q.add_argument("--distributions", nargs="+", default=list(DISTRIBUTIONS), choices=DISTRIBUTIONS)
+    q.add_argument("--rate", type=float, default=d.rate, help=f"Poisson arrival rate, requests/s (default {d.rate:g})")
+    q.add_argument("--requests", type=int, default=d.requests, help="requests per cell and server")
+    q.add_argument("--prompt-len", type=int, nargs=2, default=list(d.prompt_len), metavar=("MIN", "MAX"))
+    q.add_argument("--output-len", type=int, nargs=2, default=list(d.output_len), metavar=("MIN", "MAX"))
+    q.add_argument("--rounds", type=int, default=d.rounds, help="interleaved rounds (medians reported)")
+    q.add_argument("--rank", dest="r", type=int, default=d.rank, help=f"FFBA rank (default {d.rank})")
+    q.add_argument("--seed", type=int, default=d.seed)
+    q.add_argument("--output-dir", default=None, help="default: runs/bench-serve-<time>")
+    q.set_defaults(func=cmd_bench_serve)
 
     p = sub.add_parser("demo", help="the main job: train FFBA and LoRA, evaluate, benchmark, report")
     _add_model(p)

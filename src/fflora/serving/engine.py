@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import functools
+import queue
 import threading
 import uuid
 from collections import Counter
@@ -27,6 +29,17 @@ from ..serialization import load_adapter
 # Greedy requests keep only the top token (exact argmax) instead of switching the engine out of
 # sampling mode, which transformers' engine sets once for all requests.
 _GREEDY = {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
+
+
+class _CallNow:
+    """Stands in for the event loop transformers' output router hands outputs to: calls at once."""
+
+    @staticmethod
+    def call_soon_threadsafe(callback, *args):
+        callback(*args)
+
+
+_CALL_NOW = _CallNow()
 
 
 def sampling_generation_config(base: GenerationConfig | None = None, **overrides) -> GenerationConfig:
@@ -65,6 +78,7 @@ class BankEngine:
         self._lock = threading.Lock()  # guards the two tables below (server threads, the engine's thread)
         self._adapter_of: dict[str, str] = {}  # request id -> adapter, for requests not yet finished
         self._retiring: set[str] = set()  # unloaded adapters that still have requests running
+        self._outputs: dict[str, queue.SimpleQueue] = {}  # request id -> its outputs, for `results`
         self.manager = model.init_continuous_batching(generation_config=self.generation_config,
                                                       continuous_batching_config=cb_config)
 
@@ -162,6 +176,9 @@ class BankEngine:
         """
         sampling = self._sampling_kwargs(temperature, top_p)
         request_id = request_id or f"req-{uuid.uuid4().hex}"
+        if request_id not in self.manager.output_router.result_handlers:  # `stream` registered its own
+            outputs = self._outputs[request_id] = queue.SimpleQueue()
+            self._deliver_to(request_id, outputs.put)
         with self._lock:
             if adapter != BASE_NAME and (adapter not in self.bank.names() or adapter in self._retiring):
                 raise ValueError(f"no adapter named {adapter!r} is loaded; loaded adapters: "
@@ -187,10 +204,30 @@ class BankEngine:
         vocab = self.model.config.get_text_config().vocab_size
         return {"temperature": float(temperature), "top_k": vocab, "top_p": float(1.0 if top_p is None else top_p)}
 
-    def results(self, request_id: str):
-        """The outputs of one request as they come (one per new token when streaming), the last finished."""
+    def _deliver_to(self, request_id: str, put) -> None:
+        """Hand each output of the request to `put` (thread-safe), on the engine's thread.
+
+        A handler per request: with transformers' shared output queue, a reader of one request
+        spins taking and putting back the outputs of all the others. Every handler is called
+        directly (`_CALL_NOW`): the router runs a step's handlers through one "loop", so mixing
+        asyncio loops and plain queues must not depend on which one it picks.
+        """
+        with self.manager.output_router._lock:
+            self.manager.output_router.result_handlers[request_id] = (put, _CALL_NOW)
+
+    def results(self, request_id: str, timeout_s: float = 0.5):
+        """The outputs of one request as they come (one per new token when streaming), the last finished.
+
+        Ends early, without a finished output, if the engine stops."""
+        outputs = self._outputs[request_id]
         try:
-            for output in self.manager.request_id_iter(request_id):
+            while True:
+                try:
+                    output = outputs.get(timeout=timeout_s)
+                except queue.Empty:
+                    if self.is_running():
+                        continue
+                    return
                 yield output
                 if output.is_finished():
                     return
@@ -216,7 +253,7 @@ class BankEngine:
         """
         outputs: asyncio.Queue = asyncio.Queue()
         request_id = f"req-{uuid.uuid4().hex}"
-        self.manager.register_result_handler(request_id, outputs.put_nowait)
+        self._deliver_to(request_id, functools.partial(asyncio.get_running_loop().call_soon_threadsafe, outputs.put_nowait))
         finished = False
         try:
             self.add_request(input_ids, adapter, max_new_tokens, streaming=True, request_id=request_id,
@@ -240,6 +277,7 @@ class BankEngine:
     def _release(self, request_id: str) -> None:
         with self._lock:
             self._adapter_of.pop(request_id, None)
+            self._outputs.pop(request_id, None)
         with self.manager.output_router._lock:  # a cancelled request never delivers its last output
             self.manager.output_router.result_handlers.pop(request_id, None)
 
@@ -254,5 +292,7 @@ class BankEngine:
         padding = input_ids.shape[-1] - sum(lengths)  # static-shape engines pad the packed row
         if padding > 0:
             names, lengths = [*names, BASE_NAME], [*lengths, padding]
-        with select_adapters(self.model, names, lengths=lengths):
+        # Adapters stay where they are: the batch's set changes as requests come and go, and moving
+        # adapters to the front of the bank costs more than the wider GEMM window it saves.
+        with select_adapters(self.model, names, lengths=lengths, rearrange=False):
             return type(self.model).forward(self.model, *args, **kwargs)

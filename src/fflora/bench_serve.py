@@ -1,0 +1,243 @@
+"""End-to-end serving benchmark, after S-LoRA's protocol at small scale: `fflora bench serve`.
+
+Requests arrive as a Poisson process at a fixed rate; each names an adapter drawn uniformly or
+by a power law from N adapters; prompt and output lengths are drawn from ranges (outputs are
+exact: `ignore_eos`). Two `fflora serve` processes hold the same 16 random FFBA adapters: one
+batches continuously (the default), the other serves one request at a time
+(`--max-batch-requests 1`). Every cell (N, distribution) replays the same arrival times and
+lengths on both, interleaved, over HTTP with streaming; the client records time to first token
+(TTFT), time per output token after it (TPOT) and throughput.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+
+from .bench import _randomize, check_sizes, write_results
+from .config import FFBAConfig
+from .model import apply_ffba, remove_ffba
+from .serialization import save_adapter
+from .serving.process import ServerProcess
+from .sources import say
+
+DISTRIBUTIONS = ("uniform", "powerlaw")
+MODES = {"batched": [], "one_at_a_time": ["--max-batch-requests", "1"]}
+
+
+@dataclass
+class ServeBenchSettings:
+    adapters: tuple[int, ...] = (1, 4, 16)
+    distributions: tuple[str, ...] = DISTRIBUTIONS
+    rate: float = 2.0  # requests per second
+    requests: int = 32  # per cell and mode
+    prompt_len: tuple[int, int] = (32, 128)
+    output_len: tuple[int, int] = (16, 64)
+    rounds: int = 2
+    rank: int = 8
+    powerlaw_alpha: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_sizes(self, lists=("adapters", "prompt_len", "output_len"), positive=("requests", "rounds", "rank"))
+        self.adapters = tuple(sorted(set(self.adapters)))
+        for name in ("prompt_len", "output_len"):
+            low, high = getattr(self, name)
+            if low > high:
+                raise ValueError(f"{name.replace('_', '-')} takes MIN MAX with MIN <= MAX, got {low} {high}")
+        if not self.rate > 0:
+            raise ValueError(f"rate must be > 0 requests per second, got {self.rate}")
+        unknown = [d for d in self.distributions if d not in DISTRIBUTIONS]
+        if unknown or not self.distributions:
+            raise ValueError(f"distributions must be among {list(DISTRIBUTIONS)}, got {list(self.distributions)}")
+
+
+@dataclass
+class Request:
+    arrival_s: float
+    adapter: int
+    prompt: list[int]
+    output_len: int
+
+
+def workload(settings: ServeBenchSettings, adapters: int, distribution: str, vocab: int) -> list[Request]:
+    """The cell's requests: arrival times and lengths depend only on the seed, so every cell replays them."""
+    timing = random.Random(settings.seed)
+    draws = random.Random(settings.seed + 1)
+    weights = [1.0] * adapters if distribution == "uniform" else \
+        [1 / (k + 1) ** settings.powerlaw_alpha for k in range(adapters)]
+    requests, t = [], 0.0
+    for _ in range(settings.requests):
+        t += timing.expovariate(settings.rate)
+        prompt = [timing.randrange(vocab // 10, vocab // 2) for _ in range(timing.randint(*settings.prompt_len))]
+        requests.append(Request(t, draws.choices(range(adapters), weights=weights)[0], prompt,
+                                timing.randint(*settings.output_len)))
+    return requests
+
+
+async def _one(client: httpx.AsyncClient, url: str, request: Request, start: float) -> dict:
+    await asyncio.sleep(max(0.0, start + request.arrival_s - time.perf_counter()))
+    body = {"model": f"a{request.adapter}", "prompt": request.prompt, "max_tokens": request.output_len,
+            "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    sent = time.perf_counter()
+    first = tokens = None
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"request failed ({response.status_code}): {await response.aread()}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(f"request failed mid-stream: {event['error']}")
+            if event["choices"] and first is None:
+                first = time.perf_counter()
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+    end = time.perf_counter()
+    return {"sent": sent - start, "ttft": first - sent, "end": end - start, "tokens": tokens,
+            "tpot": (end - first) / max(1, tokens - 1)}
+
+
+async def _replay(url: str, requests: list[Request]) -> list[dict]:
+    limits = httpx.Limits(max_connections=len(requests))
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        start = time.perf_counter()
+        return await asyncio.gather(*(_one(client, url, r, start) for r in requests))
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+def summarize(records: list[dict]) -> dict:
+    """Throughput over the run (first arrival to last finish) and TTFT/TPOT percentiles, in ms."""
+    span = max(r["end"] for r in records) - min(r["sent"] for r in records)
+    tokens = sum(r["tokens"] for r in records)
+    ttft = [1000 * r["ttft"] for r in records]
+    tpot = [1000 * r["tpot"] for r in records]
+    return {"tokens_per_s": tokens / span, "requests_per_s": len(records) / span,
+            "ttft_ms_p50": _percentile(ttft, 50), "ttft_ms_p90": _percentile(ttft, 90),
+            "tpot_ms_p50": _percentile(tpot, 50), "tpot_ms_p90": _percentile(tpot, 90)}
+
+
+def make_adapters(base, folder: Path, count: int, rank: int, seed: int) -> list[Path]:
+    """`count` random FFBA adapters of rank `rank` for `base` (the weights do not change the timing)."""
+    paths = []
+    for i in range(count):
+        adapted = apply_ffba(base, FFBAConfig(r=rank))
+        _randomize(adapted, seed + i)
+        paths.append(folder / f"a{i}")
+        save_adapter(adapted, paths[-1])
+        remove_ffba(adapted)
+    return paths
+
+
+def run_serve_bench(base, model_arg: str | None, settings: ServeBenchSettings, work_dir: Path | None = None) -> dict:
+    """Every cell on both servers, interleaved per round; medians over rounds."""
+    count = max(settings.adapters)
+    vocab = base.config.get_text_config().vocab_size
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(work_dir or tmp)
+        paths = make_adapters(base, folder, count, settings.rank, settings.seed)
+        args = [*([] if model_arg is None else ["--model", model_arg]), "--max-adapters", str(count),
+                "--log-level", "warning", *(a for i, p in enumerate(paths) for a in ("--adapter", f"a{i}={p}"))]
+        cells = [(n, d) for n in settings.adapters for d in settings.distributions if not (n == 1 and d != "uniform")]
+        runs: dict[str, list[dict]] = {}
+        servers = {mode: ServerProcess(args + extra, folder / f"{mode}.log") for mode, extra in MODES.items()}
+        try:
+            for server in servers.values():
+                server.start()
+                asyncio.run(_replay(server.url, workload(settings, 1, "uniform", vocab)[:2]))  # warm-up
+            for round_ in range(settings.rounds):
+                for n, dist in cells:
+                    for mode, server in servers.items():
+                        say(f"round {round_ + 1}/{settings.rounds}: {n} adapters, {dist}, {mode}")
+                        records = asyncio.run(_replay(server.url, workload(settings, n, dist, vocab)))
+                        runs.setdefault(f"{mode}|{n}|{dist}", []).append(summarize(records))
+        finally:
+            for server in servers.values():
+                server.stop()
+    rows = []
+    for key, summaries in runs.items():
+        mode, n, dist = key.split("|")
+        medians = {k: statistics.median(s[k] for s in summaries) for k in summaries[0]}
+        rows.append({"mode": mode, "adapters": int(n), "distribution": dist, **medians,
+                     "tokens_per_s_rounds": [s["tokens_per_s"] for s in summaries]})
+    result = {"settings": asdict(settings), "model": model_arg or "embedded SmolLM2-135M-Instruct", "rows": rows}
+    result["target"] = check_serve_target(rows)
+    return result
+
+
+def check_serve_target(rows: list[dict]) -> dict:
+    """Batched throughput with the most adapters within 15% of throughput with one (the issue's target)."""
+    batched = [r for r in rows if r["mode"] == "batched"]
+    one = next((r for r in batched if r["adapters"] == 1), None)
+    most = max((r["adapters"] for r in batched), default=1)
+    if one is None or most == 1:
+        return {"checked": False}
+    ratios = {r["distribution"]: r["tokens_per_s"] / one["tokens_per_s"] for r in batched if r["adapters"] == most}
+    return {"checked": True, "adapters": most, "throughput_vs_one_adapter": ratios,
+            "met": all(v >= 0.85 for v in ratios.values())}
+
+
+def format_serve_table(result: dict) -> str:
+    s = result["settings"]
+    lines = [f"Poisson arrivals at {s['rate']:g} req/s, {s['requests']} requests per cell, prompts "
+             f"{s['prompt_len'][0]}-{s['prompt_len'][1]} tokens, outputs {s['output_len'][0]}-{s['output_len'][1]} "
+             f"tokens, FFBA r={s['rank']}, medians of {s['rounds']} rounds ({result['model']})", "",
+             "| server | adapters | distribution | tokens/s | requests/s | TTFT p50 / p90 (ms) | TPOT p50 / p90 (ms) |",
+             "|---|---:|---|---:|---:|---:|---:|"]
+    for r in sorted(result["rows"], key=lambda r: (r["mode"] != "batched", r["adapters"], r["distribution"])):
+        lines.append(f"| {r['mode'].replace('_', ' ')} | {r['adapters']} | {r['distribution']} | "
+                     f"{r['tokens_per_s']:.1f} | {r['requests_per_s']:.2f} | {r['ttft_ms_p50']:.0f} / "
+                     f"{r['ttft_ms_p90']:.0f} | {r['tpot_ms_p50']:.0f} / {r['tpot_ms_p90']:.0f} |")
+    target = result["target"]
+    if target.get("checked"):
+        ratios = ", ".join(f"{d} {v:.3f}" for d, v in target["throughput_vs_one_adapter"].items())
+        lines += ["", f"Target: batched throughput with {target['adapters']} adapters / with 1 adapter >= 0.85: "
+                  f"{ratios} ({'met' if target['met'] else 'NOT met'})"]
+    return "\n".join(lines)
+
+
+def plot_serve(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(result["rows"], key=lambda r: (r["adapters"], r["distribution"]))
+    cells = list(dict.fromkeys(f"{r['adapters']} {r['distribution']}" for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / len(MODES)
+    for k, mode in enumerate(MODES):
+        mine = {f"{r['adapters']} {r['distribution']}": r for r in rows if r["mode"] == mode}
+        xs = [i + k * width for i in range(len(cells))]
+        tput = [mine[c]["tokens_per_s"] if c in mine else 0 for c in cells]
+        spread = [[t - min(mine[c]["tokens_per_s_rounds"]) for t, c in zip(tput, cells)],
+                  [max(mine[c]["tokens_per_s_rounds"]) - t for t, c in zip(tput, cells)]]
+        axes[0].bar(xs, tput, width, yerr=spread, capsize=3, label=mode.replace("_", " "))
+        axes[1].bar(xs, [mine[c]["ttft_ms_p50"] for c in cells], width, label=f"{mode.replace('_', ' ')} p50")
+        axes[1].scatter(xs, [mine[c]["ttft_ms_p90"] for c in cells], marker="_", s=200, color="k")
+    for ax, title in zip(axes, ("throughput (output tokens/s; bars: min-max of rounds)", "TTFT ms (p50 bars, p90 marks)")):
+        ax.set_xticks([i + width * (len(MODES) - 1) / 2 for i in range(len(cells))], cells, rotation=20)
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8)
+    axes[1].set_yscale("log")
+    fig.suptitle("fflora serve: adapters per request (N, distribution), batched vs one request at a time", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_serve_bench(result: dict, out_dir: Path) -> Path:
+    """serve.json, serve.md and serve.png in out_dir; returns the folder."""
+    return write_results(result, out_dir, "serve", format_serve_table, plot_serve)
