@@ -54,6 +54,8 @@ class Server:
                 "--adapter", f"b={root / 'b'}", "--max-adapters", "3", "--limit-max-requests", "300",
                 "--log-level", "warning"]
         self.process = ServerProcess(args, root / "server.log", ready_timeout_s=120)
+
+    def connect(self):
         self.url = self.process.url
         self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="none", max_retries=0, timeout=60)
 
@@ -75,6 +77,7 @@ class Server:
 def server(tmp_path_factory):
     server = Server(tmp_path_factory.mktemp("serve"))
     with server.process:  # stopped by its process id when the module's tests are done
+        server.connect()
         yield server
 
 

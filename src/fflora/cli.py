@@ -142,6 +142,7 @@ def cmd_serve(args) -> dict:
     run_server(args.model, adapters, max_adapters=args.max_adapters, rank_budget=args.rank_budget, host=args.host,
                port=args.port, served_model_name=args.served_model_name, dtype=args.dtype,
                max_batch_tokens=args.max_batch_tokens, max_batch_requests=args.max_batch_requests,
+               kv_cache_tokens=args.kv_cache_tokens,
                limit_max_requests=args.limit_max_requests,
                default_max_tokens=args.default_max_tokens, log_level=args.log_level)
     return {}
@@ -405,6 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-tokens", type=int, default=None, help="tokens per engine step (default: transformers')")
     p.add_argument("--max-batch-requests", type=int, default=None,
                    help="requests per engine step (default: transformers'; 1 serves one request at a time)")
+    p.add_argument("--kv-cache-tokens", type=int, default=32768,
+                   help="tokens the paged KV cache holds for all running requests (default 32768)")
     p.add_argument("--default-max-tokens", type=int, default=256,
                    help="new tokens for a chat request that sets no max_tokens (default 256)")
     p.add_argument("--limit-max-requests", type=int, default=None, help="exit after serving this many requests")

@@ -319,12 +319,20 @@ def build_app(serving: OpenAIServing, start_engine: bool = True) -> FastAPI:
     return app
 
 
+# transformers sizes the paged KV cache from free accelerator memory; on a CPU that is most of the
+# RAM (12 GB per server here), so the cache is sized in tokens instead.
+_PAGE_SIZE = 256
+
+
 def run_server(model_name_or_path: str | None = None, adapters: dict[str, str] | None = None, max_adapters: int = 8,
                rank_budget: int | None = None, host: str = "127.0.0.1", port: int = 8000,
                served_model_name: str | None = None, dtype: str = "float32", max_batch_tokens: int | None = None,
-               max_batch_requests: int | None = None, limit_max_requests: int | None = None,
-               default_max_tokens: int = 256, log_level: str = "info") -> None:
-    """Load the base model, fuse it with a bank of `max_adapters`, load `adapters` ({name: folder}), serve."""
+               max_batch_requests: int | None = None, kv_cache_tokens: int = 32768,
+               limit_max_requests: int | None = None, default_max_tokens: int = 256, log_level: str = "info") -> None:
+    """Load the base model, fuse it with a bank of `max_adapters`, load `adapters` ({name: folder}), serve.
+
+    `kv_cache_tokens` is the paged KV cache's room, shared by the running requests (32768 tokens
+    of SmolLM2-135M in float32 take 1.5 GB)."""
     import torch
     import uvicorn
     from transformers import ContinuousBatchingConfig
@@ -338,7 +346,8 @@ def run_server(model_name_or_path: str | None = None, adapters: dict[str, str] |
     fuse(model, max_adapters=max_adapters, rank_budget=rank_budget)
     engine = BankEngine(model, sampling_generation_config(model.generation_config),
                         ContinuousBatchingConfig(max_batch_tokens=max_batch_tokens,
-                                                 max_requests_per_batch=max_batch_requests))
+                                                 max_requests_per_batch=max_batch_requests,
+                                                 num_blocks=-(-kv_cache_tokens // _PAGE_SIZE), page_size=_PAGE_SIZE))
     serving = OpenAIServing(engine, tokenizer, name, model.config.get_text_config().max_position_embeddings,
                             default_max_tokens)
     for adapter, path in (adapters or {}).items():

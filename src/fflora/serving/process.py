@@ -32,12 +32,16 @@ class ServerProcess:
 
     def __init__(self, args: list[str], log_path: str | os.PathLike, port: int | None = None,
                  ready_timeout_s: float = 180.0) -> None:
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.port = port  # None: a free port, chosen when starting (after earlier servers bound theirs)
         self.args, self.log_path, self.ready_timeout_s = list(args), Path(log_path), ready_timeout_s
         self.proc: subprocess.Popen | None = None
 
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
     def start(self) -> ServerProcess:
+        self.port = self.port or free_port()
         cmd = [sys.executable, "-m", "fflora.cli", "serve", *self.args, "--host", "127.0.0.1", "--port", str(self.port)]
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
@@ -47,8 +51,8 @@ class ServerProcess:
                 self._log.close()
                 raise RuntimeError(f"fflora serve exited with code {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
             try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return self
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200 and self.proc.poll() is None:
+                    return self  # (still running: not another server that holds the port)
             except httpx.TransportError:
                 pass
             time.sleep(0.25)
