@@ -1,13 +1,14 @@
 import json
 
 import pytest
+import torch
 
 from conftest import randomize_adapters
 
 import fflora
 from fflora.data import load_split
-from fflora.evaluate import _best_full_candidate, evaluate, format_table, loglik_choices
-from fflora.prompts import commonsense_response, instruction_and_response, render_prompt
+from fflora.evaluate import _best_full_candidate, choice_text_scores, evaluate, format_table, loglik_choices
+from fflora.prompts import choice_text_pairs, commonsense_response, instruction_and_response, render_prompt
 
 
 def _tiny(tiny_model_dir, adapter=True):
@@ -60,6 +61,43 @@ def test_fused_and_unfused_models_give_the_same_predictions(tiny_model_dir, tiny
     unfused = evaluate(model, tokenizer, ["arc_e", "gsm8k"], **kwargs)
     fflora.fuse(model)
     assert evaluate(model, tokenizer, ["arc_e", "gsm8k"], **kwargs) == unfused
+
+
+def test_choice_text_pairs_follow_lm_eval_harness_formats():
+    wino = {"dataset": "winogrande", "question": "Ann gave Bob a gift because _ was kind.", "choices": ["Ann", "Bob"]}
+    assert choice_text_pairs(wino) == [("Ann gave Bob a gift because Ann", " was kind."),
+                                       ("Ann gave Bob a gift because Bob", " was kind.")]
+    boolq = {"dataset": "boolq", "question": "is water wet", "choices": ["true", "false"], "context": "Water is wet."}
+    context = "Water is wet.\nQuestion: is water wet?\nAnswer:"
+    assert choice_text_pairs(boolq) == [(context, " yes"), (context, " no")]
+    arc = {"dataset": "arc_e", "question": "Which is a metal?", "choices": ["iron", "wood"]}
+    assert choice_text_pairs(arc) == [("Question: Which is a metal?\nAnswer:", " iron"),
+                                      ("Question: Which is a metal?\nAnswer:", " wood")]
+    swag = {"dataset": "hellaswag", "question": "He opens the door and", "choices": ["walks in.", "sings."]}
+    assert choice_text_pairs(swag) == [("He opens the door and", " walks in."), ("He opens the door and", " sings.")]
+
+
+@torch.no_grad()
+def test_choice_text_scores_equal_scoring_each_choice_alone(tiny_model_dir, tiny_data_dir):
+    model, tokenizer = _tiny(tiny_model_dir)
+    records = [r for d in ("arc_e", "piqa", "boolq", "winogrande", "hellaswag") for r in load_split(d, "test", tiny_data_dir)]
+    scores = choice_text_scores(model, tokenizer, records)
+    for record, score in zip(records, scores):
+        logliks, per_byte = [], []
+        for context, continuation in choice_text_pairs(record):
+            ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+            cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+            logprobs = torch.log_softmax(model(torch.tensor([ctx + cont])).logits[0, len(ctx) - 1 : -1], -1)
+            logliks.append(logprobs[torch.arange(len(cont)), torch.tensor(cont)].sum().item())
+            per_byte.append(logliks[-1] / len(continuation.encode()))
+        assert score["logliks"] == pytest.approx(logliks, abs=1e-4)
+        assert score["acc"] == max(range(len(logliks)), key=logliks.__getitem__)
+        assert score["acc_norm"] == max(range(len(per_byte)), key=per_byte.__getitem__)
+    assert any(s["acc"] != s["acc_norm"] for s in scores)  # choices of different lengths: the normalisation matters
+    summary = evaluate(model, tokenizer, ["commonsense"], data_dir=tiny_data_dir, limit=3, mode="text")
+    assert abs(summary["chance_average"] - (3 * 50 + 5 * 25) / 8) < 1e-9
+    assert all(set(r) == {"n", "accuracy", "accuracy_norm", "chance"} for r in summary["datasets"].values())
+    assert "| dataset | n | acc (%) | acc_norm (%) | chance (%) |" in format_table(summary)
 
 
 def test_loglik_mode_refuses_generation_tasks(tiny_model_dir, tiny_data_dir):

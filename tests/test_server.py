@@ -164,6 +164,7 @@ def test_token_id_prompts_and_ignore_eos_give_exact_lengths(server):
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"logprobs": 2}, "logprobs"),
     ({"prompt": None}, "prompt"),
+    ({"prompt": ""}, "prompt"),
 ])
 def test_bad_parameters_are_a_400_naming_the_field(server, body, field):
     payload = {"model": "a", "prompt": "Hi", **body}

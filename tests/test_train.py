@@ -137,3 +137,38 @@ def test_two_process_data_parallel_run_on_gloo(tiny_model_dir, tiny_data_dir, tm
     assert run["world_size"] == 2 and run["global_step"] == 3
     assert (out / "checkpoint-2" / "adapter.safetensors").is_file()
     assert (out / "adapter" / "adapter.safetensors").is_file()
+
+
+def test_the_dev_split_is_fixed_held_out_and_scored(tiny_model_dir, tiny_data_dir, tmp_path):
+    from fflora.evaluate import response_loss
+    from fflora.train import dev_records, training_records
+
+    dev = dev_records("commonsense", 16, tiny_data_dir)  # 2 of each of the 8 sets' 8 training records
+    assert len(dev) == 16 and {r["dataset"] for r in dev} == set(fflora.data.COMMONSENSE)
+    assert [r["id"] for r in dev] == [r["id"] for r in dev_records("commonsense", 16, tiny_data_dir)]
+    for seed in (1, 2):
+        cfg = _cfg(tiny_model_dir, tiny_data_dir, tmp_path / f"cfg{seed}", dev_size=16, seed=seed)
+        trained_on = {r["id"] for r in training_records(cfg)}
+        assert len(trained_on) == 64 - 16 and not trained_on & {r["id"] for r in dev}
+    record = train(_cfg(tiny_model_dir, tiny_data_dir, tmp_path / "run", dev_size=16, max_steps=3, save_steps=100))
+    model, tokenizer = fflora.load_base_model(tiny_model_dir)
+    fflora.load_adapter(model, tmp_path / "run" / "adapter")
+    assert record["dev_loss"] == pytest.approx(response_loss(model, tokenizer, dev, 1024), rel=1e-5)
+
+
+@torch.no_grad()
+def test_response_loss_is_the_token_weighted_training_loss(tiny_model_dir, tiny_data_dir):
+    from fflora.data import load_split
+    from fflora.evaluate import response_loss
+    from fflora.train import tokenize_example
+
+    model, tokenizer = fflora.load_base_model(tiny_model_dir)
+    records = load_split("piqa", "train", tiny_data_dir)[:3] + load_split("arc_e", "train", tiny_data_dir)[:2]
+    total = tokens = 0
+    for record in records:  # one at a time: no padding; transformers' own shifted loss
+        example = tokenize_example(tokenizer, record, 1024)
+        labels = torch.tensor([example["labels"]])
+        n = int((labels[:, 1:] != -100).sum())
+        total += model(torch.tensor([example["input_ids"]]), labels=labels).loss.item() * n
+        tokens += n
+    assert response_loss(model, tokenizer, records, 1024, batch_size=4) == pytest.approx(total / tokens, rel=1e-5)

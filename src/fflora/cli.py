@@ -246,6 +246,14 @@ def cmd_bench_serve(args) -> dict:
     return result
 
 
+def cmd_study(args) -> dict:
+    from .study import StudySpec, format_aggregate, run_study
+
+    result = run_study(StudySpec.load(args.spec), args.results_dir, args.runs_dir, max_cells=args.max_cells)
+    print(format_aggregate(result))
+    return result
+
+
 def cmd_demo(args) -> dict:
     from .demo import run_demo
 
@@ -281,6 +289,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--logging-steps", type=int, default=d.logging_steps)
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
+    p.add_argument("--dev-size", type=int, default=d.dev_size,
+                   help="hold out this many training records as the dev split and report their loss (default 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -305,7 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", nargs="+", required=True, help="commonsense, math, summary and/or dataset names")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--limit", type=int, default=None, help="first N test examples of each data set")
-    p.add_argument("--mode", default="generate", choices=["generate", "loglik"])
+    p.add_argument("--mode", default="generate", choices=["generate", "loglik", "text"],
+                   help="commonsense: generate + extract the label, log-likelihood of the label response, "
+                        "or log-likelihood of each choice's own text (acc and acc_norm)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--output", help="results JSON (predictions go next to it)")
@@ -358,6 +370,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=d.seed)
     q.add_argument("--output-dir", default=None, help="default: runs/bench-serve-<time>")
     q.set_defaults(func=cmd_bench_serve)
+
+    p = sub.add_parser("study", help="the accuracy study: methods x learning rates x seeds, resumable cells")
+    p.add_argument("spec", help="study spec (TOML or JSON), e.g. benchmarks/study-commonsense.toml")
+    p.add_argument("--results-dir", default="results", help="records go to RESULTS_DIR/<study>/ (default results)")
+    p.add_argument("--runs-dir", default="runs", help="checkpoints and adapters go to RUNS_DIR/<study>/ (default runs)")
+    p.add_argument("--max-cells", type=int, default=None, help="stop after this many cells (the rest resume later)")
+    p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("demo", help="the main job: train FFBA and LoRA, evaluate, benchmark, report")
     _add_model(p)

@@ -4,6 +4,9 @@
 * commonsense, loglik:   the candidate response ("the correct answer is answerK") with the highest
                          log-likelihood; no generation, one forward pass per example when the
                          candidates differ only in their last token (they do for these prompts).
+* commonsense, text:     the choice whose own text is the most likely after the question
+                         (lm-eval-harness style, acc and byte-length-normalised acc_norm): no
+                         label words, so no label bias.
 * math:    greedy decoding, last number in the output, correct within 1e-3.
 * summary: greedy decoding, ROUGE-1/2/L F1.
 FFBA adapters are evaluated in their fused form.
@@ -20,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .data import family_of, load_split, resolve_tasks
 from .metrics import accuracy, best_constant_label, extract_choice, extract_number, label_histogram, math_correct, rouge
-from .prompts import commonsense_response, instruction_and_response, render_prompt
+from .prompts import choice_text_pairs, commonsense_response, instruction_and_response, render_prompt
 
 MAX_NEW_TOKENS = {"commonsense": 32, "math": 256, "summary": 64}
 
@@ -66,6 +69,69 @@ def loglik_choices(model, tokenizer, records: list[dict]) -> list[int]:
     return [predictions[i] for i in range(len(records))]
 
 
+@torch.no_grad()
+def choice_text_scores(model, tokenizer, records: list[dict]) -> list[dict]:
+    """For each commonsense record, the choice picked by the log-likelihood of its own text.
+
+    `logliks`: each choice's summed continuation log-probability; `acc`: the highest of them; `acc_norm`: the highest per
+    byte of continuation text (lm-eval-harness's length normalisation). One right-padded batch
+    holds every (context, continuation) pair of the records.
+    """
+    pairs, owners = [], []
+    for i, record in enumerate(records):
+        for context, continuation in choice_text_pairs(record):
+            ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+            cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+            pairs.append((ctx, cont, len(continuation.encode())))
+            owners.append(i)
+    width = max(len(c) + len(t) for c, t, _ in pairs)
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([c + t + [pad] * (width - len(c) - len(t)) for c, t, _ in pairs], device=model.device)
+    mask = torch.tensor([[1] * (len(c) + len(t)) + [0] * (width - len(c) - len(t)) for c, t, _ in pairs],
+                        device=model.device)
+    logprobs = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+    sums = []
+    for row, (ctx, cont, _) in enumerate(pairs):
+        positions = torch.arange(len(ctx) - 1, len(ctx) + len(cont) - 1, device=model.device)
+        sums.append(logprobs[row, positions, torch.tensor(cont, device=model.device)].sum().item())
+    out = []
+    for i in range(len(records)):
+        rows = [k for k, owner in enumerate(owners) if owner == i]
+        acc = max(range(len(rows)), key=lambda j: sums[rows[j]])
+        acc_norm = max(range(len(rows)), key=lambda j: sums[rows[j]] / pairs[rows[j]][2])
+        out.append({"acc": acc, "acc_norm": acc_norm, "logliks": [sums[k] for k in rows]})
+    return out
+
+
+@torch.no_grad()
+def response_loss(model, tokenizer, records: list[dict], max_length: int = 256, batch_size: int = 8) -> float:
+    """Mean negative log-likelihood per response token of `records` (prompt masked, as in training).
+
+    The held-out loss of the accuracy study: continuous, so far less noisy than accuracy on a few
+    hundred items. Records whose response does not fit in `max_length` are skipped, as in training.
+    """
+    from .train import tokenize_example
+
+    examples = [e for e in (tokenize_example(tokenizer, r, max_length) for r in records) if e is not None]
+    if not examples:
+        raise ValueError(f"no record keeps a response token within max_length={max_length}")
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for chunk in _batches(examples, batch_size, "dev loss"):
+        width = max(len(e["input_ids"]) for e in chunk)
+        ids = torch.tensor([e["input_ids"] + [tokenizer.pad_token_id] * (width - len(e["input_ids"])) for e in chunk])
+        mask = torch.tensor([[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"])) for e in chunk])
+        labels = torch.tensor([e["labels"] + [-100] * (width - len(e["labels"])) for e in chunk])
+        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits[:, :-1]
+        targets = labels[:, 1:].to(model.device)
+        total += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+                                 reduction="sum").item()
+        count += int((targets != -100).sum())
+    model.train(was_training)
+    return total / count
+
+
 def _last_token_logprobs(model, pad_id: int, sequences: list[list[int]]) -> torch.Tensor:
     """Next-token log-probabilities after each sequence, in one left-padded batch."""
     width = max(len(s) for s in sequences)
@@ -90,9 +156,18 @@ def evaluate_dataset(model, tokenizer, dataset: str, *, data_dir=None, limit=Non
     """(metrics, per-example predictions) of the model on the test split of one dataset."""
     family = family_of(dataset)
     records = load_split(dataset, "test", data_dir)[:limit]
-    if mode == "loglik" and family != "commonsense":
-        raise ValueError(f"--mode loglik scores multiple-choice sets only; {dataset} is a {family} set")
+    if mode in ("loglik", "text") and family != "commonsense":
+        raise ValueError(f"--mode {mode} scores multiple-choice sets only; {dataset} is a {family} set")
     rows = []
+    if mode == "text":
+        for chunk in _batches(records, batch_size, dataset):
+            for record, pred in zip(chunk, choice_text_scores(model, tokenizer, chunk)):
+                rows.append({"id": record["id"], "prediction": pred["acc"], "correct": pred["acc"] == record["label"],
+                             "prediction_norm": pred["acc_norm"], "correct_norm": pred["acc_norm"] == record["label"]})
+        metrics = {"accuracy": 100.0 * accuracy([r["correct"] for r in rows]),
+                   "accuracy_norm": 100.0 * accuracy([r["correct_norm"] for r in rows]),
+                   "chance": 100.0 * sum(1 / len(r["choices"]) for r in records) / len(records)}
+        return {"n": len(rows), **metrics}, rows
     if mode == "loglik":
         for chunk in _batches(records, batch_size, dataset):
             for record, pred in zip(chunk, loglik_choices(model, tokenizer, chunk)):
@@ -135,6 +210,8 @@ def evaluate(model, tokenizer, tasks, *, output: str | Path | None = None, **kwa
         "metric": main_metric,
         **({"best_constant_average": sum(r["best_constant"]["accuracy"] for r in results.values()) / len(results)}
            if all("best_constant" in r for r in results.values()) else {}),
+        **({f"{k}_average": sum(r[k] for r in results.values()) / len(results) for k in ("accuracy_norm", "chance")}
+           if all("accuracy_norm" in r for r in results.values()) else {}),
         **{k: v for k, v in kwargs.items() if k in ("limit", "mode")},
     }
     if output:
@@ -152,7 +229,13 @@ def format_table(summary: dict, title: str = "") -> str:
     """A markdown table of one evaluation summary."""
     metric = summary["metric"]
     lines = [title] if title else []
-    if metric == "accuracy":
+    if "accuracy_norm_average" in summary:  # scored on the choices' own texts
+        lines += ["| dataset | n | acc (%) | acc_norm (%) | chance (%) |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {d} | {r['n']} | {r['accuracy']:.1f} | {r['accuracy_norm']:.1f} | {r['chance']:.1f} |"
+                  for d, r in summary["datasets"].items()]
+        lines.append(f"| **average** | | **{summary['average']:.1f}** | **{summary['accuracy_norm_average']:.1f}** | "
+                     f"{summary['chance_average']:.1f} |")
+    elif metric == "accuracy":
         lines += ["| dataset | n | accuracy (%) | best constant label (%) | predicted labels |", "|---|---:|---:|---:|---|"]
         for d, r in summary["datasets"].items():
             constant = r.get("best_constant")

@@ -47,6 +47,26 @@ def commonsense_instruction(record: dict) -> str:
     return f"{text}{options}\n\nAnswer format: {'/'.join(labels)}"
 
 
+def choice_text_pairs(record: dict) -> list[tuple[str, str]]:
+    """(context, continuation) per choice of a commonsense record, scored on the answer's own text.
+
+    lm-eval-harness style, with no instruction and no label words, so that a model's preference
+    for one label ("answer2") cannot decide the answer: the choice whose continuation is the most
+    likely after its context wins. WinoGrande fills the blank with each option and scores the
+    rest of the sentence (the continuation is the same for every option, the contexts differ).
+    """
+    dataset, question, choices = record["dataset"], record["question"], record["choices"]
+    if dataset == "winogrande":
+        head, _, tail = question.partition("_")
+        return [(head + option, " " + tail.strip()) for option in choices]
+    if dataset == "hellaswag":
+        return [(question, " " + choice) for choice in choices]
+    if dataset == "boolq":
+        context = f"{record.get('context', '')}\nQuestion: {question}?\nAnswer:".lstrip()
+        return [(context, " yes" if choice == "true" else " no") for choice in choices]
+    return [(f"Question: {question}\nAnswer:", " " + choice) for choice in choices]
+
+
 def commonsense_response(record: dict, label: int | None = None) -> str:
     return f"the correct answer is {candidate_labels(record)[record['label'] if label is None else label]}"
 

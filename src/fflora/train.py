@@ -74,6 +74,7 @@ class TrainConfig:
     save_total_limit: int = 2
     logging_steps: int = 5
     gradient_checkpointing: bool = False
+    dev_size: int = 0  # records of the training mixture held out as the dev split (scored after training)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -82,14 +83,33 @@ class TrainConfig:
             raise ValueError(f"unknown task {self.task!r}; choose one of {sorted(TRAIN_DATASETS)}")
 
 
+DEV_SEED = 20251031  # one fixed draw: every run of a task holds out the same dev records
+
+
+def dev_records(task: str, dev_size: int, data_dir=None) -> list[dict]:
+    """The dev split: `dev_size` records of the task's training mixture (an equal share per data
+    set, drawn with a fixed seed), never trained on when a run sets dev_size, never a test set."""
+    if not dev_size:
+        return []
+    datasets = TRAIN_DATASETS[task]
+    per_set = max(1, dev_size // len(datasets))
+    held = []
+    for i, name in enumerate(datasets):
+        split = load_split(name, "train", data_dir)
+        held += random.Random(DEV_SEED + i).sample(split, min(per_set, len(split)))
+    return held
+
+
 def training_records(cfg: TrainConfig) -> list[dict]:
-    """The training mixture: every train split of the task, each capped at train_limit / #datasets
-    examples drawn with the run's seed (a balanced subset), shuffled together."""
+    """The training mixture: every train split of the task without the dev records, each capped
+    at train_limit / #datasets examples drawn with the run's seed (a balanced subset), shuffled
+    together."""
     datasets = TRAIN_DATASETS[cfg.task]
     rng = random.Random(cfg.seed)
+    held_out = {r["id"] for r in dev_records(cfg.task, cfg.dev_size, cfg.data_dir)}
     records = []
     for name in datasets:
-        split = load_split(name, "train", cfg.data_dir)
+        split = [r for r in load_split(name, "train", cfg.data_dir) if r["id"] not in held_out]
         if cfg.train_limit:
             split = rng.sample(split, min(len(split), max(1, cfg.train_limit // len(datasets))))
         records += split
@@ -300,6 +320,12 @@ def train(cfg: TrainConfig, resume: bool = False, model=None, tokenizer=None) ->
         "resumed_from": checkpoint,
         "adapter_dir": str(out / "adapter"),
     }
+    if cfg.dev_size:
+        from .evaluate import response_loss
+
+        record["dev_loss"] = response_loss(trainer.accelerator.unwrap_model(trainer.model), tokenizer,
+                                           dev_records(cfg.task, cfg.dev_size, cfg.data_dir), cfg.max_length)
+        record["dev_records"] = cfg.dev_size
     if trainer.is_world_process_zero():
         _save_final(trainer, out / "adapter", tokenizer)
         atomic_write_text(out / RUN_FILE, json.dumps(record, indent=2) + "\n")

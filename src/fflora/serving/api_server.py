@@ -19,7 +19,7 @@ import asyncio
 import json
 import time
 import uuid
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -132,6 +132,8 @@ class OpenAIServing:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def max_new_tokens(self, body: SamplingRequest, limit: int | None, prompt_len: int) -> int:
+        if prompt_len == 0:
+            raise APIError(400, "the prompt is empty", "messages" if isinstance(body, ChatCompletionRequest) else "prompt")
         room = self.max_model_len - prompt_len
         if room < 1:
             raise APIError(400, f"the prompt has {prompt_len} tokens; this model takes at most "
@@ -154,7 +156,7 @@ class OpenAIServing:
         stream = self.engine.stream(ids, adapter, max_new_tokens=max_new, temperature=body.temperature,
                                     top_p=body.top_p, ignore_eos=body.ignore_eos)
         try:
-            async with _closing(stream):  # leaving early (stop string, client gone) cancels the request
+            async with aclosing(stream):  # leaving early (stop string, client gone) cancels the request
                 async for output in stream:
                     tokens, finished = output.generated_tokens, output.is_finished()
                     delta = text.update(tokens, final=finished)
@@ -199,7 +201,7 @@ async def _answer(serving: OpenAIServing, body, request: Request):
 
         async def sse():
             usage = None
-            async with _closing(events):
+            async with aclosing(events):
                 is_first, item = True, first
                 while item is not None:
                     delta, reason, n_prompt, n_completion = item
@@ -223,7 +225,7 @@ async def _answer(serving: OpenAIServing, body, request: Request):
 
     async def collect():
         parts, item = [first[0]], first
-        async with _closing(events):
+        async with aclosing(events):
             async for item in events:
                 parts.append(item[0])
         return "".join(parts), item
@@ -240,14 +242,6 @@ async def _answer(serving: OpenAIServing, body, request: Request):
 
 def _sse(data: dict) -> str:
     return f"data: {json.dumps(data)}\n\n"
-
-
-@asynccontextmanager
-async def _closing(agen):
-    try:
-        yield agen
-    finally:
-        await agen.aclose()
 
 
 async def _unless_disconnected(request: Request, work, poll_s: float = 0.5):
@@ -348,8 +342,8 @@ def run_server(model_name_or_path: str | None = None, adapters: dict[str, str] |
                         ContinuousBatchingConfig(max_batch_tokens=max_batch_tokens,
                                                  max_requests_per_batch=max_batch_requests,
                                                  num_blocks=-(-kv_cache_tokens // _PAGE_SIZE), page_size=_PAGE_SIZE))
-    serving = OpenAIServing(engine, tokenizer, name, model.config.get_text_config().max_position_embeddings,
-                            default_max_tokens)
+    context = min(model.config.get_text_config().max_position_embeddings, kv_cache_tokens)
+    serving = OpenAIServing(engine, tokenizer, name, context, default_max_tokens)
     for adapter, path in (adapters or {}).items():
         if adapter == name:
             raise ValueError(f"adapter name {adapter!r} is the base model's name; choose another")

@@ -75,7 +75,7 @@ class BankEngine:
         cb_config.per_request_processors = True
         self.generation_config = generation_config if generation_config is not None else sampling_generation_config()
         self._per_request_sampling = bool(self.generation_config.do_sample)
-        self._lock = threading.Lock()  # guards the two tables below (server threads, the engine's thread)
+        self._lock = threading.Lock()  # guards the tables below (server threads, the engine's thread)
         self._adapter_of: dict[str, str] = {}  # request id -> adapter, for requests not yet finished
         self._retiring: set[str] = set()  # unloaded adapters that still have requests running
         self._outputs: dict[str, queue.SimpleQueue] = {}  # request id -> its outputs, for `results`
@@ -110,7 +110,10 @@ class BankEngine:
     def adapters(self) -> list[str]:
         """The adapters new requests can use, in load order."""
         with self._lock:
-            return [name for name in self.bank.names() if name not in self._retiring]
+            return self._available()
+
+    def _available(self) -> list[str]:  # the caller holds the lock
+        return [name for name in self.bank.names() if name not in self._retiring]
 
     def load_adapter(self, path, name: str, strict: bool = False) -> None:
         """Load the adapter saved in `path` as `name`; running requests pause for the write (milliseconds).
@@ -132,8 +135,7 @@ class BankEngine:
         """
         with self._lock:
             if name not in self.bank.names() or name in self._retiring:
-                raise KeyError(f"no adapter named {name!r} is loaded; loaded adapters: "
-                               f"{[n for n in self.bank.names() if n not in self._retiring]}")
+                raise KeyError(f"no adapter named {name!r} is loaded; loaded adapters: {self._available()}")
             self._retiring.add(name)
         with self._paused():
             self._delete_retired()  # if it has running requests, the engine's thread deletes it after them
@@ -181,8 +183,7 @@ class BankEngine:
             self._deliver_to(request_id, outputs.put)
         with self._lock:
             if adapter != BASE_NAME and (adapter not in self.bank.names() or adapter in self._retiring):
-                raise ValueError(f"no adapter named {adapter!r} is loaded; loaded adapters: "
-                                 f"{[n for n in self.bank.names() if n not in self._retiring]} "
+                raise ValueError(f"no adapter named {adapter!r} is loaded; loaded adapters: {self._available()} "
                                  f"(and {BASE_NAME!r} for the base model)")
             self._adapter_of[request_id] = adapter  # known before the scheduler can see the request
         added = self.manager.add_request(list(input_ids), request_id=request_id, max_new_tokens=max_new_tokens,

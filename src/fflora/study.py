@@ -1,0 +1,298 @@
+"""The accuracy study: methods x learning rates x seeds, each cell a normal training run and evaluation.
+
+`fflora study SPEC` (a TOML or JSON file, see `benchmarks/study-commonsense.toml`) runs two phases:
+
+* sweep: every method at every learning rate, one seed, shorter runs judged on the dev loss alone
+  (the held-out response-token loss on a fixed slice of the training mixture, never a test set);
+* final: each method at its best sweep rate, with its number of seeds, longer runs, evaluated on
+  the first `eval_limit` test items of every set in two ways: log-likelihood of the label response
+  (LLM-Adapters' format, with the best constant-label baseline) and of each choice's own text
+  (acc, acc_norm).
+
+A finished cell writes one JSON record under `results/<study>/` (with its per-example predictions)
+and is skipped afterwards; an interrupted cell resumes from its last checkpoint under
+`runs/<study>/`. Cells can run in any order: a method's final cells are planned once its sweep is done.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .files import atomic_write_text
+from .sources import say
+from .stats import mean_std, paired_bootstrap
+from .train import CONFIG_FILE, TrainConfig, train
+
+EVAL_MODES = ("loglik", "text")
+_STUDY_OWNED = {"task", "output_dir", "model", "data_dir", "dev_size", "lr", "seed", "max_steps"}
+
+
+@dataclass
+class StudySpec:
+    name: str
+    methods: dict[str, dict]  # method name -> TrainConfig fields ({"method": "ffba", "r": 8, ...})
+    learning_rates: list[float]
+    seeds: dict[str, int]  # method name -> seeds at its best rate
+    task: str = "commonsense"
+    model: str | None = None
+    data_dir: str | None = None
+    dev_size: int = 400
+    eval_limit: int = 250
+    sweep_steps: int = 100
+    final_steps: int = 400
+    train: dict = field(default_factory=dict)  # TrainConfig fields shared by every cell
+
+    def __post_init__(self) -> None:
+        if not self.methods or not self.learning_rates:
+            raise ValueError("a study needs at least one method and one learning rate")
+        missing = [m for m in self.seeds if m not in self.methods]
+        if missing:
+            raise ValueError(f"seeds given for methods the spec does not define: {missing}")
+        for name, overrides in self.methods.items():  # fails now, not hours into the study
+            self.train_config(Cell("sweep", name, self.learning_rates[0], 0), Path("unused"))
+        for key in ("eval_limit", "sweep_steps", "final_steps"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise ValueError(f"{key} must be an integer >= 1, got {getattr(self, key)!r}")
+
+    @classmethod
+    def load(cls, path: str | Path) -> StudySpec:
+        path = Path(path)
+        if path.suffix == ".toml":
+            try:
+                import tomllib
+            except ImportError as e:  # Python 3.10
+                raise ValueError(f"{path}: TOML specs need Python 3.11 or later; write the spec as JSON") from e
+            data = tomllib.loads(path.read_text())
+        else:
+            data = json.loads(path.read_text())
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"{path}: unknown study settings {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+        return cls(**data)
+
+    def train_config(self, cell: Cell, runs_dir: Path) -> TrainConfig:
+        overrides = {**self.train, **self.methods[cell.method]}
+        owned = sorted(set(overrides) & _STUDY_OWNED)
+        if owned:
+            raise ValueError(f"the study sets {owned} itself (method {cell.method!r}); remove them from the spec")
+        unknown = sorted(set(overrides) - set(TrainConfig.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"method {cell.method!r}: unknown training settings {unknown}")
+        return TrainConfig(task=self.task, output_dir=str(runs_dir / self.name / cell.key), model=self.model,
+                           data_dir=self.data_dir, dev_size=self.dev_size, lr=cell.lr, seed=cell.seed,
+                           max_steps=self.sweep_steps if cell.phase == "sweep" else self.final_steps,
+                           **overrides)
+
+
+@dataclass(frozen=True)
+class Cell:
+    phase: str  # "sweep" or "final"
+    method: str
+    lr: float
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.phase}-{self.method}-lr{self.lr:g}-seed{self.seed}"
+
+
+def read_records(results_dir: Path) -> dict[str, dict]:
+    """The finished cells' records, by cell key."""
+    return {p.stem: json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json")) if p.stem != "aggregate"}
+
+
+def best_rates(spec: StudySpec, records: dict[str, dict]) -> dict[str, float]:
+    """Each method's learning rate with the lowest dev loss, once all its sweep cells are done."""
+    best = {}
+    for method in spec.methods:
+        losses = {}
+        for lr in spec.learning_rates:
+            record = records.get(Cell("sweep", method, lr, 0).key)
+            if record is not None:
+                losses[lr] = record["train"]["dev_loss"]
+        if len(losses) == len(spec.learning_rates):
+            best[method] = min(losses, key=losses.get)
+    return best
+
+
+def plan(spec: StudySpec, records: dict[str, dict]) -> tuple[list[Cell], int]:
+    """(cells that can run now, final cells still waiting for their method's sweep)."""
+    cells = [Cell("sweep", m, lr, 0) for m in spec.methods for lr in spec.learning_rates]
+    best = best_rates(spec, records)
+    waiting = 0
+    for method, count in spec.seeds.items():
+        if method in best:
+            cells += [Cell("final", method, best[method], seed) for seed in range(count)]
+        else:
+            waiting += count
+    return [c for c in cells if c.key not in records], waiting
+
+
+def run_cell(spec: StudySpec, cell: Cell, results_dir: Path, runs_dir: Path) -> dict:
+    """Train (or resume, or reuse a finished run), evaluate a final cell, write its record atomically."""
+    from .artifacts import RUN_FILE, load_trained
+    from .evaluate import evaluate
+
+    cfg = spec.train_config(cell, runs_dir)
+    out = Path(cfg.output_dir)
+    if (out / RUN_FILE).is_file():
+        trained = json.loads((out / RUN_FILE).read_text())  # trained before; evaluation was interrupted
+    else:
+        trained = train(cfg, resume=(out / CONFIG_FILE).is_file())
+    record = {"cell": {"phase": cell.phase, "method": cell.method, "lr": cell.lr, "seed": cell.seed},
+              "train": {k: trained.get(k) for k in ("dev_loss", "train_loss", "global_step", "wall_time_s",
+                                                    "resumed_from")},
+              "parameters": trained["parameters"]["trainable"], "config": trained["config"]}
+    if cell.phase == "final":
+        model, tokenizer, _ = load_trained(out, spec.model)
+        record["eval"], record["predictions"] = {}, {}
+        for mode in EVAL_MODES:
+            output = out / f"eval-{mode}.json"
+            summary = evaluate(model, tokenizer, [spec.task], data_dir=spec.data_dir, limit=spec.eval_limit,
+                               mode=mode, output=output)
+            record["eval"][mode] = summary
+            rows = [json.loads(line) for line in output.with_suffix(".predictions.jsonl").read_text().splitlines()]
+            record["predictions"][mode] = [[r["dataset"], r["id"], r["prediction"], int(r["correct"]),
+                                            *([r["prediction_norm"], int(r["correct_norm"])] if mode == "text" else [])]
+                                           for r in rows]
+    atomic_write_text(results_dir / f"{cell.key}.json", json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def run_study(spec: StudySpec, results_root: str | Path = "results", runs_root: str | Path = "runs",
+              max_cells: int | None = None) -> dict:
+    """Run every cell not yet finished (at most `max_cells`), then write the aggregate; returns it."""
+    results_dir, runs_dir = Path(results_root) / spec.name, Path(runs_root)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    durations: dict[str, list[float]] = {}
+    ran = 0
+    while max_cells is None or ran < max_cells:
+        records = read_records(results_dir)
+        todo, waiting = plan(spec, records)
+        if not todo:
+            break
+        cell = todo[0]
+        left = len(todo) + waiting
+        eta = sum(np.mean(durations.get(c.phase, [np.nan])) for c in todo) + waiting * np.mean(durations.get("final", [np.nan]))
+        say(f"study {spec.name}: {len(records)} done, running {cell.key}, {left - 1} left after it"
+            + (f", about {eta / 3600:.1f} h to go" if np.isfinite(eta) else ""))
+        start = time.time()
+        run_cell(spec, cell, results_dir, runs_dir)
+        durations.setdefault(cell.phase, []).append(time.time() - start)
+        ran += 1
+    records = read_records(results_dir)
+    result = aggregate(spec, records)
+    write_aggregate(result, results_dir)
+    return result
+
+
+def _correct_matrix(records: list[dict], mode: str, column: int) -> tuple[np.ndarray, list[str], list[str]]:
+    """(seeds x items) 0/1 correctness, item data sets and ids, items in one order for every record."""
+    rows = [sorted(r["predictions"][mode], key=lambda p: (p[0], p[1])) for r in records]
+    ids = [p[1] for p in rows[0]]
+    if any([p[1] for p in row] != ids for row in rows):
+        raise ValueError(f"the final cells were evaluated on different items ({mode}); rerun them with one eval_limit")
+    return np.array([[p[column] for p in row] for row in rows], dtype=float), [p[0] for p in rows[0]], ids
+
+
+METRICS = {"label acc": ("loglik", 3), "text acc": ("text", 3), "text acc_norm": ("text", 5)}
+
+
+def aggregate(spec: StudySpec, records: dict[str, dict]) -> dict:
+    """Per method: dev loss and accuracies, mean +- std over seeds; FFBA - LoRA with bootstrap 95% CIs."""
+    finals: dict[str, list[dict]] = {}
+    for record in records.values():
+        if record["cell"]["phase"] == "final":
+            finals.setdefault(record["cell"]["method"], []).append(record)
+    sweep = {m: {r["cell"]["lr"]: r["train"]["dev_loss"] for r in records.values()
+                 if r["cell"]["phase"] == "sweep" and r["cell"]["method"] == m} for m in spec.methods}
+    methods = {}
+    for method, runs in finals.items():
+        entry = {"lr": runs[0]["cell"]["lr"], "seeds": len(runs), "parameters": runs[0]["parameters"],
+                 "dev_loss": mean_std([r["train"]["dev_loss"] for r in runs])}
+        for metric, (mode, column) in METRICS.items():
+            correct, groups, _ = _correct_matrix(runs, mode, column)
+            sets = {g: mean_std(100 * correct[:, np.asarray(groups) == g].mean(axis=1)) for g in dict.fromkeys(groups)}
+            entry[metric] = {"average": mean_std([np.mean([100 * correct[s, np.asarray(groups) == g].mean()
+                                                           for g in sets]) for s in range(len(runs))]),
+                             "sets": sets}
+        baseline = runs[0]["eval"]["loglik"]
+        entry["best_constant_average"] = baseline.get("best_constant_average")
+        entry["chance_average"] = runs[0]["eval"]["text"].get("chance_average")
+        methods[method] = entry
+    comparisons = {}
+    for a, b in (("ffba", "lora"),):
+        if a in finals and b in finals:
+            comparisons[f"{a} - {b}"] = {}
+            for metric, (mode, column) in METRICS.items():
+                ca, groups, ids = _correct_matrix(finals[a], mode, column)
+                cb, _, ids_b = _correct_matrix(finals[b], mode, column)
+                if ids != ids_b:
+                    raise ValueError(f"{a} and {b} were evaluated on different items")
+                comparisons[f"{a} - {b}"][metric] = paired_bootstrap(ca, cb, groups)
+    return {"study": spec.name, "cells_done": len(records), "sweep_dev_loss": sweep, "methods": methods,
+            "comparisons": comparisons}
+
+
+def format_aggregate(result: dict) -> str:
+    lines = [f"Study {result['study']} ({result['cells_done']} cells)", "",
+             "| method | lr | seeds | trainable | dev loss | label acc | text acc | text acc_norm |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def ms(value: dict, digits: int = 1) -> str:
+        return f"{value['mean']:.{digits}f} +- {value['std']:.{digits}f}"
+
+    for method, e in result["methods"].items():
+        lines.append(f"| {method} | {e['lr']:g} | {e['seeds']} | {e['parameters']:,} | {ms(e['dev_loss'], 4)} | "
+                     f"{ms(e['label acc']['average'])} | {ms(e['text acc']['average'])} | "
+                     f"{ms(e['text acc_norm']['average'])} |")
+    any_method = next(iter(result["methods"].values()), None)
+    if any_method:
+        lines.append(f"| best constant label / chance | | | | | {any_method['best_constant_average']:.1f} | "
+                     f"{any_method['chance_average']:.1f} | {any_method['chance_average']:.1f} |")
+    for name, metrics in result["comparisons"].items():
+        lines += ["", f"Paired difference {name} (percentage points, 95% bootstrap CI over items and seeds):", ""]
+        lines += [f"- {metric}: {c['difference']:+.2f} [{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}]"
+                  + (" (excludes 0)" if c["excludes_zero"] else " (includes 0)") for metric, c in metrics.items()]
+    return "\n".join(lines)
+
+
+def plot_aggregate(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    methods = result["methods"]
+    sets = list(next(iter(methods.values()))["text acc_norm"]["sets"]) if methods else []
+    width = 0.8 / max(1, len(methods))
+    for k, (method, e) in enumerate(methods.items()):
+        values = [e["text acc_norm"]["sets"][s] for s in sets]
+        axes[0].bar([i + k * width for i in range(len(sets))], [v["mean"] for v in values], width,
+                    yerr=[v["std"] for v in values], capsize=3, label=method)
+    axes[0].set_xticks([i + width * (len(methods) - 1) / 2 for i in range(len(sets))], sets, rotation=30)
+    axes[0].set_title("accuracy on the choices' texts (acc_norm, mean +- std over seeds)", fontsize=10)
+    for method, losses in result["sweep_dev_loss"].items():
+        if losses:
+            lrs = sorted(losses, key=float)
+            axes[1].plot([float(lr) for lr in lrs], [losses[lr] for lr in lrs], marker="o", label=method)
+    axes[1].set_xscale("log")
+    axes[1].set_title("dev loss after the sweep runs, per learning rate", fontsize=10)
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_aggregate(result: dict, results_dir: Path) -> None:
+    atomic_write_text(results_dir / "aggregate.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(results_dir / "aggregate.md", format_aggregate(result) + "\n")
+    plot_aggregate(result, results_dir / "aggregate.png")

@@ -1,0 +1,106 @@
+"""The study runner on a tiny model: resumable cells, learning-rate choice by dev loss, the aggregate."""
+
+import json
+
+import numpy as np
+import pytest
+
+from fflora.study import Cell, StudySpec, aggregate, best_rates, format_aggregate, plan, read_records, run_study
+
+
+def _spec(tiny_model_dir, tiny_data_dir, **kw):
+    base = dict(name="tiny", model=str(tiny_model_dir), data_dir=str(tiny_data_dir), dev_size=8, eval_limit=2,
+                sweep_steps=2, final_steps=2, learning_rates=[1e-3, 3e-2], seeds={"ffba": 2, "lora": 1},
+                methods={"ffba": {"method": "ffba", "r": 2, "alpha": 4}, "lora": {"method": "lora", "lora_r": 2}},
+                train={"batch_size": 4, "max_length": 1024, "save_steps": 1, "logging_steps": 1, "warmup_ratio": 0.0})
+    base.update(kw)
+    return StudySpec(**base)
+
+
+def test_a_study_runs_every_cell_once_and_resumes(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
+    import fflora.study as study
+    import fflora.train as train_module
+
+    spec = _spec(tiny_model_dir, tiny_data_dir)
+    results, runs = tmp_path / "results", tmp_path / "runs"
+
+    # Interrupt the first cell right after its first checkpoint is written.
+    original = train_module.FFLoraTrainer._save_checkpoint
+
+    def crash_after_saving(self, model, trial):
+        original(self, model, trial)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module.FFLoraTrainer, "_save_checkpoint", crash_after_saving)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(spec, results, runs)
+    monkeypatch.undo()
+    assert read_records(results / "tiny") == {}
+
+    first = run_study(spec, results, runs, max_cells=1)  # resumes the interrupted cell
+    records = read_records(results / "tiny")
+    key = Cell("sweep", "ffba", 1e-3, 0).key
+    assert list(records) == [key] and records[key]["train"]["resumed_from"].endswith("checkpoint-1")
+    assert first["methods"] == {}  # no final cell yet
+
+    result = run_study(spec, results, runs)
+    records = read_records(results / "tiny")
+    assert len(records) == 4 + 3  # 2 methods x 2 rates, then 2 + 1 seeds at the best rates
+    best = best_rates(spec, records)
+    for method in ("ffba", "lora"):
+        losses = {lr: records[Cell("sweep", method, lr, 0).key]["train"]["dev_loss"] for lr in spec.learning_rates}
+        assert best[method] == min(losses, key=losses.get)
+        assert records[Cell("final", method, best[method], 0).key]["eval"]["text"]["datasets"]["piqa"]["n"] == 2
+    final = records[Cell("final", "ffba", best["ffba"], 1).key]
+    assert len(final["predictions"]["loglik"]) == 16 and len(final["predictions"]["text"][0]) == 6
+    assert result["methods"]["ffba"]["seeds"] == 2 and "ffba - lora" in result["comparisons"]
+    assert (results / "tiny" / "aggregate.md").read_text().startswith("Study tiny (7 cells)")
+    assert (results / "tiny" / "aggregate.png").stat().st_size > 0
+
+    monkeypatch.setattr(study, "train", lambda *a, **k: pytest.fail("a finished cell was trained again"))
+    assert run_study(spec, results, runs)["cells_done"] == 7
+    assert plan(spec, read_records(results / "tiny")) == ([], 0)
+
+
+def _record(method, seed, correct_label, correct_text, sets, dev_loss):
+    """A final cell's record with the given 0/1 correctness per item (items named by set and index)."""
+    items = [(s, f"{s}-{i}") for s in sets for i in range(len(correct_label) // len(sets))]
+    return {"cell": {"phase": "final", "method": method, "lr": 1e-3, "seed": seed}, "parameters": 100,
+            "train": {"dev_loss": dev_loss},
+            "eval": {"loglik": {"best_constant_average": 50.0}, "text": {"chance_average": 50.0}},
+            "predictions": {"loglik": [[s, i, 0, c] for (s, i), c in zip(items, correct_label)],
+                            "text": [[s, i, 0, c, 0, c] for (s, i), c in zip(items, correct_text)]}}
+
+
+def test_the_aggregate_on_synthetic_records_with_known_answers(tiny_model_dir, tiny_data_dir):
+    spec = _spec(tiny_model_dir, tiny_data_dir)
+    sets = ["a", "b"]
+    records = {
+        "f0": _record("ffba", 0, [1, 1, 1, 1], [1, 1, 0, 1], sets, 1.0),   # label 100, text: a 100, b 50
+        "f1": _record("ffba", 1, [1, 1, 0, 0], [1, 1, 0, 1], sets, 2.0),   # label: a 100, b 0 -> 50
+        "l0": _record("lora", 0, [0, 0, 0, 0], [1, 1, 0, 1], sets, 3.0),
+    }
+    result = aggregate(spec, records)
+    ffba = result["methods"]["ffba"]
+    assert ffba["dev_loss"] == {"mean": 1.5, "std": pytest.approx(np.sqrt(0.5)), "n": 2}
+    assert ffba["label acc"]["average"]["mean"] == 75.0 and ffba["label acc"]["sets"]["b"]["mean"] == 50.0
+    assert ffba["text acc"]["average"] == {"mean": 75.0, "std": 0.0, "n": 2}
+    comparison = result["comparisons"]["ffba - lora"]
+    assert comparison["label acc"]["difference"] == 75.0 and comparison["label acc"]["excludes_zero"]
+    assert comparison["text acc_norm"]["difference"] == 0.0 and comparison["text acc_norm"]["ci95"] == [0.0, 0.0]
+    table = format_aggregate(result)
+    assert "| ffba | 0.001 | 2 | 100 | 1.5000 +- 0.7071 | 75.0 +- 35.4 |" in table
+    assert "- label acc: +75.00" in table
+
+
+def test_bad_specs_are_refused_before_anything_runs(tiny_model_dir, tiny_data_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"the study sets \['lr'\] itself"):
+        _spec(tiny_model_dir, tiny_data_dir, methods={"ffba": {"method": "ffba", "lr": 1e-3}}, seeds={})
+    with pytest.raises(ValueError, match=r"unknown training settings \['rank'\]"):
+        _spec(tiny_model_dir, tiny_data_dir, methods={"ffba": {"method": "ffba", "rank": 8}}, seeds={})
+    with pytest.raises(ValueError, match=r"seeds given for methods the spec does not define: \['dora'\]"):
+        _spec(tiny_model_dir, tiny_data_dir, seeds={"dora": 1})
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps({"name": "x", "methods": {}, "learning_rates": [], "seeds": {}, "epochz": 1}))
+    with pytest.raises(ValueError, match=r"unknown study settings \['epochz'\]"):
+        StudySpec.load(path)
