@@ -122,6 +122,10 @@ def test_smollm2_budget_match():
     assert fflora.lora_parameter_count(config, 8) == 2_442_240
     assert match_ffba_rank(config, 8) == 10
     assert fflora.ffba_parameter_count(config, fflora.FFBAConfig(r=10)) == 2_509_440
+    # FA-only and BA-only adapters need ranks far above LoRA's: no search bound may cut them off.
+    assert match_ffba_rank(config, 8, backward=False) == 35  # 2,419,200 (-0.9%); a bound of 4r + 1 gave 33 (-6.6%)
+    assert match_ffba_rank(config, 8, forward=False) == 13
+    assert match_ffba_rank(config, 64, backward=False) == 283
 
 
 def test_two_process_data_parallel_run_on_gloo(tiny_model_dir, tiny_data_dir, tmp_path):

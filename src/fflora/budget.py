@@ -48,18 +48,21 @@ def lora_parameter_count(hf_config, r: int) -> int:
     return k["layers"] * per_layer * r
 
 
-def _closest_rank(count, target: int, max_rank: int) -> int:
-    """The smallest rank in 1..max_rank whose parameter count is closest to target."""
-    return min(range(1, max_rank + 1), key=lambda r: (abs(count(r) - target), r))
+def _closest_rank(count, target: int) -> int:
+    """The smallest rank whose parameter count is closest to target (counts grow with the rank)."""
+    r = 1
+    while count(r) < target:
+        r += 1
+    return min((max(1, r - 1), r), key=lambda k: (abs(count(k) - target), k))
 
 
 def match_ffba_rank(hf_config, lora_r: int, **ffba_kwargs) -> int:
     """The FFBA rank whose trainable-parameter count is closest to LoRA's at rank `lora_r`."""
     target = lora_parameter_count(hf_config, lora_r)
-    return _closest_rank(lambda r: ffba_parameter_count(hf_config, FFBAConfig(r=r, **ffba_kwargs)), target, 4 * lora_r + 1)
+    return _closest_rank(lambda r: ffba_parameter_count(hf_config, FFBAConfig(r=r, **ffba_kwargs)), target)
 
 
 def match_lora_rank(hf_config, ffba: FFBAConfig) -> int:
     """The LoRA rank whose trainable-parameter count is closest to this FFBA configuration's."""
     target = ffba_parameter_count(hf_config, ffba)
-    return _closest_rank(lambda r: lora_parameter_count(hf_config, r), target, 4 * ffba.r + 1)
+    return _closest_rank(lambda r: lora_parameter_count(hf_config, r), target)
