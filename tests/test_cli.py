@@ -60,3 +60,5 @@ def test_serve_refuses_bad_adapters_before_listening(tiny_model_dir, tmp_path, c
     assert "--adapter 'a' is given twice" in capsys.readouterr().err
     assert main(["serve", "--model", str(tiny_model_dir), "--adapter", f"a={tmp_path / 'none'}"]) == 2
     assert f"fflora: error: no FFBA adapter at {tmp_path / 'none'}" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tiny_model_dir), "--kv-cache-tokens", "0"]) == 2
+    assert "fflora: error: --kv-cache-tokens must be >= 1, got 0" in capsys.readouterr().err

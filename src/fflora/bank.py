@@ -352,12 +352,12 @@ class AdapterBank:
         windows, masks, fa_phi = {}, {}, {}
         uniform = len(present) == 1 and BASE_NAME not in names
         for s in SPACES:
-            used = self._reach(present, s)
-            width = min(_round_up(used), self.rank_budget)
+            reach = self._reach(present, s)
+            width = min(_round_up(reach), self.rank_budget)
             windows[s] = width
             if not width:
                 continue
-            if uniform and width == used and self.entries[present[0]].offsets[s] == 0:  # it fills the window
+            if uniform and width == reach and self.entries[present[0]].offsets[s] == 0:  # it fills the window
                 masks[s] = None
                 phi = self.entries[present[0]].config.phi
                 if s.startswith("fa.") and phi != "identity":

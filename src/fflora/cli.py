@@ -137,6 +137,11 @@ def cmd_serve(args) -> dict:
         if name in adapters:
             raise ValueError(f"--adapter {name!r} is given twice")
         adapters[name] = path
+    for option in ("max_adapters", "kv_cache_tokens", "default_max_tokens", "max_batch_tokens", "max_batch_requests",
+                   "limit_max_requests", "rank_budget"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            raise ValueError(f"--{option.replace('_', '-')} must be >= 1, got {value}")
     if len(adapters) > args.max_adapters:
         raise ValueError(f"{len(adapters)} adapters do not fit in --max-adapters {args.max_adapters}")
     run_server(args.model, adapters, max_adapters=args.max_adapters, rank_budget=args.rank_budget, host=args.host,
