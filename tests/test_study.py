@@ -104,3 +104,20 @@ def test_bad_specs_are_refused_before_anything_runs(tiny_model_dir, tiny_data_di
     path.write_text(json.dumps({"name": "x", "methods": {}, "learning_rates": [], "seeds": {}, "epochz": 1}))
     with pytest.raises(ValueError, match=r"unknown study settings \['epochz'\]"):
         StudySpec.load(path)
+
+
+def test_a_study_keeps_one_device(tiny_model_dir, tiny_data_dir, tmp_path):
+    import torch
+
+    spec = _spec(tiny_model_dir, tiny_data_dir, device="cuda")
+    assert spec.train_config(Cell("sweep", "ffba", 1e-3, 0), tmp_path).bf16
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="asks for device 'cuda' but torch sees no CUDA device"):
+            run_study(spec, tmp_path / "results", tmp_path / "runs")
+    folder = tmp_path / "results" / "tiny"
+    folder.mkdir(parents=True)
+    (folder / "sweep-ffba-lr0.001-seed0.json").write_text(json.dumps({"device": "cuda"}))
+    with pytest.raises(ValueError, match=r"holds cells run on \['cuda'\], this run is on 'cpu'"):
+        run_study(_spec(tiny_model_dir, tiny_data_dir), tmp_path / "results", tmp_path / "runs")
+    with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda'"):
+        _spec(tiny_model_dir, tiny_data_dir, device="tpu")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -254,7 +255,10 @@ def cmd_bench_serve(args) -> dict:
 def cmd_study(args) -> dict:
     from .study import StudySpec, format_aggregate, run_study
 
-    result = run_study(StudySpec.load(args.spec), args.results_dir, args.runs_dir, max_cells=args.max_cells)
+    spec = StudySpec.load(args.spec)
+    if args.device:
+        spec = dataclasses.replace(spec, device=args.device)
+    result = run_study(spec, args.results_dir, args.runs_dir, max_cells=args.max_cells)
     print(format_aggregate(result))
     return result
 
@@ -381,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results-dir", default="results", help="records go to RESULTS_DIR/<study>/ (default results)")
     p.add_argument("--runs-dir", default="runs", help="checkpoints and adapters go to RUNS_DIR/<study>/ (default runs)")
     p.add_argument("--max-cells", type=int, default=None, help="stop after this many cells (the rest resume later)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="override the spec's device (cuda: bfloat16 autocast); a study keeps one device")
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("demo", help="the main job: train FFBA and LoRA, evaluate, benchmark, report")

@@ -16,12 +16,14 @@ and is skipped afterwards; an interrupted cell resumes from its last checkpoint 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .files import atomic_write_text
 from .sources import say
@@ -29,7 +31,7 @@ from .stats import mean_std, paired_bootstrap
 from .train import CONFIG_FILE, TrainConfig, train
 
 EVAL_MODES = ("loglik", "text")
-_STUDY_OWNED = {"task", "output_dir", "model", "data_dir", "dev_size", "lr", "seed", "max_steps"}
+_STUDY_OWNED = {"task", "output_dir", "model", "data_dir", "dev_size", "lr", "seed", "max_steps", "bf16"}
 
 
 @dataclass
@@ -46,8 +48,11 @@ class StudySpec:
     sweep_steps: int = 100
     final_steps: int = 400
     train: dict = field(default_factory=dict)  # TrainConfig fields shared by every cell
+    device: str = "cpu"  # "cuda": training and evaluation on the GPU with bfloat16 autocast
 
     def __post_init__(self) -> None:
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         if not self.methods or not self.learning_rates:
             raise ValueError("a study needs at least one method and one learning rate")
         missing = [m for m in self.seeds if m not in self.methods]
@@ -85,6 +90,7 @@ class StudySpec:
             raise ValueError(f"method {cell.method!r}: unknown training settings {unknown}")
         return TrainConfig(task=self.task, output_dir=str(runs_dir / self.name / cell.key), model=self.model,
                            data_dir=self.data_dir, dev_size=self.dev_size, lr=cell.lr, seed=cell.seed,
+                           bf16=self.device == "cuda",
                            max_steps=self.sweep_steps if cell.phase == "sweep" else self.final_steps,
                            **overrides)
 
@@ -148,13 +154,17 @@ def run_cell(spec: StudySpec, cell: Cell, results_dir: Path, runs_dir: Path) -> 
               "train": {k: trained.get(k) for k in ("dev_loss", "train_loss", "global_step", "wall_time_s",
                                                     "resumed_from")},
               "parameters": trained["parameters"]["trainable"], "config": trained["config"]}
+    record["device"] = spec.device
     if cell.phase == "final":
         model, tokenizer, _ = load_trained(out, spec.model)
+        model.to(spec.device)
         record["eval"], record["predictions"] = {}, {}
         for mode in EVAL_MODES:
             output = out / f"eval-{mode}.json"
-            summary = evaluate(model, tokenizer, [spec.task], data_dir=spec.data_dir, limit=spec.eval_limit,
-                               mode=mode, output=output)
+            autocast = torch.autocast("cuda", dtype=torch.bfloat16) if spec.device == "cuda" else contextlib.nullcontext()
+            with autocast:
+                summary = evaluate(model, tokenizer, [spec.task], data_dir=spec.data_dir, limit=spec.eval_limit,
+                                   mode=mode, output=output)
             record["eval"][mode] = summary
             rows = [json.loads(line) for line in output.with_suffix(".predictions.jsonl").read_text().splitlines()]
             record["predictions"][mode] = [[r["dataset"], r["id"], r["prediction"], int(r["correct"]),
@@ -168,6 +178,13 @@ def run_study(spec: StudySpec, results_root: str | Path = "results", runs_root: 
               max_cells: int | None = None) -> dict:
     """Run every cell not yet finished (at most `max_cells`), then write the aggregate; returns it."""
     results_dir, runs_dir = Path(results_root) / spec.name, Path(runs_root)
+    if spec.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("the study asks for device 'cuda' but torch sees no CUDA device; use device = \"cpu\"")
+    other = sorted({r.get("device", "cpu") for r in read_records(results_dir).values()} - {spec.device}) \
+        if results_dir.is_dir() else []
+    if other:
+        raise ValueError(f"{results_dir} holds cells run on {other}, this run is on {spec.device!r}: give the "
+                         "study another name so that its numbers are not mixed")
     results_dir.mkdir(parents=True, exist_ok=True)
     durations: dict[str, list[float]] = {}
     ran = 0

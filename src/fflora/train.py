@@ -75,6 +75,7 @@ class TrainConfig:
     logging_steps: int = 5
     gradient_checkpointing: bool = False
     dev_size: int = 0  # records of the training mixture held out as the dev split (scored after training)
+    bf16: bool = False  # bfloat16 autocast (on a GPU; the CPUs here have no fast bf16 path)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -289,6 +290,7 @@ def train(cfg: TrainConfig, resume: bool = False, model=None, tokenizer=None) ->
         data_seed=cfg.seed,
         report_to=[],
         use_cpu=not torch.cuda.is_available(),
+        bf16=cfg.bf16,
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() else None,
         activation_checkpointing=cfg.gradient_checkpointing,
         dataloader_num_workers=0,
