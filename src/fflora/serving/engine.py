@@ -294,6 +294,6 @@ class BankEngine:
         if padding > 0:
             names, lengths = [*names, BASE_NAME], [*lengths, padding]
         # Adapters stay where they are: the batch's set changes as requests come and go, and moving
-        # adapters to the front of the bank costs more than the wider GEMM window it saves.
+        # adapters to the front of the bank rewrites every adapter that shifts (~16 ms each on SmolLM2).
         with select_adapters(self.model, names, lengths=lengths, rearrange=False):
             return type(self.model).forward(self.model, *args, **kwargs)
