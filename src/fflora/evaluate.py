@@ -74,7 +74,7 @@ def choice_text_scores(model, tokenizer, records: list[dict]) -> list[dict]:
     """For each commonsense record, the choice picked by the log-likelihood of its own text.
 
     `logliks`: each choice's summed continuation log-probability; `acc`: the highest of them; `acc_norm`: the highest per
-    byte of continuation text (lm-eval-harness's length normalisation). One right-padded batch
+    byte of continuation text (lm-eval-harness's length normalisation). One left-padded batch
     holds every (context, continuation) pair of the records.
     """
     pairs, owners = [], []
@@ -84,16 +84,21 @@ def choice_text_scores(model, tokenizer, records: list[dict]) -> list[dict]:
             cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
             pairs.append((ctx, cont, len(continuation.encode())))
             owners.append(i)
+    # Left padding: every continuation ends at the last position, so the LM head only has to run
+    # on the last (longest continuation + 1) positions.
     width = max(len(c) + len(t) for c, t, _ in pairs)
+    keep = max(len(t) for _, t, _ in pairs) + 1
     pad = tokenizer.pad_token_id
-    ids = torch.tensor([c + t + [pad] * (width - len(c) - len(t)) for c, t, _ in pairs], device=model.device)
-    mask = torch.tensor([[1] * (len(c) + len(t)) + [0] * (width - len(c) - len(t)) for c, t, _ in pairs],
+    ids = torch.tensor([[pad] * (width - len(c) - len(t)) + c + t for c, t, _ in pairs], device=model.device)
+    mask = torch.tensor([[0] * (width - len(c) - len(t)) + [1] * (len(c) + len(t)) for c, t, _ in pairs],
                         device=model.device)
-    logprobs = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
+    logprobs = F.log_softmax(logits.float(), dim=-1)
     sums = []
-    for row, (ctx, cont, _) in enumerate(pairs):
-        positions = torch.arange(len(ctx) - 1, len(ctx) + len(cont) - 1, device=model.device)
-        sums.append(logprobs[row, positions, torch.tensor(cont, device=model.device)].sum().item())
+    for row, (_, cont, _) in enumerate(pairs):
+        predicting = torch.arange(keep - len(cont) - 1, keep - 1, device=model.device)  # kept positions before each token
+        sums.append(logprobs[row, predicting, torch.tensor(cont, device=model.device)].sum().item())
     out = []
     for i in range(len(records)):
         rows = [k for k, owner in enumerate(owners) if owner == i]
@@ -138,7 +143,7 @@ def _last_token_logprobs(model, pad_id: int, sequences: list[list[int]]) -> torc
     ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in sequences], device=model.device)
     mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences], device=model.device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits[:, -1]
     return F.log_softmax(logits.float(), dim=-1)
 
 
