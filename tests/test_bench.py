@@ -4,7 +4,7 @@ import torch
 from conftest import make_model
 
 import fflora
-from fflora.bench import BenchSettings, CONFIGS, format_bench_table, run_bench, tensor_bytes, write_bench
+from fflora.bench.latency import BenchSettings, CONFIGS, format_bench_table, run_bench, tensor_bytes, write_bench
 from fflora.serialization import adapter_state_dict, load_adapter_state
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import make_model
 
-from fflora.bench_bank import (
+from fflora.bench.bank import (
     METHODS,
     BankBenchSettings,
     assign_adapters,

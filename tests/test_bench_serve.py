@@ -3,7 +3,7 @@
 import pytest
 from conftest import make_model
 
-from fflora.bench_serve import (
+from fflora.bench.serve import (
     ServeBenchSettings,
     check_serve_target,
     format_serve_table,

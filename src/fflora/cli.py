@@ -213,7 +213,7 @@ def _report_bench(args, settings, run, write, table, folder: str, stem: str) -> 
 
 
 def cmd_bench(args) -> dict:
-    from .bench import BenchSettings, format_bench_table, run_bench, write_bench
+    from .bench.latency import BenchSettings, format_bench_table, run_bench, write_bench
 
     settings = BenchSettings(
         prompt_len=args.prompt_len, new_tokens=args.new_tokens, batch_sizes=tuple(args.batch_sizes),
@@ -224,7 +224,7 @@ def cmd_bench(args) -> dict:
 
 
 def cmd_bench_bank(args) -> dict:
-    from .bench_bank import BankBenchSettings, format_bank_table, run_bank_bench, write_bank_bench
+    from .bench.bank import BankBenchSettings, format_bank_table, run_bank_bench, write_bank_bench
 
     settings = BankBenchSettings(
         batch_sizes=tuple(args.batch_sizes), resident=tuple(args.resident), mixes=tuple(args.mixes), rank=args.r,
@@ -237,7 +237,7 @@ def cmd_bench_serve(args) -> dict:
     from pathlib import Path
 
     from .base_models import load_base_model
-    from .bench_serve import ServeBenchSettings, format_serve_table, run_serve_bench, write_serve_bench
+    from .bench.serve import ServeBenchSettings, format_serve_table, run_serve_bench, write_serve_bench
 
     settings = ServeBenchSettings(
         adapters=tuple(args.adapters), distributions=tuple(args.distributions), rate=args.rate,
@@ -346,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=None, help="default: runs/bench-<time>")
     p.set_defaults(func=cmd_bench)
     suites = p.add_subparsers(dest="suite", metavar="{bank,serve}", help="another benchmark instead of the latency one")
-    from .bench_bank import MIXES, BankBenchSettings
+    from .bench.bank import MIXES, BankBenchSettings
 
     d = BankBenchSettings()
     q = suites.add_parser("bank", help="multi-adapter decode: fused bank vs PEFT mixed batch vs gather LoRA vs fused base")
@@ -363,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--output-dir", default=None, help="default: runs/bench-bank-<time>")
     q.set_defaults(func=cmd_bench_bank)
 
-    from .bench_serve import DISTRIBUTIONS, ServeBenchSettings
+    from .bench.serve import DISTRIBUTIONS, ServeBenchSettings
 
     d = ServeBenchSettings()
     q = suites.add_parser("serve", help="end to end: fflora serve under Poisson load, batched vs one request at a time")

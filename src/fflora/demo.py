@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .artifacts import load_trained
 from .base_models import load_base_model
-from .bench import BenchSettings, format_bench_table, run_bench, write_bench
+from .bench.latency import BenchSettings, format_bench_table, run_bench, write_bench
 from .data import FAMILIES, prepare
 from .evaluate import evaluate
 from .sources import say

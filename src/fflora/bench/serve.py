@@ -22,12 +22,12 @@ from pathlib import Path
 
 import httpx
 
-from .bench import _randomize, check_sizes, write_results
-from .config import FFBAConfig
-from .model import apply_ffba, remove_ffba
-from .serialization import save_adapter
-from .serving.process import ServerProcess
-from .sources import say
+from ..config import FFBAConfig
+from ..model import apply_ffba, remove_ffba
+from ..serialization import save_adapter
+from ..serving.process import ServerProcess
+from ..sources import say
+from .latency import _randomize, check_sizes, write_results
 
 DISTRIBUTIONS = ("uniform", "powerlaw")
 MODES = {"batched": [], "one_at_a_time": ["--max-batch-requests", "1"]}

@@ -30,13 +30,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .bench import _median_spread, _randomize, check_sizes, write_results
-from .budget import LORA_TARGETS, match_lora_rank
-from .config import FFBAConfig
-from .fused import fuse
-from .model import apply_ffba
-from .serialization import adapter_state_dict
-from .sources import say
+from ..budget import LORA_TARGETS, match_lora_rank
+from ..config import FFBAConfig
+from ..fused import fuse
+from ..model import apply_ffba
+from ..serialization import adapter_state_dict
+from ..sources import say
+from .latency import _median_spread, _randomize, check_sizes, write_results
 
 MIXES = ("identical", "uniform", "zipf", "distinct")
 METHODS = ("fused_base", "bank", "peft_mixed", "gather_lora")

@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .budget import LORA_TARGETS, ffba_parameter_count, lora_parameter_count, match_lora_rank
-from .config import FFBAConfig
-from .fused import fuse
-from .model import apply_ffba
-from .serialization import adapter_state_dict, load_adapter_state
-from .sources import say
+from ..budget import LORA_TARGETS, ffba_parameter_count, lora_parameter_count, match_lora_rank
+from ..config import FFBAConfig
+from ..fused import fuse
+from ..model import apply_ffba
+from ..serialization import adapter_state_dict, load_adapter_state
+from ..sources import say
 
 CONFIGS = ("base", "fused_base", "lora_unmerged", "lora_merged", "ffba_unfused", "ffba_fused")
 
