@@ -74,6 +74,8 @@ def test_streaming_yields_each_token_as_it_comes(saved):
         whole = engine.wait(engine.add_request([5, 6, 7], "ba")).generated_tokens
     assert [len(tokens) for tokens in streamed] == [1, 2, 3, 4]
     assert streamed[-1] == whole and all(a == whole[: len(a)] for a in streamed)
+    with pytest.raises(KeyError, match="no request 'req-nope' to read"):
+        next(engine.results("req-nope"))
 
 
 def _alone(saved, name, prompt, config):

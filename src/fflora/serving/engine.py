@@ -220,7 +220,10 @@ class BankEngine:
         """The outputs of one request as they come (one per new token when streaming), the last finished.
 
         Ends early, without a finished output, if the engine stops."""
-        outputs = self._outputs[request_id]
+        outputs = self._outputs.get(request_id)
+        if outputs is None:
+            raise KeyError(f"no request {request_id!r} to read: unknown, already read to the end, or one that "
+                           "`stream` runs")
         try:
             while True:
                 try:
