@@ -62,6 +62,7 @@ def test_unknown_adapter_is_refused_with_the_loaded_names(saved):
     engine = BankEngine(_bank(saved), GenerationConfig(max_new_tokens=2, eos_token_id=-1))
     with pytest.raises(ValueError, match=r"no adapter named 'nope' is loaded; loaded adapters: \['ffba', 'ba'\]"):
         engine.add_request([1, 2, 3], adapter="nope")
+    assert engine.manager.output_router.result_handlers == {} and engine.running_requests() == {}  # nothing left behind
     with pytest.raises(ValueError, match="has no adapter bank"):
         BankEngine(make_model("llama"))
 

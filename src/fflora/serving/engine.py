@@ -176,16 +176,23 @@ class BankEngine:
         `temperature` None or 0 decodes greedily; other temperatures and top_p need an engine
         started with a sampling config (the default, see `sampling_generation_config`).
         """
+        outputs = queue.SimpleQueue()
+        request_id = self._submit(input_ids, adapter, max_new_tokens, streaming, request_id or f"req-{uuid.uuid4().hex}",
+                                  temperature, top_p, ignore_eos, outputs.put)
+        with self._lock:
+            self._outputs[request_id] = outputs
+        return request_id
+
+    def _submit(self, input_ids, adapter, max_new_tokens, streaming, request_id, temperature, top_p, ignore_eos,
+                put) -> str:
+        """Validate, record the request's adapter, route its outputs to `put`, then queue it."""
         sampling = self._sampling_kwargs(temperature, top_p)
-        request_id = request_id or f"req-{uuid.uuid4().hex}"
-        if request_id not in self.manager.output_router.result_handlers:  # `stream` registered its own
-            outputs = self._outputs[request_id] = queue.SimpleQueue()
-            self._deliver_to(request_id, outputs.put)
         with self._lock:
             if adapter != BASE_NAME and (adapter not in self.bank.names() or adapter in self._retiring):
                 raise ValueError(f"no adapter named {adapter!r} is loaded; loaded adapters: {self._available()} "
                                  f"(and {BASE_NAME!r} for the base model)")
             self._adapter_of[request_id] = adapter  # known before the scheduler can see the request
+        self._deliver_to(request_id, put)
         added = self.manager.add_request(list(input_ids), request_id=request_id, max_new_tokens=max_new_tokens,
                                          streaming=streaming, eos_token_id=-1 if ignore_eos else None, **sampling)
         if added is None:
@@ -257,11 +264,10 @@ class BankEngine:
         """
         outputs: asyncio.Queue = asyncio.Queue()
         request_id = f"req-{uuid.uuid4().hex}"
-        self._deliver_to(request_id, functools.partial(asyncio.get_running_loop().call_soon_threadsafe, outputs.put_nowait))
+        put = functools.partial(asyncio.get_running_loop().call_soon_threadsafe, outputs.put_nowait)
         finished = False
         try:
-            self.add_request(input_ids, adapter, max_new_tokens, streaming=True, request_id=request_id,
-                             temperature=temperature, top_p=top_p, ignore_eos=ignore_eos)
+            self._submit(input_ids, adapter, max_new_tokens, True, request_id, temperature, top_p, ignore_eos, put)
             while not finished:
                 output = await outputs.get()
                 if output.error:
