@@ -27,7 +27,7 @@ import torch
 
 from .files import atomic_write_text
 from .sources import say
-from .stats import mean_std, paired_bootstrap
+from .stats import mean_std, paired_bootstrap, set_average
 from .train import CONFIG_FILE, TrainConfig, train
 
 EVAL_MODES = ("loglik", "text")
@@ -235,9 +235,7 @@ def aggregate(spec: StudySpec, records: dict[str, dict]) -> dict:
         for metric, (mode, column) in METRICS.items():
             correct, groups, _ = _correct_matrix(runs, mode, column)
             sets = {g: mean_std(100 * correct[:, np.asarray(groups) == g].mean(axis=1)) for g in dict.fromkeys(groups)}
-            entry[metric] = {"average": mean_std([np.mean([100 * correct[s, np.asarray(groups) == g].mean()
-                                                           for g in sets]) for s in range(len(runs))]),
-                             "sets": sets}
+            entry[metric] = {"average": mean_std([set_average(row, groups) for row in correct]), "sets": sets}
         baseline = runs[0]["eval"]["loglik"]
         entry["best_constant_average"] = baseline.get("best_constant_average")
         entry["chance_average"] = runs[0]["eval"]["text"].get("chance_average")
