@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+
+import fflora
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
 
 _COMMON = dict(
@@ -47,6 +49,17 @@ def randomize_adapters(model, seed: int = 1, std: float = 0.05):
 @pytest.fixture(params=ARCHS)
 def arch(request):
     return request.param
+
+
+FAMILIES = {"ffba": lambda: fflora.FFBAConfig(r=4, alpha=8), "zflora": lambda: fflora.ZFLoRAConfig(r=4, alpha=8)}
+
+
+@pytest.fixture(params=list(FAMILIES))
+def adapter_config(request, arch):
+    """An adapter configuration of each family, on each architecture that family supports."""
+    if request.param == "zflora" and arch == "gemma3_text":
+        pytest.skip("zFLoRA refuses Gemma 3 (test_zflora.py tests the error)")
+    return FAMILIES[request.param]()
 
 
 @pytest.fixture

@@ -37,7 +37,7 @@ def test_generate_with_adapter_fused_equals_unfused(tiny_model_dir, tmp_path, ca
 
 def test_cli_errors_are_one_clear_line(tiny_model_dir, tmp_path, capsys):
     assert main(["generate", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "nope"), "--prompt", "a"]) == 2
-    assert "fflora: error: no FFBA adapter at" in capsys.readouterr().err
+    assert "fflora: error: no fflora adapter at" in capsys.readouterr().err
     assert main(["params", "--model", str(tiny_model_dir), "--rank", "0"]) == 2
     assert "FFBAConfig.r must be an integer >= 1" in capsys.readouterr().err
 
@@ -59,6 +59,6 @@ def test_serve_refuses_bad_adapters_before_listening(tiny_model_dir, tmp_path, c
     assert main(["serve", "--model", str(tiny_model_dir), "--adapter", f"a={tmp_path}", "--adapter", f"a={tmp_path}"]) == 2
     assert "--adapter 'a' is given twice" in capsys.readouterr().err
     assert main(["serve", "--model", str(tiny_model_dir), "--adapter", f"a={tmp_path / 'none'}"]) == 2
-    assert f"fflora: error: no FFBA adapter at {tmp_path / 'none'}" in capsys.readouterr().err
+    assert f"fflora: error: no fflora adapter at {tmp_path / 'none'}" in capsys.readouterr().err
     assert main(["serve", "--model", str(tiny_model_dir), "--kv-cache-tokens", "0"]) == 2
     assert "fflora: error: --kv-cache-tokens must be >= 1, got 0" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""Invariants 1 and 2: a fresh adapter is the identity; fused and training forms agree."""
+"""Invariants 1 and 2, for both adapter families: a fresh adapter is the identity; fused and
+training forms agree."""
 
 import pytest
 import torch
@@ -6,7 +7,7 @@ from conftest import make_model, randomize_adapters
 
 import fflora
 from fflora.fused import FusedInputSlice, FusedOutputProjection
-from fflora.layers import AdaptedInputProjection
+from fflora.layers import WrappedProjection
 
 TOL = 1e-4
 
@@ -24,11 +25,11 @@ def _left_padded():
 
 
 @torch.no_grad()
-def test_fresh_adapter_leaves_logits_identical(arch):
+def test_fresh_adapter_leaves_logits_identical(arch, adapter_config):
     model = make_model(arch)
     ids = _ids()
     base = model(ids).logits
-    fflora.apply_ffba(model, fflora.FFBAConfig(r=4, alpha=8))
+    fflora.apply_ffba(model, adapter_config)
     assert torch.equal(model(ids).logits, base)
     fflora.fuse(model)  # one bigger GEMM sums in another order: equal to float tolerance
     assert (model(ids).logits - base).abs().max().item() < TOL
@@ -36,9 +37,9 @@ def test_fresh_adapter_leaves_logits_identical(arch):
 
 @torch.no_grad()
 @pytest.mark.parametrize("padded", [False, True])
-def test_fused_matches_unfused_logits_and_greedy_generation(arch, padded):
+def test_fused_matches_unfused_logits_and_greedy_generation(arch, adapter_config, padded):
     model = make_model(arch)
-    fflora.apply_ffba(model, fflora.FFBAConfig(r=4, alpha=8))
+    fflora.apply_ffba(model, adapter_config)
     randomize_adapters(model)
     ids, mask = _left_padded() if padded else (_ids(), None)
     unfused = model(ids, attention_mask=mask).logits
@@ -53,9 +54,9 @@ def test_fused_matches_unfused_logits_and_greedy_generation(arch, padded):
 
 
 @torch.no_grad()
-def test_fused_sampling_matches_unfused_with_same_seed(arch):
+def test_fused_sampling_matches_unfused_with_same_seed(arch, adapter_config):
     model = make_model(arch)
-    fflora.apply_ffba(model, fflora.FFBAConfig(r=4, alpha=8))
+    fflora.apply_ffba(model, adapter_config)
     randomize_adapters(model)
     ids = _ids()
     torch.manual_seed(3)
@@ -67,10 +68,10 @@ def test_fused_sampling_matches_unfused_with_same_seed(arch):
 
 
 @torch.no_grad()
-def test_kv_cache_decoding_matches_full_recompute_when_fused(arch):
+def test_kv_cache_decoding_matches_full_recompute_when_fused(arch, adapter_config):
     """Decode with the cache token by token == one forward over the whole sequence."""
     model = make_model(arch)
-    fflora.apply_ffba(model, fflora.FFBAConfig(r=4, alpha=8))
+    fflora.apply_ffba(model, adapter_config)
     randomize_adapters(model)
     fflora.fuse(model)
     ids = _ids(1, 8)
@@ -84,9 +85,9 @@ def test_kv_cache_decoding_matches_full_recompute_when_fused(arch):
 
 
 @torch.no_grad()
-def test_unfuse_restores_training_form_exactly(arch):
+def test_unfuse_restores_training_form_exactly(arch, adapter_config):
     model = make_model(arch)
-    fflora.apply_ffba(model, fflora.FFBAConfig(r=4, alpha=8))
+    fflora.apply_ffba(model, adapter_config)
     randomize_adapters(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     types = {n: type(m) for n, m in model.named_modules()}
@@ -97,7 +98,7 @@ def test_unfuse_restores_training_form_exactly(arch):
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert {n: type(m) for n, m in model.named_modules()} == types
-    assert isinstance(model.model.layers[0].self_attn.q_proj, AdaptedInputProjection)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, WrappedProjection)
     assert torch.equal(model(ids).logits, logits)
 
 
@@ -142,9 +143,9 @@ def test_each_path_is_wired(arch, kwargs, nonzero):
 
 
 @torch.no_grad()
-def test_output_hidden_states_keep_model_width(arch):
+def test_output_hidden_states_keep_model_width(arch, adapter_config):
     model = make_model(arch)
-    fflora.apply_ffba(model, fflora.FFBAConfig(r=4, alpha=8))
+    fflora.apply_ffba(model, adapter_config)
     randomize_adapters(model)
     out = model(_ids(), output_hidden_states=True)
     assert len(out.hidden_states) == model.config.num_hidden_layers + 1
@@ -164,17 +165,17 @@ def test_unsupported_architecture_is_refused():
 def test_applying_twice_is_refused():
     model = make_model("llama")
     fflora.apply_ffba(model, fflora.FFBAConfig(r=2))
-    with pytest.raises(ValueError, match="already has FFBA adapters"):
+    with pytest.raises(ValueError, match="already has adapters"):
         fflora.apply_ffba(model, fflora.FFBAConfig(r=2))
 
 
 @torch.no_grad()
-def test_remove_ffba_restores_the_base_model(arch):
+def test_remove_ffba_restores_the_base_model(arch, adapter_config):
     model = make_model(arch)
     ids = _ids()
     base = model(ids).logits
     keys = set(model.state_dict())
-    fflora.apply_ffba(model, fflora.FFBAConfig(r=4))
+    fflora.apply_ffba(model, adapter_config)
     randomize_adapters(model)
     fflora.fuse(model)
     fflora.remove_ffba(model)
@@ -184,9 +185,9 @@ def test_remove_ffba_restores_the_base_model(arch):
 
 
 @torch.no_grad()
-def test_bfloat16_model_fuses_within_bfloat16_noise(arch):
+def test_bfloat16_model_fuses_within_bfloat16_noise(arch, adapter_config):
     model = make_model(arch).to(torch.bfloat16)
-    fflora.apply_ffba(model, fflora.FFBAConfig(r=4, alpha=8))
+    fflora.apply_ffba(model, adapter_config)
     randomize_adapters(model)
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.bfloat16}
     ids = _ids()

@@ -93,7 +93,7 @@ def test_truncated_or_corrupt_files_fail_clearly(tmp_path):
     (tmp_path / CONFIG_NAME).write_text('{"format": "fflora-ffba/1", "ffba": ')
     with pytest.raises(ValueError, match=r"adapter_config\.json is corrupt \(not valid JSON"):
         fflora.load_adapter(make_model("llama"), tmp_path)
-    with pytest.raises(FileNotFoundError, match="no FFBA adapter at"):
+    with pytest.raises(FileNotFoundError, match="no fflora adapter at"):
         fflora.load_adapter(make_model("llama"), tmp_path / "missing")
 
 
@@ -116,5 +116,5 @@ def test_loading_an_adapter_of_another_config_onto_an_adapted_model_fails(tmp_pa
 
 
 def test_saving_without_adapter_fails(tmp_path):
-    with pytest.raises(ValueError, match="no FFBA adapter to save"):
+    with pytest.raises(ValueError, match="no adapter to save"):
         fflora.save_adapter(make_model("llama"), tmp_path)

@@ -9,16 +9,25 @@ __version__ = "0.1.0"
 
 from .bank import BASE_NAME, delete_adapter, list_adapters, select_adapters  # noqa: E402
 from .base_models import load_base_model  # noqa: E402
-from .budget import ffba_parameter_count, lora_parameter_count  # noqa: E402
-from .config import FFBAConfig  # noqa: E402
+from .budget import ffba_parameter_count, lora_parameter_count, zflora_parameter_count  # noqa: E402
+from .config import FFBAConfig, ZFLoRAConfig  # noqa: E402
 from .fused import fuse, unfuse  # noqa: E402
-from .model import apply_ffba, parameter_summary, print_trainable_parameters, remove_ffba  # noqa: E402
+from .model import (  # noqa: E402
+    apply_adapter,
+    apply_ffba,
+    parameter_summary,
+    print_trainable_parameters,
+    remove_adapter,
+    remove_ffba,
+)
 from .serialization import BaseModelMismatchWarning, load_adapter, save_adapter  # noqa: E402
 
 __all__ = [
     "BASE_NAME",
     "BaseModelMismatchWarning",
     "FFBAConfig",
+    "ZFLoRAConfig",
+    "apply_adapter",
     "apply_ffba",
     "delete_adapter",
     "ffba_parameter_count",
@@ -29,8 +38,10 @@ __all__ = [
     "lora_parameter_count",
     "parameter_summary",
     "print_trainable_parameters",
+    "remove_adapter",
     "remove_ffba",
     "save_adapter",
     "select_adapters",
     "unfuse",
+    "zflora_parameter_count",
 ]

@@ -13,38 +13,56 @@ from torch import nn
 
 @dataclass(frozen=True)
 class SubBlockSpec:
-    """One sub-block of a decoder layer: the module holding it, its input and output projections."""
+    """One sub-block of a decoder layer: the module holding it, its input and output projections,
+    and the pre-norm (an attribute of the decoder layer) that feeds its input projections."""
 
     module: str
     inputs: tuple[str, ...]
     output: str
+    norm: str
 
 
 @dataclass(frozen=True)
 class ArchitectureSpec:
-    """Where the decoder layers of a causal LM live, and the two sub-blocks of each layer."""
+    """Where the decoder layers of a causal LM live, the two sub-blocks of each layer and the final norm.
+
+    `output_norms`: the layer normalises each sub-block's output before the residual add (Gemma 3),
+    so channels added to the residual stream would pass through that norm: zFLoRA refuses these.
+    """
 
     layers: str
     attn: SubBlockSpec
     mlp: SubBlockSpec
+    final_norm: str
+    output_norms: bool = False
 
     def sub_block(self, name: str) -> SubBlockSpec:
         return {"attn": self.attn, "mlp": self.mlp}[name]
 
 
+_ATTN = SubBlockSpec("self_attn", ("q_proj", "k_proj", "v_proj"), "o_proj", "input_layernorm")
 _LLAMA_LIKE = ArchitectureSpec(
     layers="model.layers",
-    attn=SubBlockSpec("self_attn", ("q_proj", "k_proj", "v_proj"), "o_proj"),
-    mlp=SubBlockSpec("mlp", ("gate_proj", "up_proj"), "down_proj"),
+    attn=_ATTN,
+    mlp=SubBlockSpec("mlp", ("gate_proj", "up_proj"), "down_proj", "post_attention_layernorm"),
+    final_norm="model.norm",
 )
 
 # model_type -> spec. Qwen2 has biases on q/k/v and Gemma 3 normalises q and k after projecting;
-# both only touch what happens after the projections, so the same spec serves them.
+# both only touch what happens after the projections. Gemma 3 also normalises each sub-block's
+# output (its post_attention_layernorm is such an output norm; the MLP's pre-norm is
+# pre_feedforward_layernorm).
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
-    "gemma3_text": _LLAMA_LIKE,
+    "gemma3_text": ArchitectureSpec(
+        layers="model.layers",
+        attn=_ATTN,
+        mlp=SubBlockSpec("mlp", ("gate_proj", "up_proj"), "down_proj", "pre_feedforward_layernorm"),
+        final_norm="model.norm",
+        output_norms=True,
+    ),
 }
 
 

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from .adapter import PHI
 from .architectures import decoder_layers, sub_blocks
-from .config import FFBAConfig
+from .config import FFBAConfig, ZFLoRAConfig
 from .fused import ALIGN, FusedInputProjections, FusedOutputProjection, _unwrap, install_fused
 from .model import sub_block_ranks
 
@@ -426,6 +426,9 @@ def fuse_with_bank(model: nn.Module, max_adapters: int, rank_budget: int | None 
             raise ValueError(f"this model already has an adapter bank ({existing.max_adapters} adapters, rank budget "
                              f"{existing.rank_budget}); unfuse it first to change its size")
         return model
+    if isinstance(getattr(model, "ffba_config", None), ZFLoRAConfig):
+        raise ValueError("zFLoRA adapters cannot join an adapter bank (the bank holds FFBA adapters); "
+                         "fuse this model without max_adapters")
     if getattr(model, "ffba_fused", False):
         raise ValueError("this model is fused with a single adapter; call fflora.unfuse(model) before fusing it with a bank")
     carried = (model.ffba_config, adapter_state_dict(model)) if has_ffba(model) else None

@@ -1,8 +1,8 @@
-"""Parameter budgets from a model config alone: the FFBA formula of the design and LoRA's."""
+"""Parameter budgets from a model config alone: the FFBA and zFLoRA formulas of the design and LoRA's."""
 
 from __future__ import annotations
 
-from .config import FFBAConfig
+from .config import FFBAConfig, ZFLoRAConfig
 
 # The seven projections of a Llama-family decoder layer: LoRA's targets in every comparison.
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -40,6 +40,21 @@ def ffba_parameter_count(hf_config, cfg: FFBAConfig) -> int:
     return k["layers"] * per_layer + (k["layers"] - 1) * crossing
 
 
+def zflora_parameter_count(hf_config, cfg: ZFLoRAConfig) -> int:
+    """Trainable parameters of zFLoRA (shared/design/zflora.md): per layer, attention (d_q + 2*kv)*r
+    (B_in) + d_q*r (A_out) and MLP 2*inter*r + inter*r, for the sub-blocks that carry it; plus d*r (B_m)."""
+    k = _dims(hf_config)
+    per_sub_block = {"attn": (2 * k["d_q"] + 2 * k["kv"]) * cfg.r, "mlp": 3 * k["inter"] * cfg.r}
+    return k["layers"] * sum(per_sub_block[s] for s in cfg.sub_blocks) + k["d"] * cfg.r
+
+
+def adapter_parameter_count(hf_config, cfg: FFBAConfig | ZFLoRAConfig) -> int:
+    """The formula of the configuration's family."""
+    if isinstance(cfg, ZFLoRAConfig):
+        return zflora_parameter_count(hf_config, cfg)
+    return ffba_parameter_count(hf_config, cfg)
+
+
 def lora_parameter_count(hf_config, r: int) -> int:
     """Trainable parameters of LoRA at rank r on all seven projections (r * (in + out) each)."""
     k = _dims(hf_config)
@@ -56,13 +71,14 @@ def _closest_rank(count, target: int) -> int:
     return min((max(1, r - 1), r), key=lambda k: (abs(count(k) - target), k))
 
 
-def match_ffba_rank(hf_config, lora_r: int, **ffba_kwargs) -> int:
-    """The FFBA rank whose trainable-parameter count is closest to LoRA's at rank `lora_r`."""
+def match_ffba_rank(hf_config, lora_r: int, family: type = FFBAConfig, **kwargs) -> int:
+    """The FFBA (or, with family=ZFLoRAConfig, zFLoRA) rank whose trainable-parameter count is
+    closest to LoRA's at rank `lora_r`."""
     target = lora_parameter_count(hf_config, lora_r)
-    return _closest_rank(lambda r: ffba_parameter_count(hf_config, FFBAConfig(r=r, **ffba_kwargs)), target)
+    return _closest_rank(lambda r: adapter_parameter_count(hf_config, family(r=r, **kwargs)), target)
 
 
-def match_lora_rank(hf_config, ffba: FFBAConfig) -> int:
-    """The LoRA rank whose trainable-parameter count is closest to this FFBA configuration's."""
-    target = ffba_parameter_count(hf_config, ffba)
+def match_lora_rank(hf_config, adapter: FFBAConfig | ZFLoRAConfig) -> int:
+    """The LoRA rank whose trainable-parameter count is closest to this adapter configuration's."""
+    target = adapter_parameter_count(hf_config, adapter)
     return _closest_rank(lambda r: lora_parameter_count(hf_config, r), target)

@@ -1,4 +1,5 @@
-"""`FFBAConfig`: which adapters, where, at which rank; validated on construction."""
+"""Adapter configurations, validated on construction: `FFBAConfig` (FFBA and its FA-only / BA-only
+variants) and `ZFLoRAConfig` (zFLoRA, the adapter state carried in the residual stream)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,41 @@ from dataclasses import asdict, dataclass, fields
 
 SUB_BLOCKS = ("attn", "mlp")
 PHIS = ("identity", "relu", "silu")
+
+
+def _check_common(cfg, ranks: tuple[str, ...], alphas: tuple[str, ...]) -> None:
+    """Validate the fields both configurations share; optional ones (None) are skipped."""
+    kind = type(cfg).__name__
+    object.__setattr__(cfg, "sub_blocks", tuple(cfg.sub_blocks))
+    for name in ranks:
+        value = getattr(cfg, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{kind}.{name} must be an integer >= 1, got {value!r}")
+    for name in alphas:
+        value = getattr(cfg, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+            raise ValueError(f"{kind}.{name} must be a number > 0, got {value!r}")
+    unknown = [s for s in cfg.sub_blocks if s not in SUB_BLOCKS]
+    if unknown or not cfg.sub_blocks:
+        raise ValueError(f"{kind}.sub_blocks must be a non-empty subset of {SUB_BLOCKS}, got {cfg.sub_blocks!r}")
+    if len(set(cfg.sub_blocks)) != len(cfg.sub_blocks):
+        raise ValueError(f"{kind}.sub_blocks has duplicates: {cfg.sub_blocks!r}")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ValueError(f"{kind}.dropout must be in [0, 1), got {cfg.dropout!r}")
+
+
+def _to_dict(cfg) -> dict:
+    d = asdict(cfg)
+    d["sub_blocks"] = list(cfg.sub_blocks)
+    return d
+
+
+def _from_dict(cls, d: dict):
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known fields are {sorted(known)}")
+    return cls(**d)
 
 
 @dataclass(frozen=True)
@@ -35,19 +71,7 @@ class FFBAConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "sub_blocks", tuple(self.sub_blocks))
-        for name in ("r", "r_backward"):
-            value = getattr(self, name)
-            if value is None and name == "r_backward":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"FFBAConfig.{name} must be an integer >= 1, got {value!r}")
-        for name in ("alpha", "alpha_backward"):
-            value = getattr(self, name)
-            if value is None and name == "alpha_backward":
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"FFBAConfig.{name} must be a number > 0, got {value!r}")
+        _check_common(self, ranks=("r", "r_backward"), alphas=("alpha", "alpha_backward"))
         if self.phi not in PHIS:
             raise ValueError(f"FFBAConfig.phi must be one of {PHIS}, got {self.phi!r}")
         if not (self.forward or self.backward):
@@ -55,15 +79,6 @@ class FFBAConfig:
                 "FFBAConfig: forward and backward are both False, so there is no adapter; "
                 "enable at least one of them"
             )
-        unknown = [s for s in self.sub_blocks if s not in SUB_BLOCKS]
-        if unknown or not self.sub_blocks:
-            raise ValueError(
-                f"FFBAConfig.sub_blocks must be a non-empty subset of {SUB_BLOCKS}, got {self.sub_blocks!r}"
-            )
-        if len(set(self.sub_blocks)) != len(self.sub_blocks):
-            raise ValueError(f"FFBAConfig.sub_blocks has duplicates: {self.sub_blocks!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"FFBAConfig.dropout must be in [0, 1), got {self.dropout!r}")
 
     @property
     def rank_backward(self) -> int:
@@ -78,15 +93,33 @@ class FFBAConfig:
         alpha = self.alpha if self.alpha_backward is None else self.alpha_backward
         return alpha / self.rank_backward
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["sub_blocks"] = list(self.sub_blocks)
-        return d
+    to_dict = _to_dict
+    from_dict = classmethod(_from_dict)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> FFBAConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"FFBAConfig: unknown field(s) {unknown}; known fields are {sorted(known)}")
-        return cls(**d)
+
+@dataclass(frozen=True)
+class ZFLoRAConfig:
+    """Configuration of zFLoRA (design: shared/design/zflora.md): the residual stream is widened by
+    r channels that carry the adapter state from the embedding to the LM head.
+
+    r, alpha:    rank (the number of extra residual channels) and scaling numerator; scale = alpha / r
+                 multiplies each sub-block's read of the state (B_in) and the merge at the head (B_m).
+    sub_blocks:  sub-blocks that read and write the state: "attn", "mlp" or both ("attn" alone is the
+                 attention-only variant, zFLoRA-MHA).
+    dropout:     dropout probability on what each sub-block writes into the state (training form only).
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    sub_blocks: tuple[str, ...] = SUB_BLOCKS
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_common(self, ranks=("r",), alphas=("alpha",))
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+    to_dict = _to_dict
+    from_dict = classmethod(_from_dict)

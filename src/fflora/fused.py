@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from .adapter import NEXT_SUB_BLOCK, PHI, SubBlockAdapter, current_state
 from .architectures import sub_blocks
-from .layers import AdaptedInputProjection, AdaptedOutputProjection, _refer_to
+from .config import ZFLoRAConfig
+from .layers import AdaptedInputProjection, AdaptedOutputProjection, WrappedProjection, _refer_to
 
 
 # The adapter rows/columns are padded with zeros so that every fused GEMM dimension they widen is
@@ -198,11 +199,15 @@ class FusedOutputProjection(nn.Module):
 
 def _unwrap(module: nn.Module) -> nn.Linear:
     """The base nn.Linear of a projection, whether adapted (training form) or plain."""
-    if isinstance(module, (AdaptedInputProjection, AdaptedOutputProjection)):
+    if isinstance(module, WrappedProjection):
         return module.base
     if type(module) is not nn.Linear:
         raise ValueError(f"cannot fuse a {type(module).__name__}; fflora fuses plain torch.nn.Linear projections")
     return module
+
+
+def _is_zflora(model: nn.Module) -> bool:
+    return isinstance(getattr(model, "ffba_config", None), ZFLoRAConfig)
 
 
 def _adapter_of(layer: nn.Module, name: str) -> SubBlockAdapter | None:
@@ -225,6 +230,12 @@ def fuse(model: nn.Module, max_adapters: int | None = None, rank_budget: int | N
 
         return fuse_with_bank(model, max_adapters, rank_budget)
     if getattr(model, "ffba_fused", False):
+        return model
+    if _is_zflora(model):
+        from .zflora.fused import fuse_zflora
+
+        fuse_zflora(model)
+        model.ffba_fused = True
         return model
     for _, layer, name, spec, holder in sub_blocks(model):
         adapter = _adapter_of(layer, name)
@@ -261,6 +272,12 @@ def unfuse(model: nn.Module) -> nn.Module:
         from .bank import unfuse_bank
 
         unfuse_bank(model)
+    if _is_zflora(model):
+        from .zflora.fused import unfuse_zflora
+
+        unfuse_zflora(model)
+        model.ffba_fused = False
+        return model
     for _, layer, name, spec, holder in sub_blocks(model):
         adapter = _adapter_of(layer, name)
         for index, (p, base) in enumerate(zip(spec.inputs, holder.ffba_fused_inputs.unfused())):
@@ -274,6 +291,10 @@ def unfuse(model: nn.Module) -> nn.Module:
 
 def refresh_adapter_weights(model: nn.Module) -> None:
     """After adapter parameters changed in a fused model, rewrite their fused rows/columns in place."""
+    if _is_zflora(model):
+        from .zflora.fused import refresh_zflora_weights
+
+        return refresh_zflora_weights(model)
     for _, layer, name, spec, holder in sub_blocks(model):
         adapter = _adapter_of(layer, name)
         if adapter is not None:

@@ -20,7 +20,13 @@ def _refer_to(module: nn.Module, name: str, other: nn.Module) -> None:
     object.__setattr__(module, name, other)
 
 
-class AdaptedInputProjection(nn.Module):
+class WrappedProjection(nn.Module):
+    """A training-form projection: the base nn.Linear, as loaded, is `self.base` (FFBA and zFLoRA)."""
+
+    base: nn.Linear
+
+
+class AdaptedInputProjection(WrappedProjection):
     """One input projection (q/k/v, gate/up) of an adapted sub-block, training form.
 
     The first input projection of the sub-block (the "leader") also computes the FA bottleneck
@@ -45,7 +51,7 @@ class AdaptedInputProjection(nn.Module):
         return y
 
 
-class AdaptedOutputProjection(nn.Module):
+class AdaptedOutputProjection(WrappedProjection):
     """The output projection (o_proj, down_proj) of an adapted sub-block, training form."""
 
     def __init__(self, base: nn.Linear, adapter: SubBlockAdapter) -> None:

@@ -1,4 +1,5 @@
-"""Attach FFBA adapters to a transformers causal LM, and count what they cost."""
+"""Attach FFBA or zFLoRA (`fflora.zflora`) adapters to a transformers causal LM, take them off, and
+count what they cost."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from torch import nn
 
 from .adapter import SubBlockAdapter
 from .architectures import architecture_of, decoder_layers, sub_blocks
-from .config import FFBAConfig
+from .config import FFBAConfig, ZFLoRAConfig
 from .fused import unfuse
 from .layers import AdaptedInputProjection, AdaptedOutputProjection, LayerAdapters, ffba_layer_class
 
@@ -58,20 +59,32 @@ def _sub_block_adapter(holder, block, name, cfg, ranks: tuple[int, int, int]) ->
     )
 
 
-def apply_ffba(model: nn.Module, config: FFBAConfig) -> nn.Module:
-    """Add FFBA adapters to `model` in place (training form) and return it.
+def apply_adapter(model: nn.Module, config: FFBAConfig | ZFLoRAConfig) -> nn.Module:
+    """Add FFBA (`FFBAConfig`) or zFLoRA (`ZFLoRAConfig`) adapters to `model` in place (training
+    form) and return it.
 
     Every base parameter is frozen; only adapter parameters are trainable. Raises ValueError for
     unsupported architectures, quantized projections, or a model that already has adapters; the
     model is left untouched when it does.
     """
-    if not isinstance(config, FFBAConfig):
-        raise TypeError(f"apply_ffba expects an FFBAConfig, got {type(config).__name__}")
+    if not isinstance(config, (FFBAConfig, ZFLoRAConfig)):
+        raise TypeError(f"apply_adapter expects an FFBAConfig or a ZFLoRAConfig, got {type(config).__name__}")
     architecture_of(model)
     if has_ffba(model):
-        raise ValueError("this model already has FFBA adapters; load or apply them onto a fresh base model")
+        raise ValueError("this model already has adapters; load or apply them onto a fresh base model")
     if getattr(model, "ffba_fused", False):
         raise ValueError("this model is fused; call fflora.unfuse(model) before applying adapters")
+    if isinstance(config, ZFLoRAConfig):
+        from .zflora.model import apply_zflora
+
+        return apply_zflora(model, config)
+    return _apply_ffba(model, config)
+
+
+apply_ffba = apply_adapter  # the name from before zFLoRA; both families
+
+
+def _apply_ffba(model: nn.Module, config: FFBAConfig) -> nn.Module:
     num_layers = len(decoder_layers(model))
     adapters = {}  # built (and validated) before the model is touched
     for i, _, name, block, holder in sub_blocks(model):
@@ -99,11 +112,17 @@ def apply_ffba(model: nn.Module, config: FFBAConfig) -> nn.Module:
     return model
 
 
-def remove_ffba(model: nn.Module) -> nn.Module:
-    """Take every FFBA adapter off `model` (unfusing first if needed): the plain base model again."""
+def remove_adapter(model: nn.Module) -> nn.Module:
+    """Take every FFBA or zFLoRA adapter off `model` (unfusing first if needed): the plain base model again."""
     if not has_ffba(model):
         return model
     unfuse(model)
+    if isinstance(model.ffba_config, ZFLoRAConfig):
+        from .zflora.model import remove_zflora
+
+        remove_zflora(model)
+        model.ffba_config = None
+        return model
     for _, layer, name, block, holder in sub_blocks(model):
         if getattr(layer.ffba, name) is not None:
             for p in (*block.inputs, block.output):
@@ -116,7 +135,11 @@ def remove_ffba(model: nn.Module) -> nn.Module:
     return model
 
 
+remove_ffba = remove_adapter
+
+
 def has_ffba(model: nn.Module) -> bool:
+    """Whether the model carries adapters of either family (FFBA or zFLoRA); `model.ffba_config` says which."""
     return getattr(model, "ffba_config", None) is not None
 
 

@@ -1,6 +1,6 @@
-"""Save and load FFBA adapters: `adapter_config.json` + `adapter.safetensors`.
+"""Save and load FFBA and zFLoRA adapters: `adapter_config.json` + `adapter.safetensors`.
 
-The config records the FFBA configuration, the base model's shape and a fingerprint of its
+The config records the adapter family and configuration, the base model's shape and a fingerprint of its
 weights, so that loading onto another architecture or shape fails and loading onto a base with
 other weights warns (or fails with strict=True).
 """
@@ -20,7 +20,7 @@ from torch import nn
 
 from . import __version__
 from .architectures import architecture_of
-from .config import FFBAConfig
+from .config import FFBAConfig, ZFLoRAConfig
 from .files import atomic_write, atomic_write_text
 from .fused import base_projection_weights, refresh_adapter_weights, unfuse
 from .model import apply_ffba, has_ffba, remove_ffba, sub_block_adapters
@@ -28,6 +28,9 @@ from .model import apply_ffba, has_ffba, remove_ffba, sub_block_adapters
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
 FORMAT = "fflora-ffba/1"
+ZFLORA_FORMAT = "fflora-zflora/1"
+# format -> (key of the configuration in adapter_config.json, configuration class)
+FAMILIES = {FORMAT: ("ffba", FFBAConfig), ZFLORA_FORMAT: ("zflora", ZFLoRAConfig)}
 ADAPTER_PARAMS = ("fa_down", "fa_up", "ba_down", "ba_up")
 _SHAPE_KEYS = (
     "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -63,7 +66,12 @@ def base_model_fingerprint(model: nn.Module, samples: int = 4096) -> str:
 
 
 def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The live adapter parameters under canonical keys `layers.{i}.{attn|mlp}.{fa_down|fa_up|ba_down|ba_up}`."""
+    """The live adapter parameters under canonical keys: `layers.{i}.{attn|mlp}.{fa_down|fa_up|ba_down|ba_up}`
+    for FFBA, `layers.{i}.{attn|mlp}.{z_in|z_out}` and `head.z_merge` for zFLoRA."""
+    if isinstance(getattr(model, "ffba_config", None), ZFLoRAConfig):
+        from .zflora.model import zflora_adapter_parameters
+
+        return zflora_adapter_parameters(model)
     params = {}
     for i, adapter in sub_block_adapters(model):
         for name in ADAPTER_PARAMS:
@@ -81,20 +89,21 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write the model's adapter to folder `path` (created if needed); each file is replaced atomically."""
     if not has_ffba(model):
-        raise ValueError("this model has no FFBA adapter to save; call fflora.apply_ffba first")
+        raise ValueError("this model has no adapter to save; call fflora.apply_adapter first")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    fmt = ZFLORA_FORMAT if isinstance(model.ffba_config, ZFLoRAConfig) else FORMAT
     meta = {
-        "format": FORMAT,
+        "format": fmt,
         "fflora_version": __version__,
-        "ffba": model.ffba_config.to_dict(),
+        FAMILIES[fmt][0]: model.ffba_config.to_dict(),
         "base_model": {
             **base_model_shape(model),
             "name_or_path": getattr(model.config, "_name_or_path", None),
             "fingerprint": base_model_fingerprint(model),
         },
     }
-    atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(adapter_state_dict(model), tmp, metadata={"format": FORMAT}))
+    atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(adapter_state_dict(model), tmp, metadata={"format": fmt}))
     atomic_write_text(path / CONFIG_NAME, json.dumps(meta, indent=2) + "\n")
     return path
 
@@ -103,13 +112,13 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
     """The parsed adapter_config.json of an adapter folder, with clear errors for missing/corrupt files."""
     file = Path(path) / CONFIG_NAME
     if not file.is_file():
-        raise FileNotFoundError(f"no FFBA adapter at {path}: {CONFIG_NAME} is missing (save one with fflora.save_adapter)")
+        raise FileNotFoundError(f"no fflora adapter at {path}: {CONFIG_NAME} is missing (save one with fflora.save_adapter)")
     try:
         meta = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{file} is corrupt (not valid JSON: {e}); save the adapter again") from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{file} is not an fflora FFBA adapter config (expected format {FORMAT!r})")
+    if not isinstance(meta, dict) or meta.get("format") not in FAMILIES:
+        raise ValueError(f"{file} is not an fflora adapter config (expected format {FORMAT!r} or {ZFLORA_FORMAT!r})")
     return meta
 
 
@@ -139,7 +148,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = False
         apply_ffba(model, config)
     elif model.ffba_config != config:
         raise ValueError(
-            f"the model carries an FFBA adapter with another configuration ({model.ffba_config}) than the one "
+            f"the model carries an adapter with another configuration ({model.ffba_config}) than the one "
             f"at {path} ({config}); load it onto a fresh base model"
         )
     try:
@@ -161,6 +170,9 @@ def _load_into_bank(model: nn.Module, path, strict: bool, adapter_name: str) -> 
     if bank is not None:
         bank.check_new_name(adapter_name)  # before reading any file
     config, state = _read_checked(model, path, strict)
+    if isinstance(config, ZFLoRAConfig):
+        raise ValueError(f"the adapter at {path} is a zFLoRA adapter; an adapter bank holds FFBA adapters only. "
+                         "Load it without adapter_name")
     fused_here = bank is None
     if fused_here:
         fuse_with_bank(model, DEFAULT_MAX_ADAPTERS)
@@ -173,7 +185,7 @@ def _load_into_bank(model: nn.Module, path, strict: bool, adapter_name: str) -> 
     return model
 
 
-def _read_checked(model: nn.Module, path, strict: bool) -> tuple[FFBAConfig, dict[str, torch.Tensor]]:
+def _read_checked(model: nn.Module, path, strict: bool) -> tuple[FFBAConfig | ZFLoRAConfig, dict[str, torch.Tensor]]:
     """The configuration and weights of the adapter at `path`, after checking that it was saved for
     this architecture and shape (ValueError) and for these base weights (warning, or ValueError if strict)."""
     meta = read_adapter_config(path)
@@ -186,7 +198,8 @@ def _read_checked(model: nn.Module, path, strict: bool) -> tuple[FFBAConfig, dic
             f"the adapter at {path} was saved for another base model ({saved_base.get('name_or_path')!r}); "
             "load it onto that model. Differences: " + "; ".join(diffs)
         )
-    config = FFBAConfig.from_dict(meta["ffba"])
+    key, config_class = FAMILIES[meta["format"]]
+    config = config_class.from_dict(meta[key])
     state = _read_weights(Path(path) / WEIGHTS_NAME)
     fingerprint = base_model_fingerprint(model)
     if saved_base.get("fingerprint") != fingerprint:

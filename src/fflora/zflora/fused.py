@@ -1,0 +1,96 @@
+"""zFLoRA's fused inference form: every sub-block runs only the base model's GEMMs, wider.
+
+    input GEMM   [W_1 | s B_in_1; ...; W_k | s B_in_k]   acting on u~ = [norm(h); z]  -> p_1..p_k
+    output GEMM  [W_out; A_out]                         acting on c                 -> [y; dz]
+
+The norm already hands over the (d + w)-wide u~ and the layer's residual add takes [y; dz] as it
+is, so there is no concat of GEMM inputs and no split of GEMM outputs besides the q|k|v views the
+fused base has anyway. The state width w is r rounded up so that d + w is a multiple of
+`fflora.fused.ALIGN` (odd GEMM sizes are slow on CPU); the extra channels stay zero.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..architectures import architecture_of, sub_blocks
+from ..fused import ALIGN, FusedInputProjections, FusedOutputProjection, _unwrap, install_fused
+from .layers import ZInputProjection, ZOutputProjection, ZSubBlockAdapter
+
+
+def fused_state_width(d: int, r: int) -> int:
+    """w >= r such that d + w is a multiple of ALIGN."""
+    return -(-(d + r) // ALIGN) * ALIGN - d
+
+
+class ZFusedInputProjections(FusedInputProjections):
+    """The input projections of a sub-block with zFLoRA as one GEMM over the widened norm output."""
+
+    def __init__(self, bases: list[nn.Linear], name: str, state_width: int) -> None:
+        super().__init__(bases, name, ba_in_rank=state_width)  # state_width extra columns, zero until written
+
+    def refresh_adapter_weights(self, adapter: ZSubBlockAdapter) -> None:
+        d = self.d_in
+        self.weight[:, d : d + adapter.r] = (adapter.scale * adapter.z_in.detach()).to(self.weight.dtype)
+
+    def _project(self, x: Tensor) -> list[Tensor]:
+        return list(F.linear(x, self.weight, self.bias).split(self.widths, dim=-1))
+
+
+class ZFusedOutputProjection(FusedOutputProjection):
+    """The output projection with A_out as extra rows: it returns [y; dz], the stream's full width."""
+
+    def __init__(self, base: nn.Linear, name: str, state_width: int) -> None:
+        super().__init__(base, name, ba_out_rank=state_width)  # state_width extra rows, zero until written
+
+    def refresh_adapter_weights(self, adapter: ZSubBlockAdapter) -> None:
+        d = self.d_out
+        self.weight[d : d + adapter.r, : self.d_core] = adapter.z_out.detach().to(self.weight.dtype)
+
+    def forward(self, c: Tensor) -> Tensor:
+        return F.linear(c, self.weight, self.bias)
+
+
+def _adapter(layer: nn.Module, name: str) -> ZSubBlockAdapter | None:
+    return getattr(layer.zflora, name)
+
+
+def fuse_zflora(model: nn.Module) -> None:
+    """Switch a model carrying zFLoRA to the fused form, in place."""
+    d, r = model.config.hidden_size, model.ffba_config.r
+    width = fused_state_width(d, r)
+    for _, layer, name, spec, holder in sub_blocks(model):
+        adapter = _adapter(layer, name)
+        inputs = [_unwrap(getattr(holder, p)) for p in spec.inputs]
+        output = ZFusedOutputProjection(_unwrap(getattr(holder, spec.output)), name, width)
+        if adapter is None:
+            group = FusedInputProjections(inputs, name)
+        else:
+            group = ZFusedInputProjections(inputs, name, width)
+            group.refresh_adapter_weights(adapter)
+            output.refresh_adapter_weights(adapter)
+        install_fused(holder, spec, group, output)
+        layer.zflora_state_width = width
+
+
+def unfuse_zflora(model: nn.Module) -> None:
+    """Back to the training form: the original nn.Linear modules, rebuilt bit for bit."""
+    r = model.ffba_config.r
+    for _, layer, name, spec, holder in sub_blocks(model):
+        adapter = _adapter(layer, name)
+        for index, (p, base) in enumerate(zip(spec.inputs, holder.ffba_fused_inputs.unfused())):
+            setattr(holder, p, ZInputProjection(base, adapter, index) if adapter is not None else base)
+        setattr(holder, spec.output, ZOutputProjection(getattr(holder, spec.output).unfused(), adapter, r))
+        del holder.ffba_fused_inputs
+        layer.zflora_state_width = r
+
+
+def refresh_zflora_weights(model: nn.Module) -> None:
+    """After adapter parameters changed in a fused model, rewrite their fused rows/columns in place."""
+    architecture_of(model)
+    for _, layer, name, spec, holder in sub_blocks(model):
+        adapter = _adapter(layer, name)
+        if adapter is not None:
+            holder.ffba_fused_inputs.refresh_adapter_weights(adapter)
+            getattr(holder, spec.output).refresh_adapter_weights(adapter)

@@ -1,0 +1,92 @@
+"""Attach zFLoRA to a transformers causal LM (training form), take it off, name its parameters."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..architectures import architecture_of, decoder_layers, sub_blocks
+from ..config import ZFLoRAConfig
+from ..model import _require_linear
+from .layers import ZHeadMerge, ZInputProjection, ZLayerAdapters, ZNorm, ZOutputProjection, ZSubBlockAdapter, zflora_layer_class
+
+PARAMS = ("z_in", "z_out")
+MERGE_KEY = "head.z_merge"
+
+
+def check_zflora_architecture(model: nn.Module) -> None:
+    """ValueError unless zFLoRA can carry its state through this model's residual stream."""
+    arch = architecture_of(model)
+    if arch.output_norms:
+        raise ValueError(
+            f"zFLoRA does not support model type {model.config.model_type!r} yet: its decoder layers normalise "
+            "each sub-block's output before the residual add, which would also normalise the adapter state "
+            "carried in the residual stream. Use FFBA (fflora.FFBAConfig) on this model."
+        )
+
+
+def apply_zflora(model: nn.Module, config: ZFLoRAConfig) -> nn.Module:
+    """Add zFLoRA to `model` in place (training form) and return it; only adapter parameters train.
+
+    Everything is built and validated before the model is touched.
+    """
+    check_zflora_architecture(model)
+    arch = architecture_of(model)
+    d = model.config.hidden_size
+    adapters = {}
+    for i, layer, name, spec, holder in sub_blocks(model):
+        inputs = [_require_linear(getattr(holder, p), f"{spec.module}.{p}") for p in spec.inputs]
+        output = _require_linear(getattr(holder, spec.output), f"{spec.module}.{spec.output}")
+        if not hasattr(layer, spec.norm):
+            raise ValueError(f"{type(layer).__name__} has no {spec.norm!r}; fflora.architectures names the wrong pre-norm")
+        if name in config.sub_blocks:
+            adapters[i, name] = ZSubBlockAdapter(
+                name, input_widths=tuple(p.out_features for p in inputs), d_core=output.in_features, r=config.r,
+                scale=config.scale, dropout=config.dropout, dtype=output.weight.dtype, device=output.weight.device,
+            )
+    ref = model.get_input_embeddings().weight
+    merge = ZHeadMerge(model.get_submodule(arch.final_norm), d, config.r, config.scale, ref.dtype, ref.device)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for i, layer in enumerate(decoder_layers(model)):
+        layer.zflora = ZLayerAdapters(adapters.get((i, "attn")), adapters.get((i, "mlp")))
+        layer.zflora_d, layer.zflora_state_width = d, config.r
+        layer.__class__ = zflora_layer_class(type(layer))
+    for i, layer, name, spec, holder in sub_blocks(model):
+        adapter = adapters.get((i, name))
+        setattr(layer, spec.norm, ZNorm(getattr(layer, spec.norm), d, keep_state=adapter is not None))
+        if adapter is not None:
+            for index, p in enumerate(spec.inputs):
+                setattr(holder, p, ZInputProjection(getattr(holder, p), adapter, index))
+        setattr(holder, spec.output, ZOutputProjection(getattr(holder, spec.output), adapter, config.r))
+    parent, _, attr = arch.final_norm.rpartition(".")
+    setattr(model.get_submodule(parent), attr, merge)
+    model.ffba_config = config
+    if hasattr(model, "enable_input_require_grads"):  # see apply_ffba: reentrant checkpointing
+        model.enable_input_require_grads()
+    return model
+
+
+def remove_zflora(model: nn.Module) -> None:
+    """Take zFLoRA off a model in training form: the plain base model again."""
+    arch = architecture_of(model)
+    for _, layer, name, spec, holder in sub_blocks(model):
+        for p in (*spec.inputs, spec.output):
+            module = getattr(holder, p)
+            setattr(holder, p, getattr(module, "base", module))
+        setattr(layer, spec.norm, getattr(layer, spec.norm).norm)
+    for layer in decoder_layers(model):
+        del layer.zflora, layer.zflora_d, layer.zflora_state_width
+        layer.__class__ = layer._fflora_base_class
+    parent, _, attr = arch.final_norm.rpartition(".")
+    setattr(model.get_submodule(parent), attr, model.get_submodule(arch.final_norm).norm)
+
+
+def zflora_adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The live parameters under canonical keys `layers.{i}.{attn|mlp}.{z_in|z_out}` and `head.z_merge`."""
+    params = {}
+    for i, layer in enumerate(decoder_layers(model)):
+        for adapter in (layer.zflora.attn, layer.zflora.mlp):
+            if adapter is not None:
+                params.update({f"layers.{i}.{adapter.name}.{p}": getattr(adapter, p) for p in PARAMS})
+    params[MERGE_KEY] = model.get_submodule(architecture_of(model).final_norm).z_merge
+    return params
