@@ -121,3 +121,25 @@ def test_a_study_keeps_one_device(tiny_model_dir, tiny_data_dir, tmp_path):
         run_study(_spec(tiny_model_dir, tiny_data_dir), tmp_path / "results", tmp_path / "runs")
     with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda'"):
         _spec(tiny_model_dir, tiny_data_dir, device="tpu")
+
+
+def test_a_diverged_cell_is_recorded_and_the_study_goes_on(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
+    """A learning rate at which training blows up is a sweep result (never the best), not the study's end."""
+    import fflora.study as study
+    from fflora.train import NonFiniteLossError
+
+    spec = _spec(tiny_model_dir, tiny_data_dir, seeds={"ffba": 1}, methods={"ffba": {"method": "ffba", "r": 2}})
+    real_train = study.train
+
+    def diverge_at_high_rates(cfg, **kwargs):
+        if cfg.lr > 1e-2:
+            raise NonFiniteLossError("non-finite loss (nan) at step 2")
+        return real_train(cfg, **kwargs)
+
+    monkeypatch.setattr(study, "train", diverge_at_high_rates)
+    result = run_study(spec, tmp_path / "results", tmp_path / "runs")
+    records = read_records(tmp_path / "results" / "tiny")
+    diverged = records[Cell("sweep", "ffba", 3e-2, 0).key]
+    assert diverged["diverged"] == "non-finite loss (nan) at step 2" and diverged["train"]["dev_loss"] is None
+    assert best_rates(spec, records) == {"ffba": 1e-3}
+    assert result["methods"]["ffba"]["lr"] == 1e-3 and result["sweep_dev_loss"]["ffba"][3e-2] is None

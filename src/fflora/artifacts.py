@@ -1,5 +1,5 @@
-"""Open what `fflora train` wrote, whatever the method: an fflora FFBA adapter, a PEFT LoRA
-adapter, or a full model folder; or a run folder holding one of them under `adapter/`."""
+"""Open what `fflora train` wrote, whatever the method: an fflora adapter (FFBA or zFLoRA), a PEFT
+LoRA adapter, or a full model folder; or a run folder holding one of them under `adapter/`."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ from pathlib import Path
 
 from .base_models import load_base_model
 from .fused import fuse
-from .serialization import CONFIG_NAME, FORMAT, load_adapter
+from .serialization import CONFIG_NAME, FAMILIES, load_adapter
 
 RUN_FILE = "run.json"
 
 
 def describe(path: str | Path) -> dict:
-    """{"kind": "ffba" | "lora" | "full", "path": folder, "base": base model or None} of a trained result."""
+    """{"kind": "ffba" | "zflora" | "lora" | "full", "path": folder, "base": base model or None} of a trained result."""
     path = Path(path)
     if (path / "adapter").is_dir():
         run = json.loads((path / RUN_FILE).read_text()) if (path / RUN_FILE).is_file() else {}
@@ -23,8 +23,9 @@ def describe(path: str | Path) -> dict:
     config = path / CONFIG_NAME
     if config.is_file():
         meta = json.loads(config.read_text())
-        if meta.get("format") == FORMAT:
-            return {"kind": "ffba", "path": path, "base": meta["base_model"].get("name_or_path")}
+        if meta.get("format") in FAMILIES:
+            kind = FAMILIES[meta["format"]][0]
+            return {"kind": kind, "path": path, "base": meta["base_model"].get("name_or_path")}
         if "peft_type" in meta:
             return {"kind": "lora", "path": path, "base": meta.get("base_model_name_or_path")}
     if (path / "config.json").is_file():
@@ -36,18 +37,18 @@ def describe(path: str | Path) -> dict:
 
 
 def load_trained(path: str | Path, base_model: str | None = None, fused: bool = True, strict: bool = False):
-    """(model, tokenizer, kind) ready for inference; FFBA adapters come fused unless fused=False."""
+    """(model, tokenizer, kind) ready for inference; fflora adapters come fused unless fused=False."""
     found = describe(path)
     if found["kind"] == "full":
         model, tokenizer = load_base_model(found["path"])
         return model, tokenizer, "full"
     base = base_model or _known_base(found["base"])
     model, tokenizer = load_base_model(base)
-    if found["kind"] == "ffba":
+    if found["kind"] in ("ffba", "zflora"):
         load_adapter(model, found["path"], strict=strict)
         if fused:
             fuse(model)
-        return model.eval(), tokenizer, "ffba"
+        return model.eval(), tokenizer, found["kind"]
     from peft import PeftModel
 
     return PeftModel.from_pretrained(model, found["path"]).eval(), tokenizer, "lora"

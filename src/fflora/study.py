@@ -28,7 +28,7 @@ import torch
 from .files import atomic_write_text
 from .sources import say
 from .stats import mean_std, paired_bootstrap, set_average
-from .train import CONFIG_FILE, TrainConfig, train
+from .train import CONFIG_FILE, NonFiniteLossError, TrainConfig, train
 
 EVAL_MODES = ("loglik", "text")
 _STUDY_OWNED = {"task", "output_dir", "model", "data_dir", "dev_size", "lr", "seed", "max_steps", "bf16"}
@@ -113,7 +113,8 @@ def read_records(results_dir: Path) -> dict[str, dict]:
 
 
 def best_rates(spec: StudySpec, records: dict[str, dict]) -> dict[str, float]:
-    """Each method's learning rate with the lowest dev loss, once all its sweep cells are done."""
+    """Each method's learning rate with the lowest dev loss, once all its sweep cells are done (a
+    diverged run has no dev loss and is never the best)."""
     best = {}
     for method in spec.methods:
         losses = {}
@@ -121,8 +122,9 @@ def best_rates(spec: StudySpec, records: dict[str, dict]) -> dict[str, float]:
             record = records.get(Cell("sweep", method, lr, 0).key)
             if record is not None:
                 losses[lr] = record["train"]["dev_loss"]
-        if len(losses) == len(spec.learning_rates):
-            best[method] = min(losses, key=losses.get)
+        finite = {lr: loss for lr, loss in losses.items() if loss is not None}
+        if len(losses) == len(spec.learning_rates) and finite:
+            best[method] = min(finite, key=finite.get)
     return best
 
 
@@ -149,7 +151,13 @@ def run_cell(spec: StudySpec, cell: Cell, results_dir: Path, runs_dir: Path) -> 
     if (out / RUN_FILE).is_file():
         trained = json.loads((out / RUN_FILE).read_text())  # trained before; evaluation was interrupted
     else:
-        trained = train(cfg, resume=(out / CONFIG_FILE).is_file())
+        try:
+            trained = train(cfg, resume=(out / CONFIG_FILE).is_file())
+        except NonFiniteLossError as e:  # a result too: this rate is too high for the method
+            record = {"cell": {"phase": cell.phase, "method": cell.method, "lr": cell.lr, "seed": cell.seed},
+                      "diverged": str(e), "train": {"dev_loss": None}, "device": spec.device}
+            atomic_write_text(results_dir / f"{cell.key}.json", json.dumps(record, indent=1) + "\n")
+            return record
     record = {"cell": {"phase": cell.phase, "method": cell.method, "lr": cell.lr, "seed": cell.seed},
               "train": {k: trained.get(k) for k in ("dev_loss", "train_loss", "global_step", "wall_time_s",
                                                     "resumed_from")},
@@ -223,14 +231,19 @@ METRICS = {"label acc": ("loglik", 3), "text acc": ("text", 3), "text acc_norm":
 def aggregate(spec: StudySpec, records: dict[str, dict]) -> dict:
     """Per method: dev loss and accuracies, mean +- std over seeds; FFBA - LoRA with bootstrap 95% CIs."""
     finals: dict[str, list[dict]] = {}
+    diverged: dict[str, int] = {}
     for record in records.values():
         if record["cell"]["phase"] == "final":
-            finals.setdefault(record["cell"]["method"], []).append(record)
+            if "diverged" in record:
+                diverged[record["cell"]["method"]] = diverged.get(record["cell"]["method"], 0) + 1
+            else:
+                finals.setdefault(record["cell"]["method"], []).append(record)
     sweep = {m: {r["cell"]["lr"]: r["train"]["dev_loss"] for r in records.values()
                  if r["cell"]["phase"] == "sweep" and r["cell"]["method"] == m} for m in spec.methods}
     methods = {}
     for method, runs in finals.items():
-        entry = {"lr": runs[0]["cell"]["lr"], "seeds": len(runs), "parameters": runs[0]["parameters"],
+        entry = {"lr": runs[0]["cell"]["lr"], "seeds": len(runs), "diverged_seeds": diverged.get(method, 0),
+                 "parameters": runs[0]["parameters"],
                  "dev_loss": mean_std([r["train"]["dev_loss"] for r in runs])}
         for metric, (mode, column) in METRICS.items():
             correct, groups, _ = _correct_matrix(runs, mode, column)
@@ -263,7 +276,8 @@ def format_aggregate(result: dict) -> str:
         return f"{value['mean']:.{digits}f} +- {value['std']:.{digits}f}"
 
     for method, e in result["methods"].items():
-        lines.append(f"| {method} | {e['lr']:g} | {e['seeds']} | {e['parameters']:,} | {ms(e['dev_loss'], 4)} | "
+        seeds = f"{e['seeds']}" + (f" (+{e['diverged_seeds']} diverged)" if e.get("diverged_seeds") else "")
+        lines.append(f"| {method} | {e['lr']:g} | {seeds} | {e['parameters']:,} | {ms(e['dev_loss'], 4)} | "
                      f"{ms(e['label acc']['average'])} | {ms(e['text acc']['average'])} | "
                      f"{ms(e['text acc_norm']['average'])} |")
     any_method = next(iter(result["methods"].values()), None)
@@ -295,7 +309,7 @@ def plot_aggregate(result: dict, path: Path) -> None:
     axes[0].set_title("accuracy on the choices' texts (acc_norm, mean +- std over seeds)", fontsize=10)
     for method, losses in result["sweep_dev_loss"].items():
         if losses:
-            lrs = sorted(losses, key=float)
+            lrs = sorted((lr for lr in losses if losses[lr] is not None), key=float)  # diverged: no point
             axes[1].plot([float(lr) for lr in lrs], [losses[lr] for lr in lrs], marker="o", label=method)
     axes[1].set_xscale("log")
     axes[1].set_title("dev loss after the sweep runs, per learning rate", fontsize=10)

@@ -1,8 +1,8 @@
-"""Fine-tuning recipe: FFBA, LoRA (PEFT) or full fine-tuning on transformers' Trainer.
+"""Fine-tuning recipe: FFBA, zFLoRA, LoRA (PEFT) or full fine-tuning on transformers' Trainer.
 
 The Trainer gives the progress bar, data-parallel runs under `torchrun` / `accelerate launch`,
 and exact resumption (optimizer, scheduler, RNG and data position). fflora adds:
-  * FFBA checkpoints hold only the adapter (`fflora.save_adapter`);
+  * FFBA and zFLoRA checkpoints hold only the adapter (`fflora.save_adapter`);
   * checkpoints are written to a staging folder and renamed into place, so a crash never leaves
     a half-written `checkpoint-N` for `--resume` to pick up;
   * a non-finite loss stops the run before it reaches the weights, keeping the last good checkpoint;
@@ -26,8 +26,8 @@ from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 from .artifacts import RUN_FILE
 from .base_models import load_base_model
-from .budget import LORA_TARGETS, ffba_parameter_count, lora_parameter_count, match_ffba_rank
-from .config import FFBAConfig
+from .budget import LORA_TARGETS, adapter_parameter_count, lora_parameter_count, match_ffba_rank
+from .config import FFBAConfig, ZFLoRAConfig
 from .data import FAMILIES, load_split
 from .errors import FFloraError
 from .files import atomic_write_text
@@ -36,7 +36,7 @@ from .prompts import instruction_and_response, render_prompt, response_suffix
 from .serialization import load_adapter, save_adapter
 from .sources import say
 
-METHODS = ("ffba", "lora", "full")
+METHODS = ("ffba", "zflora", "lora", "full")
 TRAIN_DATASETS = {"commonsense": FAMILIES["commonsense"], "math": ("gsm8k",), "summary": ("xsum",)}
 CONFIG_FILE = "train_config.json"
 
@@ -145,13 +145,16 @@ def build_dataset(tokenizer, records: list[dict], max_length: int):
 def prepare_model(cfg: TrainConfig, model: nn.Module) -> tuple[nn.Module, dict]:
     """Attach the method's trainable parameters; returns (model, parameter record)."""
     counts = {"lora_r": cfg.lora_r, "lora_params_at_lora_r": lora_parameter_count(model.config, cfg.lora_r)}
-    if cfg.method == "ffba":
-        variant = dict(phi=cfg.phi, sub_blocks=tuple(cfg.sub_blocks.split(",")), forward=cfg.forward, backward=cfg.backward)
-        r = match_ffba_rank(model.config, cfg.lora_r, **variant) if cfg.match_params else cfg.r
+    if cfg.method in ("ffba", "zflora"):
+        sub_blocks = tuple(cfg.sub_blocks.split(","))
+        family, variant = ((FFBAConfig, dict(phi=cfg.phi, sub_blocks=sub_blocks, forward=cfg.forward, backward=cfg.backward))
+                           if cfg.method == "ffba" else (ZFLoRAConfig, dict(sub_blocks=sub_blocks)))
+        r = match_ffba_rank(model.config, cfg.lora_r, family, **variant) if cfg.match_params else cfg.r
         alpha = cfg.alpha * r / cfg.r if cfg.match_params else cfg.alpha  # keep alpha / r when matching
-        ffba = FFBAConfig(r=r, alpha=alpha, dropout=cfg.dropout, **variant)
-        apply_ffba(model, ffba)
-        counts.update(ffba_r=r, ffba_config=ffba.to_dict(), ffba_params=ffba_parameter_count(model.config, ffba))
+        adapter = family(r=r, alpha=alpha, dropout=cfg.dropout, **variant)
+        apply_ffba(model, adapter)
+        # "ffba_*" keys name the fflora adapter of either family (run records predate zFLoRA)
+        counts.update(ffba_r=r, ffba_config=adapter.to_dict(), ffba_params=adapter_parameter_count(model.config, adapter))
     elif cfg.method == "lora":
         from peft import LoraConfig, get_peft_model
 
