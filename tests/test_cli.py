@@ -1,22 +1,30 @@
 import json
 
+import pytest
 from conftest import randomize_adapters
 
 import fflora
 from fflora.cli import main
 
 
-def test_params_prints_ffba_next_to_lora(tiny_model_dir, capsys):
+def test_params_prints_ffba_and_zflora_next_to_lora(tiny_model_dir, capsys):
     assert main(["params", "--model", str(tiny_model_dir), "--rank", "2", "--lora-rank", "2"]) == 0
     out = capsys.readouterr().out
     config = fflora.load_base_model(tiny_model_dir)[0].config
-    assert f"FFBA        2 {fflora.ffba_parameter_count(config, fflora.FFBAConfig(r=2)):>17,}" in out
-    assert f"LoRA        2 {fflora.lora_parameter_count(config, 2):>17,}" in out
+    lora = fflora.lora_parameter_count(config, 2)
+    ffba = fflora.ffba_parameter_count(config, fflora.FFBAConfig(r=2))
+    zflora = fflora.zflora_parameter_count(config, fflora.ZFLoRAConfig(r=2))
+    assert f"FFBA        2 {ffba:>17,} {ffba / lora:>7.3f}" in out
+    assert f"zFLoRA      2 {zflora:>17,} {zflora / lora:>7.3f}" in out
+    assert f"LoRA        2 {lora:>17,}   1.000" in out
 
 
-def test_verify_reports_fused_equivalence(tiny_model_dir, capsys):
-    assert main(["verify", "--model", str(tiny_model_dir), "--rank", "4", "--init-std", "0.05", "--max-new-tokens", "4"]) == 0
+@pytest.mark.parametrize("method", ["ffba", "zflora"])
+def test_verify_reports_fused_equivalence(method, tiny_model_dir, capsys):
+    assert main(["verify", "--model", str(tiny_model_dir), "--method", method, "--rank", "4", "--init-std", "0.05",
+                 "--max-new-tokens", "4"]) == 0
     result = json.loads(capsys.readouterr().out)
+    assert result["adapter"] == f"random (std 0.05), {method} r=4"
     assert result["greedy_tokens_equal"] is True
     assert result["max_abs_logit_diff"] < 1e-4
     assert result["max_abs_adapter_effect"] > 1e-3

@@ -27,9 +27,12 @@ def _logged_losses(out):
     return [r["loss"] for r in map(json.loads, (out / "logs.jsonl").read_text().splitlines()) if "loss" in r]
 
 
-def test_ffba_training_lowers_the_loss_and_writes_the_run(tiny_model_dir, tiny_data_dir, tmp_path):
+@pytest.mark.parametrize("method", ["ffba", "zflora"])
+def test_adapter_training_lowers_the_loss_and_writes_the_run(method, tiny_model_dir, tiny_data_dir, tmp_path):
+    from fflora.artifacts import load_trained
+
     out = tmp_path / "run"
-    record = train(_cfg(tiny_model_dir, tiny_data_dir, out, max_steps=12, save_steps=100))
+    record = train(_cfg(tiny_model_dir, tiny_data_dir, out, method=method, max_steps=12, save_steps=100))
     losses = _logged_losses(out)
     assert len(losses) == 12
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
@@ -37,13 +40,16 @@ def test_ffba_training_lowers_the_loss_and_writes_the_run(tiny_model_dir, tiny_d
     assert run["global_step"] == 12 and run["parameters"]["trainable"] == run["parameters"]["ffba_params"]
     model = fflora.load_adapter(fflora.load_base_model(tiny_model_dir)[0], out / "adapter", strict=True)
     assert model.ffba_config.r == 4
+    assert type(model.ffba_config) is {"ffba": fflora.FFBAConfig, "zflora": fflora.ZFLoRAConfig}[method]
     assert record["seconds_per_step"] > 0
+    assert load_trained(out, base_model=str(tiny_model_dir))[2] == method
 
 
-def test_resume_continues_exactly(tiny_model_dir, tiny_data_dir, tmp_path):
+@pytest.mark.parametrize("method", ["ffba", "zflora"])
+def test_resume_continues_exactly(method, tiny_model_dir, tiny_data_dir, tmp_path):
     """6 steps straight == 3 steps, a crash, --resume, 3 more steps (same adapter weights)."""
     out = tmp_path / "run"
-    cfg = _cfg(tiny_model_dir, tiny_data_dir, out, dropout=0.1)
+    cfg = _cfg(tiny_model_dir, tiny_data_dir, out, method=method, dropout=0.1)
     train(cfg)
     straight = load_file(out / "adapter" / "adapter.safetensors")
     # Simulate a run killed right after its step-3 checkpoint.

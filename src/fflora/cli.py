@@ -22,19 +22,23 @@ def _add_ffba(p: argparse.ArgumentParser) -> None:
 
     d = FFBAConfig()
     # Not "--r": torchrun's parser would take it for an abbreviation of its own options.
-    p.add_argument("--rank", dest="r", type=int, default=d.r, help=f"FFBA rank (default {d.r})")
-    p.add_argument("--alpha", type=float, default=d.alpha, help=f"FFBA alpha (default {d.alpha:g})")
+    p.add_argument("--rank", dest="r", type=int, default=d.r, help=f"adapter rank (default {d.r})")
+    p.add_argument("--alpha", type=float, default=d.alpha, help=f"adapter alpha, scale = alpha / rank (default {d.alpha:g})")
     p.add_argument("--phi", default=d.phi, choices=["identity", "relu", "silu"])
     p.add_argument("--sub-blocks", default=",".join(d.sub_blocks), help="comma-separated: attn, mlp")
     p.add_argument("--no-forward", dest="forward", action="store_false", help="no forward adapters (BA only)")
     p.add_argument("--no-backward", dest="backward", action="store_false", help="no backward adapters (FA only)")
 
 
-def _ffba_config(args):
-    from .config import FFBAConfig
+def _adapter_config(args, method: str = "ffba"):
+    """The FFBAConfig (or, for method "zflora", the ZFLoRAConfig: rank, alpha, sub-blocks) the options describe."""
+    from .config import FFBAConfig, ZFLoRAConfig
 
-    return FFBAConfig(r=args.r, alpha=args.alpha, phi=args.phi, sub_blocks=tuple(s for s in args.sub_blocks.split(",") if s),
-                      forward=args.forward, backward=args.backward)
+    sub_blocks = tuple(s for s in args.sub_blocks.split(",") if s)
+    if method == "zflora":
+        return ZFLoRAConfig(r=args.r, alpha=args.alpha, sub_blocks=sub_blocks)
+    return FFBAConfig(r=args.r, alpha=args.alpha, phi=args.phi, sub_blocks=sub_blocks, forward=args.forward,
+                      backward=args.backward)
 
 
 def _model_config(name):
@@ -46,18 +50,20 @@ def _model_config(name):
 
 
 def cmd_params(args) -> dict:
-    """Trainable parameters of FFBA at rank r next to LoRA on all seven projections."""
-    from .budget import ffba_parameter_count, lora_parameter_count
+    """Trainable parameters of FFBA and zFLoRA at rank r next to LoRA on all seven projections."""
+    from .budget import ffba_parameter_count, lora_parameter_count, zflora_parameter_count
 
     config = _model_config(args.model)
-    ffba = ffba_parameter_count(config, _ffba_config(args))
+    ffba = ffba_parameter_count(config, _adapter_config(args))
+    zflora = zflora_parameter_count(config, _adapter_config(args, "zflora"))
     lora = lora_parameter_count(config, args.lora_r)
     result = {"model": args.model or "SmolLM2-135M-Instruct", "ffba_r": args.r, "ffba_params": ffba,
-              "lora_r": args.lora_r, "lora_params": lora, "ffba_over_lora": ffba / lora}
-    print(f"{'method':<8} {'rank':>4} {'trainable params':>17}")
-    print(f"{'FFBA':<8} {args.r:>4} {ffba:>17,}")
-    print(f"{'LoRA':<8} {args.lora_r:>4} {lora:>17,}   (q,k,v,o,gate,up,down)")
-    print(f"FFBA / LoRA = {ffba / lora:.3f}")
+              "zflora_params": zflora, "lora_r": args.lora_r, "lora_params": lora, "ffba_over_lora": ffba / lora,
+              "zflora_over_lora": zflora / lora}
+    print(f"{'method':<8} {'rank':>4} {'trainable params':>17} {'/ LoRA':>7}")
+    print(f"{'FFBA':<8} {args.r:>4} {ffba:>17,} {ffba / lora:>7.3f}")
+    print(f"{'zFLoRA':<8} {args.r:>4} {zflora:>17,} {zflora / lora:>7.3f}   (sub-blocks {args.sub_blocks})")
+    print(f"{'LoRA':<8} {args.lora_r:>4} {lora:>17,} {1:>7.3f}   (q,k,v,o,gate,up,down)")
     return result
 
 
@@ -85,7 +91,7 @@ def cmd_verify(args) -> dict:
     if args.adapter:
         load_adapter(model, args.adapter)
     else:  # a fresh adapter is the identity: give it random weights to test something
-        apply_ffba(model, _ffba_config(args))
+        apply_ffba(model, _adapter_config(args, args.method))
         for p in model.parameters():
             if p.requires_grad:
                 p.normal_(0, args.init_std)
@@ -96,7 +102,7 @@ def cmd_verify(args) -> dict:
     gen_fused = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=False)
     result = {
         "model": args.model or "SmolLM2-135M-Instruct",
-        "adapter": args.adapter or f"random (std {args.init_std}), FFBA r={args.r}",
+        "adapter": args.adapter or f"random (std {args.init_std}), {args.method} r={args.r}",
         "max_abs_logit_diff": (fused - unfused)[mask].abs().max().item(),
         "max_abs_logit": unfused[mask].abs().max().item(),
         "max_abs_adapter_effect": (unfused - base)[mask].abs().max().item(),
@@ -281,7 +287,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     _add_ffba(p)
     p.add_argument("--lora-rank", dest="lora_r", type=int, default=d.lora_r)
     p.add_argument("--lora-alpha", type=float, default=d.lora_alpha)
-    p.add_argument("--match-params", action="store_true", help="FFBA rank with the parameter count closest to LoRA at --lora-rank")
+    p.add_argument("--match-params", action="store_true",
+                   help="FFBA / zFLoRA rank with the parameter count closest to LoRA at --lora-rank")
     p.add_argument("--dropout", type=float, default=d.dropout, help="adapter dropout")
     p.add_argument("--train-limit", type=int, default=None, help="training examples, balanced across the task's datasets")
     p.add_argument("--max-steps", type=int, default=d.max_steps)
@@ -312,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="default: $FFLORA_CACHE/data")
     p.set_defaults(func=cmd_data_prepare)
 
-    p = sub.add_parser("train", help="fine-tune with FFBA, LoRA or full fine-tuning")
+    p = sub.add_parser("train", help="fine-tune with FFBA, zFLoRA, LoRA or full fine-tuning")
     _add_train(p)
     p.set_defaults(func=cmd_train)
 
@@ -396,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=None, help="default: runs/demo-<time>")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("params", help="FFBA trainable parameters next to LoRA's")
+    p = sub.add_parser("params", help="FFBA and zFLoRA trainable parameters next to LoRA's")
     _add_model(p)
     _add_ffba(p)
     p.add_argument("--lora-rank", dest="lora_r", type=int, default=8)
@@ -405,7 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check the fused form against the training form on a real model")
     _add_model(p)
     _add_ffba(p)
-    p.add_argument("--adapter", help="adapter folder (default: a random FFBA adapter)")
+    p.add_argument("--adapter", help="adapter folder (default: a random adapter of --method)")
+    p.add_argument("--method", choices=["ffba", "zflora"], default="ffba", help="family of the random adapter")
     p.add_argument("--init-std", type=float, default=0.01, help="std of the random adapter weights")
     p.add_argument("--prompt", action="append", default=None)
     p.add_argument("--max-new-tokens", type=int, default=32)
