@@ -28,20 +28,25 @@ def test_bench_reports_every_configuration_with_sane_numbers(tmp_path):
             assert 0 < r["tpot"]["min"] <= r["tpot"]["median"] <= r["tpot"]["max"]
             assert r["ttft"]["median"] > 0 and r["weight_bytes"] > 0 and r["fraction_of_copy_bandwidth"] > 0
     assert result["copy_bandwidth_bytes_per_s"] > 1e8
-    target = result["targets"]["1"]
+    targets = result["targets"]["1"]
     per = result["latency"]["1"]
-    assert target["ffba_fused_over_fused_base"] == per["ffba_fused"]["tpot"]["median"] / per["fused_base"]["tpot"]["median"]
-    assert target["within_5pct_of_fused_base"] == (target["ffba_fused_over_fused_base"] <= 1.05)
-    assert set(result["train_step_s"]) == {"ffba", "lora"} and result["train_step_s"]["ffba"]["median"] > 0
-    assert set(result["adapter_switch_s"]) == {"ffba_fused", "lora_merged"}
+    assert list(targets) == ["fused_base / base", "ffba_fused / fused_base", "zflora_fused / fused_base",
+                             "ffba_fused / base", "ffba_fused / lora_unmerged"]
+    zflora = targets["zflora_fused / fused_base"]
+    assert zflora["ratio"] == per["zflora_fused"]["tpot"]["median"] / per["fused_base"]["tpot"]["median"]
+    assert zflora["limit"] == 1.02 and zflora["met"] == (zflora["ratio"] <= 1.02)
+    assert set(result["train_step_s"]) == {"ffba", "zflora", "lora"} and result["train_step_s"]["zflora"]["median"] > 0
+    assert set(result["adapter_switch_s"]) == {"ffba_fused", "zflora_fused", "lora_merged"}
     budget = result["budget"]
     assert budget["ffba_params"] == fflora.ffba_parameter_count(model.config, fflora.FFBAConfig(r=2))
+    assert budget["zflora_params"] == fflora.zflora_parameter_count(model.config, fflora.ZFLoRAConfig(r=2))
     out = write_bench(result, tmp_path / "bench")
     assert json.loads((out / "bench.json").read_text()) == json.loads(json.dumps(result))
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = format_bench_table(result)
     assert "| ffba_fused |" in table and "**batch 2**" in table and "| adapter switch" in table
-    assert "Targets: FFBA fused / fused base = " in table
+    assert "| zflora_fused |" in table and "Targets (TPOT ratios): fused_base / base = " in table
+    assert "zflora_fused / fused_base = " in table and "| training step (median s) | ffba | zflora | lora |" in table
 
 
 def test_weight_bytes_count_tied_and_fused_tensors_once():

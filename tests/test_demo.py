@@ -10,14 +10,15 @@ def test_quick_demo_on_a_tiny_model_writes_the_report(tiny_model_dir, tiny_data_
     out = tmp_path / "demo"
     summary = demo.run_demo(out, quick=True, model=str(tiny_model_dir), data_dir=str(tiny_data_dir))
     assert json.loads((out / "summary.json").read_text()) == summary
-    assert set(summary["accuracy"]) == {"ffba", "lora"} and summary["eval_limit"] == 2
-    assert summary["training"]["ffba"]["global_step"] == 2
+    assert list(summary["accuracy"]) == ["ffba", "zflora", "lora"] and summary["eval_limit"] == 2
+    assert summary["training"]["ffba"]["global_step"] == 2 and summary["training"]["zflora"]["global_step"] == 2
     assert set(summary["tpot_ratio_to_base"]["1"]) == {"base", "fused_base", "lora_unmerged", "lora_merged",
-                                                        "ffba_unfused", "ffba_fused"}
-    for name in ("report.md", "accuracy.png", "bench.png", "bench.json", "ffba/eval.json", "lora/eval.json"):
+                                                        "ffba_unfused", "ffba_fused", "zflora_unfused", "zflora_fused"}
+    for name in ("report.md", "accuracy.png", "bench.png", "bench.json", "ffba/eval.json", "zflora/eval.json",
+                 "lora/eval.json"):
         assert (out / name).is_file(), name
     report = (out / "report.md").read_text()
-    assert report.startswith("# fflora demo (quick") and "| ffba |" in report and "## Latency" in report
+    assert report.startswith("# fflora demo (quick") and "| ffba |" in report and "| zflora |" in report and "## Latency" in report
     # The tiny sets' first two items have labels 0 and 1: always answering 0 is right half the time.
     assert summary["best_constant"] == {"average": 50.0, **dict.fromkeys(summary["best_constant"].keys() - {"average"}, 50.0)}
     assert "| best constant label (same items) | | | | 50.0 |" in report

@@ -1,7 +1,7 @@
 """The main job: both of the paper's claims, measured in one run on the embedded model.
 
-`fflora demo` (or `make demo`) prepares a commonsense subset, trains FFBA and LoRA at a matched
-parameter budget with the same recipe and seed, evaluates both by log-likelihood scoring, runs the
+`fflora demo` (or `make demo`) prepares a commonsense subset, trains FFBA, zFLoRA and LoRA at a
+matched parameter budget with the same recipe and seed, evaluates both by log-likelihood scoring, runs the
 latency benchmark, and writes `runs/demo-<time>/` (JSON, report.md, plots). `--quick` is a
 five-minute smoke version with tiny sizes whose numbers mean nothing.
 """
@@ -42,7 +42,8 @@ def run_demo(out_dir: str | Path | None = None, quick: bool = False, model: str 
     out = Path(out_dir or time.strftime("runs/demo-%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    steps = ["data", "train ffba", "train lora", "eval ffba", "eval lora", "bench", "report"]
+    methods = ("ffba", "zflora", "lora")
+    steps = ["data", *(f"train {m}" for m in methods), *(f"eval {m}" for m in methods), "bench", "report"]
 
     def step(i: int) -> None:
         say(f"demo step {i + 1}/{len(steps)}: {steps[i]} ({time.time() - start:.0f} s so far)")
@@ -50,7 +51,7 @@ def run_demo(out_dir: str | Path | None = None, quick: bool = False, model: str 
     step(0)
     prepare(["commonsense"], data_dir)
     runs = {}
-    for i, method in enumerate(("ffba", "lora")):
+    for i, method in enumerate(methods):
         step(1 + i)
         cfg = TrainConfig(method=method, task="commonsense", output_dir=str(out / method), model=model,
                           data_dir=data_dir, lora_r=lora_rank, lora_alpha=2.0 * lora_rank, match_params=True,
@@ -58,17 +59,17 @@ def run_demo(out_dir: str | Path | None = None, quick: bool = False, model: str 
                           save_steps=sizes.max_steps, logging_steps=5)
         runs[method] = train(cfg, resume=(out / method / "train_config.json").exists())
     accuracy = {}
-    for i, method in enumerate(("ffba", "lora")):
-        step(3 + i)
+    for i, method in enumerate(methods):
+        step(1 + len(methods) + i)
         trained, tokenizer, _ = load_trained(out / method, base_model=model)
         accuracy[method] = evaluate(trained, tokenizer, ["commonsense"], data_dir=data_dir, limit=sizes.eval_limit,
                                     mode="loglik", output=out / method / "eval.json")
         del trained
-    step(5)
+    step(len(steps) - 2)
     base, _ = load_base_model(model)
     bench = run_bench(base, BenchSettings(rank=runs["ffba"]["parameters"]["ffba_r"], lora_rank=lora_rank, **sizes.bench))
     write_bench(bench, out)
-    step(6)
+    step(len(steps) - 1)
     summary = {
         "quick": quick,
         "model": model or "SmolLM2-135M-Instruct",
@@ -98,7 +99,7 @@ def format_report(summary: dict, bench: dict) -> str:
     lines = [
         f"# fflora demo{' (quick: sizes too small to mean anything)' if summary['quick'] else ''}",
         "",
-        f"{summary['model']}; FFBA vs LoRA at matched budget, same recipe and seed; "
+        f"{summary['model']}; FFBA, zFLoRA and LoRA at matched budget, same recipe and seed; "
         f"log-likelihood accuracy on the first {summary['eval_limit']} test examples of each set. "
         f"Wall time {summary['wall_time_s'] / 60:.1f} min.",
         "",
