@@ -182,3 +182,18 @@ def test_response_loss_is_the_token_weighted_training_loss(tiny_model_dir, tiny_
         total += model(torch.tensor([example["input_ids"]]), labels=labels).loss.item() * n
         tokens += n
     assert response_loss(model, tokenizer, records, 1024, batch_size=4) == pytest.approx(total / tokens, rel=1e-5)
+
+
+def test_resume_accepts_a_run_saved_before_a_setting_existed(tiny_model_dir, tiny_data_dir, tmp_path):
+    """A run started by an older fflora lacks the settings added since: they had their defaults then."""
+    out = tmp_path / "run"
+    cfg = _cfg(tiny_model_dir, tiny_data_dir, out, max_steps=2, save_steps=1)
+    train(cfg)
+    saved = json.loads((out / "train_config.json").read_text())
+    del saved["bf16"], saved["dev_size"]
+    (out / "train_config.json").write_text(json.dumps(saved))
+    for leftover in ("checkpoint-2", "adapter", "run.json"):
+        subprocess.run(["rm", "-rf", str(out / leftover)], check=True)
+    assert train(cfg, resume=True)["resumed_from"].endswith("checkpoint-1")
+    with pytest.raises(ValueError, match=r"other settings.*dev_size: 0 -> 4"):
+        train(_cfg(tiny_model_dir, tiny_data_dir, out, max_steps=2, save_steps=1, dev_size=4), resume=True)

@@ -258,7 +258,10 @@ def _check_resume(cfg: TrainConfig, out: Path, resume: bool) -> str | None:
     if not saved.exists():
         raise ValueError(f"nothing to resume in {out}: no {CONFIG_FILE}; start the run without --resume")
     before = json.loads(saved.read_text())
-    diffs = [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in asdict(cfg).items() if before.get(k) != v]
+    # A setting missing from the saved file was added to fflora after the run started: it had its default.
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    diffs = [f"{k}: {before.get(k, defaults[k])!r} -> {v!r}" for k, v in asdict(cfg).items()
+             if before.get(k, defaults[k]) != v]
     if diffs:
         raise ValueError(f"--resume with other settings than the run in {out}: " + "; ".join(diffs))
     return last
