@@ -11,6 +11,7 @@ from .bank import BASE_NAME, delete_adapter, list_adapters, select_adapters  # n
 from .base_models import load_base_model  # noqa: E402
 from .budget import ffba_parameter_count, lora_parameter_count, zflora_parameter_count  # noqa: E402
 from .config import FFBAConfig, ZFLoRAConfig  # noqa: E402
+from .fastpath import set_gemm_layout  # noqa: E402
 from .fused import fuse, unfuse  # noqa: E402
 from .model import (  # noqa: E402
     apply_adapter,
@@ -42,6 +43,7 @@ __all__ = [
     "remove_ffba",
     "save_adapter",
     "select_adapters",
+    "set_gemm_layout",
     "unfuse",
     "zflora_parameter_count",
 ]

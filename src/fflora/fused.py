@@ -123,7 +123,7 @@ class FusedInputProjections(nn.Module):
         linears, start = [], 0
         for width, has_bias in zip(self.widths, self.has_bias):
             linear = nn.Linear(self.d_in, width, bias=has_bias, device="meta")
-            linear.weight = nn.Parameter(self.weight[start : start + width, : self.d_in].clone(), requires_grad=False)
+            linear.weight = nn.Parameter(self.weight[start : start + width, : self.d_in].clone(memory_format=torch.contiguous_format), requires_grad=False)
             if has_bias:
                 linear.bias = nn.Parameter(self.bias[start : start + width].clone(), requires_grad=False)
             linears.append(linear)
@@ -188,7 +188,7 @@ class FusedOutputProjection(nn.Module):
 
     def unfused(self) -> nn.Linear:
         linear = nn.Linear(self.d_core, self.d_out, bias=self.bias is not None, device="meta")
-        linear.weight = nn.Parameter(self.weight[: self.d_out, : self.d_core].clone(), requires_grad=False)
+        linear.weight = nn.Parameter(self.weight[: self.d_out, : self.d_core].clone(memory_format=torch.contiguous_format), requires_grad=False)
         if self.bias is not None:
             linear.bias = nn.Parameter(self.bias[: self.d_out].clone(), requires_grad=False)
         return linear

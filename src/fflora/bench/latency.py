@@ -1,4 +1,5 @@
-"""Latency benchmark: base, fused base, LoRA (unmerged, merged), FFBA and zFLoRA (unfused, fused).
+"""Latency benchmark: base, fused base, LoRA (unmerged, merged), FFBA and zFLoRA (unfused, fused),
+and the fused ones again on the decode fast path (`fflora.fastpath`, suffix "_fast").
 
 All configurations live in one process and are measured interleaved (A B C ... A B C ...) after a
 warm-up, so machine noise hits them alike; compare them by their ratios to the base model, not by
@@ -28,16 +29,17 @@ from torch import nn
 
 from ..budget import LORA_TARGETS, ffba_parameter_count, lora_parameter_count, match_lora_rank, zflora_parameter_count
 from ..config import FFBAConfig, ZFLoRAConfig
+from ..fastpath import LAYOUTS, set_gemm_layout
 from ..fused import fuse
 from ..model import apply_ffba
 from ..serialization import adapter_state_dict, load_adapter_state
 from ..sources import say
 
-CONFIGS = ("base", "fused_base", "lora_unmerged", "lora_merged", "ffba_unfused", "ffba_fused", "zflora_unfused",
-           "zflora_fused")
+CONFIGS = ("base", "fused_base", "fused_base_fast", "lora_unmerged", "lora_merged", "ffba_unfused", "ffba_fused",
+           "ffba_fused_fast", "zflora_unfused", "zflora_fused", "zflora_fused_fast")
 # The latency targets (issue 9): TPOT of a configuration over TPOT of another, at most `limit`.
 TARGETS = (("fused_base", "base", 1.00), ("ffba_fused", "fused_base", 1.03), ("zflora_fused", "fused_base", 1.02),
-           ("ffba_fused", "base", 0.85), ("ffba_fused", "lora_unmerged", 0.75))
+           ("ffba_fused_fast", "base", 0.85), ("ffba_fused_fast", "lora_unmerged", 0.75))
 
 
 @dataclass
@@ -55,6 +57,7 @@ class BenchSettings:
     train_len: int = 128
     seed: int = 0
     configs: tuple[str, ...] = CONFIGS
+    gemm_layout: str = "auto"  # of the "_fast" configurations (fflora.fastpath.set_gemm_layout)
 
     def __post_init__(self) -> None:
         check_sizes(self, lists=("batch_sizes",), positive=("prompt_len", "new_tokens", "repeats", "rank", "train_steps",
@@ -65,6 +68,8 @@ class BenchSettings:
         unknown = [c for c in self.configs if c not in CONFIGS]
         if unknown or not self.configs:
             raise ValueError(f"configs must be among {list(CONFIGS)}, got {list(self.configs)}")
+        if self.gemm_layout not in (*LAYOUTS, "auto"):
+            raise ValueError(f"gemm-layout must be one of {[*LAYOUTS, 'auto']}, got {self.gemm_layout!r}")
 
 
 def check_sizes(settings, lists: tuple[str, ...] = (), positive: tuple[str, ...] = (), optional: tuple[str, ...] = ()) -> None:
@@ -136,12 +141,15 @@ def budget_of(hf_config, settings: BenchSettings) -> dict:
             "lora_rank": lora_rank, "lora_params": lora_parameter_count(hf_config, lora_rank)}
 
 
-def build_configs(base: nn.Module, settings: BenchSettings, lora_rank: int) -> dict[str, nn.Module]:
-    """The benchmark's models, each a deep copy of `base` (which stays untouched)."""
-    models = {}
+def build_configs(base: nn.Module, settings: BenchSettings, lora_rank: int) -> tuple[dict[str, nn.Module], dict]:
+    """The benchmark's models, each a deep copy of `base` (which stays untouched), and the GEMM
+    layouts the fast-path ones chose."""
+    models, layouts = {}, {}
     for name in settings.configs:
         model = copy.deepcopy(base)
-        if name == "fused_base":
+        fast = name.endswith("_fast")
+        name_ = name.removesuffix("_fast")
+        if name_ == "fused_base":
             fuse(model)
         elif name.startswith("lora"):
             model = _lora(model, lora_rank)
@@ -149,12 +157,14 @@ def build_configs(base: nn.Module, settings: BenchSettings, lora_rank: int) -> d
             if name == "lora_merged":
                 model = model.merge_and_unload()
         elif name.startswith(("ffba", "zflora")):
-            family, form = name.split("_")
+            family, form = name_.split("_")
             _randomize(_adapted(model, family, settings.rank), settings.seed)
             if form == "fused":
                 fuse(model)
+        if fast:
+            layouts[name] = set_gemm_layout(model, settings.gemm_layout)
         models[name] = model.eval()
-    return models
+    return models, layouts
 
 
 @torch.no_grad()
@@ -263,7 +273,7 @@ def run_bench(base: nn.Module, settings: BenchSettings) -> dict:
     torch.manual_seed(settings.seed)
     budget = budget_of(base.config, settings)
     say("building the configurations")
-    models = build_configs(base, settings, budget["lora_rank"])
+    models, layouts = build_configs(base, settings, budget["lora_rank"])
     say("measuring memory bandwidth (large tensor copy)")
     bandwidth = memory_bandwidth()
     latency = bench_latency(models, settings, base.config.vocab_size)
@@ -288,6 +298,7 @@ def run_bench(base: nn.Module, settings: BenchSettings) -> dict:
         "latency": latency,
         "targets": targets,
         "adapter_switch_s": switch,
+        "fast_path_layouts": layouts,
         "train_step_s": training,
     }
 
@@ -322,8 +333,12 @@ def format_bench_table(result: dict) -> str:
                 f"{name} = {t['ratio']:.3f} (<= {t['limit']:.2f}: {'met' if t['met'] else 'NOT met'})"
                 for name, t in targets.items()) + ".")
         lines.append("")
+    for name, chosen in result.get("fast_path_layouts", {}).items():
+        counts = {layout: list(chosen["layouts"].values()).count(layout) for layout in LAYOUTS}
+        lines.append(f"{name}: GEMM layout ({result['settings']['gemm_layout']}) "
+                     + ", ".join(f"{layout} for {n} of {len(chosen['layouts'])} shapes" for layout, n in counts.items() if n) + ".")
     budget = result["budget"]
-    lines += [f"FFBA r={result['settings']['rank']}: {budget['ffba_params']:,} trainable parameters; "
+    lines += ["", f"FFBA r={result['settings']['rank']}: {budget['ffba_params']:,} trainable parameters; "
               f"zFLoRA r={result['settings']['rank']}: {budget['zflora_params']:,}; "
               f"LoRA r={budget['lora_rank']}: {budget['lora_params']:,}. "
               f"Copy bandwidth {result['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s.", ""]
