@@ -32,9 +32,9 @@ def test_bench_reports_every_configuration_with_sane_numbers(tmp_path):
     per = result["latency"]["1"]
     assert list(targets) == ["fused_base / base", "ffba_fused / fused_base", "zflora_fused / fused_base",
                              "ffba_fused_fast / base", "ffba_fused_fast / lora_unmerged"]
-    layouts = result["fast_path_layouts"]
-    assert set(layouts) == {"fused_base_fast", "ffba_fused_fast", "zflora_fused_fast"}
-    assert all(set(c["layouts"].values()) <= {"standard", "transposed"} and c["measured"] for c in layouts.values())
+    plans = result["fast_path_plans"]
+    assert set(plans) == {"fused_base_fast", "ffba_fused_fast", "zflora_fused_fast"}
+    assert all(r["mode"] == "auto" and r["rows"] == [1, 2] and r["measured"] for r in plans.values())
     zflora = targets["zflora_fused / fused_base"]
     assert zflora["ratio"] == per["zflora_fused"]["tpot"]["median"] / per["fused_base"]["tpot"]["median"]
     assert zflora["limit"] == 1.02 and zflora["met"] == (zflora["ratio"] <= 1.02)
@@ -49,7 +49,7 @@ def test_bench_reports_every_configuration_with_sane_numbers(tmp_path):
     table = format_bench_table(result)
     assert "| ffba_fused |" in table and "**batch 2**" in table and "| adapter switch" in table
     assert "| zflora_fused |" in table and "Targets (TPOT ratios): fused_base / base = " in table
-    assert "zflora_fused / fused_base = " in table and "ffba_fused_fast: GEMM layout (auto) " in table and "| training step (median s) | ffba | zflora | lora |" in table
+    assert "zflora_fused / fused_base = " in table and "ffba_fused_fast: GEMM plan auto (" in table and "| training step (median s) | ffba | zflora | lora |" in table
 
 
 def test_weight_bytes_count_tied_and_fused_tensors_once():
@@ -93,5 +93,5 @@ def test_bad_bench_options_are_one_line_errors_before_any_work(capsys):
         assert capsys.readouterr().err.strip() == f"fflora: error: {message}"
     with pytest.raises(ValueError, match=r"configs must be among \['base', 'fused_base'"):
         BenchSettings(configs=("merged",))
-    with pytest.raises(ValueError, match=r"gemm-layout must be one of \['standard', 'transposed', 'auto'\], got 'rows'"):
-        BenchSettings(gemm_layout="rows")
+    with pytest.raises(ValueError, match=r"gemm-plan must be one of \['standard', 'transposed', 'auto'\], got 'rows'"):
+        BenchSettings(gemm_plan="rows")

@@ -40,7 +40,7 @@ def test_generate_with_adapter_fused_equals_unfused(tiny_model_dir, tmp_path, ca
     fused = capsys.readouterr().out
     assert main(args + ["--unfused"]) == 0
     assert capsys.readouterr().out == fused
-    assert main(args + ["--gemm-layout", "transposed"]) == 0
+    assert main(args + ["--gemm-plan", "auto"]) == 0
     assert capsys.readouterr().out == fused
     assert fused.startswith("### abc\n")
 

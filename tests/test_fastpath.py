@@ -1,13 +1,23 @@
-"""The decode fast path: GEMM layouts change where the weights lie, never what the model computes."""
+"""The decode fast path: GEMM plans change how the weights lie and which kernel reads them, never
+what the model computes."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import FAMILIES, make_model, randomize_adapters
 
 import fflora
-from fflora.fastpath import fused_gemms, layout_of, set_gemm_layout
+import fflora.fastpath
+from fflora.fastpath import PlannedLinear, choose_plan, plan_gemms, planned_modules
+from fflora.gemm import GemmPlan, laid_out, layout_of, planned_linear
 
 TOL = 1e-4
+
+
+@pytest.fixture(autouse=True)
+def quick_measurements(monkeypatch):
+    """The tiny models' weights fit in cache anyway: a few copies keep "auto" fast."""
+    monkeypatch.setattr(fflora.fastpath, "MAX_COPIES", 4)
 
 
 def _ids(batch=3, length=10):
@@ -17,11 +27,41 @@ def _ids(batch=3, length=10):
     return ids, mask
 
 
+@pytest.mark.parametrize("layout", ["standard", "transposed"])
+@pytest.mark.parametrize("order", ["xw", "wx"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_planned_linear_is_f_linear(layout, order, bias):
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(24, 16, generator=gen)
+    b = torch.randn(24, generator=gen) if bias else None
+    for shape in ((1, 16), (3, 1, 16), (2, 5, 16)):
+        x = torch.randn(*shape, generator=gen)
+        plan = GemmPlan(layout, ((1, order), (3, order), (10, order)))
+        out = planned_linear(x, laid_out(weight, layout), b, plan)
+        assert out.shape == (*shape[:-1], 24) and out.is_contiguous()
+        torch.testing.assert_close(out, F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
+
+
+def test_a_plan_picks_the_nearest_measured_row_count_and_leaves_prefill_to_f_linear():
+    plan = GemmPlan("standard", ((1, "xw"), (8, "wx")))
+    assert [plan.order(m) for m in (1, 2, 5, 8, 16, 17, 128)] == ["xw", "xw", "wx", "wx", "wx", "xw", "xw"]
+    assert GemmPlan("transposed").order(1) == "xw"
+
+
+def test_the_chosen_layout_has_the_least_total_time_and_each_row_count_its_faster_order():
+    times = {"standard/xw/1": 5, "standard/wx/1": 6, "standard/xw/8": 9, "standard/wx/8": 4,
+             "transposed/xw/1": 3, "transposed/wx/1": 3.5, "transposed/xw/8": 12, "transposed/wx/8": 20}
+    assert choose_plan(times, (1, 8)) == GemmPlan("standard", ((1, "xw"), (8, "wx")))  # 9 < 15
+    assert choose_plan(times, (1,)) == GemmPlan("transposed", ((1, "xw"),))
+
+
 @torch.no_grad()
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # tied LM head and embeddings; biases on q/k/v
 @pytest.mark.parametrize("family", [None, "ffba", "zflora"])
-@pytest.mark.parametrize("layout", ["transposed", "auto"])
-def test_every_layout_keeps_the_fused_model_equal_to_the_training_form(family, layout):
-    model = make_model("qwen2")  # biases on q/k/v
+@pytest.mark.parametrize("mode", ["transposed", "auto", "forced wx"])
+def test_every_plan_keeps_the_fused_model_equal_to_the_training_form(arch, family, mode):
+    model = make_model(arch)
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
     if family:
         fflora.apply_adapter(model, FAMILIES[family]())
         randomize_adapters(model)
@@ -30,41 +70,55 @@ def test_every_layout_keeps_the_fused_model_equal_to_the_training_form(family, l
     gen_reference = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     fflora.fuse(model)
-    report = set_gemm_layout(model, layout)
-    shapes = {f"{m.weight.shape[0]}x{m.weight.shape[1]}" for m in fused_gemms(model)}
-    assert set(report["layouts"]) == shapes
-    if layout == "auto":
-        assert set(report["measured"]) == shapes and all(set(t) == {"standard", "transposed"} for t in report["measured"].values())
+    if mode == "forced wx":  # both layouts, the swapped operand order at every decode row count
+        report = plan_gemms(model, "transposed")
+        for i, module in enumerate(planned_modules(model)):
+            module.gemm_plan = GemmPlan(layout_of(module.weight), ((1, "wx"), (3, "wx"), (30, "wx")))
+            if i % 2:
+                module.weight = laid_out(module.weight, "standard") if module is not model.lm_head else module.weight
     else:
-        assert all(layout_of(m.weight) == "transposed" for m in fused_gemms(model))
+        report = plan_gemms(model, mode, rows=(1, 3))
+        shapes = {f"{m.weight.shape[0]}x{m.weight.shape[1]} float32" for m in planned_modules(model)}
+        assert set(report["plans"]) == shapes
+        if mode == "auto":
+            assert set(report["measured"]) == shapes and all(len(t) == 8 for t in report["measured"].values())
+        else:
+            assert all(layout_of(m.weight) == "transposed" for m in planned_modules(model))
+    assert type(model.lm_head) is PlannedLinear and (model.lm_head.weight is model.model.embed_tokens.weight) == tied
     assert (model(ids, attention_mask=mask).logits - reference)[mask.bool()].abs().max().item() < TOL
     assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0),
                        gen_reference)
-    fflora.unfuse(model)  # the training form again: the same values, row-major as nn.Linear keeps them
+    fflora.unfuse(model)  # the training form again: the same values, row-major, a plain LM head
+    assert type(model.lm_head) is torch.nn.Linear and not hasattr(model.lm_head, "gemm_plan")
     assert all(torch.equal(v, state[k]) and v.is_contiguous() for k, v in model.state_dict().items())
 
 
 @torch.no_grad()
-def test_adapters_load_into_a_transposed_fused_model_and_bank(tmp_path):
+def test_adapters_load_into_a_planned_fused_model_and_bank(tmp_path):
     trained = fflora.apply_adapter(make_model("llama"), fflora.FFBAConfig(r=4, alpha=8))
     randomize_adapters(trained)
     fflora.save_adapter(trained, tmp_path / "a")
     ids, mask = _ids()
     expected = trained(ids, attention_mask=mask).logits
     single = fflora.fuse(fflora.apply_adapter(make_model("llama"), fflora.FFBAConfig(r=4, alpha=8)))
-    set_gemm_layout(single, "transposed")
+    plan_gemms(single, "transposed")
     fflora.load_adapter(single, tmp_path / "a")  # rewrites the adapter rows/columns in place
     assert (single(ids, attention_mask=mask).logits - expected)[mask.bool()].abs().max().item() < TOL
     bank = fflora.fuse(make_model("llama"), max_adapters=2)
-    set_gemm_layout(bank, "transposed")
+    plan_gemms(bank, "transposed")
+    for module in planned_modules(bank):
+        module.gemm_plan = GemmPlan("transposed", ((3, "wx"),))
     fflora.load_adapter(bank, tmp_path / "a", adapter_name="a")
     rows = bank(ids, attention_mask=mask, adapter_names=["a", "__base__", "a"]).logits
     assert (rows[0] - expected[0])[mask[0].bool()].abs().max().item() < TOL
     assert (rows[1] - make_model("llama")(ids, attention_mask=mask).logits[1]).abs().max().item() < TOL
 
 
-def test_bad_layouts_and_unfused_models_are_refused():
+def test_bad_plans_and_unfused_models_are_refused():
     with pytest.raises(ValueError, match="call fflora.fuse"):
-        set_gemm_layout(make_model("llama"), "transposed")
-    with pytest.raises(ValueError, match=r"gemm layout must be one of \['standard', 'transposed', 'auto'\], got 'columns'"):
-        set_gemm_layout(fflora.fuse(make_model("llama")), "columns")
+        plan_gemms(make_model("llama"), "transposed")
+    fused = fflora.fuse(make_model("llama"))
+    with pytest.raises(ValueError, match=r"gemm plan must be one of \['standard', 'transposed', 'auto'\], got 'columns'"):
+        plan_gemms(fused, "columns")
+    with pytest.raises(ValueError, match=r"rows must be integers >= 1 \(the decode batch sizes to tune for\), got \[0\]"):
+        plan_gemms(fused, "auto", rows=(0,))

@@ -11,7 +11,7 @@ from .bank import BASE_NAME, delete_adapter, list_adapters, select_adapters  # n
 from .base_models import load_base_model  # noqa: E402
 from .budget import ffba_parameter_count, lora_parameter_count, zflora_parameter_count  # noqa: E402
 from .config import FFBAConfig, ZFLoRAConfig  # noqa: E402
-from .fastpath import set_gemm_layout  # noqa: E402
+from .fastpath import plan_gemms  # noqa: E402
 from .fused import fuse, unfuse  # noqa: E402
 from .model import (  # noqa: E402
     apply_adapter,
@@ -38,12 +38,12 @@ __all__ = [
     "load_base_model",
     "lora_parameter_count",
     "parameter_summary",
+    "plan_gemms",
     "print_trainable_parameters",
     "remove_adapter",
     "remove_ffba",
     "save_adapter",
     "select_adapters",
-    "set_gemm_layout",
     "unfuse",
     "zflora_parameter_count",
 ]

@@ -31,13 +31,13 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .adapter import PHI
 from .architectures import decoder_layers, sub_blocks
 from .config import FFBAConfig, ZFLoRAConfig
 from .fused import ALIGN, FusedInputProjections, FusedOutputProjection, _unwrap, install_fused
+from .gemm import planned_linear
 from .model import sub_block_ranks
 
 BASE_NAME = "__base__"  # PEFT's name for "no adapter" in a mixed batch
@@ -137,7 +137,7 @@ class _BankGemm:
         rows = sel.windows[self.row_space] if sel is not None and self.row_room else 0
         cols = sel.windows[self.col_space] if sel is not None and self.col_room else 0
         inp = torch.cat([x, sel.pending.pop(self.col_space)], dim=-1) if cols else x
-        return sel, F.linear(inp, *self.window(self.base_size[0] + rows, self.base_size[1] + cols)), rows
+        return sel, planned_linear(inp, *self.window(self.base_size[0] + rows, self.base_size[1] + cols), self.gemm_plan), rows
 
     def window(self, rows: int, cols: int) -> tuple[Tensor, Tensor | None]:
         """Cached views of the leading rows/columns of the weight and bias (slicing on every call costs

@@ -123,12 +123,12 @@ def cmd_generate(args) -> dict:
         load_adapter(model, args.adapter, strict=args.strict)
     if not args.unfused:
         fuse(model)
-        if args.gemm_layout != "standard":
-            from .fastpath import set_gemm_layout
+        if args.gemm_plan != "standard":
+            from .fastpath import plan_gemms
 
-            set_gemm_layout(model, args.gemm_layout, rows=len(args.prompt))
-    elif args.gemm_layout != "standard":
-        raise ValueError("--gemm-layout applies to the fused form; drop --unfused or --gemm-layout")
+            plan_gemms(model, args.gemm_plan, rows=(len(args.prompt),))
+    elif args.gemm_plan != "standard":
+        raise ValueError("--gemm-plan applies to the fused form; drop --unfused or --gemm-plan")
     batch = _chat_batch(tokenizer, args.prompt)
     torch.manual_seed(args.seed)
     out = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
@@ -230,7 +230,7 @@ def cmd_bench(args) -> dict:
     settings = BenchSettings(
         prompt_len=args.prompt_len, new_tokens=args.new_tokens, batch_sizes=tuple(args.batch_sizes),
         repeats=args.repeats, warmup=args.warmup, rank=args.r, lora_rank=args.lora_r, threads=args.threads,
-        train_steps=args.train_steps, gemm_layout=args.gemm_layout,
+        train_steps=args.train_steps, gemm_plan=args.gemm_plan,
     )
     return _report_bench(args, settings, run_bench, write_bench, format_bench_table, "bench", "bench")
 
@@ -356,8 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--train-steps", type=int, default=3, help="timed training steps per method")
-    p.add_argument("--gemm-layout", default="auto", choices=["auto", "standard", "transposed"],
-                   help="fused GEMM weight layout of the *_fast configurations (auto: measured per shape)")
+    p.add_argument("--gemm-plan", default="auto", choices=["auto", "standard", "transposed"],
+                   help="how the *_fast configurations run their GEMMs (auto: layout and order measured per shape)")
     p.add_argument("--output-dir", default=None, help="default: runs/bench-<time>")
     p.set_defaults(func=cmd_bench)
     suites = p.add_subparsers(dest="suite", metavar="{bank,serve}", help="another benchmark instead of the latency one")
@@ -433,8 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="adapter folder")
     p.add_argument("--strict", action="store_true", help="fail if the adapter was trained on other base weights")
     p.add_argument("--unfused", action="store_true", help="run the training form instead of the fused one")
-    p.add_argument("--gemm-layout", default="standard", choices=["standard", "transposed", "auto"],
-                   help="fused GEMM weight layout (auto: the faster one per shape, measured at start)")
+    p.add_argument("--gemm-plan", default="standard", choices=["standard", "transposed", "auto"],
+                   help="how the fused GEMMs run (auto: weight layout and operand order measured per shape at start)")
     p.add_argument("--prompt", action="append", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")

@@ -1,16 +1,23 @@
-"""The decode fast path of fused models: how the fused GEMMs store their weights, chosen by measurement.
+"""The decode fast path of a fused model: each GEMM's weight layout and operand order, by measurement.
 
-A fused model owns every base projection GEMM, so it can choose their memory layout. `F.linear`
-computes x @ W^T; with W stored row-major (out x in, "standard", as nn.Linear does) the BLAS call
-reads W transposed, with W stored column-major ("transposed": the in x out matrix W^T is
-contiguous) it reads it as is. Which one is faster depends on the CPU, its BLAS path and the shape
-(one AVX2 EPYC measured 11-12 GB/s for the standard layout and 15-17 GB/s for the transposed one on
-SmolLM2's decode GEMVs), so `set_gemm_layout(model, "auto")` times both for each distinct GEMM shape
-at the decode batch size and keeps the faster.
+A fused model owns every base projection GEMM (and here also takes the LM head), so it can choose
+how each one runs (`fflora.gemm`: row- or column-major weight, `x W^T` or `(W x^T)^T`). On an
+AVX-512 EPYC with 2 threads, SmolLM2-135M's decode GEMMs, streamed from memory as in a real step:
 
-The values do not change, only their order in memory: every path stays within float tolerance of
-the training form (the layout tests run the equivalence checks on both), and `unfuse` returns the
-usual row-major nn.Linear weights.
+    rows 1: the column-major layout is 1.3x (q|k|v), 1.7x (gate|up) and 1.9x (LM head) faster,
+            and 1.25x slower for down_proj
+    rows 8: (W x^T)^T on row-major weights is 1.2-2.2x faster except for down_proj
+
+so no single layout wins, and another CPU (an AVX2 EPYC measured the column-major layout faster for
+every GEMV shape) answers differently. `plan_gemms(model, "auto", rows=(1, 8))` therefore times
+every (layout, order) for each distinct weight shape at the given decode row counts, stores each
+weight in the layout with the least total time over those row counts and runs each row count in
+its faster order. The measurement streams a 256 MiB working set, as a decode step does, and takes
+a few seconds (`report["seconds"]`): a warm-up cost paid once, at fuse time or when asked.
+
+Values never change, only their order in memory and the kernel that reads them: every plan stays
+within float tolerance of the training form (tests run the equivalence checks under each mode),
+and `fflora.unfuse` returns row-major nn.Linear weights and a plain LM head.
 """
 
 from __future__ import annotations
@@ -18,76 +25,131 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .fused import FusedInputProjections, FusedOutputProjection
+from .gemm import LAYOUTS, ORDERS, GemmPlan, laid_out, layout_of, planned_linear
 
-LAYOUTS = ("standard", "transposed")
-# "auto" keeps the standard layout unless the transposed one is at least this much faster: a
-# smaller gain is within the noise of a shared machine and not worth a change.
-MIN_GAIN = 0.05
-
-
-def fused_gemms(model: nn.Module) -> list[nn.Module]:
-    """The fused GEMM modules of `model` (each holds one `weight` buffer, out x in)."""
-    return [m for m in model.modules() if isinstance(m, (FusedInputProjections, FusedOutputProjection))]
+MODES = ("standard", "transposed", "auto")
+WORKING_SET_BYTES = 256 * 2**20  # larger than the caches: weights come from memory, as in a decode step
+MAX_COPIES = 256  # of one small weight in that working set (bounds the number of timed calls)
 
 
-def laid_out(weight: Tensor, layout: str) -> Tensor:
-    """`weight` (out x in) with the same values, stored row-major ("standard") or column-major ("transposed")."""
-    if layout == "standard":
-        return weight.contiguous()
-    return weight.t().contiguous().t()
+class PlannedLinear(nn.Linear):
+    """An nn.Linear (the LM head) that follows `gemm_plan`. Set by swapping the module's class, so the
+    module, its parameters and their ties (the LM head is often the embedding matrix) stay the same."""
+
+    gemm_plan: GemmPlan | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return planned_linear(x, self.weight, self.bias, self.gemm_plan)
 
 
-def layout_of(weight: Tensor) -> str:
-    return "transposed" if weight.stride(0) == 1 and weight.shape[0] > 1 else "standard"
-
-
-@torch.no_grad()
-def time_gemm(weight: Tensor, layout: str, rows: int = 1, repeats: int = 5, calls: int = 20) -> float:
-    """Best-of-`repeats` seconds per F.linear of a (rows x in) input with `weight` in `layout`."""
-    w = laid_out(weight, layout)
-    x = torch.randn(rows, w.shape[1], dtype=w.dtype, device=w.device)
-    F.linear(x, w)  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            F.linear(x, w)
-        best = min(best, (time.perf_counter() - start) / calls)
-    return best
-
-
-def choose_layouts(model: nn.Module, rows: int = 1) -> dict[tuple[int, int], dict]:
-    """For each distinct fused GEMM shape: both layouts timed at `rows` input rows, and the choice."""
-    choices = {}
-    for module in fused_gemms(model):
-        shape = tuple(module.weight.shape)
-        if shape in choices:
-            continue
-        times = {layout: time_gemm(module.weight, layout, rows) for layout in LAYOUTS}
-        faster = times["transposed"] <= (1 - MIN_GAIN) * times["standard"]
-        choices[shape] = {"seconds": times, "layout": "transposed" if faster else "standard"}
-    return choices
+def planned_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules whose GEMMs a plan covers: every fused GEMM and a plain nn.Linear LM head."""
+    modules = [m for m in model.modules() if isinstance(m, (FusedInputProjections, FusedOutputProjection))]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) in (nn.Linear, PlannedLinear):
+        modules.append(head)
+    return modules
 
 
 @torch.no_grad()
-def set_gemm_layout(model: nn.Module, layout: str = "auto", rows: int = 1) -> dict:
-    """Store every fused GEMM weight of `model` in `layout` ("standard", "transposed", or "auto":
-    measured per shape at `rows` input rows, i.e. the decode batch size). Returns what was chosen,
-    with the timings when measured. The model must be fused (`fflora.fuse`)."""
-    if layout not in (*LAYOUTS, "auto"):
-        raise ValueError(f"gemm layout must be one of {[*LAYOUTS, 'auto']}, got {layout!r}")
+def measure_shape(shape: tuple[int, int], dtype: torch.dtype, rows: tuple[int, ...], repeats: int = 3) -> dict:
+    """Seconds per GEMM of an (out x in) weight for every layout, order and row count, streaming
+    distinct weights through a working set larger than the caches. Keys "layout/order/rows"."""
+    out_features, in_features = shape
+    numel = out_features * in_features
+    element = torch.empty((), dtype=dtype).element_size()
+    copies = min(MAX_COPIES, max(2, WORKING_SET_BYTES // (numel * element)))
+    buffer = torch.empty(copies * numel, dtype=dtype).uniform_(-0.05, 0.05)
+    times = {}
+    for layout in LAYOUTS:
+        weights = [buffer[k * numel : (k + 1) * numel].view(shape) if layout == "standard"
+                   else buffer[k * numel : (k + 1) * numel].view(in_features, out_features).t() for k in range(copies)]
+        for m in rows:
+            x = torch.randn(m, in_features, dtype=dtype)
+            for order in ORDERS:
+                plan = GemmPlan(layout, ((m, order),))
+                for w in weights:  # warm-up pass
+                    planned_linear(x, w, None, plan)
+                best = float("inf")
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    for w in weights:
+                        planned_linear(x, w, None, plan)
+                    best = min(best, (time.perf_counter() - start) / copies)
+                times[f"{layout}/{order}/{m}"] = best
+    return times
+
+
+def choose_plan(times: dict, rows: tuple[int, ...]) -> GemmPlan:
+    """The layout with the least total time over `rows` (each in its faster order), and those orders."""
+    def best(layout: str, m: int) -> tuple[float, str]:
+        return min((times[f"{layout}/{order}/{m}"], order) for order in ORDERS)
+
+    layout = min(LAYOUTS, key=lambda lay: (sum(best(lay, m)[0] for m in rows), lay != "standard"))
+    return GemmPlan(layout, tuple((m, best(layout, m)[1]) for m in sorted(rows)))
+
+
+@torch.no_grad()
+def plan_gemms(model: nn.Module, mode: str = "auto", rows: tuple[int, ...] = (1, 8)) -> dict:
+    """Set how every GEMM of a fused model runs (see the module docstring); returns a report.
+
+    mode "standard": row-major weights, F.linear (what `fflora.fuse` gives); "transposed":
+    column-major weights, F.linear; "auto": measured per weight shape at `rows` input rows (the
+    decode batch sizes to serve). The model must be fused (`fflora.fuse`).
+    """
+    if mode not in MODES:
+        raise ValueError(f"gemm plan must be one of {list(MODES)}, got {mode!r}")
+    if not rows or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in rows):
+        raise ValueError(f"rows must be integers >= 1 (the decode batch sizes to tune for), got {list(rows)}")
     if not getattr(model, "ffba_fused", False):
-        raise ValueError("the GEMM layout is a property of the fused form; call fflora.fuse(model) first")
-    measured = choose_layouts(model, rows) if layout == "auto" else {}
-    chosen = {}
-    for module in fused_gemms(model):
-        shape = tuple(module.weight.shape)
-        target = measured[shape]["layout"] if measured else layout
-        if layout_of(module.weight) != target:
-            module.weight = laid_out(module.weight, target)
-        chosen[f"{shape[0]}x{shape[1]}"] = target
-    return {"layouts": chosen, "measured": {f"{r}x{c}": v["seconds"] for (r, c), v in measured.items()}}
+        raise ValueError("GEMM plans are part of the fused form; call fflora.fuse(model) first")
+    start = time.perf_counter()
+    modules = planned_modules(model)
+    measured, plans = {}, {}
+    for module in modules:
+        key = (tuple(module.weight.shape), module.weight.dtype)
+        if key in plans:
+            continue
+        if mode == "auto":
+            measured[key] = measure_shape(key[0], key[1], tuple(rows))
+            plans[key] = choose_plan(measured[key], tuple(rows))
+        else:
+            plans[key] = GemmPlan(mode)
+    for module in modules:
+        _apply(module, None if mode == "standard" else plans[(tuple(module.weight.shape), module.weight.dtype)])
+    model.ffba_gemm_mode = mode
+    return {
+        "mode": mode, "rows": list(rows), "seconds": time.perf_counter() - start,
+        "plans": {_name(key): {"layout": p.layout, "orders": dict(p.orders)} for key, p in plans.items()},
+        "measured": {_name(key): t for key, t in measured.items()},
+    }
+
+
+def clear_gemm_plans(model: nn.Module) -> None:
+    """Back to row-major weights and F.linear everywhere (`fflora.unfuse` calls this)."""
+    for module in planned_modules(model):
+        _apply(module, None)
+    model.ffba_gemm_mode = "standard"
+
+
+def _apply(module: nn.Module, plan: GemmPlan | None) -> None:
+    layout = plan.layout if plan is not None else "standard"
+    if layout_of(module.weight) != layout:
+        if isinstance(module.weight, nn.Parameter):  # the LM head: keep the Parameter (and its ties)
+            module.weight.data = laid_out(module.weight.data, layout)
+        else:
+            module.weight = laid_out(module.weight, layout)
+    if isinstance(module, nn.Linear):  # the LM head
+        module.__class__ = nn.Linear if plan is None else PlannedLinear
+        if plan is None:
+            module.__dict__.pop("gemm_plan", None)
+            return
+    module.gemm_plan = plan
+
+
+def _name(key) -> str:
+    (out_features, in_features), dtype = key
+    return f"{out_features}x{in_features} {str(dtype).removeprefix('torch.')}"

@@ -23,12 +23,12 @@ same input, so the first of them runs the fused GEMM and its siblings return vie
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .adapter import NEXT_SUB_BLOCK, PHI, SubBlockAdapter, current_state
 from .architectures import sub_blocks
 from .config import ZFLoRAConfig
+from .gemm import GemmPlan, planned_linear
 from .layers import AdaptedInputProjection, AdaptedOutputProjection, WrappedProjection, _refer_to
 
 
@@ -53,6 +53,8 @@ def _zero_padded(parts: list[Tensor], width: int) -> Tensor:
 
 class FusedInputProjections(nn.Module):
     """All input projections of one sub-block (plus FA down rows and BA up columns) as one GEMM."""
+
+    gemm_plan: GemmPlan | None = None  # how the GEMM runs (fflora.fastpath); None: F.linear
 
     def __init__(self, bases: list[nn.Linear], name: str, fa_rank: int = 0, ba_in_rank: int = 0, phi: str = "identity") -> None:
         """`fa_rank` extra rows and `ba_in_rank` extra columns are reserved for the adapter (zeros until written)."""
@@ -111,7 +113,7 @@ class FusedInputProjections(nn.Module):
             if z is None:  # no BA state arrived (cannot happen inside an FFBA layer)
                 raise RuntimeError(f"fused {self.name} expected backward-adapter input, found none")
             inp = _zero_padded([x, z.to(x.dtype)], self.n_cols)
-        out = F.linear(inp, self.weight, self.bias)
+        out = planned_linear(inp, self.weight, self.bias, self.gemm_plan)
         parts = list(out.split(self.widths + [self.n_rows - self.base_rows], dim=-1))
         tail = parts.pop()  # FA rows, then zero padding
         if self.fa_rank:
@@ -149,6 +151,8 @@ class FusedInputSlice(nn.Module):
 class FusedOutputProjection(nn.Module):
     """The output projection plus FA up columns and BA down rows, as one GEMM."""
 
+    gemm_plan: GemmPlan | None = None  # how the GEMM runs (fflora.fastpath); None: F.linear
+
     def __init__(self, base: nn.Linear, name: str, fa_rank: int = 0, ba_out_rank: int = 0) -> None:
         """`fa_rank` extra columns and `ba_out_rank` extra rows are reserved for the adapter (zeros until written)."""
         super().__init__()
@@ -178,10 +182,10 @@ class FusedOutputProjection(nn.Module):
 
     def forward(self, c: Tensor) -> Tensor:
         if not (self.fa_rank or self.ba_out_rank):
-            return F.linear(c, self.weight, self.bias)
+            return planned_linear(c, self.weight, self.bias, self.gemm_plan)
         state = current_state()
         inp = _zero_padded([c, state.fa.pop(self.name).to(c.dtype)], self.n_cols) if self.fa_rank else c
-        out = F.linear(inp, self.weight, self.bias)
+        out = planned_linear(inp, self.weight, self.bias, self.gemm_plan)
         if self.ba_out_rank:
             state.into[NEXT_SUB_BLOCK[self.name]] = out[..., self.d_out : self.d_out + self.ba_out_rank]
         return out[..., : self.d_out] if self.n_rows != self.d_out else out
@@ -268,6 +272,10 @@ def unfuse(model: nn.Module) -> nn.Module:
     """
     if not getattr(model, "ffba_fused", False):
         return model
+    if getattr(model, "ffba_gemm_mode", "standard") != "standard":
+        from .fastpath import clear_gemm_plans
+
+        clear_gemm_plans(model)
     if getattr(model, "ffba_bank", None) is not None:
         from .bank import unfuse_bank
 

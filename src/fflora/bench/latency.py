@@ -29,7 +29,8 @@ from torch import nn
 
 from ..budget import LORA_TARGETS, ffba_parameter_count, lora_parameter_count, match_lora_rank, zflora_parameter_count
 from ..config import FFBAConfig, ZFLoRAConfig
-from ..fastpath import LAYOUTS, set_gemm_layout
+from ..fastpath import MODES, plan_gemms
+from ..gemm import LAYOUTS
 from ..fused import fuse
 from ..model import apply_ffba
 from ..serialization import adapter_state_dict, load_adapter_state
@@ -57,7 +58,7 @@ class BenchSettings:
     train_len: int = 128
     seed: int = 0
     configs: tuple[str, ...] = CONFIGS
-    gemm_layout: str = "auto"  # of the "_fast" configurations (fflora.fastpath.set_gemm_layout)
+    gemm_plan: str = "auto"  # of the "_fast" configurations (fflora.fastpath.plan_gemms, tuned at batch_sizes)
 
     def __post_init__(self) -> None:
         check_sizes(self, lists=("batch_sizes",), positive=("prompt_len", "new_tokens", "repeats", "rank", "train_steps",
@@ -68,8 +69,8 @@ class BenchSettings:
         unknown = [c for c in self.configs if c not in CONFIGS]
         if unknown or not self.configs:
             raise ValueError(f"configs must be among {list(CONFIGS)}, got {list(self.configs)}")
-        if self.gemm_layout not in (*LAYOUTS, "auto"):
-            raise ValueError(f"gemm-layout must be one of {[*LAYOUTS, 'auto']}, got {self.gemm_layout!r}")
+        if self.gemm_plan not in MODES:
+            raise ValueError(f"gemm-plan must be one of {list(MODES)}, got {self.gemm_plan!r}")
 
 
 def check_sizes(settings, lists: tuple[str, ...] = (), positive: tuple[str, ...] = (), optional: tuple[str, ...] = ()) -> None:
@@ -143,8 +144,8 @@ def budget_of(hf_config, settings: BenchSettings) -> dict:
 
 def build_configs(base: nn.Module, settings: BenchSettings, lora_rank: int) -> tuple[dict[str, nn.Module], dict]:
     """The benchmark's models, each a deep copy of `base` (which stays untouched), and the GEMM
-    layouts the fast-path ones chose."""
-    models, layouts = {}, {}
+    plans the fast-path ones chose."""
+    models, plans = {}, {}
     for name in settings.configs:
         model = copy.deepcopy(base)
         fast = name.endswith("_fast")
@@ -162,9 +163,9 @@ def build_configs(base: nn.Module, settings: BenchSettings, lora_rank: int) -> t
             if form == "fused":
                 fuse(model)
         if fast:
-            layouts[name] = set_gemm_layout(model, settings.gemm_layout)
+            plans[name] = plan_gemms(model, settings.gemm_plan, rows=tuple(settings.batch_sizes))
         models[name] = model.eval()
-    return models, layouts
+    return models, plans
 
 
 @torch.no_grad()
@@ -273,7 +274,7 @@ def run_bench(base: nn.Module, settings: BenchSettings) -> dict:
     torch.manual_seed(settings.seed)
     budget = budget_of(base.config, settings)
     say("building the configurations")
-    models, layouts = build_configs(base, settings, budget["lora_rank"])
+    models, plans = build_configs(base, settings, budget["lora_rank"])
     say("measuring memory bandwidth (large tensor copy)")
     bandwidth = memory_bandwidth()
     latency = bench_latency(models, settings, base.config.vocab_size)
@@ -298,7 +299,7 @@ def run_bench(base: nn.Module, settings: BenchSettings) -> dict:
         "latency": latency,
         "targets": targets,
         "adapter_switch_s": switch,
-        "fast_path_layouts": layouts,
+        "fast_path_plans": plans,
         "train_step_s": training,
     }
 
@@ -333,10 +334,11 @@ def format_bench_table(result: dict) -> str:
                 f"{name} = {t['ratio']:.3f} (<= {t['limit']:.2f}: {'met' if t['met'] else 'NOT met'})"
                 for name, t in targets.items()) + ".")
         lines.append("")
-    for name, chosen in result.get("fast_path_layouts", {}).items():
-        counts = {layout: list(chosen["layouts"].values()).count(layout) for layout in LAYOUTS}
-        lines.append(f"{name}: GEMM layout ({result['settings']['gemm_layout']}) "
-                     + ", ".join(f"{layout} for {n} of {len(chosen['layouts'])} shapes" for layout, n in counts.items() if n) + ".")
+    for name, report in result.get("fast_path_plans", {}).items():
+        layouts = [p["layout"] for p in report["plans"].values()]
+        lines.append(f"{name}: GEMM plan {report['mode']} ({report['seconds']:.1f} s to set up): "
+                     + ", ".join(f"{layout} layout for {layouts.count(layout)} of {len(layouts)} weight shapes"
+                                 for layout in LAYOUTS if layout in layouts) + ".")
     budget = result["budget"]
     lines += ["", f"FFBA r={result['settings']['rank']}: {budget['ffba_params']:,} trainable parameters; "
               f"zFLoRA r={result['settings']['rank']}: {budget['zflora_params']:,}; "

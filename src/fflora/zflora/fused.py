@@ -11,11 +11,11 @@ fused base has anyway. The state width w is r rounded up so that d + w is a mult
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..architectures import architecture_of, sub_blocks
 from ..fused import ALIGN, FusedInputProjections, FusedOutputProjection, _unwrap, install_fused
+from ..gemm import planned_linear
 from .layers import ZInputProjection, ZOutputProjection, ZSubBlockAdapter
 
 
@@ -35,7 +35,7 @@ class ZFusedInputProjections(FusedInputProjections):
         self.weight[:, d : d + adapter.r] = (adapter.scale * adapter.z_in.detach()).to(self.weight.dtype)
 
     def _project(self, x: Tensor) -> list[Tensor]:
-        return list(F.linear(x, self.weight, self.bias).split(self.widths, dim=-1))
+        return list(planned_linear(x, self.weight, self.bias, self.gemm_plan).split(self.widths, dim=-1))
 
 
 class ZFusedOutputProjection(FusedOutputProjection):
@@ -49,7 +49,7 @@ class ZFusedOutputProjection(FusedOutputProjection):
         self.weight[d : d + adapter.r, : self.d_core] = adapter.z_out.detach().to(self.weight.dtype)
 
     def forward(self, c: Tensor) -> Tensor:
-        return F.linear(c, self.weight, self.bias)
+        return planned_linear(c, self.weight, self.bias, self.gemm_plan)
 
 
 def _adapter(layer: nn.Module, name: str) -> ZSubBlockAdapter | None:

@@ -1,0 +1,58 @@
+"""How one weight's GEMM runs: its memory layout and, per number of input rows, the operand order.
+
+`y = x W^T` (x: rows x in, W: out x in) can run as `F.linear(x, W)` ("xw") or as `(W x^T)^T`
+("wx"), and W can be stored row-major ("standard", as nn.Linear keeps it) or column-major
+("transposed"). The values are the same; the BLAS kernels that run are not, and at the small row
+counts of decoding their speed differs by up to 2.5x in either direction depending on the shape,
+the row count and the CPU. `fflora.fastpath` measures and picks; this module only runs the choice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+LAYOUTS = ("standard", "transposed")
+ORDERS = ("xw", "wx")
+
+
+@dataclass(frozen=True)
+class GemmPlan:
+    """The layout a weight is stored in, and the operand order for each measured row count.
+
+    A call with a row count that was not measured takes the order of the nearest measured one, up
+    to twice the largest; beyond that (prefill) it runs "xw", F.linear's usual path.
+    """
+
+    layout: str
+    orders: tuple[tuple[int, str], ...] = ()  # (rows, order), rows ascending
+
+    def order(self, rows: int) -> str:
+        if not self.orders or rows > 2 * self.orders[-1][0]:
+            return "xw"
+        return min(self.orders, key=lambda ro: (abs(ro[0] - rows), ro[0]))[1]
+
+
+def laid_out(weight: Tensor, layout: str) -> Tensor:
+    """`weight` (out x in) with the same values, stored row-major ("standard") or column-major ("transposed")."""
+    if layout == "standard":
+        return weight.contiguous()
+    return weight.t().contiguous().t()
+
+
+def layout_of(weight: Tensor) -> str:
+    return "transposed" if weight.stride(0) == 1 and weight.shape[0] > 1 else "standard"
+
+
+def planned_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, plan: GemmPlan | None = None) -> Tensor:
+    """F.linear(x, weight, bias), run in the operand order `plan` picks for x's number of rows."""
+    if plan is not None:
+        rows = x.numel() // x.shape[-1]
+        if plan.order(rows) == "wx":
+            xt = x.reshape(rows, x.shape[-1]).t()
+            out = torch.mm(weight, xt) if bias is None else torch.addmm(bias.unsqueeze(1), weight, xt)
+            return out.t().contiguous().view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
