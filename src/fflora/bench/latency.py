@@ -30,7 +30,6 @@ from torch import nn
 from ..budget import LORA_TARGETS, ffba_parameter_count, lora_parameter_count, match_lora_rank, zflora_parameter_count
 from ..config import FFBAConfig, ZFLoRAConfig
 from ..fastpath import MODES, plan_gemms
-from ..gemm import LAYOUTS
 from ..fused import fuse
 from ..model import apply_ffba
 from ..serialization import adapter_state_dict, load_adapter_state
@@ -58,7 +57,7 @@ class BenchSettings:
     train_len: int = 128
     seed: int = 0
     configs: tuple[str, ...] = CONFIGS
-    gemm_plan: str = "auto"  # of the "_fast" configurations (fflora.fastpath.plan_gemms, tuned at batch_sizes)
+    gemm_plan: str = "auto"  # of the "_fast" configurations (fflora.fastpath.plan_gemms, tuned per batch size)
 
     def __post_init__(self) -> None:
         check_sizes(self, lists=("batch_sizes",), positive=("prompt_len", "new_tokens", "repeats", "rank", "train_steps",
@@ -142,13 +141,12 @@ def budget_of(hf_config, settings: BenchSettings) -> dict:
             "lora_rank": lora_rank, "lora_params": lora_parameter_count(hf_config, lora_rank)}
 
 
-def build_configs(base: nn.Module, settings: BenchSettings, lora_rank: int) -> tuple[dict[str, nn.Module], dict]:
-    """The benchmark's models, each a deep copy of `base` (which stays untouched), and the GEMM
-    plans the fast-path ones chose."""
-    models, plans = {}, {}
+def build_configs(base: nn.Module, settings: BenchSettings, lora_rank: int) -> dict[str, nn.Module]:
+    """The benchmark's models, each a deep copy of `base` (which stays untouched); the "_fast" ones
+    get their GEMM plan per batch size in `bench_latency`."""
+    models = {}
     for name in settings.configs:
         model = copy.deepcopy(base)
-        fast = name.endswith("_fast")
         name_ = name.removesuffix("_fast")
         if name_ == "fused_base":
             fuse(model)
@@ -162,10 +160,8 @@ def build_configs(base: nn.Module, settings: BenchSettings, lora_rank: int) -> t
             _randomize(_adapted(model, family, settings.rank), settings.seed)
             if form == "fused":
                 fuse(model)
-        if fast:
-            plans[name] = plan_gemms(model, settings.gemm_plan, rows=tuple(settings.batch_sizes))
         models[name] = model.eval()
-    return models, plans
+    return models
 
 
 @torch.no_grad()
@@ -189,10 +185,15 @@ def _median_spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def bench_latency(models: dict[str, nn.Module], settings: BenchSettings, vocab: int) -> dict:
-    """TTFT/TPOT per batch size and configuration, measured interleaved."""
+def bench_latency(models: dict[str, nn.Module], settings: BenchSettings, vocab: int, plans: dict) -> dict:
+    """TTFT/TPOT per batch size and configuration, measured interleaved. Before each batch size the
+    "_fast" models are planned for it (`plans[name][batch]`: what `plan_gemms` chose)."""
     results = {}
     for batch in settings.batch_sizes:
+        for name, model in models.items():
+            if name.endswith("_fast"):
+                say(f"GEMM plan of {name} for batch {batch}")
+                plans.setdefault(name, {})[str(batch)] = plan_gemms(model, settings.gemm_plan, rows=(batch,))
         gen = torch.Generator().manual_seed(settings.seed)
         ids = torch.randint(10, vocab, (batch, settings.prompt_len), generator=gen)
         samples = {name: {"ttft": [], "tpot": []} for name in models}
@@ -274,10 +275,11 @@ def run_bench(base: nn.Module, settings: BenchSettings) -> dict:
     torch.manual_seed(settings.seed)
     budget = budget_of(base.config, settings)
     say("building the configurations")
-    models, plans = build_configs(base, settings, budget["lora_rank"])
+    models = build_configs(base, settings, budget["lora_rank"])
     say("measuring memory bandwidth (large tensor copy)")
     bandwidth = memory_bandwidth()
-    latency = bench_latency(models, settings, base.config.vocab_size)
+    plans: dict[str, dict] = {}
+    latency = bench_latency(models, settings, base.config.vocab_size, plans)
     weights = {name: tensor_bytes(m) for name, m in models.items()}
     for per_batch in latency.values():
         for name, r in per_batch.items():
@@ -334,11 +336,13 @@ def format_bench_table(result: dict) -> str:
                 f"{name} = {t['ratio']:.3f} (<= {t['limit']:.2f}: {'met' if t['met'] else 'NOT met'})"
                 for name, t in targets.items()) + ".")
         lines.append("")
-    for name, report in result.get("fast_path_plans", {}).items():
-        layouts = [p["layout"] for p in report["plans"].values()]
-        lines.append(f"{name}: GEMM plan {report['mode']} ({report['seconds']:.1f} s to set up): "
-                     + ", ".join(f"{layout} layout for {layouts.count(layout)} of {len(layouts)} weight shapes"
-                                 for layout in LAYOUTS if layout in layouts) + ".")
+    for name, per_batch in result.get("fast_path_plans", {}).items():
+        for batch, report in per_batch.items():
+            chosen = [(p["layout"], order) for p in report["plans"].values() for order in p["orders"].values() or ["xw"]]
+            kinds = sorted(set(chosen))
+            lines.append(f"{name}, batch {batch}: GEMM plan {report['mode']} ({report['seconds']:.1f} s to set up): "
+                         + ", ".join(f"{layout} weights / {order} for {chosen.count((layout, order))}" for layout, order in kinds)
+                         + f" of {len(chosen)} weight shapes.")
     budget = result["budget"]
     lines += ["", f"FFBA r={result['settings']['rank']}: {budget['ffba_params']:,} trainable parameters; "
               f"zFLoRA r={result['settings']['rank']}: {budget['zflora_params']:,}; "
