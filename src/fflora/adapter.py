@@ -69,6 +69,13 @@ def current_state() -> LayerState:
     return state
 
 
+def row_slices(widths: tuple[int, ...]) -> tuple[slice, ...]:
+    """The row range of each input projection (in `ArchitectureSpec` order) in a matrix that stacks
+    one block per input projection."""
+    ends = [sum(widths[: i + 1]) for i in range(len(widths))]
+    return tuple(slice(end - w, end) for end, w in zip(ends, widths))
+
+
 def _kaiming(rows: int, cols: int, dtype, device) -> nn.Parameter:
     weight = torch.empty(rows, cols, dtype=dtype, device=device)
     nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # nn.Linear's and LoRA's init for A
@@ -111,9 +118,7 @@ class SubBlockAdapter(nn.Module):
         super().__init__()
         self.name = name
         self.input_widths = tuple(input_widths)
-        # Row ranges of `ba_up` that belong to each input projection, in spec order.
-        ends = [sum(self.input_widths[: i + 1]) for i in range(len(self.input_widths))]
-        self.input_slices = tuple(slice(end - w, end) for end, w in zip(ends, self.input_widths))
+        self.input_slices = row_slices(self.input_widths)  # the rows of `ba_up` for each input projection
         self.fa_scale = fa_scale
         self.ba_scale = ba_scale
         self.phi_name = phi

@@ -404,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the spec's device (cuda: bfloat16 autocast); a study keeps one device")
     p.set_defaults(func=cmd_study)
 
-    p = sub.add_parser("demo", help="the main job: train FFBA and LoRA, evaluate, benchmark, report")
+    p = sub.add_parser("demo", help="the main job: train FFBA, zFLoRA and LoRA, evaluate, benchmark, report")
     _add_model(p)
     p.add_argument("--quick", action="store_true", help="a five-minute smoke run (numbers mean nothing)")
     p.add_argument("--data-dir", default=None)

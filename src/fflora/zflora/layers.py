@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..adapter import _kaiming, _linear, _zeros
+from ..adapter import _kaiming, _linear, _zeros, row_slices
 from ..layers import WrappedProjection, _refer_to
 
 
@@ -39,8 +39,7 @@ class ZSubBlockAdapter(nn.Module):
         super().__init__()
         self.name = name
         self.input_widths = tuple(input_widths)
-        ends = [sum(self.input_widths[: i + 1]) for i in range(len(self.input_widths))]
-        self.input_slices = tuple(slice(end - w, end) for end, w in zip(ends, self.input_widths))
+        self.input_slices = row_slices(self.input_widths)  # the rows of `z_in` for each input projection
         self.scale = scale
         self.dropout = nn.Dropout(dropout)
         self.z_in = _zeros(sum(input_widths), r, dtype, device)
@@ -124,7 +123,7 @@ class ZInputProjection(WrappedProjection):
 
 class ZOutputProjection(WrappedProjection):
     """The output projection (o_proj, down_proj) of every sub-block of a zFLoRA model, training form:
-    [W_out c; A_out c], padded with zeros to the stream's width (all zeros without an adapter)."""
+    [W_out c; A_out c], or [W_out c; 0] for a sub-block without zFLoRA (the stream is d + r wide)."""
 
     def __init__(self, base: nn.Linear, adapter: ZSubBlockAdapter | None, state_width: int) -> None:
         super().__init__()
@@ -136,8 +135,7 @@ class ZOutputProjection(WrappedProjection):
         y = self.base(c)
         if self.adapter is None:
             return F.pad(y, (0, self.state_width))
-        dz = self.adapter.write(c).to(y.dtype)
-        return F.pad(torch.cat([y, dz], dim=-1), (0, self.state_width - self.adapter.r))
+        return torch.cat([y, self.adapter.write(c).to(y.dtype)], dim=-1)
 
 
 class ZFLoRADecoderLayerMixin:
