@@ -35,10 +35,11 @@ from torch import Tensor, nn
 
 from .adapter import PHI
 from .architectures import decoder_layers, sub_blocks
-from .config import FFBAConfig, ZFLoRAConfig
+from .config import FFBAConfig
 from .fused import ALIGN, FusedInputProjections, FusedOutputProjection, _unwrap, install_fused
 from .gemm import planned_linear
 from .model import sub_block_ranks
+from .zflora import is_zflora
 
 BASE_NAME = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 DEFAULT_MAX_ADAPTERS = 8
@@ -426,7 +427,7 @@ def fuse_with_bank(model: nn.Module, max_adapters: int, rank_budget: int | None 
             raise ValueError(f"this model already has an adapter bank ({existing.max_adapters} adapters, rank budget "
                              f"{existing.rank_budget}); unfuse it first to change its size")
         return model
-    if isinstance(getattr(model, "ffba_config", None), ZFLoRAConfig):
+    if is_zflora(model):
         raise ValueError("zFLoRA adapters cannot join an adapter bank (the bank holds FFBA adapters); "
                          "fuse this model without max_adapters")
     if getattr(model, "ffba_fused", False):

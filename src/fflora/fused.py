@@ -27,9 +27,9 @@ from torch import Tensor, nn
 
 from .adapter import NEXT_SUB_BLOCK, PHI, SubBlockAdapter, current_state
 from .architectures import sub_blocks
-from .config import ZFLoRAConfig
 from .gemm import GemmPlan, planned_linear
 from .layers import AdaptedInputProjection, AdaptedOutputProjection, WrappedProjection, _refer_to
+from .zflora import is_zflora
 
 
 # The adapter rows/columns are padded with zeros so that every fused GEMM dimension they widen is
@@ -210,10 +210,6 @@ def _unwrap(module: nn.Module) -> nn.Linear:
     return module
 
 
-def _is_zflora(model: nn.Module) -> bool:
-    return isinstance(getattr(model, "ffba_config", None), ZFLoRAConfig)
-
-
 def _adapter_of(layer: nn.Module, name: str) -> SubBlockAdapter | None:
     return getattr(getattr(layer, "ffba", None), name, None)
 
@@ -235,7 +231,7 @@ def fuse(model: nn.Module, max_adapters: int | None = None, rank_budget: int | N
         return fuse_with_bank(model, max_adapters, rank_budget)
     if getattr(model, "ffba_fused", False):
         return model
-    if _is_zflora(model):
+    if is_zflora(model):
         from .zflora.fused import fuse_zflora
 
         fuse_zflora(model)
@@ -280,7 +276,7 @@ def unfuse(model: nn.Module) -> nn.Module:
         from .bank import unfuse_bank
 
         unfuse_bank(model)
-    if _is_zflora(model):
+    if is_zflora(model):
         from .zflora.fused import unfuse_zflora
 
         unfuse_zflora(model)
@@ -299,7 +295,7 @@ def unfuse(model: nn.Module) -> nn.Module:
 
 def refresh_adapter_weights(model: nn.Module) -> None:
     """After adapter parameters changed in a fused model, rewrite their fused rows/columns in place."""
-    if _is_zflora(model):
+    if is_zflora(model):
         from .zflora.fused import refresh_zflora_weights
 
         return refresh_zflora_weights(model)

@@ -10,6 +10,7 @@ from .architectures import architecture_of, decoder_layers, sub_blocks
 from .config import FFBAConfig, ZFLoRAConfig
 from .fused import unfuse
 from .layers import AdaptedInputProjection, AdaptedOutputProjection, LayerAdapters, ffba_layer_class
+from .zflora import is_zflora
 
 
 def _require_linear(module: nn.Module, path: str) -> nn.Linear:
@@ -117,7 +118,7 @@ def remove_adapter(model: nn.Module) -> nn.Module:
     if not has_ffba(model):
         return model
     unfuse(model)
-    if isinstance(model.ffba_config, ZFLoRAConfig):
+    if is_zflora(model):
         from .zflora.model import remove_zflora
 
         remove_zflora(model)

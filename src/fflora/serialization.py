@@ -24,6 +24,7 @@ from .config import FFBAConfig, ZFLoRAConfig
 from .files import atomic_write, atomic_write_text
 from .fused import base_projection_weights, refresh_adapter_weights, unfuse
 from .model import apply_ffba, has_ffba, remove_ffba, sub_block_adapters
+from .zflora import is_zflora
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
@@ -68,7 +69,7 @@ def base_model_fingerprint(model: nn.Module, samples: int = 4096) -> str:
 def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The live adapter parameters under canonical keys: `layers.{i}.{attn|mlp}.{fa_down|fa_up|ba_down|ba_up}`
     for FFBA, `layers.{i}.{attn|mlp}.{z_in|z_out}` and `head.z_merge` for zFLoRA."""
-    if isinstance(getattr(model, "ffba_config", None), ZFLoRAConfig):
+    if is_zflora(model):
         from .zflora.model import zflora_adapter_parameters
 
         return zflora_adapter_parameters(model)
@@ -92,7 +93,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         raise ValueError("this model has no adapter to save; call fflora.apply_adapter first")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    fmt = ZFLORA_FORMAT if isinstance(model.ffba_config, ZFLoRAConfig) else FORMAT
+    fmt = ZFLORA_FORMAT if is_zflora(model) else FORMAT
     meta = {
         "format": fmt,
         "fflora_version": __version__,
