@@ -17,7 +17,8 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="Hugging Face id or local folder (default: embedded SmolLM2-135M-Instruct)")
 
 
-def _add_ffba(p: argparse.ArgumentParser) -> None:
+def _add_adapter_options(p: argparse.ArgumentParser) -> None:
+    """--rank, --alpha and --sub-blocks (FFBA and zFLoRA); --phi, --no-forward, --no-backward (FFBA)."""
     from .config import FFBAConfig
 
     d = FFBAConfig()
@@ -290,7 +291,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     _add_model(p)
     p.add_argument("--output-dir", required=True)
     p.add_argument("--data-dir", default=None)
-    _add_ffba(p)
+    _add_adapter_options(p)
     p.add_argument("--lora-rank", dest="lora_r", type=int, default=d.lora_r)
     p.add_argument("--lora-alpha", type=float, default=d.lora_alpha)
     p.add_argument("--match-params", action="store_true",
@@ -413,13 +414,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("params", help="FFBA and zFLoRA trainable parameters next to LoRA's")
     _add_model(p)
-    _add_ffba(p)
+    _add_adapter_options(p)
     p.add_argument("--lora-rank", dest="lora_r", type=int, default=8)
     p.set_defaults(func=cmd_params)
 
     p = sub.add_parser("verify", help="check the fused form against the training form on a real model")
     _add_model(p)
-    _add_ffba(p)
+    _add_adapter_options(p)
     p.add_argument("--adapter", help="adapter folder (default: a random adapter of --method)")
     p.add_argument("--method", choices=["ffba", "zflora"], default="ffba", help="family of the random adapter")
     p.add_argument("--init-std", type=float, default=0.01, help="std of the random adapter weights")
