@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..architectures import architecture_of, sub_blocks
+from ..architectures import sub_blocks
 from ..fused import ALIGN, FusedInputProjections, FusedOutputProjection, _unwrap, install_fused
 from ..gemm import planned_linear
 from .layers import ZInputProjection, ZOutputProjection, ZSubBlockAdapter
@@ -88,7 +88,6 @@ def unfuse_zflora(model: nn.Module) -> None:
 
 def refresh_zflora_weights(model: nn.Module) -> None:
     """After adapter parameters changed in a fused model, rewrite their fused rows/columns in place."""
-    architecture_of(model)
     for _, layer, name, spec, holder in sub_blocks(model):
         adapter = _adapter(layer, name)
         if adapter is not None:

@@ -58,8 +58,7 @@ def apply_zflora(model: nn.Module, config: ZFLoRAConfig) -> nn.Module:
             for index, p in enumerate(spec.inputs):
                 setattr(holder, p, ZInputProjection(getattr(holder, p), adapter, index))
         setattr(holder, spec.output, ZOutputProjection(getattr(holder, spec.output), adapter, config.r))
-    parent, _, attr = arch.final_norm.rpartition(".")
-    setattr(model.get_submodule(parent), attr, merge)
+    _replace_final_norm(model, merge)
     model.ffba_config = config
     if hasattr(model, "enable_input_require_grads"):  # see apply_ffba: reentrant checkpointing
         model.enable_input_require_grads()
@@ -77,8 +76,13 @@ def remove_zflora(model: nn.Module) -> None:
     for layer in decoder_layers(model):
         del layer.zflora, layer.zflora_d, layer.zflora_state_width
         layer.__class__ = layer._fflora_base_class
-    parent, _, attr = arch.final_norm.rpartition(".")
-    setattr(model.get_submodule(parent), attr, model.get_submodule(arch.final_norm).norm)
+    _replace_final_norm(model, model.get_submodule(arch.final_norm).norm)
+
+
+def _replace_final_norm(model: nn.Module, module: nn.Module) -> None:
+    """Put `module` where the architecture keeps the final norm (the head merge, or the norm again)."""
+    parent, _, attr = architecture_of(model).final_norm.rpartition(".")
+    setattr(model.get_submodule(parent), attr, module)
 
 
 def zflora_adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
