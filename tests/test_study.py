@@ -62,6 +62,26 @@ def test_a_study_runs_every_cell_once_and_resumes(tiny_model_dir, tiny_data_dir,
     assert plan(spec, read_records(results / "tiny")) == ([], 0)
 
 
+def test_the_plan_runs_ready_final_cells_first_seed_by_seed(tiny_model_dir, tiny_data_dir):
+    spec = _spec(tiny_model_dir, tiny_data_dir)
+
+    def sweep(method, lr, loss):
+        return {Cell("sweep", method, lr, 0).key: {"train": {"dev_loss": loss}}}
+
+    records = {**sweep("ffba", 1e-3, 0.5), **sweep("ffba", 3e-2, None), **sweep("lora", 1e-3, 0.7)}
+    todo, waiting = plan(spec, records)  # FFBA's sweep is done (3e-2 diverged), LoRA's is not
+    assert [c.key for c in todo] == ["final-ffba-lr0.001-seed0", "final-ffba-lr0.001-seed1", "sweep-lora-lr0.03-seed0"]
+    assert waiting == 1
+
+    records |= sweep("lora", 3e-2, 0.6)
+    todo, waiting = plan(spec, records)
+    assert [c.key for c in todo] == ["final-ffba-lr0.001-seed0", "final-lora-lr0.03-seed0", "final-ffba-lr0.001-seed1"]
+    assert waiting == 0
+
+    records[todo[0].key] = {"train": {"dev_loss": 0.4}}
+    assert [c.key for c in plan(spec, records)[0]] == ["final-lora-lr0.03-seed0", "final-ffba-lr0.001-seed1"]
+
+
 def _record(method, seed, correct_label, correct_text, sets, dev_loss):
     """A final cell's record with the given 0/1 correctness per item (items named by set and index)."""
     items = [(s, f"{s}-{i}") for s in sets for i in range(len(correct_label) // len(sets))]

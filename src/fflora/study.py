@@ -11,7 +11,8 @@
 
 A finished cell writes one JSON record under `results/<study>/` (with its per-example predictions)
 and is skipped afterwards; an interrupted cell resumes from its last checkpoint under
-`runs/<study>/`. Cells can run in any order: a method's final cells are planned once its sweep is done.
+`runs/<study>/`. Cells can run in any order: a method's final cells are planned once its sweep is done
+and run before the sweep cells still left (see `plan`).
 """
 
 from __future__ import annotations
@@ -129,16 +130,19 @@ def best_rates(spec: StudySpec, records: dict[str, dict]) -> dict[str, float]:
 
 
 def plan(spec: StudySpec, records: dict[str, dict]) -> tuple[list[Cell], int]:
-    """(cells that can run now, final cells still waiting for their method's sweep)."""
-    cells = [Cell("sweep", m, lr, 0) for m in spec.methods for lr in spec.learning_rates]
+    """(cells that can run now, in the order to run them; final cells still waiting for their
+    method's sweep).
+
+    Final cells whose sweep is done come first, seed by seed across methods (seed 0 of every ready
+    method, then seed 1, ...), so that a study stopped part way already holds a paired comparison;
+    the remaining sweep cells follow, method by method."""
     best = best_rates(spec, records)
-    waiting = 0
-    for method, count in spec.seeds.items():
-        if method in best:
-            cells += [Cell("final", method, best[method], seed) for seed in range(count)]
-        else:
-            waiting += count
-    return [c for c in cells if c.key not in records], waiting
+    ready = [m for m in spec.seeds if m in best]
+    finals = [Cell("final", m, best[m], seed) for seed in range(max(spec.seeds.values(), default=0))
+              for m in ready if seed < spec.seeds[m]]
+    sweeps = [Cell("sweep", m, lr, 0) for m in spec.methods for lr in spec.learning_rates]
+    waiting = sum(count for method, count in spec.seeds.items() if method not in best)
+    return [c for c in finals + sweeps if c.key not in records], waiting
 
 
 def run_cell(spec: StudySpec, cell: Cell, results_dir: Path, runs_dir: Path) -> dict:
