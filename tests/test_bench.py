@@ -8,9 +8,12 @@ from fflora.bench.latency import BenchSettings, CONFIGS, format_bench_table, run
 from fflora.serialization import adapter_state_dict, load_adapter_state
 
 
+UNCOMPILED = tuple(c for c in CONFIGS if not c.endswith("_compiled"))  # compiling takes ~15 s per model and batch
+
+
 def _settings(**kw):
     base = dict(prompt_len=8, new_tokens=4, batch_sizes=(1, 2), repeats=2, warmup=1, rank=2,
-                train_steps=1, train_batch=2, train_len=8)
+                train_steps=1, train_batch=2, train_len=8, configs=UNCOMPILED)
     base.update(kw)
     return BenchSettings(**base)
 
@@ -22,7 +25,7 @@ def test_bench_reports_every_configuration_with_sane_numbers(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the base is left as it was
     for batch in ("1", "2"):
         per = result["latency"][batch]
-        assert list(per) == list(CONFIGS)
+        assert list(per) == list(UNCOMPILED)
         for r in per.values():
             assert r["ttft"]["n"] == 2 and r["tpot"]["n"] == 2
             assert 0 < r["tpot"]["min"] <= r["tpot"]["median"] <= r["tpot"]["max"]
@@ -51,6 +54,16 @@ def test_bench_reports_every_configuration_with_sane_numbers(tmp_path):
     assert "| ffba_fused |" in table and "**batch 2**" in table and "| adapter switch" in table
     assert "| zflora_fused |" in table and "Targets (TPOT ratios): fused_base / base = " in table
     assert "zflora_fused / fused_base = " in table and "ffba_fused_fast, batch 2: GEMM plan auto (" in table and "| training step (median s) | ffba | zflora | lora |" in table
+
+
+def test_bench_compiles_the_compiled_configurations_per_batch_size():
+    result = run_bench(make_model("llama"), _settings(batch_sizes=(1,), configs=("base", "ffba_fused_compiled")))
+    per = result["latency"]["1"]
+    assert list(per) == ["base", "ffba_fused_compiled"] and per["ffba_fused_compiled"]["tpot"]["n"] == 2
+    report = result["fast_path_plans"]["ffba_fused_compiled"]["1"]
+    assert report["mode"] == "auto" and report["compile_s"] > 0 and report["seconds"] > 0
+    assert list(result["targets"]["1"]) == ["ffba_fused_compiled / base"]
+    assert "ffba_fused_compiled, batch 1: GEMM plan auto (" in format_bench_table(result)
 
 
 def test_weight_bytes_count_tied_and_fused_tensors_once():
@@ -94,5 +107,7 @@ def test_bad_bench_options_are_one_line_errors_before_any_work(capsys):
         assert capsys.readouterr().err.strip() == f"fflora: error: {message}"
     with pytest.raises(ValueError, match=r"configs must be among \['base', 'fused_base'"):
         BenchSettings(configs=("merged",))
+    with pytest.raises(ValueError, match=r"configs must include 'base' \(every ratio is to it\), got \['ffba_fused'\]"):
+        BenchSettings(configs=("ffba_fused",))
     with pytest.raises(ValueError, match=r"gemm-plan must be one of \['standard', 'transposed', 'auto'\], got 'rows'"):
         BenchSettings(gemm_plan="rows")

@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from conftest import FAMILIES, make_model, randomize_adapters
 
 import fflora
-import fflora.fastpath
-from fflora.fastpath import PlannedLinear, choose_plan, plan_gemms, planned_modules
-from fflora.gemm import GemmPlan, laid_out, layout_of, planned_linear
+import fflora.fastpath.plan
+from fflora.fastpath.plan import PlannedLinear, choose_plan, plan_gemms, planned_modules
+from fflora.fastpath.gemm import GemmPlan, laid_out, layout_of, planned_linear
 
 TOL = 1e-4
 
@@ -17,7 +17,7 @@ TOL = 1e-4
 @pytest.fixture(autouse=True)
 def quick_measurements(monkeypatch):
     """The tiny models' weights fit in cache anyway: a few copies keep "auto" fast."""
-    monkeypatch.setattr(fflora.fastpath, "MAX_COPIES", 4)
+    monkeypatch.setattr(fflora.fastpath.plan, "MAX_COPIES", 4)
 
 
 def _ids(batch=3, length=10):

@@ -11,7 +11,8 @@ from .bank import BASE_NAME, delete_adapter, list_adapters, select_adapters  # n
 from .base_models import load_base_model  # noqa: E402
 from .budget import ffba_parameter_count, lora_parameter_count, zflora_parameter_count  # noqa: E402
 from .config import FFBAConfig, ZFLoRAConfig  # noqa: E402
-from .fastpath import plan_gemms  # noqa: E402
+from .fastpath.compile import compile_decode  # noqa: E402
+from .fastpath.plan import plan_gemms  # noqa: E402
 from .fused import fuse, unfuse  # noqa: E402
 from .model import (  # noqa: E402
     apply_adapter,
@@ -30,6 +31,7 @@ __all__ = [
     "ZFLoRAConfig",
     "apply_adapter",
     "apply_ffba",
+    "compile_decode",
     "delete_adapter",
     "ffba_parameter_count",
     "fuse",

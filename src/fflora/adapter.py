@@ -15,8 +15,6 @@ up-projections zero, as in LoRA, so a fresh adapter leaves the model unchanged.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -35,38 +33,39 @@ class LayerState:
 
     `into[name]` is a BA down-projection waiting for the input projections of sub-block `name`
     ("next_layer" leaves the layer). `fa[name]` is phi(A_f u) of sub-block `name`, waiting for its
-    output projection. A decoder layer creates one per call, so recomputation under gradient
-    checkpointing rebuilds it from the layer's own inputs.
+    output projection. Each FFBA decoder layer owns one (`layer.ffba.state`) and its projections
+    hold a plain reference to it; the layer opens it at the start of every call and closes it at
+    the end, so recomputation under gradient checkpointing rebuilds it from the layer's own
+    inputs. A plain object rather than a context variable, so that `torch.compile` traces a fused
+    decode step without graph breaks.
     """
 
     into: dict[str, Tensor] = field(default_factory=dict)
     fa: dict[str, Tensor] = field(default_factory=dict)
+    active: bool = False
 
+    def open(self, carried_in: Tensor | None) -> None:
+        """Start a layer call: nothing in flight but the BA state carried in from the layer before."""
+        self.into.clear()
+        self.fa.clear()
+        if carried_in is not None:
+            self.into["attn"] = carried_in
+        self.active = True
 
-_STATE: ContextVar[LayerState | None] = ContextVar("fflora_layer_state", default=None)
+    def close(self) -> None:
+        """End a layer call, dropping the references to its activations."""
+        self.into.clear()
+        self.fa.clear()
+        self.active = False
 
-
-@contextmanager
-def layer_state(carried_in: Tensor | None):
-    """Make a fresh `LayerState` current for the projections of one decoder layer."""
-    state = LayerState()
-    if carried_in is not None:
-        state.into["attn"] = carried_in
-    token = _STATE.set(state)
-    try:
-        yield state
-    finally:
-        _STATE.reset(token)
-
-
-def current_state() -> LayerState:
-    state = _STATE.get()
-    if state is None:
-        raise RuntimeError(
-            "an FFBA projection was called outside its decoder layer; call the model (or the "
-            "decoder layer) rather than a projection module on its own"
-        )
-    return state
+    def current(self) -> LayerState:
+        """This state, checked to be inside its layer's call."""
+        if not self.active:
+            raise RuntimeError(
+                "an FFBA projection was called outside its decoder layer; call the model (or the "
+                "decoder layer) rather than a projection module on its own"
+            )
+        return self
 
 
 def row_slices(widths: tuple[int, ...]) -> tuple[slice, ...]:

@@ -37,7 +37,7 @@ from .adapter import PHI
 from .architectures import decoder_layers, sub_blocks
 from .config import FFBAConfig
 from .fused import ALIGN, FusedInputProjections, FusedOutputProjection, _unwrap, install_fused
-from .gemm import planned_linear
+from .fastpath.gemm import planned_linear
 from .model import sub_block_ranks
 from .zflora import is_zflora
 

@@ -125,11 +125,15 @@ def cmd_generate(args) -> dict:
     if not args.unfused:
         fuse(model)
         if args.gemm_plan != "standard":
-            from .fastpath import plan_gemms
+            from .fastpath.plan import plan_gemms
 
             plan_gemms(model, args.gemm_plan, rows=(len(args.prompt),))
-    elif args.gemm_plan != "standard":
-        raise ValueError("--gemm-plan applies to the fused form; drop --unfused or --gemm-plan")
+        if args.compile != "off":
+            from .fastpath.compile import compile_decode
+
+            compile_decode(model, freezing=args.compile == "freezing")
+    elif args.gemm_plan != "standard" or args.compile != "off":
+        raise ValueError("--gemm-plan and --compile apply to the fused form; drop --unfused, or them")
     batch = _chat_batch(tokenizer, args.prompt)
     torch.manual_seed(args.seed)
     out = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
@@ -231,7 +235,8 @@ def cmd_bench(args) -> dict:
     settings = BenchSettings(
         prompt_len=args.prompt_len, new_tokens=args.new_tokens, batch_sizes=tuple(args.batch_sizes),
         repeats=args.repeats, warmup=args.warmup, rank=args.r, lora_rank=args.lora_r, threads=args.threads,
-        train_steps=args.train_steps, gemm_plan=args.gemm_plan,
+        train_steps=args.train_steps, gemm_plan=args.gemm_plan, compile_freezing=args.compile_freezing,
+        **({"configs": tuple(args.configs)} if args.configs else {}),
     )
     return _report_bench(args, settings, run_bench, write_bench, format_bench_table, "bench", "bench")
 
@@ -358,7 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--train-steps", type=int, default=3, help="timed training steps per method")
     p.add_argument("--gemm-plan", default="auto", choices=["auto", "standard", "transposed"],
-                   help="how the *_fast configurations run their GEMMs (auto: layout and order measured per shape)")
+                   help="how the *_fast and *_compiled configurations run their GEMMs (auto: layout and order "
+                        "measured per shape)")
+    p.add_argument("--compile-freezing", action="store_true",
+                   help="compile the *_compiled configurations with inductor's freezing pass")
+    p.add_argument("--configs", nargs="+", default=None, metavar="NAME",
+                   help="measure only these configurations (default: all; 'base' is the reference of every ratio)")
     p.add_argument("--output-dir", default=None, help="default: runs/bench-<time>")
     p.set_defaults(func=cmd_bench)
     suites = p.add_subparsers(dest="suite", metavar="{bank,serve}", help="another benchmark instead of the latency one")
@@ -436,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unfused", action="store_true", help="run the training form instead of the fused one")
     p.add_argument("--gemm-plan", default="standard", choices=["standard", "transposed", "auto"],
                    help="how the fused GEMMs run (auto: weight layout and operand order measured per shape at start)")
+    p.add_argument("--compile", default="off", choices=["off", "on", "freezing"],
+                   help="run each decode step as one torch.compile graph (the first generate compiles it: tens of "
+                        "seconds), optionally with inductor's freezing pass")
     p.add_argument("--prompt", action="append", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")

@@ -25,9 +25,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .adapter import NEXT_SUB_BLOCK, PHI, SubBlockAdapter, current_state
+from .adapter import NEXT_SUB_BLOCK, PHI, LayerState, SubBlockAdapter
 from .architectures import sub_blocks
-from .gemm import GemmPlan, planned_linear
+from .fastpath.compile import clear_compiled
+from .fastpath.gemm import GemmPlan, planned_linear
 from .layers import AdaptedInputProjection, AdaptedOutputProjection, WrappedProjection, _refer_to
 from .zflora import is_zflora
 
@@ -56,10 +57,13 @@ class FusedInputProjections(nn.Module):
 
     gemm_plan: GemmPlan | None = None  # how the GEMM runs (fflora.fastpath); None: F.linear
 
-    def __init__(self, bases: list[nn.Linear], name: str, fa_rank: int = 0, ba_in_rank: int = 0, phi: str = "identity") -> None:
-        """`fa_rank` extra rows and `ba_in_rank` extra columns are reserved for the adapter (zeros until written)."""
+    def __init__(self, bases: list[nn.Linear], name: str, fa_rank: int = 0, ba_in_rank: int = 0, phi: str = "identity",
+                 state: LayerState | None = None) -> None:
+        """`fa_rank` extra rows and `ba_in_rank` extra columns are reserved for the adapter (zeros until
+        written); `state` is the layer's FFBA state, which they read and write."""
         super().__init__()
         self.name = name
+        self.layer_state = state
         self.widths = [b.out_features for b in bases]
         self.d_in = bases[0].in_features
         self.fa_rank, self.ba_in_rank = fa_rank, ba_in_rank
@@ -106,7 +110,7 @@ class FusedInputProjections(nn.Module):
 
     def _project(self, x: Tensor) -> list[Tensor]:
         if self.ba_in_rank or self.fa_rank:
-            state = current_state()
+            state = self.layer_state.current()
         inp = x
         if self.ba_in_rank:
             z = state.into.get(self.name)
@@ -153,10 +157,13 @@ class FusedOutputProjection(nn.Module):
 
     gemm_plan: GemmPlan | None = None  # how the GEMM runs (fflora.fastpath); None: F.linear
 
-    def __init__(self, base: nn.Linear, name: str, fa_rank: int = 0, ba_out_rank: int = 0) -> None:
-        """`fa_rank` extra columns and `ba_out_rank` extra rows are reserved for the adapter (zeros until written)."""
+    def __init__(self, base: nn.Linear, name: str, fa_rank: int = 0, ba_out_rank: int = 0,
+                 state: LayerState | None = None) -> None:
+        """`fa_rank` extra columns and `ba_out_rank` extra rows are reserved for the adapter (zeros until
+        written); `state` is the layer's FFBA state, which they read and write."""
         super().__init__()
         self.name = name
+        self.layer_state = state
         self.d_core, self.d_out = base.in_features, base.out_features
         self.fa_rank, self.ba_out_rank = fa_rank, ba_out_rank
         self.n_rows = _aligned(self.d_out + self.ba_out_rank, self.ba_out_rank)
@@ -183,7 +190,7 @@ class FusedOutputProjection(nn.Module):
     def forward(self, c: Tensor) -> Tensor:
         if not (self.fa_rank or self.ba_out_rank):
             return planned_linear(c, self.weight, self.bias, self.gemm_plan)
-        state = current_state()
+        state = self.layer_state.current()
         inp = _zero_padded([c, state.fa.pop(self.name).to(c.dtype)], self.n_cols) if self.fa_rank else c
         out = planned_linear(inp, self.weight, self.bias, self.gemm_plan)
         if self.ba_out_rank:
@@ -231,6 +238,7 @@ def fuse(model: nn.Module, max_adapters: int | None = None, rank_budget: int | N
         return fuse_with_bank(model, max_adapters, rank_budget)
     if getattr(model, "ffba_fused", False):
         return model
+    _embedding_grad_hook(model, on=False)
     if is_zflora(model):
         from .zflora.fused import fuse_zflora
 
@@ -243,13 +251,24 @@ def fuse(model: nn.Module, max_adapters: int | None = None, rank_budget: int | N
         if adapter is None:
             group, output = FusedInputProjections(inputs, name), FusedOutputProjection(output, name)
         else:
-            group = FusedInputProjections(inputs, name, adapter.fa_rank, adapter.ba_in_rank, adapter.phi_name)
-            output = FusedOutputProjection(output, name, adapter.fa_rank, adapter.ba_out_rank)
+            state = adapter.layer_state
+            group = FusedInputProjections(inputs, name, adapter.fa_rank, adapter.ba_in_rank, adapter.phi_name, state)
+            output = FusedOutputProjection(output, name, adapter.fa_rank, adapter.ba_out_rank, state)
             group.refresh_adapter_weights(adapter)
             output.refresh_adapter_weights(adapter)
         install_fused(holder, spec, group, output)
     model.ffba_fused = True
     return model
+
+
+def _embedding_grad_hook(model: nn.Module, on: bool) -> None:
+    """Switch the hook that makes the embeddings' output require grad (`apply_adapter` sets it for
+    reentrant gradient checkpointing). The fused form is for inference, and the hook's in-place
+    `requires_grad_` would split a `torch.compile` graph in two, so it is off while fused."""
+    if on and hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    elif not on and hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()
 
 
 def install_fused(holder: nn.Module, spec, group: FusedInputProjections, output: FusedOutputProjection) -> None:
@@ -268,14 +287,17 @@ def unfuse(model: nn.Module) -> nn.Module:
     """
     if not getattr(model, "ffba_fused", False):
         return model
+    clear_compiled(model)
     if getattr(model, "ffba_gemm_mode", "standard") != "standard":
-        from .fastpath import clear_gemm_plans
+        from .fastpath.plan import clear_gemm_plans
 
         clear_gemm_plans(model)
     if getattr(model, "ffba_bank", None) is not None:
         from .bank import unfuse_bank
 
         unfuse_bank(model)
+    if getattr(model, "ffba_config", None) is not None:  # adapters (either family) train again
+        _embedding_grad_hook(model, on=True)
     if is_zflora(model):
         from .zflora.fused import unfuse_zflora
 

@@ -11,7 +11,7 @@ import functools
 import torch
 from torch import Tensor, nn
 
-from .adapter import NEXT_SUB_BLOCK, SubBlockAdapter, current_state, layer_state
+from .adapter import NEXT_SUB_BLOCK, LayerState, SubBlockAdapter
 
 
 def _refer_to(module: nn.Module, name: str, other: nn.Module) -> None:
@@ -41,7 +41,7 @@ class AdaptedInputProjection(WrappedProjection):
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)
-        state = current_state()
+        state = self.adapter.layer_state.current()
         adapter = self.adapter
         if self.index == 0 and adapter.fa_rank:
             state.fa[adapter.name] = adapter.fa_hidden(x)
@@ -61,7 +61,7 @@ class AdaptedOutputProjection(WrappedProjection):
 
     def forward(self, c: Tensor) -> Tensor:
         y = self.base(c)
-        state = current_state()
+        state = self.adapter.layer_state.current()
         adapter = self.adapter
         if adapter.fa_rank:
             y = y + adapter.fa_delta(state.fa.pop(adapter.name), like=y)
@@ -79,6 +79,10 @@ class LayerAdapters(nn.Module):
         self.mlp = mlp
         # Width of the BA state this layer hands to the next one (0: none, e.g. the last layer).
         self.carried_width = carried_width
+        self.state = LayerState()  # shared by reference with the adapters (and so the projections)
+        for adapter in (attn, mlp):
+            if adapter is not None:
+                adapter.layer_state = self.state
 
 
 class FFBADecoderLayerMixin:
@@ -103,9 +107,14 @@ class FFBADecoderLayerMixin:
         return torch.cat([h, carried_out.to(h.dtype)], dim=-1)
 
     def forward(self, hidden_states: Tensor, carried: Tensor | None, *args, **kwargs):
-        with layer_state(carried) as state:
+        state = self.ffba.state
+        state.open(carried)
+        try:
             h = super().forward(hidden_states, *args, **kwargs)
-        return h, state.into.get("next_layer") if self.ffba.carried_width else None
+            carried_out = state.into.get("next_layer") if self.ffba.carried_width else None
+        finally:
+            state.close()
+        return h, carried_out
 
 
 @functools.cache

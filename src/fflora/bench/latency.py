@@ -1,5 +1,6 @@
 """Latency benchmark: base, fused base, LoRA (unmerged, merged), FFBA and zFLoRA (unfused, fused),
-and the fused ones again on the decode fast path (`fflora.fastpath`, suffix "_fast").
+and the fused ones again on the decode fast path (`fflora.fastpath`): GEMM plan (suffix "_fast"),
+GEMM plan and compiled decode step (suffix "_compiled").
 
 All configurations live in one process and are measured interleaved (A B C ... A B C ...) after a
 warm-up, so machine noise hits them alike; compare them by their ratios to the base model, not by
@@ -29,17 +30,21 @@ from torch import nn
 
 from ..budget import LORA_TARGETS, ffba_parameter_count, lora_parameter_count, match_lora_rank, zflora_parameter_count
 from ..config import FFBAConfig, ZFLoRAConfig
-from ..fastpath import MODES, plan_gemms
+from ..fastpath.compile import compile_decode, decode_step
+from ..fastpath.plan import MODES, plan_gemms
 from ..fused import fuse
 from ..model import apply_ffba
 from ..serialization import adapter_state_dict, load_adapter_state
 from ..sources import say
 
-CONFIGS = ("base", "fused_base", "fused_base_fast", "lora_unmerged", "lora_merged", "ffba_unfused", "ffba_fused",
-           "ffba_fused_fast", "zflora_unfused", "zflora_fused", "zflora_fused_fast")
+CONFIGS = ("base", "fused_base", "fused_base_fast", "fused_base_compiled", "lora_unmerged", "lora_merged",
+           "ffba_unfused", "ffba_fused", "ffba_fused_fast", "ffba_fused_compiled",
+           "zflora_unfused", "zflora_fused", "zflora_fused_fast", "zflora_fused_compiled")
+FAST_PATH = ("_fast", "_compiled")  # suffixes of the configurations planned per batch size
 # The latency targets (issue 9): TPOT of a configuration over TPOT of another, at most `limit`.
 TARGETS = (("fused_base", "base", 1.00), ("ffba_fused", "fused_base", 1.03), ("zflora_fused", "fused_base", 1.02),
-           ("ffba_fused_fast", "base", 0.85), ("ffba_fused_fast", "lora_unmerged", 0.75))
+           ("ffba_fused_fast", "base", 0.85), ("ffba_fused_fast", "lora_unmerged", 0.75),
+           ("ffba_fused_compiled", "base", 0.85), ("ffba_fused_compiled", "lora_unmerged", 0.75))
 
 
 @dataclass
@@ -57,7 +62,8 @@ class BenchSettings:
     train_len: int = 128
     seed: int = 0
     configs: tuple[str, ...] = CONFIGS
-    gemm_plan: str = "auto"  # of the "_fast" configurations (fflora.fastpath.plan_gemms, tuned per batch size)
+    gemm_plan: str = "auto"  # of the "_fast" and "_compiled" configurations (plan_gemms, tuned per batch size)
+    compile_freezing: bool = False  # the "_compiled" configurations with inductor's freezing pass
 
     def __post_init__(self) -> None:
         check_sizes(self, lists=("batch_sizes",), positive=("prompt_len", "new_tokens", "repeats", "rank", "train_steps",
@@ -68,6 +74,8 @@ class BenchSettings:
         unknown = [c for c in self.configs if c not in CONFIGS]
         if unknown or not self.configs:
             raise ValueError(f"configs must be among {list(CONFIGS)}, got {list(self.configs)}")
+        if "base" not in self.configs:
+            raise ValueError(f"configs must include 'base' (every ratio is to it), got {list(self.configs)}")
         if self.gemm_plan not in MODES:
             raise ValueError(f"gemm-plan must be one of {list(MODES)}, got {self.gemm_plan!r}")
 
@@ -142,12 +150,12 @@ def budget_of(hf_config, settings: BenchSettings) -> dict:
 
 
 def build_configs(base: nn.Module, settings: BenchSettings, lora_rank: int) -> dict[str, nn.Module]:
-    """The benchmark's models, each a deep copy of `base` (which stays untouched); the "_fast" ones
-    get their GEMM plan per batch size in `bench_latency`."""
+    """The benchmark's models, each a deep copy of `base` (which stays untouched); the "_fast" and
+    "_compiled" ones get their GEMM plan (and compiled step) per batch size in `bench_latency`."""
     models = {}
     for name in settings.configs:
         model = copy.deepcopy(base)
-        name_ = name.removesuffix("_fast")
+        name_ = name.removesuffix("_fast").removesuffix("_compiled")
         if name_ == "fused_base":
             fuse(model)
         elif name.startswith("lora"):
@@ -166,17 +174,24 @@ def build_configs(base: nn.Module, settings: BenchSettings, lora_rank: int) -> d
 
 @torch.no_grad()
 def time_generation(model: nn.Module, input_ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
-    """(TTFT, TPOT) in seconds of greedy decoding with the KV cache."""
-    from transformers import DynamicCache
+    """(TTFT, TPOT) in seconds of greedy decoding with the KV cache. A model with a compiled decode
+    step decodes as `generate` does then: static cache, eager prefill, compiled steps."""
+    from transformers import DynamicCache, StaticCache
 
-    cache = DynamicCache(config=model.config)
+    compiled = bool(getattr(model, "ffba_compiled", None))
+    prompt_len = input_ids.shape[1]
+    if compiled:
+        cache, step = StaticCache(config=model.config, max_cache_len=prompt_len + new_tokens), decode_step(model)
+    else:
+        cache, step = DynamicCache(config=model.config), model
     start = time.perf_counter()
     logits = model(input_ids=input_ids, cache=cache, use_cache=True).logits
     token = logits[:, -1].argmax(-1, keepdim=True)
     ttft = time.perf_counter() - start
     start = time.perf_counter()
-    for _ in range(new_tokens - 1):
-        token = model(input_ids=token, cache=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+    for i in range(new_tokens - 1):
+        position = {"cache_position": torch.tensor([prompt_len + i])} if compiled else {}
+        token = step(input_ids=token, cache=cache, use_cache=True, **position).logits[:, -1].argmax(-1, keepdim=True)
     tpot = (time.perf_counter() - start) / max(new_tokens - 1, 1)
     return ttft, tpot
 
@@ -187,15 +202,22 @@ def _median_spread(values: list[float]) -> dict:
 
 def bench_latency(models: dict[str, nn.Module], settings: BenchSettings, vocab: int, plans: dict) -> dict:
     """TTFT/TPOT per batch size and configuration, measured interleaved. Before each batch size the
-    "_fast" models are planned for it (`plans[name][batch]`: what `plan_gemms` chose)."""
+    "_fast" and "_compiled" models are planned for it (`plans[name][batch]`: what `plan_gemms` chose),
+    and the "_compiled" ones compiled for it (the report's "compile_s": the warm-up cost)."""
     results = {}
     for batch in settings.batch_sizes:
-        for name, model in models.items():
-            if name.endswith("_fast"):
-                say(f"GEMM plan of {name} for batch {batch}")
-                plans.setdefault(name, {})[str(batch)] = plan_gemms(model, settings.gemm_plan, rows=(batch,))
         gen = torch.Generator().manual_seed(settings.seed)
         ids = torch.randint(10, vocab, (batch, settings.prompt_len), generator=gen)
+        for name, model in models.items():
+            if name.endswith(FAST_PATH):
+                say(f"GEMM plan of {name} for batch {batch}")
+                plans.setdefault(name, {})[str(batch)] = report = plan_gemms(model, settings.gemm_plan, rows=(batch,))
+            if name.endswith("_compiled"):
+                say(f"compiling the decode step of {name} for batch {batch}")
+                start = time.perf_counter()
+                compile_decode(model, freezing=settings.compile_freezing)
+                time_generation(model, ids, settings.new_tokens)  # compiles
+                report["compile_s"] = time.perf_counter() - start
         samples = {name: {"ttft": [], "tpot": []} for name in models}
         total = settings.warmup + settings.repeats
         for round_ in range(total):
@@ -342,7 +364,8 @@ def format_bench_table(result: dict) -> str:
             kinds = sorted(set(chosen))
             lines.append(f"{name}, batch {batch}: GEMM plan {report['mode']} ({report['seconds']:.1f} s to set up): "
                          + ", ".join(f"{layout} weights / {order} for {chosen.count((layout, order))}" for layout, order in kinds)
-                         + f" of {len(chosen)} weight shapes.")
+                         + f" of {len(chosen)} weight shapes"
+                         + (f"; compiled in {report['compile_s']:.1f} s." if "compile_s" in report else "."))
     budget = result["budget"]
     lines += ["", f"FFBA r={result['settings']['rank']}: {budget['ffba_params']:,} trainable parameters; "
               f"zFLoRA r={result['settings']['rank']}: {budget['zflora_params']:,}; "
@@ -373,7 +396,7 @@ def plot_bench(result: dict, path: Path) -> None:
 
     batches = list(result["latency"])
     names = list(result["latency"][batches[0]])
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(11, 4.5))
     width = 0.8 / len(batches)
     for i, batch in enumerate(batches):
         per = result["latency"][batch]

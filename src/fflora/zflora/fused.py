@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..architectures import sub_blocks
 from ..fused import ALIGN, FusedInputProjections, FusedOutputProjection, _unwrap, install_fused
-from ..gemm import planned_linear
+from ..fastpath.gemm import planned_linear
 from .layers import ZInputProjection, ZOutputProjection, ZSubBlockAdapter
 
 

@@ -4,7 +4,7 @@
 ("wx"), and W can be stored row-major ("standard", as nn.Linear keeps it) or column-major
 ("transposed"). The values are the same; the BLAS kernels that run are not, and at the small row
 counts of decoding their speed differs by up to 2.5x in either direction depending on the shape,
-the row count and the CPU. `fflora.fastpath` measures and picks; this module only runs the choice.
+the row count and the CPU. `fflora.fastpath.plan` measures and picks; this module only runs the choice.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The decode fast path of a fused model: each GEMM's weight layout and operand order, by measurement.
 
 A fused model owns every base projection GEMM (and here also takes the LM head), so it can choose
-how each one runs (`fflora.gemm`: row- or column-major weight, `x W^T` or `(W x^T)^T`). On an
+how each one runs (`fflora.fastpath.gemm`: row- or column-major weight, `x W^T` or `(W x^T)^T`). On an
 AVX-512 EPYC with 2 threads, SmolLM2-135M's decode GEMMs, streamed from memory as in a real step:
 
     rows 1: the column-major layout is 1.3x (q|k|v), 1.7x (gate|up) and 1.9x (LM head) faster,
@@ -27,7 +27,8 @@ import time
 import torch
 from torch import Tensor, nn
 
-from .fused import FusedInputProjections, FusedOutputProjection
+from ..fused import FusedInputProjections, FusedOutputProjection
+from .compile import drop_compiled_step
 from .gemm import LAYOUTS, ORDERS, GemmPlan, laid_out, layout_of, planned_linear
 
 MODES = ("standard", "transposed", "auto")
@@ -127,6 +128,7 @@ def plan_gemms(model: nn.Module, mode: str = "auto", rows: tuple[int, ...] = (1,
     for module in modules:
         _apply(module, None if mode == "standard" else plans[(tuple(module.weight.shape), module.weight.dtype)])
     model.ffba_gemm_mode = mode
+    drop_compiled_step(model)  # a compiled step was traced for the old layouts
     return {
         "mode": mode, "rows": list(rows), "seconds": time.perf_counter() - start,
         "plans": {_name(key): {"layout": p.layout, "orders": dict(p.orders)} for key, p in plans.items()},
@@ -139,6 +141,7 @@ def clear_gemm_plans(model: nn.Module) -> None:
     for module in planned_modules(model):
         _apply(module, None)
     model.ffba_gemm_mode = "standard"
+    drop_compiled_step(model)
 
 
 def _apply(module: nn.Module, plan: GemmPlan | None) -> None:

@@ -1,0 +1,111 @@
+"""The compiled decode step: the fused form traces as one graph, and compiled decoding gives the
+eager tokens, follows adapters loaded afterwards, and is undone by unfuse."""
+
+import pytest
+import torch
+from conftest import FAMILIES, make_model, randomize_adapters
+
+import fflora
+from fflora.fastpath.compile import decode_step
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Each compiling test starts and ends with Dynamo's caches empty (graphs of other tests' models
+    would count towards its recompile limit)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _fused(arch, family=None, seed=1):
+    model = make_model(arch)
+    if family is not None:
+        fflora.apply_adapter(model, FAMILIES[family]())
+        randomize_adapters(model, seed=seed)
+    return fflora.fuse(model)
+
+
+@pytest.mark.parametrize("family", [None, *FAMILIES])
+def test_the_fused_form_traces_as_one_graph(arch, family, fresh_dynamo):
+    if family == "zflora" and arch == "gemma3_text":
+        pytest.skip("zFLoRA refuses Gemma 3")
+    model = _fused(arch, family)
+    ids = torch.randint(3, 128, (2, 7))
+    explained = torch._dynamo.explain(model)(input_ids=ids, use_cache=False)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_a_projection_called_outside_its_decoder_layer_is_refused():
+    model = fflora.apply_adapter(make_model("llama"), FAMILIES["ffba"]())
+    x = torch.randn(1, 3, model.config.hidden_size)
+    with pytest.raises(RuntimeError, match="an FFBA projection was called outside its decoder layer"):
+        model.model.layers[1].self_attn.q_proj(x)  # training form
+    fflora.fuse(model)
+    with pytest.raises(RuntimeError, match="an FFBA projection was called outside its decoder layer"):
+        model.model.layers[1].self_attn.q_proj(x)
+
+
+def test_fusing_turns_the_embedding_grad_hook_off_and_unfusing_back_on():
+    model = fflora.apply_adapter(make_model("llama"), FAMILIES["ffba"]())
+    ids = torch.randint(3, 128, (1, 5))
+    embed = model.get_input_embeddings()
+    assert embed(ids).requires_grad  # reentrant gradient checkpointing needs it while training
+    fflora.fuse(model)
+    assert not embed(ids).requires_grad
+    fflora.unfuse(model)
+    assert embed(ids).requires_grad
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_compiled_decoding_gives_the_eager_tokens_and_unfuse_undoes_it(family, fresh_dynamo):
+    model = _fused("llama", family).eval()
+    ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    eager = model.generate(ids, max_new_tokens=6, do_sample=False)
+    torch.manual_seed(3)
+    eager_sampled = model.generate(ids, max_new_tokens=6, do_sample=True, top_k=20)
+
+    assert fflora.compile_decode(model) is model
+    assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), eager)
+    assert callable(model.__dict__["_compiled_call"])  # generate went through the compiled step
+    torch.manual_seed(3)
+    assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=True, top_k=20), eager_sampled)
+
+    fflora.unfuse(model)
+    config = model.generation_config
+    assert (config.cache_implementation, config.compile_config) == (None, None)
+    assert "_compiled_call" not in model.__dict__ and not hasattr(model, "ffba_compiled")
+
+
+@pytest.mark.parametrize("freezing", [False, True])
+def test_a_compiled_model_follows_an_adapter_loaded_after_compiling(tmp_path, freezing, fresh_dynamo):
+    other = fflora.apply_adapter(make_model("llama"), FAMILIES["ffba"]())
+    randomize_adapters(other, seed=9)
+    fflora.save_adapter(other, tmp_path / "other")
+    ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(0))
+    expected = fflora.fuse(other).generate(ids, max_new_tokens=6, do_sample=False)
+
+    model = fflora.compile_decode(_fused("llama", "ffba", seed=1), freezing=freezing)
+    before = model.generate(ids, max_new_tokens=6, do_sample=False)
+    assert not torch.equal(before, expected)  # the two adapters decode differently
+    fflora.load_adapter(model, tmp_path / "other")
+    assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), expected)
+
+
+def test_planning_after_compiling_drops_the_compiled_step(monkeypatch, fresh_dynamo):
+    import fflora.fastpath.plan
+
+    monkeypatch.setattr(fflora.fastpath.plan, "MAX_COPIES", 4)
+    model = fflora.compile_decode(_fused("llama", "ffba"))
+    step = decode_step(model)
+    fflora.plan_gemms(model, "transposed")
+    assert "_compiled_call" not in model.__dict__ and decode_step(model) is not step
+
+
+def test_models_that_cannot_be_compiled_are_refused():
+    with pytest.raises(ValueError, match=r"compile_decode needs a fused model: call fflora.fuse\(model\) first"):
+        fflora.compile_decode(fflora.apply_adapter(make_model("llama"), FAMILIES["ffba"]()))
+    with pytest.raises(ValueError, match="a model fused with an adapter bank is not compiled"):
+        fflora.compile_decode(fflora.fuse(make_model("llama"), max_adapters=2))
+    with pytest.raises(ValueError, match=r"no compiled decode step; call fflora.compile_decode\(model\) first"):
+        decode_step(fflora.fuse(make_model("llama")))
