@@ -4,16 +4,13 @@ import torch
 from conftest import make_model
 
 import fflora
-from fflora.bench.latency import BenchSettings, CONFIGS, format_bench_table, run_bench, tensor_bytes, write_bench
+from fflora.bench.latency import EAGER_CONFIGS, BenchSettings, format_bench_table, run_bench, tensor_bytes, write_bench
 from fflora.serialization import adapter_state_dict, load_adapter_state
-
-
-UNCOMPILED = tuple(c for c in CONFIGS if not c.endswith("_compiled"))  # compiling takes ~15 s per model and batch
 
 
 def _settings(**kw):
     base = dict(prompt_len=8, new_tokens=4, batch_sizes=(1, 2), repeats=2, warmup=1, rank=2,
-                train_steps=1, train_batch=2, train_len=8, configs=UNCOMPILED)
+                train_steps=1, train_batch=2, train_len=8, configs=EAGER_CONFIGS)
     base.update(kw)
     return BenchSettings(**base)
 
@@ -25,7 +22,7 @@ def test_bench_reports_every_configuration_with_sane_numbers(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the base is left as it was
     for batch in ("1", "2"):
         per = result["latency"][batch]
-        assert list(per) == list(UNCOMPILED)
+        assert list(per) == list(EAGER_CONFIGS)
         for r in per.values():
             assert r["ttft"]["n"] == 2 and r["tpot"]["n"] == 2
             assert 0 < r["tpot"]["min"] <= r["tpot"]["median"] <= r["tpot"]["max"]

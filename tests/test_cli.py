@@ -42,7 +42,12 @@ def test_generate_with_adapter_fused_equals_unfused(tiny_model_dir, tmp_path, ca
     assert capsys.readouterr().out == fused
     assert main(args + ["--gemm-plan", "auto"]) == 0
     assert capsys.readouterr().out == fused
+    assert main(args + ["--compile", "on"]) == 0
+    assert capsys.readouterr().out == fused
     assert fused.startswith("### abc\n")
+    assert main(args + ["--unfused", "--compile", "on"]) == 2
+    assert capsys.readouterr().err.strip() == ("fflora: error: --gemm-plan and --compile apply to the fused form; "
+                                               "drop --unfused, or them")
 
 
 def test_cli_errors_are_one_clear_line(tiny_model_dir, tmp_path, capsys):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .artifacts import load_trained
 from .base_models import load_base_model
-from .bench.latency import BenchSettings, format_bench_table, run_bench, write_bench
+from .bench.latency import EAGER_CONFIGS, BenchSettings, format_bench_table, run_bench, write_bench
 from .data import FAMILIES, prepare
 from .evaluate import evaluate
 from .sources import say
@@ -33,7 +33,8 @@ class DemoSizes:
 FULL = DemoSizes(train_limit=320, max_steps=40, eval_limit=100,
                  bench=dict(prompt_len=128, new_tokens=32, batch_sizes=(1, 8), repeats=3, train_steps=2))
 QUICK = DemoSizes(train_limit=64, max_steps=6, eval_limit=8,
-                  bench=dict(prompt_len=32, new_tokens=8, batch_sizes=(1,), repeats=1, train_steps=1))
+                  bench=dict(prompt_len=32, new_tokens=8, batch_sizes=(1,), repeats=1, train_steps=1,
+                             configs=EAGER_CONFIGS))  # compiling would take longer than the rest of it
 
 
 def run_demo(out_dir: str | Path | None = None, quick: bool = False, model: str | None = None,

@@ -40,6 +40,7 @@ from ..sources import say
 CONFIGS = ("base", "fused_base", "fused_base_fast", "fused_base_compiled", "lora_unmerged", "lora_merged",
            "ffba_unfused", "ffba_fused", "ffba_fused_fast", "ffba_fused_compiled",
            "zflora_unfused", "zflora_fused", "zflora_fused_fast", "zflora_fused_compiled")
+EAGER_CONFIGS = tuple(c for c in CONFIGS if not c.endswith("_compiled"))  # no compile warm-up (tens of seconds each)
 FAST_PATH = ("_fast", "_compiled")  # suffixes of the configurations planned per batch size
 # The latency targets (issue 9): TPOT of a configuration over TPOT of another, at most `limit`.
 TARGETS = (("fused_base", "base", 1.00), ("ffba_fused", "fused_base", 1.03), ("zflora_fused", "fused_base", 1.02),
