@@ -119,6 +119,8 @@ def cmd_verify(args) -> dict:
 def cmd_generate(args) -> dict:
     from . import fuse, load_adapter, load_base_model
 
+    if args.unfused and (args.gemm_plan != "standard" or args.compile != "off"):
+        raise ValueError("--gemm-plan and --compile apply to the fused form; drop --unfused, or them")
     model, tokenizer = load_base_model(args.model)
     if args.adapter:
         load_adapter(model, args.adapter, strict=args.strict)
@@ -132,8 +134,6 @@ def cmd_generate(args) -> dict:
             from .fastpath.compile import compile_decode
 
             compile_decode(model, freezing=args.compile == "freezing")
-    elif args.gemm_plan != "standard" or args.compile != "off":
-        raise ValueError("--gemm-plan and --compile apply to the fused form; drop --unfused, or them")
     batch = _chat_batch(tokenizer, args.prompt)
     torch.manual_seed(args.seed)
     out = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
