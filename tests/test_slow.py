@@ -29,6 +29,10 @@ def test_embedded_model_applies_fuses_and_generates():
     mask = batch["attention_mask"].bool()
     assert (fused - unfused)[mask].abs().max().item() < 1e-3
     assert torch.equal(model.generate(**batch, max_new_tokens=12, do_sample=False), unfused_text)
+    fflora.plan_gemms(model, "auto", rows=(2,))  # the whole decode fast path, left padding included
+    fflora.compile_decode(model)
+    assert torch.equal(model.generate(**batch, max_new_tokens=12, do_sample=False), unfused_text)
+    assert "_compiled_call" in model.__dict__
 
 
 @pytest.mark.slow
