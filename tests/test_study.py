@@ -66,7 +66,7 @@ def test_the_plan_runs_ready_final_cells_first_seed_by_seed(tiny_model_dir, tiny
     spec = _spec(tiny_model_dir, tiny_data_dir)
 
     def sweep(method, lr, loss):
-        return {Cell("sweep", method, lr, 0).key: {"train": {"dev_loss": loss}}}
+        return _sweep_record(method, lr, loss)
 
     records = {**sweep("ffba", 1e-3, 0.5), **sweep("ffba", 3e-2, None), **sweep("lora", 1e-3, 0.7)}
     todo, waiting = plan(spec, records)  # FFBA's sweep is done (3e-2 diverged), LoRA's is not
@@ -78,8 +78,13 @@ def test_the_plan_runs_ready_final_cells_first_seed_by_seed(tiny_model_dir, tiny
     assert [c.key for c in todo] == ["final-ffba-lr0.001-seed0", "final-lora-lr0.03-seed0", "final-ffba-lr0.001-seed1"]
     assert waiting == 0
 
-    records[todo[0].key] = {"train": {"dev_loss": 0.4}}
+    records[todo[0].key] = {"cell": {"phase": "final", "method": "ffba", "lr": 1e-3, "seed": 0}, "train": {"dev_loss": 0.4}}
     assert [c.key for c in plan(spec, records)[0]] == ["final-lora-lr0.03-seed0", "final-ffba-lr0.001-seed1"]
+
+
+def _sweep_record(method, lr, loss):
+    return {Cell("sweep", method, lr, 0).key: {"cell": {"phase": "sweep", "method": method, "lr": lr, "seed": 0},
+                                               "train": {"dev_loss": loss}}}
 
 
 def _record(method, seed, correct_label, correct_text, sets, dev_loss):
@@ -100,6 +105,8 @@ def test_the_aggregate_on_synthetic_records_with_known_answers(tiny_model_dir, t
         "f1": _record("ffba", 1, [1, 1, 0, 0], [1, 1, 0, 1], sets, 2.0),   # label: a 100, b 0 -> 50
         "l0": _record("lora", 0, [0, 0, 0, 0], [1, 1, 0, 1], sets, 3.0),
     }
+    for method in ("ffba", "lora"):  # both sweeps done, 1e-3 the best rate
+        records |= _sweep_record(method, 1e-3, 0.5) | _sweep_record(method, 3e-2, 0.9)
     result = aggregate(spec, records)
     ffba = result["methods"]["ffba"]
     assert ffba["dev_loss"] == {"mean": 1.5, "std": pytest.approx(np.sqrt(0.5)), "n": 2}
@@ -111,6 +118,25 @@ def test_the_aggregate_on_synthetic_records_with_known_answers(tiny_model_dir, t
     table = format_aggregate(result)
     assert "| ffba | 0.001 | 2 | 100 | 1.5000 +- 0.7071 | 75.0 +- 35.4 |" in table
     assert "- label acc: +75.00" in table
+
+
+def test_a_rate_whose_final_run_diverges_is_dropped_for_the_next_best(tiny_model_dir, tiny_data_dir):
+    spec = _spec(tiny_model_dir, tiny_data_dir, learning_rates=[1e-4, 1e-3, 3e-2], seeds={"ffba": 1},
+                 methods={"ffba": {"method": "ffba", "r": 2}})
+    records = _sweep_record("ffba", 1e-4, 0.7) | _sweep_record("ffba", 1e-3, 0.9) | _sweep_record("ffba", 3e-2, 0.5)
+    assert best_rates(spec, records) == {"ffba": 3e-2}
+    broken = Cell("final", "ffba", 3e-2, 0)
+    records[broken.key] = {"cell": {"phase": "final", "method": "ffba", "lr": 3e-2, "seed": 0},
+                           "diverged": "non-finite loss (nan) at step 150", "train": {"dev_loss": None}}
+    assert best_rates(spec, records) == {"ffba": 1e-4}  # the next-best dev loss, not the next rate down
+    assert [c.key for c in plan(spec, records)[0]] == ["final-ffba-lr0.0001-seed0"]
+
+    records["done"] = _record("ffba", 0, [1, 0], [1, 1], ["a"], 0.6) | {
+        "cell": {"phase": "final", "method": "ffba", "lr": 1e-4, "seed": 0}}
+    result = aggregate(spec, records)
+    assert result["methods"]["ffba"]["lr"] == 1e-4 and result["methods"]["ffba"]["seeds"] == 1
+    assert result["methods"]["ffba"]["dropped_rates"] == [3e-2]
+    assert "| ffba | 0.0001 (0.03: final run diverged) | 1 | 100 | 0.6000 +- 0.0000 |" in format_aggregate(result)
 
 
 def test_bad_specs_are_refused_before_anything_runs(tiny_model_dir, tiny_data_dir, tmp_path):

@@ -4,7 +4,8 @@
 
 * sweep: every method at every learning rate, one seed, shorter runs judged on the dev loss alone
   (the held-out response-token loss on a fixed slice of the training mixture, never a test set);
-* final: each method at its best sweep rate, with its number of seeds, longer runs, evaluated on
+* final: each method at its best sweep rate (a rate at which a final run diverges is dropped, and
+  the method's final cells move to its next-best rate), with its number of seeds, longer runs, evaluated on
   the first `eval_limit` test items of every set in two ways: log-likelihood of the label response
   (LLM-Adapters' format, with the best constant-label baseline) and of each choice's own text
   (acc, acc_norm).
@@ -114,8 +115,10 @@ def read_records(results_dir: Path) -> dict[str, dict]:
 
 
 def best_rates(spec: StudySpec, records: dict[str, dict]) -> dict[str, float]:
-    """Each method's learning rate with the lowest dev loss, once all its sweep cells are done (a
-    diverged run has no dev loss and is never the best)."""
+    """Each method's learning rate for its final cells, once all its sweep cells are done: the rate
+    with the lowest dev loss, among those that trained (a diverged sweep run has no dev loss) and
+    at which no final run diverged. A final run is longer than a sweep run and can break down where
+    the sweep did not; its method's final cells then move to the next-best rate."""
     best = {}
     for method in spec.methods:
         losses = {}
@@ -123,10 +126,17 @@ def best_rates(spec: StudySpec, records: dict[str, dict]) -> dict[str, float]:
             record = records.get(Cell("sweep", method, lr, 0).key)
             if record is not None:
                 losses[lr] = record["train"]["dev_loss"]
-        finite = {lr: loss for lr, loss in losses.items() if loss is not None}
+        broke = set(dropped_rates(records, method))
+        finite = {lr: loss for lr, loss in losses.items() if loss is not None and lr not in broke}
         if len(losses) == len(spec.learning_rates) and finite:
             best[method] = min(finite, key=finite.get)
     return best
+
+
+def dropped_rates(records: dict[str, dict], method: str) -> dict[float, str]:
+    """The rates at which a final run of `method` diverged, with what happened."""
+    return {r["cell"]["lr"]: r["diverged"] for r in records.values()
+            if r["cell"]["phase"] == "final" and r["cell"]["method"] == method and "diverged" in r}
 
 
 def plan(spec: StudySpec, records: dict[str, dict]) -> tuple[list[Cell], int]:
@@ -234,19 +244,17 @@ METRICS = {"label acc": ("loglik", 3), "text acc": ("text", 3), "text acc_norm":
 
 def aggregate(spec: StudySpec, records: dict[str, dict]) -> dict:
     """Per method: dev loss and accuracies, mean +- std over seeds; FFBA - LoRA with bootstrap 95% CIs."""
+    best = best_rates(spec, records)
     finals: dict[str, list[dict]] = {}
-    diverged: dict[str, int] = {}
     for record in records.values():
-        if record["cell"]["phase"] == "final":
-            if "diverged" in record:
-                diverged[record["cell"]["method"]] = diverged.get(record["cell"]["method"], 0) + 1
-            else:
-                finals.setdefault(record["cell"]["method"], []).append(record)
+        cell = record["cell"]
+        if cell["phase"] == "final" and "diverged" not in record and best.get(cell["method"]) == cell["lr"]:
+            finals.setdefault(cell["method"], []).append(record)
     sweep = {m: {r["cell"]["lr"]: r["train"]["dev_loss"] for r in records.values()
                  if r["cell"]["phase"] == "sweep" and r["cell"]["method"] == m} for m in spec.methods}
     methods = {}
     for method, runs in finals.items():
-        entry = {"lr": runs[0]["cell"]["lr"], "seeds": len(runs), "diverged_seeds": diverged.get(method, 0),
+        entry = {"lr": runs[0]["cell"]["lr"], "seeds": len(runs), "dropped_rates": sorted(dropped_rates(records, method)),
                  "parameters": runs[0]["parameters"],
                  "dev_loss": mean_std([r["train"]["dev_loss"] for r in runs])}
         for metric, (mode, column) in METRICS.items():
@@ -280,8 +288,9 @@ def format_aggregate(result: dict) -> str:
         return f"{value['mean']:.{digits}f} +- {value['std']:.{digits}f}"
 
     for method, e in result["methods"].items():
-        seeds = f"{e['seeds']}" + (f" (+{e['diverged_seeds']} diverged)" if e.get("diverged_seeds") else "")
-        lines.append(f"| {method} | {e['lr']:g} | {seeds} | {e['parameters']:,} | {ms(e['dev_loss'], 4)} | "
+        dropped = e.get("dropped_rates")
+        lr = f"{e['lr']:g}" + (f" ({', '.join(f'{x:g}' for x in dropped)}: final run diverged)" if dropped else "")
+        lines.append(f"| {method} | {lr} | {e['seeds']} | {e['parameters']:,} | {ms(e['dev_loss'], 4)} | "
                      f"{ms(e['label acc']['average'])} | {ms(e['text acc']['average'])} | "
                      f"{ms(e['text acc_norm']['average'])} |")
     any_method = next(iter(result["methods"].values()), None)
