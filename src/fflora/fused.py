@@ -296,7 +296,9 @@ def unfuse(model: nn.Module) -> nn.Module:
         from .bank import unfuse_bank
 
         unfuse_bank(model)
-    if getattr(model, "ffba_config", None) is not None:  # adapters (either family) train again
+    from .model import has_ffba  # fflora.model imports this module
+
+    if has_ffba(model):  # adapters (either family) train again
         _embedding_grad_hook(model, on=True)
     if is_zflora(model):
         from .zflora.fused import unfuse_zflora

@@ -179,7 +179,7 @@ def time_generation(model: nn.Module, input_ids: torch.Tensor, new_tokens: int) 
     step decodes as `generate` does then: static cache, eager prefill, compiled steps."""
     from transformers import DynamicCache, StaticCache
 
-    compiled = bool(getattr(model, "ffba_compiled", None))
+    compiled = hasattr(model, "ffba_compiled")
     prompt_len = input_ids.shape[1]
     if compiled:
         cache, step = StaticCache(config=model.config, max_cache_len=prompt_len + new_tokens), decode_step(model)

@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 RECOMPILE_LIMIT = 64
-_SAVED = "ffba_compile_saved"  # the generation settings compile_decode replaced, for clear_compiled
 
 
 def compile_decode(model: nn.Module, freezing: bool = False) -> nn.Module:
@@ -44,8 +43,8 @@ def compile_decode(model: nn.Module, freezing: bool = False) -> nn.Module:
         raise ValueError("a model fused with an adapter bank is not compiled (each batch selects its adapters "
                          "in Python); fuse it with a single adapter, or serve the bank uncompiled")
     config = model.generation_config
-    if not hasattr(model, _SAVED):
-        setattr(model, _SAVED, (config.cache_implementation, config.compile_config))
+    if not hasattr(model, "ffba_compiled"):  # present while compiled: the settings to restore
+        model.ffba_compiled = (config.cache_implementation, config.compile_config)
     compile_config = CompileConfig(fullgraph=True, dynamic=False, mode=None,  # inductor defaults (no CUDA graphs)
                                    options={"freezing": True} if freezing else None)
     compile_config._compile_all_devices = True  # transformers compiles on CUDA-like devices only, unless told
@@ -53,14 +52,13 @@ def compile_decode(model: nn.Module, freezing: bool = False) -> nn.Module:
     # to eager without a word.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     config.cache_implementation, config.compile_config = "static", compile_config
-    model.ffba_compiled = {"freezing": freezing}
     drop_compiled_step(model)
     return model
 
 
 def decode_step(model: nn.Module) -> Callable:
     """The compiled forward that `generate` uses for decode steps (call it with a `StaticCache`)."""
-    if not getattr(model, "ffba_compiled", None):
+    if not hasattr(model, "ffba_compiled"):
         raise ValueError("this model has no compiled decode step; call fflora.compile_decode(model) first")
     return model.get_compiled_call(model.generation_config.compile_config)
 
@@ -73,10 +71,9 @@ def drop_compiled_step(model: nn.Module) -> None:
 
 def clear_compiled(model: nn.Module) -> None:
     """Undo `compile_decode`: the model's own generation settings, no compiled step."""
-    if not hasattr(model, _SAVED):
+    if not hasattr(model, "ffba_compiled"):
         return
     config = model.generation_config
-    config.cache_implementation, config.compile_config = getattr(model, _SAVED)
-    delattr(model, _SAVED)
+    config.cache_implementation, config.compile_config = model.ffba_compiled
     del model.ffba_compiled
     drop_compiled_step(model)
