@@ -1,6 +1,7 @@
 """The study runner on a tiny model: resumable cells, learning-rate choice by dev loss, the aggregate."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -150,6 +151,19 @@ def test_bad_specs_are_refused_before_anything_runs(tiny_model_dir, tiny_data_di
     path.write_text(json.dumps({"name": "x", "methods": {}, "learning_rates": [], "seeds": {}, "epochz": 1}))
     with pytest.raises(ValueError, match=r"unknown study settings \['epochz'\]"):
         StudySpec.load(path)
+
+
+def test_the_loss_spike_guard_is_set_on_final_cells_only(tiny_model_dir, tiny_data_dir):
+    """Sweep runs are judged by their dev loss; a final run that spikes has diverged."""
+    from fflora.train import LossSpikeError, TrainingDivergedError
+
+    spec = _spec(tiny_model_dir, tiny_data_dir, final_max_loss_ratio=3.0)
+    assert spec.train_config(Cell("final", "lora", 1e-3, 1), Path("runs")).max_loss_ratio == 3.0
+    assert spec.train_config(Cell("sweep", "lora", 1e-3, 0), Path("runs")).max_loss_ratio is None
+    assert _spec(tiny_model_dir, tiny_data_dir).train_config(Cell("final", "ffba", 1e-3, 0), Path("r")).max_loss_ratio is None
+    assert issubclass(LossSpikeError, TrainingDivergedError)  # what run_cell records as "diverged"
+    with pytest.raises(ValueError, match=r"the study sets \['max_loss_ratio'\] itself"):
+        _spec(tiny_model_dir, tiny_data_dir, train={"max_loss_ratio": 2.0})
 
 
 def test_a_study_keeps_one_device(tiny_model_dir, tiny_data_dir, tmp_path):

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import fflora
 from fflora.budget import match_ffba_rank
-from fflora.train import NonFiniteLossError, TrainConfig, train
+from fflora.train import LossSpikeError, NonFiniteLossError, TrainConfig, train
 
 
 def _cfg(tiny_model_dir, tiny_data_dir, out, **kw):
@@ -90,6 +90,26 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-3"]
     assert all(torch.isfinite(t).all() for t in load_file(out / "checkpoint-3" / "adapter.safetensors").values())
     assert not (out / ".staging").exists()
+
+
+def test_a_loss_spike_stops_the_run_when_max_loss_ratio_is_set(tiny_model_dir, tiny_data_dir, tmp_path):
+    """A run that blows up without reaching NaN is stopped as diverged, naming the spike and the fix."""
+    model, tokenizer = fflora.load_base_model(tiny_model_dir)
+    calls = {"n": 0}
+
+    def blow_up(module, args, output):  # from the 4th forward pass on, logits 200x: a loss many times the first
+        calls["n"] += 1
+        return output * 200.0 if calls["n"] >= 4 else output
+
+    model.lm_head.register_forward_hook(blow_up)
+    out = tmp_path / "run"
+    with pytest.raises(LossSpikeError, match=r"loss spike: \S+ at step 4, above 3 x the first logged loss .*"
+                                             r"Last checkpoint: .*checkpoint-3\. Lower --lr, or raise --max-loss-ratio"):
+        train(_cfg(tiny_model_dir, tiny_data_dir, out, max_loss_ratio=3.0), model=model, tokenizer=tokenizer)
+    losses = _logged_losses(out)
+    assert len(losses) == 4 and losses[3] > 3 * losses[0] and max(losses[1:3]) <= 3 * losses[0]
+    with pytest.raises(ValueError, match="max_loss_ratio must be above 1"):
+        _cfg(tiny_model_dir, tiny_data_dir, out, max_loss_ratio=0.5)
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])

@@ -316,6 +316,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-total-limit", type=int, default=d.save_total_limit)
     p.add_argument("--logging-steps", type=int, default=d.logging_steps)
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--max-loss-ratio", type=float, default=None,
+                   help="stop as diverged when a logged loss exceeds this multiple of the first one (default: off)")
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
     p.add_argument("--dev-size", type=int, default=d.dev_size,
                    help="hold out this many training records as the dev split and report their loss (default 0)")

@@ -4,8 +4,9 @@
 
 * sweep: every method at every learning rate, one seed, shorter runs judged on the dev loss alone
   (the held-out response-token loss on a fixed slice of the training mixture, never a test set);
-* final: each method at its best sweep rate (a rate at which a final run diverges is dropped, and
-  the method's final cells move to its next-best rate), with its number of seeds, longer runs, evaluated on
+* final: each method at its best sweep rate (a rate at which a final run diverges, its loss NaN or
+  above `final_max_loss_ratio` x its first logged loss, is dropped, and the method's final cells
+  move to its next-best rate), with its number of seeds, longer runs, evaluated on
   the first `eval_limit` test items of every set in two ways: log-likelihood of the label response
   (LLM-Adapters' format, with the best constant-label baseline) and of each choice's own text
   (acc, acc_norm).
@@ -30,10 +31,11 @@ import torch
 from .files import atomic_write_text
 from .sources import say
 from .stats import mean_std, paired_bootstrap, set_average
-from .train import CONFIG_FILE, NonFiniteLossError, TrainConfig, train
+from .train import CONFIG_FILE, TrainConfig, TrainingDivergedError, train
 
 EVAL_MODES = ("loglik", "text")
-_STUDY_OWNED = {"task", "output_dir", "model", "data_dir", "dev_size", "lr", "seed", "max_steps", "bf16"}
+_STUDY_OWNED = {"task", "output_dir", "model", "data_dir", "dev_size", "lr", "seed", "max_steps", "bf16",
+                "max_loss_ratio"}
 
 
 @dataclass
@@ -51,6 +53,9 @@ class StudySpec:
     final_steps: int = 400
     train: dict = field(default_factory=dict)  # TrainConfig fields shared by every cell
     device: str = "cpu"  # "cuda": training and evaluation on the GPU with bfloat16 autocast
+    # A final run whose logged loss exceeds this x its first logged loss has diverged (as a NaN
+    # loss has): its rate is dropped. Sweep runs are judged by their dev loss instead.
+    final_max_loss_ratio: float | None = None
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
@@ -93,6 +98,7 @@ class StudySpec:
         return TrainConfig(task=self.task, output_dir=str(runs_dir / self.name / cell.key), model=self.model,
                            data_dir=self.data_dir, dev_size=self.dev_size, lr=cell.lr, seed=cell.seed,
                            bf16=self.device == "cuda",
+                           max_loss_ratio=self.final_max_loss_ratio if cell.phase == "final" else None,
                            max_steps=self.sweep_steps if cell.phase == "sweep" else self.final_steps,
                            **overrides)
 
@@ -167,7 +173,7 @@ def run_cell(spec: StudySpec, cell: Cell, results_dir: Path, runs_dir: Path) -> 
     else:
         try:
             trained = train(cfg, resume=(out / CONFIG_FILE).is_file())
-        except NonFiniteLossError as e:  # a result too: this rate is too high for the method
+        except TrainingDivergedError as e:  # a result too: this rate is too high for the method
             record = {"cell": {"phase": cell.phase, "method": cell.method, "lr": cell.lr, "seed": cell.seed},
                       "diverged": str(e), "train": {"dev_loss": None}, "device": spec.device}
             atomic_write_text(results_dir / f"{cell.key}.json", json.dumps(record, indent=1) + "\n")
