@@ -73,6 +73,10 @@ def test_the_plan_runs_ready_final_cells_first_seed_by_seed(tiny_model_dir, tiny
     todo, waiting = plan(spec, records)  # FFBA's sweep is done (3e-2 diverged), LoRA's is not
     assert [c.key for c in todo] == ["final-ffba-lr0.001-seed0", "final-ffba-lr0.001-seed1", "sweep-lora-lr0.03-seed0"]
     assert waiting == 1
+    assert plan(spec, records, phase="sweep") == ([Cell("sweep", "lora", 3e-2, 0)], 0)
+    assert [c.key for c in plan(spec, records, phase="final")[0]] == ["final-ffba-lr0.001-seed0", "final-ffba-lr0.001-seed1"]
+    with pytest.raises(ValueError, match="phase must be 'sweep' or 'final'"):
+        plan(spec, records, phase="sweeps")
 
     records |= sweep("lora", 3e-2, 0.6)
     todo, waiting = plan(spec, records)

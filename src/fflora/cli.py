@@ -276,7 +276,7 @@ def cmd_study(args) -> dict:
     spec = StudySpec.load(args.spec)
     if args.device:
         spec = dataclasses.replace(spec, device=args.device)
-    result = run_study(spec, args.results_dir, args.runs_dir, max_cells=args.max_cells)
+    result = run_study(spec, args.results_dir, args.runs_dir, max_cells=args.max_cells, phase=args.phase)
     print(format_aggregate(result))
     return result
 
@@ -413,6 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results-dir", default="results", help="records go to RESULTS_DIR/<study>/ (default results)")
     p.add_argument("--runs-dir", default="runs", help="checkpoints and adapters go to RUNS_DIR/<study>/ (default runs)")
     p.add_argument("--max-cells", type=int, default=None, help="stop after this many cells (the rest resume later)")
+    p.add_argument("--phase", choices=["sweep", "final"], default=None,
+                   help="run only this phase's cells (sweep: the short ones, for a session nearly out of time)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="override the spec's device (cuda: bfloat16 autocast); a study keeps one device")
     p.set_defaults(func=cmd_study)

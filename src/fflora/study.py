@@ -145,20 +145,23 @@ def dropped_rates(records: dict[str, dict], method: str) -> dict[float, str]:
             if r["cell"]["phase"] == "final" and r["cell"]["method"] == method and "diverged" in r}
 
 
-def plan(spec: StudySpec, records: dict[str, dict]) -> tuple[list[Cell], int]:
+def plan(spec: StudySpec, records: dict[str, dict], phase: str | None = None) -> tuple[list[Cell], int]:
     """(cells that can run now, in the order to run them; final cells still waiting for their
-    method's sweep).
+    method's sweep), of one phase only when `phase` is given.
 
     Final cells whose sweep is done come first, seed by seed across methods (seed 0 of every ready
     method, then seed 1, ...), so that a study stopped part way already holds a paired comparison;
-    the remaining sweep cells follow, method by method."""
+    the remaining sweep cells follow, method by method. `phase="sweep"` runs the short cells alone,
+    e.g. when a session has too little time left for a final cell."""
+    if phase not in (None, "sweep", "final"):
+        raise ValueError(f"phase must be 'sweep' or 'final', not {phase!r}")
     best = best_rates(spec, records)
     ready = [m for m in spec.seeds if m in best]
     finals = [Cell("final", m, best[m], seed) for seed in range(max(spec.seeds.values(), default=0))
               for m in ready if seed < spec.seeds[m]]
     sweeps = [Cell("sweep", m, lr, 0) for m in spec.methods for lr in spec.learning_rates]
-    waiting = sum(count for method, count in spec.seeds.items() if method not in best)
-    return [c for c in finals + sweeps if c.key not in records], waiting
+    waiting = sum(count for method, count in spec.seeds.items() if method not in best) if phase != "sweep" else 0
+    return [c for c in finals + sweeps if c.key not in records and phase in (None, c.phase)], waiting
 
 
 def run_cell(spec: StudySpec, cell: Cell, results_dir: Path, runs_dir: Path) -> dict:
@@ -203,8 +206,9 @@ def run_cell(spec: StudySpec, cell: Cell, results_dir: Path, runs_dir: Path) -> 
 
 
 def run_study(spec: StudySpec, results_root: str | Path = "results", runs_root: str | Path = "runs",
-              max_cells: int | None = None) -> dict:
-    """Run every cell not yet finished (at most `max_cells`), then write the aggregate; returns it."""
+              max_cells: int | None = None, phase: str | None = None) -> dict:
+    """Run every cell not yet finished (at most `max_cells`, of `phase` only if given), then write the
+    aggregate; returns it."""
     results_dir, runs_dir = Path(results_root) / spec.name, Path(runs_root)
     if spec.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("the study asks for device 'cuda' but torch sees no CUDA device; use device = \"cpu\"")
@@ -218,7 +222,7 @@ def run_study(spec: StudySpec, results_root: str | Path = "results", runs_root: 
     ran = 0
     while max_cells is None or ran < max_cells:
         records = read_records(results_dir)
-        todo, waiting = plan(spec, records)
+        todo, waiting = plan(spec, records, phase)
         if not todo:
             break
         cell = todo[0]
