@@ -36,17 +36,20 @@ def test_a_study_runs_every_cell_once_and_resumes(tiny_model_dir, tiny_data_dir,
     with pytest.raises(KeyboardInterrupt):
         run_study(spec, results, runs)
     monkeypatch.undo()
-    assert read_records(results / "tiny") == {}
+    records = read_records(results / "tiny")  # the base model's cell ran first (nothing to train)
+    assert list(records) == ["base-model"] and records["base-model"]["parameters"] == 0
+    assert records["base-model"]["train"]["dev_loss"] > 0
+    assert records["base-model"]["eval"]["loglik"]["datasets"]["boolq"]["n"] == 2
 
     first = run_study(spec, results, runs, max_cells=1)  # resumes the interrupted cell
     records = read_records(results / "tiny")
     key = Cell("sweep", "ffba", 1e-3, 0).key
-    assert list(records) == [key] and records[key]["train"]["resumed_from"].endswith("checkpoint-1")
-    assert first["methods"] == {}  # no final cell yet
+    assert list(records) == ["base-model", key] and records[key]["train"]["resumed_from"].endswith("checkpoint-1")
+    assert list(first["methods"]) == ["base"]  # no final cell yet
 
     result = run_study(spec, results, runs)
     records = read_records(results / "tiny")
-    assert len(records) == 4 + 3  # 2 methods x 2 rates, then 2 + 1 seeds at the best rates
+    assert len(records) == 1 + 4 + 3  # the base model, 2 methods x 2 rates, then 2 + 1 seeds at the best rates
     best = best_rates(spec, records)
     for method in ("ffba", "lora"):
         losses = {lr: records[Cell("sweep", method, lr, 0).key]["train"]["dev_loss"] for lr in spec.learning_rates}
@@ -54,12 +57,13 @@ def test_a_study_runs_every_cell_once_and_resumes(tiny_model_dir, tiny_data_dir,
         assert records[Cell("final", method, best[method], 0).key]["eval"]["text"]["datasets"]["piqa"]["n"] == 2
     final = records[Cell("final", "ffba", best["ffba"], 1).key]
     assert len(final["predictions"]["loglik"]) == 16 and len(final["predictions"]["text"][0]) == 6
-    assert result["methods"]["ffba"]["seeds"] == 2 and "ffba - lora" in result["comparisons"]
-    assert (results / "tiny" / "aggregate.md").read_text().startswith("Study tiny (7 cells)")
+    assert result["methods"]["ffba"]["seeds"] == 2
+    assert list(result["comparisons"]) == ["ffba - lora", "ffba - base", "lora - base"]
+    assert (results / "tiny" / "aggregate.md").read_text().startswith("Study tiny (8 cells)")
     assert (results / "tiny" / "aggregate.png").stat().st_size > 0
 
     monkeypatch.setattr(study, "train", lambda *a, **k: pytest.fail("a finished cell was trained again"))
-    assert run_study(spec, results, runs)["cells_done"] == 7
+    assert run_study(spec, results, runs)["cells_done"] == 8
     assert plan(spec, read_records(results / "tiny")) == ([], 0)
 
 
@@ -71,20 +75,23 @@ def test_the_plan_runs_ready_final_cells_first_seed_by_seed(tiny_model_dir, tiny
 
     records = {**sweep("ffba", 1e-3, 0.5), **sweep("ffba", 3e-2, None), **sweep("lora", 1e-3, 0.7)}
     todo, waiting = plan(spec, records)  # FFBA's sweep is done (3e-2 diverged), LoRA's is not
-    assert [c.key for c in todo] == ["final-ffba-lr0.001-seed0", "final-ffba-lr0.001-seed1", "sweep-lora-lr0.03-seed0"]
+    assert [c.key for c in todo] == ["final-ffba-lr0.001-seed0", "final-ffba-lr0.001-seed1", "base-model",
+                                     "sweep-lora-lr0.03-seed0"]
     assert waiting == 1
     assert plan(spec, records, phase="sweep") == ([Cell("sweep", "lora", 3e-2, 0)], 0)
-    assert [c.key for c in plan(spec, records, phase="final")[0]] == ["final-ffba-lr0.001-seed0", "final-ffba-lr0.001-seed1"]
+    assert [c.key for c in plan(spec, records, phase="final")[0]] == ["final-ffba-lr0.001-seed0",
+                                                                      "final-ffba-lr0.001-seed1", "base-model"]
     with pytest.raises(ValueError, match="phase must be 'sweep' or 'final'"):
         plan(spec, records, phase="sweeps")
 
     records |= sweep("lora", 3e-2, 0.6)
     todo, waiting = plan(spec, records)
-    assert [c.key for c in todo] == ["final-ffba-lr0.001-seed0", "final-lora-lr0.03-seed0", "final-ffba-lr0.001-seed1"]
+    assert [c.key for c in todo] == ["final-ffba-lr0.001-seed0", "final-lora-lr0.03-seed0", "final-ffba-lr0.001-seed1",
+                                     "base-model"]
     assert waiting == 0
 
     records[todo[0].key] = {"cell": {"phase": "final", "method": "ffba", "lr": 1e-3, "seed": 0}, "train": {"dev_loss": 0.4}}
-    assert [c.key for c in plan(spec, records)[0]] == ["final-lora-lr0.03-seed0", "final-ffba-lr0.001-seed1"]
+    assert [c.key for c in plan(spec, records)[0]] == ["final-lora-lr0.03-seed0", "final-ffba-lr0.001-seed1", "base-model"]
 
 
 def _sweep_record(method, lr, loss):
@@ -109,6 +116,8 @@ def test_the_aggregate_on_synthetic_records_with_known_answers(tiny_model_dir, t
         "f0": _record("ffba", 0, [1, 1, 1, 1], [1, 1, 0, 1], sets, 1.0),   # label 100, text: a 100, b 50
         "f1": _record("ffba", 1, [1, 1, 0, 0], [1, 1, 0, 1], sets, 2.0),   # label: a 100, b 0 -> 50
         "l0": _record("lora", 0, [0, 0, 0, 0], [1, 1, 0, 1], sets, 3.0),
+        "base-model": _record("base", None, [0, 1, 0, 1], [0, 0, 0, 0], sets, 4.0)   # label 50, text 0
+        | {"cell": {"phase": "base", "method": "base", "lr": None, "seed": None}, "parameters": 0},
     }
     for method in ("ffba", "lora"):  # both sweeps done, 1e-3 the best rate
         records |= _sweep_record(method, 1e-3, 0.5) | _sweep_record(method, 3e-2, 0.9)
@@ -123,6 +132,9 @@ def test_the_aggregate_on_synthetic_records_with_known_answers(tiny_model_dir, t
     table = format_aggregate(result)
     assert "| ffba | 0.001 | 2 | 100 | 1.5000 +- 0.7071 | 75.0 +- 35.4 |" in table
     assert "- label acc: +75.00" in table
+    assert result["comparisons"]["ffba - base"]["label acc"]["difference"] == 25.0
+    assert result["comparisons"]["lora - base"]["text acc"]["difference"] == 75.0
+    assert "| base model (no training) | - | 1 | 0 | 4.0000 +- 0.0000 | 50.0 +- 0.0 | 0.0 +- 0.0 |" in table
 
 
 def test_a_rate_whose_final_run_diverges_is_dropped_for_the_next_best(tiny_model_dir, tiny_data_dir):
@@ -134,7 +146,7 @@ def test_a_rate_whose_final_run_diverges_is_dropped_for_the_next_best(tiny_model
     records[broken.key] = {"cell": {"phase": "final", "method": "ffba", "lr": 3e-2, "seed": 0},
                            "diverged": "non-finite loss (nan) at step 150", "train": {"dev_loss": None}}
     assert best_rates(spec, records) == {"ffba": 1e-4}  # the next-best dev loss, not the next rate down
-    assert [c.key for c in plan(spec, records)[0]] == ["final-ffba-lr0.0001-seed0"]
+    assert [c.key for c in plan(spec, records)[0]] == ["final-ffba-lr0.0001-seed0", "base-model"]
 
     records["done"] = _record("ffba", 0, [1, 0], [1, 1], ["a"], 0.6) | {
         "cell": {"phase": "final", "method": "ffba", "lr": 1e-4, "seed": 0}}
@@ -149,6 +161,8 @@ def test_bad_specs_are_refused_before_anything_runs(tiny_model_dir, tiny_data_di
         _spec(tiny_model_dir, tiny_data_dir, methods={"ffba": {"method": "ffba", "lr": 1e-3}}, seeds={})
     with pytest.raises(ValueError, match=r"unknown training settings \['rank'\]"):
         _spec(tiny_model_dir, tiny_data_dir, methods={"ffba": {"method": "ffba", "rank": 8}}, seeds={})
+    with pytest.raises(ValueError, match="'base' names the untrained base model's cell"):
+        _spec(tiny_model_dir, tiny_data_dir, methods={"base": {"method": "lora"}}, seeds={})
     with pytest.raises(ValueError, match=r"seeds given for methods the spec does not define: \['dora'\]"):
         _spec(tiny_model_dir, tiny_data_dir, seeds={"dora": 1})
     path = tmp_path / "spec.json"

@@ -4,6 +4,8 @@
 
 * sweep: every method at every learning rate, one seed, shorter runs judged on the dev loss alone
   (the held-out response-token loss on a fixed slice of the training mixture, never a test set);
+* base: the base model itself, no training: its dev loss and both accuracies on the same items, the
+  trivial baseline every final cell is read against;
 * final: each method at its best sweep rate (a rate at which a final run diverges, its loss NaN or
   above `final_max_loss_ratio` x its first logged loss, is dropped, and the method's final cells
   move to its next-best rate), with its number of seeds, longer runs, evaluated on
@@ -14,7 +16,7 @@
 A finished cell writes one JSON record under `results/<study>/` (with its per-example predictions)
 and is skipped afterwards; an interrupted cell resumes from its last checkpoint under
 `runs/<study>/`. Cells can run in any order: a method's final cells are planned once its sweep is done
-and run before the sweep cells still left (see `plan`).
+and run before the base model's cell and the sweep cells still left (see `plan`).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 from .files import atomic_write_text
 from .sources import say
 from .stats import mean_std, paired_bootstrap, set_average
-from .train import CONFIG_FILE, TrainConfig, TrainingDivergedError, train
+from .train import CONFIG_FILE, TrainConfig, TrainingDivergedError, dev_records, train
 
 EVAL_MODES = ("loglik", "text")
 _STUDY_OWNED = {"task", "output_dir", "model", "data_dir", "dev_size", "lr", "seed", "max_steps", "bf16",
@@ -62,6 +64,8 @@ class StudySpec:
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         if not self.methods or not self.learning_rates:
             raise ValueError("a study needs at least one method and one learning rate")
+        if BASE_CELL.method in self.methods:
+            raise ValueError(f"{BASE_CELL.method!r} names the untrained base model's cell; give the method another name")
         missing = [m for m in self.seeds if m not in self.methods]
         if missing:
             raise ValueError(f"seeds given for methods the spec does not define: {missing}")
@@ -105,14 +109,17 @@ class StudySpec:
 
 @dataclass(frozen=True)
 class Cell:
-    phase: str  # "sweep" or "final"
+    phase: str  # "sweep", "final" or "base"
     method: str
     lr: float
     seed: int
 
     @property
     def key(self) -> str:
-        return f"{self.phase}-{self.method}-lr{self.lr:g}-seed{self.seed}"
+        return "base-model" if self.phase == "base" else f"{self.phase}-{self.method}-lr{self.lr:g}-seed{self.seed}"
+
+
+BASE_CELL = Cell("base", "base", 0.0, 0)  # the base model, untrained: evaluated like a final cell
 
 
 def read_records(results_dir: Path) -> dict[str, dict]:
@@ -151,8 +158,9 @@ def plan(spec: StudySpec, records: dict[str, dict], phase: str | None = None) ->
 
     Final cells whose sweep is done come first, seed by seed across methods (seed 0 of every ready
     method, then seed 1, ...), so that a study stopped part way already holds a paired comparison;
-    the remaining sweep cells follow, method by method. `phase="sweep"` runs the short cells alone,
-    e.g. when a session has too little time left for a final cell."""
+    the base model's cell and the remaining sweep cells follow, method by method. `phase="sweep"`
+    runs the short cells alone, e.g. when a session has too little time left for a final cell;
+    `phase="final"` the evaluated ones (final cells and the base model's)."""
     if phase not in (None, "sweep", "final"):
         raise ValueError(f"phase must be 'sweep' or 'final', not {phase!r}")
     best = best_rates(spec, records)
@@ -161,14 +169,16 @@ def plan(spec: StudySpec, records: dict[str, dict], phase: str | None = None) ->
               for m in ready if seed < spec.seeds[m]]
     sweeps = [Cell("sweep", m, lr, 0) for m in spec.methods for lr in spec.learning_rates]
     waiting = sum(count for method, count in spec.seeds.items() if method not in best) if phase != "sweep" else 0
-    return [c for c in finals + sweeps if c.key not in records and phase in (None, c.phase)], waiting
+    wanted = {None: ("final", "base", "sweep"), "final": ("final", "base"), "sweep": ("sweep",)}[phase]
+    return [c for c in finals + [BASE_CELL] + sweeps if c.key not in records and c.phase in wanted], waiting
 
 
 def run_cell(spec: StudySpec, cell: Cell, results_dir: Path, runs_dir: Path) -> dict:
     """Train (or resume, or reuse a finished run), evaluate a final cell, write its record atomically."""
     from .artifacts import RUN_FILE, load_trained
-    from .evaluate import evaluate
 
+    if cell.phase == "base":
+        return _run_base_cell(spec, results_dir, runs_dir)
     cfg = spec.train_config(cell, runs_dir)
     out = Path(cfg.output_dir)
     if (out / RUN_FILE).is_file():
@@ -188,21 +198,50 @@ def run_cell(spec: StudySpec, cell: Cell, results_dir: Path, runs_dir: Path) -> 
     record["device"] = spec.device
     if cell.phase == "final":
         model, tokenizer, _ = load_trained(out, spec.model)
-        model.to(spec.device)
-        record["eval"], record["predictions"] = {}, {}
-        for mode in EVAL_MODES:
-            output = out / f"eval-{mode}.json"
-            autocast = torch.autocast("cuda", dtype=torch.bfloat16) if spec.device == "cuda" else contextlib.nullcontext()
-            with autocast:
-                summary = evaluate(model, tokenizer, [spec.task], data_dir=spec.data_dir, limit=spec.eval_limit,
-                                   mode=mode, output=output)
-            record["eval"][mode] = summary
-            rows = [json.loads(line) for line in output.with_suffix(".predictions.jsonl").read_text().splitlines()]
-            record["predictions"][mode] = [[r["dataset"], r["id"], r["prediction"], int(r["correct"]),
-                                            *([r["prediction_norm"], int(r["correct_norm"])] if mode == "text" else [])]
-                                           for r in rows]
+        record |= _evaluate_both_ways(spec, model, tokenizer, out)
     atomic_write_text(results_dir / f"{cell.key}.json", json.dumps(record, indent=1) + "\n")
     return record
+
+
+def _run_base_cell(spec: StudySpec, results_dir: Path, runs_dir: Path) -> dict:
+    """The untrained base model's dev loss and accuracies, scored exactly as the final cells are."""
+    from .base_models import load_base_model
+    from .evaluate import response_loss
+
+    model, tokenizer = load_base_model(spec.model)
+    model.to(spec.device).eval()
+    max_length = spec.train.get("max_length", TrainConfig.max_length)
+    record = {"cell": {"phase": "base", "method": "base", "lr": None, "seed": None}, "parameters": 0,
+              "device": spec.device}
+    with _autocast(spec):
+        record["train"] = {"dev_loss": response_loss(model, tokenizer, dev_records(spec.task, spec.dev_size, spec.data_dir),
+                                                     max_length)}
+    record |= _evaluate_both_ways(spec, model, tokenizer, runs_dir / spec.name / BASE_CELL.key)
+    atomic_write_text(results_dir / f"{BASE_CELL.key}.json", json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def _autocast(spec: StudySpec):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if spec.device == "cuda" else contextlib.nullcontext()
+
+
+def _evaluate_both_ways(spec: StudySpec, model, tokenizer, out: Path) -> dict:
+    """{"eval": summary per mode, "predictions": per-example rows per mode} on the first `eval_limit`
+    test items of every set; the evaluation files themselves go to `out`."""
+    from .evaluate import evaluate
+
+    model.to(spec.device)
+    result = {"eval": {}, "predictions": {}}
+    for mode in EVAL_MODES:
+        output = out / f"eval-{mode}.json"
+        with _autocast(spec):
+            result["eval"][mode] = evaluate(model, tokenizer, [spec.task], data_dir=spec.data_dir,
+                                            limit=spec.eval_limit, mode=mode, output=output)
+        rows = [json.loads(line) for line in output.with_suffix(".predictions.jsonl").read_text().splitlines()]
+        result["predictions"][mode] = [[r["dataset"], r["id"], r["prediction"], int(r["correct"]),
+                                        *([r["prediction_norm"], int(r["correct_norm"])] if mode == "text" else [])]
+                                       for r in rows]
+    return result
 
 
 def run_study(spec: StudySpec, results_root: str | Path = "results", runs_root: str | Path = "runs",
@@ -253,13 +292,16 @@ METRICS = {"label acc": ("loglik", 3), "text acc": ("text", 3), "text acc_norm":
 
 
 def aggregate(spec: StudySpec, records: dict[str, dict]) -> dict:
-    """Per method: dev loss and accuracies, mean +- std over seeds; FFBA - LoRA with bootstrap 95% CIs."""
+    """Per method (and the untrained base model): dev loss and accuracies, mean +- std over seeds;
+    FFBA - LoRA and each of them - the base model, paired, with bootstrap 95% CIs."""
     best = best_rates(spec, records)
     finals: dict[str, list[dict]] = {}
     for record in records.values():
         cell = record["cell"]
         if cell["phase"] == "final" and "diverged" not in record and best.get(cell["method"]) == cell["lr"]:
             finals.setdefault(cell["method"], []).append(record)
+    if BASE_CELL.key in records:
+        finals["base"] = [records[BASE_CELL.key]]
     sweep = {m: {r["cell"]["lr"]: r["train"]["dev_loss"] for r in records.values()
                  if r["cell"]["phase"] == "sweep" and r["cell"]["method"] == m} for m in spec.methods}
     methods = {}
@@ -276,7 +318,7 @@ def aggregate(spec: StudySpec, records: dict[str, dict]) -> dict:
         entry["chance_average"] = runs[0]["eval"]["text"].get("chance_average")
         methods[method] = entry
     comparisons = {}
-    for a, b in (("ffba", "lora"),):
+    for a, b in (("ffba", "lora"), ("ffba", "base"), ("lora", "base")):
         if a in finals and b in finals:
             comparisons[f"{a} - {b}"] = {}
             for metric, (mode, column) in METRICS.items():
@@ -299,8 +341,10 @@ def format_aggregate(result: dict) -> str:
 
     for method, e in result["methods"].items():
         dropped = e.get("dropped_rates")
-        lr = f"{e['lr']:g}" + (f" ({', '.join(f'{x:g}' for x in dropped)}: final run diverged)" if dropped else "")
-        lines.append(f"| {method} | {lr} | {e['seeds']} | {e['parameters']:,} | {ms(e['dev_loss'], 4)} | "
+        lr = "-" if e["lr"] is None else f"{e['lr']:g}"
+        lr += f" ({', '.join(f'{x:g}' for x in dropped)}: final run diverged)" if dropped else ""
+        name = "base model (no training)" if method == "base" else method
+        lines.append(f"| {name} | {lr} | {e['seeds']} | {e['parameters']:,} | {ms(e['dev_loss'], 4)} | "
                      f"{ms(e['label acc']['average'])} | {ms(e['text acc']['average'])} | "
                      f"{ms(e['text acc_norm']['average'])} |")
     any_method = next(iter(result["methods"].values()), None)
