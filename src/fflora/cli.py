@@ -414,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", default="runs", help="checkpoints and adapters go to RUNS_DIR/<study>/ (default runs)")
     p.add_argument("--max-cells", type=int, default=None, help="stop after this many cells (the rest resume later)")
     p.add_argument("--phase", choices=["sweep", "final"], default=None,
-                   help="run only this phase's cells (sweep: the short ones, for a session nearly out of time)")
+                   help="run only this phase's cells (sweep: the short ones, for a session nearly out of time; "
+                        "final: the evaluated ones, the base model's included)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="override the spec's device (cuda: bfloat16 autocast); a study keeps one device")
     p.set_defaults(func=cmd_study)
