@@ -168,8 +168,8 @@ def plan(spec: StudySpec, records: dict[str, dict], phase: str | None = None) ->
     finals = [Cell("final", m, best[m], seed) for seed in range(max(spec.seeds.values(), default=0))
               for m in ready if seed < spec.seeds[m]]
     sweeps = [Cell("sweep", m, lr, 0) for m in spec.methods for lr in spec.learning_rates]
-    waiting = sum(count for method, count in spec.seeds.items() if method not in best) if phase != "sweep" else 0
     wanted = {None: ("final", "base", "sweep"), "final": ("final", "base"), "sweep": ("sweep",)}[phase]
+    waiting = sum(count for method, count in spec.seeds.items() if method not in best) if "final" in wanted else 0
     return [c for c in finals + [BASE_CELL] + sweeps if c.key not in records and c.phase in wanted], waiting
 
 
@@ -198,6 +198,7 @@ def run_cell(spec: StudySpec, cell: Cell, results_dir: Path, runs_dir: Path) -> 
     record["device"] = spec.device
     if cell.phase == "final":
         model, tokenizer, _ = load_trained(out, spec.model)
+        model.to(spec.device)
         record |= _evaluate_both_ways(spec, model, tokenizer, out)
     atomic_write_text(results_dir / f"{cell.key}.json", json.dumps(record, indent=1) + "\n")
     return record
@@ -226,11 +227,10 @@ def _autocast(spec: StudySpec):
 
 
 def _evaluate_both_ways(spec: StudySpec, model, tokenizer, out: Path) -> dict:
-    """{"eval": summary per mode, "predictions": per-example rows per mode} on the first `eval_limit`
-    test items of every set; the evaluation files themselves go to `out`."""
+    """{"eval": summary per mode, "predictions": per-example rows per mode} of `model` (on the spec's
+    device) on the first `eval_limit` test items of every set; the evaluation files go to `out`."""
     from .evaluate import evaluate
 
-    model.to(spec.device)
     result = {"eval": {}, "predictions": {}}
     for mode in EVAL_MODES:
         output = out / f"eval-{mode}.json"
