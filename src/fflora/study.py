@@ -189,8 +189,7 @@ def run_cell(spec: StudySpec, cell: Cell, results_dir: Path, runs_dir: Path) -> 
         except TrainingDivergedError as e:  # a result too: this rate is too high for the method
             record = {"cell": {"phase": cell.phase, "method": cell.method, "lr": cell.lr, "seed": cell.seed},
                       "diverged": str(e), "train": {"dev_loss": None}, "device": spec.device}
-            atomic_write_text(results_dir / f"{cell.key}.json", json.dumps(record, indent=1) + "\n")
-            return record
+            return _write_record(results_dir, cell, record)
     record = {"cell": {"phase": cell.phase, "method": cell.method, "lr": cell.lr, "seed": cell.seed},
               "train": {k: trained.get(k) for k in ("dev_loss", "train_loss", "global_step", "wall_time_s",
                                                     "resumed_from")},
@@ -200,8 +199,7 @@ def run_cell(spec: StudySpec, cell: Cell, results_dir: Path, runs_dir: Path) -> 
         model, tokenizer, _ = load_trained(out, spec.model)
         model.to(spec.device)
         record |= _evaluate_both_ways(spec, model, tokenizer, out)
-    atomic_write_text(results_dir / f"{cell.key}.json", json.dumps(record, indent=1) + "\n")
-    return record
+    return _write_record(results_dir, cell, record)
 
 
 def _run_base_cell(spec: StudySpec, results_dir: Path, runs_dir: Path) -> dict:
@@ -218,7 +216,12 @@ def _run_base_cell(spec: StudySpec, results_dir: Path, runs_dir: Path) -> dict:
         record["train"] = {"dev_loss": response_loss(model, tokenizer, dev_records(spec.task, spec.dev_size, spec.data_dir),
                                                      max_length)}
     record |= _evaluate_both_ways(spec, model, tokenizer, runs_dir / spec.name / BASE_CELL.key)
-    atomic_write_text(results_dir / f"{BASE_CELL.key}.json", json.dumps(record, indent=1) + "\n")
+    return _write_record(results_dir, BASE_CELL, record)
+
+
+def _write_record(results_dir: Path, cell: Cell, record: dict) -> dict:
+    """Write a finished cell's record atomically (a cell with a record is never run again); returns it."""
+    atomic_write_text(results_dir / f"{cell.key}.json", json.dumps(record, indent=1) + "\n")
     return record
 
 
