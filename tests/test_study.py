@@ -104,7 +104,9 @@ def _record(method, seed, correct_label, correct_text, sets, dev_loss):
     items = [(s, f"{s}-{i}") for s in sets for i in range(len(correct_label) // len(sets))]
     return {"cell": {"phase": "final", "method": method, "lr": 1e-3, "seed": seed}, "parameters": 100,
             "train": {"dev_loss": dev_loss},
-            "eval": {"loglik": {"best_constant_average": 50.0}, "text": {"chance_average": 50.0}},
+            "eval": {"loglik": {"best_constant_average": 50.0,
+                                "datasets": {s: {"best_constant": {"label": 0, "accuracy": 50.0}} for s in sets}},
+                     "text": {"chance_average": 50.0, "datasets": {s: {"chance": 50.0} for s in sets}}},
             "predictions": {"loglik": [[s, i, 0, c] for (s, i), c in zip(items, correct_label)],
                             "text": [[s, i, 0, c, 0, c] for (s, i), c in zip(items, correct_text)]}}
 
@@ -135,6 +137,29 @@ def test_the_aggregate_on_synthetic_records_with_known_answers(tiny_model_dir, t
     assert result["comparisons"]["ffba - base"]["label acc"]["difference"] == 25.0
     assert result["comparisons"]["lora - base"]["text acc"]["difference"] == 75.0
     assert "| base model (no training) | - | 1 | 0 | 4.0000 +- 0.0000 | 50.0 +- 0.0 | 0.0 +- 0.0 |" in table
+    # Beating the best constant label (50 on each set) is strict: the base model's 50 and 50 do not.
+    assert ffba["sets_above_best_constant"] == [2, 1] and result["methods"]["lora"]["sets_above_best_constant"] == [0]
+    assert result["methods"]["base"]["sets_above_best_constant"] == [0]
+    assert "| 75.0 +- 35.4 | 75.0 +- 0.0 | 75.0 +- 0.0 | 2, 1 of 2 |" in table
+    per_set = table.split("label acc per set (mean +- std over seeds):")[1]
+    assert "| ffba | 100.0 +- 0.0 | 50.0 +- 70.7 | 75.0 |" in per_set
+    assert "| best constant label | 50.0 | 50.0 | 50.0 |" in per_set
+    assert "| chance | 50.0 | 50.0 | 50.0 |" in table.split("text acc per set")[1]
+
+
+def test_the_aggregate_compares_every_trained_method_with_lora_and_the_base_model(tiny_model_dir, tiny_data_dir):
+    spec = _spec(tiny_model_dir, tiny_data_dir, seeds={"ffba": 1, "lora": 1, "fa": 1},
+                 methods={"ffba": {"method": "ffba", "r": 2}, "lora": {"method": "lora", "lora_r": 2},
+                          "fa": {"method": "ffba", "r": 4, "backward": False}})
+    sets = ["a"]
+    records = {"f": _record("ffba", 0, [1, 1], [1, 1], sets, 1.0), "l": _record("lora", 0, [1, 0], [1, 0], sets, 1.0),
+               "a": _record("fa", 0, [0, 0], [1, 0], sets, 1.0)}
+    for method in spec.methods:
+        records |= _sweep_record(method, 1e-3, 0.5) | _sweep_record(method, 3e-2, 0.9)
+    comparisons = aggregate(spec, records)["comparisons"]
+    assert list(comparisons) == ["ffba - lora", "fa - lora"]  # no base-model cell yet: no "- base" rows
+    assert comparisons["fa - lora"]["label acc"]["difference"] == -50.0
+    assert comparisons["fa - lora"]["text acc"]["difference"] == 0.0
 
 
 def test_a_rate_whose_final_run_diverges_is_dropped_for_the_next_best(tiny_model_dir, tiny_data_dir):

@@ -295,8 +295,9 @@ METRICS = {"label acc": ("loglik", 3), "text acc": ("text", 3), "text acc_norm":
 
 
 def aggregate(spec: StudySpec, records: dict[str, dict]) -> dict:
-    """Per method (and the untrained base model): dev loss and accuracies, mean +- std over seeds;
-    FFBA - LoRA and each of them - the base model, paired, with bootstrap 95% CIs."""
+    """Per method (and the untrained base model): dev loss and accuracies, mean +- std over seeds, per
+    set and on average, next to each set's best constant label and chance, and on how many sets each
+    seed beats the best constant label; paired differences with bootstrap 95% CIs (see `_comparisons`)."""
     best = best_rates(spec, records)
     finals: dict[str, list[dict]] = {}
     for record in records.values():
@@ -319,10 +320,13 @@ def aggregate(spec: StudySpec, records: dict[str, dict]) -> dict:
         baseline = runs[0]["eval"]["loglik"]
         entry["best_constant_average"] = baseline.get("best_constant_average")
         entry["chance_average"] = runs[0]["eval"]["text"].get("chance_average")
+        entry["best_constant"] = {s: d["best_constant"]["accuracy"] for s, d in baseline.get("datasets", {}).items()}
+        entry["chance"] = {s: d["chance"] for s, d in runs[0]["eval"]["text"].get("datasets", {}).items()}
+        if entry["best_constant"]:
+            entry["sets_above_best_constant"] = _sets_above(runs, entry["best_constant"])
         methods[method] = entry
     comparisons = {}
-    for a, b in (("ffba", "lora"), ("ffba", "base"), ("lora", "base")):
-        if a in finals and b in finals:
+    for a, b in _comparisons(finals):
             comparisons[f"{a} - {b}"] = {}
             for metric, (mode, column) in METRICS.items():
                 ca, groups, ids = _correct_matrix(finals[a], mode, column)
@@ -334,10 +338,28 @@ def aggregate(spec: StudySpec, records: dict[str, dict]) -> dict:
             "comparisons": comparisons}
 
 
+def _sets_above(runs: list[dict], best_constant: dict[str, float]) -> list[int]:
+    """Per seed, on how many sets the label-format accuracy beats always giving that set's best label."""
+    correct, groups, _ = _correct_matrix(runs, *METRICS["label acc"])
+    groups = np.asarray(groups)
+    return [sum(100 * row[groups == s].mean() > best_constant[s] for s in dict.fromkeys(groups.tolist()))
+            for row in correct]
+
+
+def _comparisons(finals: dict[str, list[dict]]) -> list[tuple[str, str]]:
+    """The paired differences to report: FFBA - LoRA first (the paper's claim), then every other
+    trained method against LoRA, then every trained method against the untrained base model."""
+    trained = [m for m in finals if m != "base"]
+    pairs = [("ffba", "lora")] + [(m, "lora") for m in trained if m not in ("ffba", "lora")]
+    pairs += [(m, "base") for m in trained]
+    return [(a, b) for a, b in pairs if a in finals and b in finals]
+
+
 def format_aggregate(result: dict) -> str:
     lines = [f"Study {result['study']} ({result['cells_done']} cells)", "",
-             "| method | lr | seeds | trainable | dev loss | label acc | text acc | text acc_norm |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| method | lr | seeds | trainable | dev loss | label acc | text acc | text acc_norm |"
+             " label acc > best constant (sets, per seed) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def ms(value: dict, digits: int = 1) -> str:
         return f"{value['mean']:.{digits}f} +- {value['std']:.{digits}f}"
@@ -347,18 +369,38 @@ def format_aggregate(result: dict) -> str:
         lr = "-" if e["lr"] is None else f"{e['lr']:g}"
         lr += f" ({', '.join(f'{x:g}' for x in dropped)}: final run diverged)" if dropped else ""
         name = "base model (no training)" if method == "base" else method
+        above = e.get("sets_above_best_constant")
+        above = f"{', '.join(map(str, above))} of {len(e['best_constant'])}" if above is not None else ""
         lines.append(f"| {name} | {lr} | {e['seeds']} | {e['parameters']:,} | {ms(e['dev_loss'], 4)} | "
                      f"{ms(e['label acc']['average'])} | {ms(e['text acc']['average'])} | "
-                     f"{ms(e['text acc_norm']['average'])} |")
+                     f"{ms(e['text acc_norm']['average'])} | {above} |")
     any_method = next(iter(result["methods"].values()), None)
     if any_method:
         lines.append(f"| best constant label / chance | | | | | {any_method['best_constant_average']:.1f} | "
-                     f"{any_method['chance_average']:.1f} | {any_method['chance_average']:.1f} |")
+                     f"{any_method['chance_average']:.1f} | {any_method['chance_average']:.1f} | |")
+        for metric, baseline in (("label acc", "best_constant"), ("text acc", "chance"), ("text acc_norm", "chance")):
+            lines += ["", f"{metric} per set (mean +- std over seeds):", ""] + _per_set_table(result, metric, baseline)
     for name, metrics in result["comparisons"].items():
         lines += ["", f"Paired difference {name} (percentage points, 95% bootstrap CI over items and seeds):", ""]
         lines += [f"- {metric}: {c['difference']:+.2f} [{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}]"
                   + (" (excludes 0)" if c["excludes_zero"] else " (includes 0)") for metric, c in metrics.items()]
     return "\n".join(lines)
+
+
+def _per_set_table(result: dict, metric: str, baseline: str) -> list[str]:
+    """Markdown rows: one per method with its accuracy on each set and on average, then the baseline's."""
+    methods = result["methods"]
+    sets = list(next(iter(methods.values()))[metric]["sets"])
+    lines = ["| method | " + " | ".join(sets) + " | average |", "|---|" + "---:|" * (len(sets) + 1)]
+    for method, e in methods.items():
+        cells = [f"{e[metric]['sets'][s]['mean']:.1f} +- {e[metric]['sets'][s]['std']:.1f}" for s in sets]
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {e[metric]['average']['mean']:.1f} |")
+    values = next(iter(methods.values())).get(baseline)
+    if values:
+        name = "best constant label" if baseline == "best_constant" else "chance"
+        lines.append(f"| {name} | " + " | ".join(f"{values[s]:.1f}" for s in sets)
+                     + f" | {sum(values[s] for s in sets) / len(sets):.1f} |")
+    return lines
 
 
 def plot_aggregate(result: dict, path: Path) -> None:
