@@ -342,7 +342,7 @@ def _sets_above(runs: list[dict], best_constant: dict[str, float]) -> list[int]:
     """Per seed, on how many sets the label-format accuracy beats always giving that set's best label."""
     correct, groups, _ = _correct_matrix(runs, *METRICS["label acc"])
     groups = np.asarray(groups)
-    return [sum(100 * row[groups == s].mean() > best_constant[s] for s in dict.fromkeys(groups.tolist()))
+    return [int(sum(100 * row[groups == s].mean() > best_constant[s] for s in dict.fromkeys(groups.tolist())))
             for row in correct]
 
 
