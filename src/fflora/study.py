@@ -313,37 +313,34 @@ def aggregate(spec: StudySpec, records: dict[str, dict]) -> dict:
         entry = {"lr": runs[0]["cell"]["lr"], "seeds": len(runs), "dropped_rates": sorted(dropped_rates(records, method)),
                  "parameters": runs[0]["parameters"],
                  "dev_loss": mean_std([r["train"]["dev_loss"] for r in runs])}
+        per_seed = {}  # metric -> set -> accuracy (%) of each seed
         for metric, (mode, column) in METRICS.items():
             correct, groups, _ = _correct_matrix(runs, mode, column)
-            sets = {g: mean_std(100 * correct[:, np.asarray(groups) == g].mean(axis=1)) for g in dict.fromkeys(groups)}
-            entry[metric] = {"average": mean_std([set_average(row, groups) for row in correct]), "sets": sets}
+            per_seed[metric] = {g: 100 * correct[:, np.asarray(groups) == g].mean(axis=1) for g in dict.fromkeys(groups)}
+            entry[metric] = {"average": mean_std([set_average(row, groups) for row in correct]),
+                             "sets": {g: mean_std(acc) for g, acc in per_seed[metric].items()}}
         baseline = runs[0]["eval"]["loglik"]
         entry["best_constant_average"] = baseline.get("best_constant_average")
         entry["chance_average"] = runs[0]["eval"]["text"].get("chance_average")
         entry["best_constant"] = {s: d["best_constant"]["accuracy"] for s, d in baseline.get("datasets", {}).items()}
         entry["chance"] = {s: d["chance"] for s, d in runs[0]["eval"]["text"].get("datasets", {}).items()}
         if entry["best_constant"]:
-            entry["sets_above_best_constant"] = _sets_above(runs, entry["best_constant"])
+            # per seed, on how many sets the label format beats always giving that set's best label
+            entry["sets_above_best_constant"] = [
+                int(sum(acc[seed] > entry["best_constant"][g] for g, acc in per_seed["label acc"].items()))
+                for seed in range(len(runs))]
         methods[method] = entry
     comparisons = {}
     for a, b in _comparisons(finals):
-            comparisons[f"{a} - {b}"] = {}
-            for metric, (mode, column) in METRICS.items():
-                ca, groups, ids = _correct_matrix(finals[a], mode, column)
-                cb, _, ids_b = _correct_matrix(finals[b], mode, column)
-                if ids != ids_b:
-                    raise ValueError(f"{a} and {b} were evaluated on different items")
-                comparisons[f"{a} - {b}"][metric] = paired_bootstrap(ca, cb, groups)
+        comparisons[f"{a} - {b}"] = {}
+        for metric, (mode, column) in METRICS.items():
+            ca, groups, ids = _correct_matrix(finals[a], mode, column)
+            cb, _, ids_b = _correct_matrix(finals[b], mode, column)
+            if ids != ids_b:
+                raise ValueError(f"{a} and {b} were evaluated on different items")
+            comparisons[f"{a} - {b}"][metric] = paired_bootstrap(ca, cb, groups)
     return {"study": spec.name, "cells_done": len(records), "sweep_dev_loss": sweep, "methods": methods,
             "comparisons": comparisons}
-
-
-def _sets_above(runs: list[dict], best_constant: dict[str, float]) -> list[int]:
-    """Per seed, on how many sets the label-format accuracy beats always giving that set's best label."""
-    correct, groups, _ = _correct_matrix(runs, *METRICS["label acc"])
-    groups = np.asarray(groups)
-    return [int(sum(100 * row[groups == s].mean() > best_constant[s] for s in dict.fromkeys(groups.tolist())))
-            for row in correct]
 
 
 def _comparisons(finals: dict[str, list[dict]]) -> list[tuple[str, str]]:
@@ -395,11 +392,11 @@ def _per_set_table(result: dict, metric: str, baseline: str) -> list[str]:
     for method, e in methods.items():
         cells = [f"{e[metric]['sets'][s]['mean']:.1f} +- {e[metric]['sets'][s]['std']:.1f}" for s in sets]
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {e[metric]['average']['mean']:.1f} |")
-    values = next(iter(methods.values())).get(baseline)
-    if values:
+    first = next(iter(methods.values()))
+    if first.get(baseline):
         name = "best constant label" if baseline == "best_constant" else "chance"
-        lines.append(f"| {name} | " + " | ".join(f"{values[s]:.1f}" for s in sets)
-                     + f" | {sum(values[s] for s in sets) / len(sets):.1f} |")
+        lines.append(f"| {name} | " + " | ".join(f"{first[baseline][s]:.1f}" for s in sets)
+                     + f" | {first[baseline + '_average']:.1f} |")
     return lines
 
 
