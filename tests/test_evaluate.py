@@ -93,11 +93,33 @@ def test_choice_text_scores_equal_scoring_each_choice_alone(tiny_model_dir, tiny
         assert score["logliks"] == pytest.approx(logliks, abs=1e-4)
         assert score["acc"] == max(range(len(logliks)), key=logliks.__getitem__)
         assert score["acc_norm"] == max(range(len(per_byte)), key=per_byte.__getitem__)
+        gold = tokenizer(choice_text_pairs(record)[record["label"]][1], add_special_tokens=False)["input_ids"]
+        assert score["nll"] == pytest.approx(-logliks[record["label"]] / len(gold), abs=1e-5)
     assert any(s["acc"] != s["acc_norm"] for s in scores)  # choices of different lengths: the normalisation matters
     summary = evaluate(model, tokenizer, ["commonsense"], data_dir=tiny_data_dir, limit=3, mode="text")
     assert abs(summary["chance_average"] - (3 * 50 + 5 * 25) / 8) < 1e-9
-    assert all(set(r) == {"n", "accuracy", "accuracy_norm", "chance"} for r in summary["datasets"].values())
-    assert "| dataset | n | acc (%) | acc_norm (%) | chance (%) |" in format_table(summary)
+    assert all(set(r) == {"n", "accuracy", "accuracy_norm", "chance", "nll"} for r in summary["datasets"].values())
+    assert summary["nll_average"] == pytest.approx(sum(r["nll"] for r in summary["datasets"].values()) / 8)
+    assert "| dataset | n | acc (%) | acc_norm (%) | chance (%) | gold answer NLL / token |" in format_table(summary)
+
+
+def test_cloze_scores_and_nll_by_hand_on_a_model_that_predicts_uniformly(tiny_model_dir):
+    """With the final norm's weight zero every logit is 0: each token has log-probability -log(V), so a
+    choice's log-likelihood is -(its tokens) log V, known without running anything."""
+    import math
+
+    model, tokenizer = _tiny(tiny_model_dir)
+    with torch.no_grad():
+        model.model.norm.weight.zero_()
+    vocab = model.config.vocab_size
+    record = {"id": "arc_e-test-0", "dataset": "arc_e", "question": "Which is hot?",
+              "choices": ["a fire", "ice", "lava"], "label": 2}  # character tokens: 7, 4 and 5 with the space
+    score = choice_text_scores(model, tokenizer, [record])[0]
+    assert score["logliks"] == pytest.approx([-7 * math.log(vocab), -4 * math.log(vocab), -5 * math.log(vocab)],
+                                             rel=1e-6)
+    assert score["acc"] == 1  # fewest tokens
+    assert score["acc_norm"] == 0  # one token a byte here: every choice scores -log V per byte, the first wins
+    assert score["nll"] == pytest.approx(math.log(vocab), rel=1e-6)
 
 
 def test_loglik_mode_refuses_generation_tasks(tiny_model_dir, tiny_data_dir):
@@ -121,3 +143,24 @@ def test_cli_train_then_eval(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
     assert "unknown task 'nope'" in capsys.readouterr().err
     assert main(["eval", "--task", "piqa", "--model", str(tiny_model_dir), "--data-dir", str(tmp_path / "none")]) == 2
     assert "fflora data prepare --tasks piqa" in capsys.readouterr().err
+
+
+def test_nll_mode_scores_the_reference_response_in_each_form(tiny_model_dir, tiny_data_dir, tmp_path):
+    """Mode nll: each item's reference response NLL per token, as scoring the training example by hand."""
+    from fflora.examples import tokenize_example
+
+    model, tokenizer = _tiny(tiny_model_dir)
+    for dataset, form in (("gsm8k", "instruction"), ("arc_e", "cloze"), ("arc_e", "instruction")):
+        summary = evaluate(model, tokenizer, [dataset], data_dir=tiny_data_dir, limit=3, mode="nll", form=form,
+                           output=tmp_path / f"{dataset}-{form}.json")
+        rows = [json.loads(line) for line in (tmp_path / f"{dataset}-{form}.predictions.jsonl").read_text().splitlines()]
+        for record, row in zip(load_split(dataset, "test", tiny_data_dir), rows):
+            example = tokenize_example(tokenizer, record, 1024, form)
+            logprobs = torch.log_softmax(model(torch.tensor([example["input_ids"]])).logits[0], -1)
+            labelled = [i for i, label in enumerate(example["labels"]) if label != -100]
+            expected = -sum(logprobs[i - 1, example["input_ids"][i]].item() for i in labelled) / len(labelled)
+            assert row["nll"] == pytest.approx(expected, rel=1e-5) and row["tokens"] == len(labelled)
+        assert summary["metric"] == "nll" and summary["average"] == pytest.approx(sum(r["nll"] for r in rows) / 3)
+        assert "reference NLL / token" in format_table(summary)
+    with pytest.raises(ValueError, match="form 'cloze'"):
+        evaluate(model, tokenizer, ["gsm8k"], data_dir=tiny_data_dir, mode="nll", form="cloze")

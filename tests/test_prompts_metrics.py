@@ -71,8 +71,25 @@ def test_extract_choice_does_not_confuse_answer1_and_answer10():
     ("5 + 3 = 8. The answer is 8.", 8.0),
     ("The answer is 1,234.", 1234.0),
     ("it is -3.5 degrees", -3.5),
-    ("The answer is 12. Then 7", 7.0),               # the last number, as LLM-Adapters
+    ("The answer is 12. Then 7 more steps follow", 12.0),  # a stated answer wins over later numbers
+    ("She has 5 apples and buys 7", 7.0),             # no stated answer: the last number (LLM-Adapters)
+    ("The answer is $1,250.50.", 1250.5),
+    ("The answer is 3/4.", 0.75),
+    ("it is \u22124 degrees", -4.0),
+    ("answer: .25", 0.25),
     ("no number here", None),
+    ("The answer is unclear, but 9", 9.0),           # nothing after the phrase: the last number
+    # real GSM8K answer strings (test items 0, 146 and 489, with their calculator annotations)
+    ("Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 duck eggs a day.\nShe makes 9 * 2 = $<<9*2=18>>18 every day at the "
+     "farmer\u2019s market.\n#### 18", 18.0),
+    ("The first set had 500 pieces, and the second set had 3 times as many as the first set, so the second set has "
+     "500*3=<<500*3=1500>>1500 pieces\nThe third set had one-quarter of the 500 pieces, so that means it had 500*.25= "
+     "<<500*.25=125>>125 pieces\nIn total, that means Johnny picked up 500 + 1500+ 125= <<500+1500+125=2125>>2125 "
+     "blocks\n#### 2,125", 2125.0),
+    ("-48 + 21 + (-3) = <<-48+21+(-3)=-30>>-30\n-30/3 = <<-30/3=-10>>-10 degrees\nThe average highest temperature "
+     "recorded in Southlandia, Northlandia, and Midlandia is -10 degrees Fahrenheit.\n#### -10", -10.0),
+    # the same rationales as fflora trains on them (annotations dropped, "The answer is N." appended)
+    ("Johnny picked up 500 + 1500+ 125= 2125 blocks The answer is 2125.", 2125.0),
 ])
 def test_extract_number(text, expected):
     assert extract_number(text) == expected

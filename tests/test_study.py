@@ -213,7 +213,6 @@ def test_a_study_keeps_one_device(tiny_model_dir, tiny_data_dir, tmp_path):
     import torch
 
     spec = _spec(tiny_model_dir, tiny_data_dir, device="cuda")
-    assert spec.train_config(Cell("sweep", "ffba", 1e-3, 0), tmp_path).bf16
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="asks for device 'cuda' but torch sees no CUDA device"):
             run_study(spec, tmp_path / "results", tmp_path / "runs")

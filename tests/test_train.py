@@ -18,7 +18,7 @@ from fflora.train import LossSpikeError, NonFiniteLossError, TrainConfig, train
 def _cfg(tiny_model_dir, tiny_data_dir, out, **kw):
     base = dict(method="ffba", task="commonsense", output_dir=str(out), model=str(tiny_model_dir),
                 data_dir=str(tiny_data_dir), r=4, alpha=8, max_steps=6, batch_size=4, lr=1e-2,
-                max_length=1024, save_steps=3, logging_steps=1, warmup_ratio=0.0)
+                max_length=1024, save_steps=3, logging_steps=1, warmup_ratio=0.0, dtype="float32")
     base.update(kw)
     return TrainConfig(**base)
 
@@ -210,7 +210,7 @@ def test_resume_accepts_a_run_saved_before_a_setting_existed(tiny_model_dir, tin
     cfg = _cfg(tiny_model_dir, tiny_data_dir, out, max_steps=2, save_steps=1)
     train(cfg)
     saved = json.loads((out / "train_config.json").read_text())
-    del saved["bf16"], saved["dev_size"]
+    del saved["packing"], saved["dev_size"]
     (out / "train_config.json").write_text(json.dumps(saved))
     for leftover in ("checkpoint-2", "adapter", "run.json"):
         subprocess.run(["rm", "-rf", str(out / leftover)], check=True)

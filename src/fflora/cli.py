@@ -207,7 +207,8 @@ def cmd_eval(args) -> dict:
         model, tokenizer = load_base_model(args.model)
         title = f"base ({args.model or 'SmolLM2-135M-Instruct'})"
     summary = evaluate(model, tokenizer, args.task, data_dir=args.data_dir, limit=args.limit, mode=args.mode,
-                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, output=args.output)
+                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, output=args.output,
+                       **({"form": args.form} if args.mode == "nll" else {}))
     summary["model"] = title
     print(format_table(summary, f"### {title}, mode {args.mode}"))
     if args.output:
@@ -270,6 +271,23 @@ def cmd_bench_serve(args) -> dict:
     return result
 
 
+def cmd_bench_train(args) -> dict:
+    from pathlib import Path
+
+    from .base_models import load_base_model
+    from .bench.train import TrainBenchSettings, format_train_table, run_train_bench, write_train_bench
+
+    settings = TrainBenchSettings(forms=tuple(args.forms), rank=args.r, batch_size=args.batch_size,
+                                  max_length=args.max_length, steps=args.steps, curve_steps=args.curve_steps,
+                                  seed=args.seed, model=args.model, data_dir=args.data_dir)
+    model, tokenizer = load_base_model(args.model)
+    result = run_train_bench(model, tokenizer, settings)
+    out = write_train_bench(result, Path(args.output_dir or time.strftime("runs/bench-train-%Y%m%d-%H%M%S")))
+    print(format_train_table(result))
+    print(f"\nresults in {out}/ (train.json, train.md, train.png)")
+    return result
+
+
 def cmd_study(args) -> dict:
     from .study import StudySpec, format_aggregate, run_study
 
@@ -316,6 +334,13 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-total-limit", type=int, default=d.save_total_limit)
     p.add_argument("--logging-steps", type=int, default=d.logging_steps)
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16"],
+                   help="float32, bfloat16 autocast, or auto: the faster of the two, measured on this machine (default)")
+    p.add_argument("--no-packing", dest="packing", action="store_false",
+                   help="padded batches instead of packed ones (the same loss, slower)")
+    p.add_argument("--form", default=d.form, choices=["instruction", "cloze"],
+                   help="instruction: LLM-Adapters prompts (default); cloze: commonsense as the question, then the "
+                        "answer's own text")
     p.add_argument("--max-loss-ratio", type=float, default=None,
                    help="stop as diverged when a logged loss exceeds this multiple of the first one (default: off)")
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
@@ -345,9 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", nargs="+", required=True, help="commonsense, math, summary and/or dataset names")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--limit", type=int, default=None, help="first N test examples of each data set")
-    p.add_argument("--mode", default="generate", choices=["generate", "loglik", "text"],
+    p.add_argument("--mode", default="generate", choices=["generate", "loglik", "text", "nll"],
                    help="commonsense: generate + extract the label, log-likelihood of the label response, "
-                        "or log-likelihood of each choice's own text (acc and acc_norm)")
+                        "or log-likelihood of each choice's own text (acc, acc_norm, gold answer NLL); "
+                        "nll (any task): the reference response's NLL per token, in --form")
+    p.add_argument("--form", default="instruction", choices=["instruction", "cloze"],
+                   help="data form of --mode nll (cloze: commonsense answers' own texts)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--output", help="results JSON (predictions go next to it)")
@@ -373,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure only these configurations (default: all; 'base' is the reference of every ratio)")
     p.add_argument("--output-dir", default=None, help="default: runs/bench-<time>")
     p.set_defaults(func=cmd_bench)
-    suites = p.add_subparsers(dest="suite", metavar="{bank,serve}", help="another benchmark instead of the latency one")
+    suites = p.add_subparsers(dest="suite", metavar="{bank,serve,train}", help="another benchmark instead of the latency one")
     from .bench.bank import MIXES, BankBenchSettings
 
     d = BankBenchSettings()
@@ -407,6 +435,22 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=d.seed)
     q.add_argument("--output-dir", default=None, help="default: runs/bench-serve-<time>")
     q.set_defaults(func=cmd_bench_serve)
+
+    from .bench.train import TrainBenchSettings
+
+    d = TrainBenchSettings()
+    q = suites.add_parser("train", help="training throughput: dtype x padded/packed, and fp32 vs bf16 loss curves")
+    _add_model(q)
+    q.add_argument("--data-dir", default=None)
+    q.add_argument("--forms", nargs="+", default=list(d.forms), choices=["instruction", "cloze"])
+    q.add_argument("--rank", dest="r", type=int, default=d.rank, help=f"FFBA rank (default {d.rank})")
+    q.add_argument("--batch-size", type=int, default=d.batch_size)
+    q.add_argument("--max-length", type=int, default=d.max_length)
+    q.add_argument("--steps", type=int, default=d.steps, help="timed batches per configuration and form")
+    q.add_argument("--curve-steps", type=int, default=d.curve_steps, help="steps of the fp32 and bf16 runs (0: none)")
+    q.add_argument("--seed", type=int, default=d.seed)
+    q.add_argument("--output-dir", default=None, help="default: runs/bench-train-<time>")
+    q.set_defaults(func=cmd_bench_train)
 
     p = sub.add_parser("study", help="the accuracy study: methods x learning rates x seeds, resumable cells")
     p.add_argument("spec", help="study spec (TOML or JSON), e.g. benchmarks/study-commonsense.toml")

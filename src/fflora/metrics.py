@@ -7,7 +7,11 @@ from collections import Counter
 
 from .prompts import candidate_labels
 
-_NUMBER = re.compile(r"-?\d+\.?\d*")
+# A number as models and GSM8K write them: a sign (ASCII or Unicode minus), thousands commas,
+# a decimal part with or without a leading digit (".25"), or a fraction ("3/4").
+_NUMBER = re.compile(r"[-\u2212]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?(?:/\d+)?")
+# Where an answer is stated: "The answer is 18", "answer: 18", GSM8K's "#### 18".
+_STATED = re.compile(r"(?:answer\s*(?:is|:)|####)", re.IGNORECASE)
 
 
 def extract_choice(record: dict, text: str) -> int | None:
@@ -33,15 +37,32 @@ def label_histogram(predictions: list[int | None]) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+def _numbers(text: str) -> list[float]:
+    values = []
+    for match in _NUMBER.finditer(text):
+        token = match.group(0).replace(",", "").replace("\u2212", "-")
+        if not any(c.isdigit() for c in token):
+            continue
+        numerator, _, denominator = token.partition("/")
+        try:
+            value = float(numerator)
+            values.append(value / float(denominator) if denominator else value)
+        except (ValueError, ZeroDivisionError):
+            continue
+    return values
+
+
 def extract_number(text: str) -> float | None:
-    """The last number in the text, commas removed (LLM-Adapters' math extraction)."""
-    numbers = _NUMBER.findall(text.replace(",", ""))
-    if not numbers:
-        return None
-    try:
-        return float(numbers[-1])
-    except ValueError:
-        return None
+    """The answer a math response states: the first number after its last "the answer is",
+    "answer:" or "####"; without such a phrase, the last number in the text (LLM-Adapters' rule).
+    Thousands commas, "$", a Unicode minus, ".25" and fractions ("3/4" -> 0.75) are read."""
+    stated = list(_STATED.finditer(text))
+    if stated:
+        after = _numbers(text[stated[-1].end():])
+        if after:
+            return after[0]
+    numbers = _numbers(text)
+    return numbers[-1] if numbers else None
 
 
 def math_correct(predicted: float | None, answer: float) -> bool:

@@ -21,18 +21,21 @@ def mean_std(values: Sequence[float]) -> dict:
             "n": len(values)}
 
 
-def set_average(correct: np.ndarray, groups: Sequence[str]) -> float:
-    """The mean over data sets of each set's accuracy (in %): `correct` is (items,), `groups` names each item's set."""
+def set_average(values: np.ndarray, groups: Sequence[str], scale: float = 100.0) -> float:
+    """The mean over data sets of each set's mean value, times `scale`: `values` is (items,) (0/1
+    correctness: accuracy in %, with the default scale; a loss per item: scale 1), `groups` names
+    each item's set."""
     groups = np.asarray(groups)
-    return 100.0 * float(np.mean([correct[groups == g].mean() for g in dict.fromkeys(groups.tolist())]))
+    return scale * float(np.mean([values[groups == g].mean() for g in dict.fromkeys(groups.tolist())]))
 
 
 def paired_bootstrap(a: np.ndarray, b: np.ndarray, groups: Sequence[str], replicates: int = 10000,
-                     seed: int = 0) -> dict:
-    """Difference of set-averaged accuracy, method A minus method B, with a 95% bootstrap interval.
+                     seed: int = 0, scale: float = 100.0) -> dict:
+    """Difference of set-averaged values, method A minus method B, with a 95% bootstrap interval.
 
-    `a` and `b` are 0/1 arrays of shape (seeds, items): each row one trained seed, the columns the
-    same test items in the same order for both methods; `groups` names each item's data set.
+    `a` and `b` are arrays of shape (seeds, items): each row one trained seed, the columns the same
+    test items in the same order for both methods (0/1 correctness, reported in percentage points
+    with the default scale; or a per-item loss with scale 1); `groups` names each item's data set.
     """
     a, b = np.atleast_2d(np.asarray(a, dtype=float)), np.atleast_2d(np.asarray(b, dtype=float))
     groups = np.asarray(groups)
@@ -48,8 +51,8 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, groups: Sequence[str], replic
         for idx in members:
             pick = idx[rng.integers(0, len(idx), len(idx))]
             per_set.append(rows_a[pick].mean() - rows_b[pick].mean())
-        diffs[k] = 100.0 * np.mean(per_set)
-    observed = set_average(a.mean(axis=0), groups) - set_average(b.mean(axis=0), groups)
+        diffs[k] = scale * np.mean(per_set)
+    observed = set_average(a.mean(axis=0), groups, scale) - set_average(b.mean(axis=0), groups, scale)
     low, high = np.percentile(diffs, [2.5, 97.5])
     return {"difference": observed, "ci95": [float(low), float(high)], "replicates": replicates,
             "excludes_zero": bool(low > 0 or high < 0)}

@@ -36,7 +36,7 @@ from .stats import mean_std, paired_bootstrap, set_average
 from .train import CONFIG_FILE, TrainConfig, TrainingDivergedError, dev_records, train
 
 EVAL_MODES = ("loglik", "text")
-_STUDY_OWNED = {"task", "output_dir", "model", "data_dir", "dev_size", "lr", "seed", "max_steps", "bf16",
+_STUDY_OWNED = {"task", "output_dir", "model", "data_dir", "dev_size", "lr", "seed", "max_steps",
                 "max_loss_ratio"}
 
 
@@ -101,7 +101,6 @@ class StudySpec:
             raise ValueError(f"method {cell.method!r}: unknown training settings {unknown}")
         return TrainConfig(task=self.task, output_dir=str(runs_dir / self.name / cell.key), model=self.model,
                            data_dir=self.data_dir, dev_size=self.dev_size, lr=cell.lr, seed=cell.seed,
-                           bf16=self.device == "cuda",
                            max_loss_ratio=self.final_max_loss_ratio if cell.phase == "final" else None,
                            max_steps=self.sweep_steps if cell.phase == "sweep" else self.final_steps,
                            **overrides)
@@ -212,9 +211,10 @@ def _run_base_cell(spec: StudySpec, results_dir: Path, runs_dir: Path) -> dict:
     max_length = spec.train.get("max_length", TrainConfig.max_length)
     record = {"cell": {"phase": "base", "method": "base", "lr": None, "seed": None}, "parameters": 0,
               "device": spec.device}
-    with _autocast(spec):
-        record["train"] = {"dev_loss": response_loss(model, tokenizer, dev_records(spec.task, spec.dev_size, spec.data_dir),
-                                                     max_length)}
+    form = {**spec.train}.get("form", TrainConfig.form)
+    # float32, as every trained cell's dev loss (`fflora.train`)
+    record["train"] = {"dev_loss": response_loss(model, tokenizer, dev_records(spec.task, spec.dev_size, spec.data_dir),
+                                                 max_length, form=form)}
     record |= _evaluate_both_ways(spec, model, tokenizer, runs_dir / spec.name / BASE_CELL.key)
     return _write_record(results_dir, BASE_CELL, record)
 
