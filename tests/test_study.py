@@ -56,7 +56,8 @@ def test_a_study_runs_every_cell_once_and_resumes(tiny_model_dir, tiny_data_dir,
         assert best[method] == min(losses, key=losses.get)
         assert records[Cell("final", method, best[method], 0).key]["eval"]["text"]["datasets"]["piqa"]["n"] == 2
     final = records[Cell("final", "ffba", best["ffba"], 1).key]
-    assert len(final["predictions"]["loglik"]) == 16 and len(final["predictions"]["text"][0]) == 6
+    assert len(final["predictions"]["loglik"]) == 16 and len(final["predictions"]["text"][0]) == 7
+    assert all(row[6] > 0 for row in final["predictions"]["text"])  # the gold answer's NLL per token
     assert result["methods"]["ffba"]["seeds"] == 2
     assert list(result["comparisons"]) == ["ffba - lora", "ffba - base", "lora - base"]
     assert (results / "tiny" / "aggregate.md").read_text().startswith("Study tiny (8 cells)")
@@ -138,9 +139,13 @@ def test_the_aggregate_on_synthetic_records_with_known_answers(tiny_model_dir, t
     assert result["comparisons"]["lora - base"]["text acc"]["difference"] == 75.0
     assert "| base model (no training) | - | 1 | 0 | 4.0000 +- 0.0000 | 50.0 +- 0.0 | 0.0 +- 0.0 |" in table
     # Beating the best constant label (50 on each set) is strict: the base model's 50 and 50 do not.
-    assert ffba["sets_above_best_constant"] == [2, 1] and result["methods"]["lora"]["sets_above_best_constant"] == [0]
-    assert result["methods"]["base"]["sets_above_best_constant"] == [0]
-    assert "| 75.0 +- 35.4 | 75.0 +- 0.0 | 75.0 +- 0.0 | 2, 1 of 2 |" in table
+    above = {m: e["sets_above_baseline"]["label acc"] for m, e in result["methods"].items()}
+    assert above == {"ffba": [2, 1], "lora": [0], "base": [0]}
+    assert ffba["baselines"]["label acc"] == {"name": "best constant label", "sets": {"a": 50.0, "b": 50.0},
+                                              "average": 50.0}
+    assert "| 75.0 +- 35.4 | 75.0 +- 0.0 | 75.0 +- 0.0 | 2, 1 of 2 | 1, 1 of 2 | 1, 1 of 2 |" in table
+    assert "| baseline on the same items | | | | | 50.0 (best constant label) | 50.0 (chance) | 50.0 (chance) |" in table
+    assert list(result["metrics"]) == ["label acc", "text acc", "text acc_norm"]  # no NLL column in these rows
     per_set = table.split("label acc per set (mean +- std over seeds):")[1]
     assert "| ffba | 100.0 +- 0.0 | 50.0 +- 70.7 | 75.0 |" in per_set
     assert "| best constant label | 50.0 | 50.0 | 50.0 |" in per_set
@@ -245,3 +250,53 @@ def test_a_diverged_cell_is_recorded_and_the_study_goes_on(tiny_model_dir, tiny_
     assert diverged["diverged"] == "non-finite loss (nan) at step 2" and diverged["train"]["dev_loss"] is None
     assert best_rates(spec, records) == {"ffba": 1e-3}
     assert result["methods"]["ffba"]["lr"] == 1e-3 and result["sweep_dev_loss"]["ffba"][3e-2] is None
+
+
+MATH_EVALUATIONS = [{"name": "rationale", "mode": "nll", "tasks": ["gsm8k", "svamp"]},
+                    {"name": "arith", "mode": "generate", "tasks": ["addsub", "singleeq"], "max_new_tokens": 3}]
+
+
+def test_a_math_study_scores_rationale_nll_and_exact_match(tiny_model_dir, tiny_data_dir, tmp_path):
+    """The base model's cell of a math study: every evaluation's rows, with their baselines."""
+    spec = _spec(tiny_model_dir, tiny_data_dir, task="math", evaluations=MATH_EVALUATIONS, dev_size=4, eval_limit=3)
+    result = run_study(spec, tmp_path / "results", tmp_path / "runs", max_cells=1, phase="final")
+    record = read_records(tmp_path / "results" / "tiny")["base-model"]
+    rationale, arith = record["predictions"]["rationale"], record["predictions"]["arith"]
+    assert [row[0] for row in rationale] == ["gsm8k"] * 3 + ["svamp"] * 3 and all(row[2] > 0 for row in rationale)
+    assert [len(row) for row in arith] == [4] * 6 and {row[3] for row in arith} <= {0, 1}
+    assert record["eval"]["arith"]["datasets"]["addsub"]["best_constant"]["accuracy"] == pytest.approx(100 / 3)
+    base = result["methods"]["base"]
+    assert list(result["metrics"]) == ["rationale nll", "arith exact match"]
+    expected = np.mean([np.mean([r[2] for r in rationale if r[0] == s]) for s in ("gsm8k", "svamp")])
+    assert base["rationale nll"]["average"]["mean"] == pytest.approx(expected)
+    assert "rationale nll" not in base["baselines"] and base["baselines"]["arith exact match"]["name"] == "best constant answer"
+
+
+def test_nll_metrics_aggregate_unscaled_with_paired_intervals(tiny_model_dir, tiny_data_dir):
+    spec = _spec(tiny_model_dir, tiny_data_dir, task="math", evaluations=MATH_EVALUATIONS[:1],
+                 seeds={"ffba": 1, "lora": 1})
+
+    def record(method, values):
+        return {"cell": {"phase": "final", "method": method, "lr": 1e-3, "seed": 0}, "parameters": 1,
+                "train": {"dev_loss": 1.0}, "eval": {"rationale": {"datasets": {"gsm8k": {}, "svamp": {}}}},
+                "predictions": {"rationale": [[s, f"{s}-{i}", v, 10] for (s, i), v in
+                                              zip([("gsm8k", 0), ("gsm8k", 1), ("svamp", 0)], values)]}}
+
+    records = {"f": record("ffba", [1.0, 2.0, 0.5]), "l": record("lora", [1.5, 2.5, 1.5])}
+    for method in ("ffba", "lora"):
+        records |= _sweep_record(method, 1e-3, 0.5) | _sweep_record(method, 3e-2, 0.9)
+    result = aggregate(spec, records)
+    assert result["methods"]["ffba"]["rationale nll"]["average"]["mean"] == pytest.approx((1.5 + 0.5) / 2)
+    difference = result["comparisons"]["ffba - lora"]["rationale nll"]
+    assert difference["difference"] == pytest.approx(-0.75) and difference["ci95"][1] < 0  # every item lower
+    table = format_aggregate(result)
+    assert "- rationale nll: -0.75000" in table and "| ffba | 0.001 | 1 | 1 | 1.0000 +- 0.0000 | 1.0000 +- 0.0000 |" in table
+
+
+def test_evaluations_are_checked_when_the_spec_is_read(tiny_model_dir, tiny_data_dir):
+    with pytest.raises(ValueError, match=r"unknown keys \['limits'\]"):
+        _spec(tiny_model_dir, tiny_data_dir, evaluations=[{"name": "x", "mode": "text", "limits": 3}])
+    with pytest.raises(ValueError, match="unknown keys .* or mode"):
+        _spec(tiny_model_dir, tiny_data_dir, evaluations=[{"name": "x", "mode": "rouge"}])
+    with pytest.raises(ValueError, match="share a name or a metric"):
+        _spec(tiny_model_dir, tiny_data_dir, evaluations=[{"name": "a", "mode": "text"}, {"name": "b", "mode": "text"}])

@@ -22,7 +22,7 @@ from .bench.latency import EAGER_CONFIGS, BenchSettings, format_bench_table, run
 from .data import FAMILIES, prepare
 from .evaluate import evaluate
 from .sources import say
-from .train import TrainConfig, train
+from .train import TrainConfig, dtype_autocast, train
 
 METHODS = ("ffba", "zflora", "lora")
 
@@ -36,8 +36,10 @@ class DemoSizes:
     lr: float = 1e-3
 
 
-FULL = DemoSizes(train_limit=1200, max_steps=150, eval_limit=100,
-                 bench=dict(prompt_len=128, new_tokens=32, batch_sizes=(1, 8), repeats=3, train_steps=2))
+# Batch 1 only in the latency part: the compiled configurations' warm-up per batch size is most of its time
+# (measured: batch sizes 1 and 8 took 17 of the demo's 43 min). `fflora bench` measures batch 8 and more.
+FULL = DemoSizes(train_limit=640, max_steps=80, eval_limit=100,
+                 bench=dict(prompt_len=128, new_tokens=32, batch_sizes=(1,), repeats=3, train_steps=2))
 QUICK = DemoSizes(train_limit=64, max_steps=6, eval_limit=8,
                   bench=dict(prompt_len=32, new_tokens=8, batch_sizes=(1,), repeats=1, train_steps=1,
                              configs=EAGER_CONFIGS))  # compiling would take longer than the rest of it
@@ -74,16 +76,20 @@ def run_demo(out_dir: str | Path | None = None, quick: bool = False, model: str 
                           train_limit=sizes.train_limit, max_steps=sizes.max_steps, batch_size=8, lr=sizes.lr,
                           form="cloze", save_steps=sizes.max_steps, logging_steps=5)
         runs[method] = train(cfg, resume=(out / method / "train_config.json").exists())
+    # Every model is scored in the dtype training chose (measured, `fflora.train.choose_dtype`): the same for all.
+    eval_dtype = runs["ffba"]["dtype"]["dtype"]
     scores = {}
     step()
     base, tokenizer = load_base_model(model)
-    scores["base"] = evaluate(base, tokenizer, ["commonsense"], data_dir=data_dir, limit=sizes.eval_limit,
-                              mode="text", output=out / "base" / "eval.json")
+    with dtype_autocast(eval_dtype, "cpu"):
+        scores["base"] = evaluate(base, tokenizer, ["commonsense"], data_dir=data_dir, limit=sizes.eval_limit,
+                                  mode="text", output=out / "base" / "eval.json")
     for method in METHODS:
         step()
         trained, tokenizer, _ = load_trained(out / method, base_model=model)
-        scores[method] = evaluate(trained, tokenizer, ["commonsense"], data_dir=data_dir, limit=sizes.eval_limit,
-                                  mode="text", output=out / method / "eval.json")
+        with dtype_autocast(eval_dtype, "cpu"):
+            scores[method] = evaluate(trained, tokenizer, ["commonsense"], data_dir=data_dir, limit=sizes.eval_limit,
+                                      mode="text", output=out / method / "eval.json")
         del trained
     step()
     bench = run_bench(base, BenchSettings(rank=runs["ffba"]["parameters"]["ffba_r"], lora_rank=lora_rank, **sizes.bench))
@@ -96,6 +102,7 @@ def run_demo(out_dir: str | Path | None = None, quick: bool = False, model: str 
         "training": {m: {k: r[k] for k in ("global_step", "examples", "train_loss", "seconds_per_step", "tokens_per_s")}
                      | {"trainable": r["parameters"]["trainable"], "dtype": r["dtype"]["dtype"]} for m, r in runs.items()},
         "lr": sizes.lr,
+        "eval_dtype": eval_dtype,
         "cloze": {name: _cloze(s) for name, s in scores.items()},
         "chance": {"average": scores["base"]["chance_average"],
                    **{d: r["chance"] for d, r in scores["base"]["datasets"].items()}},
@@ -122,7 +129,8 @@ def format_report(summary: dict, bench: dict) -> str:
         f"{summary['model']}; FFBA, zFLoRA and LoRA at a matched budget, the same recipe, data and seed "
         f"({next(iter(train_.values()))['global_step']} steps of 8, lr {summary['lr']:g}, cloze form: the question, "
         f"then the gold answer's own text), scored with the base model on the first {summary['eval_limit']} test "
-        f"items of each of the eight sets. Wall time {summary['wall_time_s'] / 60:.1f} min.",
+        f"items of each of the eight sets (in {summary['eval_dtype']}, the dtype training chose). Wall time "
+        f"{summary['wall_time_s'] / 60:.1f} min.",
         "",
         "| method | trainable | steps | dtype | tokens/s | gold answer NLL / token | vs base | acc (%) | acc_norm (%) |",
         "|---|---:|---:|---|---:|---:|---:|---:|---:|",

@@ -195,6 +195,8 @@ def evaluate_dataset(model, tokenizer, dataset: str, *, data_dir=None, limit=Non
     if family == "commonsense":  # a label-format accuracy means little without its trivial baseline
         metrics["best_constant"] = best_constant_label([r["label"] for r in records])
         metrics["predicted_labels"] = label_histogram([r["prediction"] for r in rows])
+    elif family == "math":  # always giving the most common answer of these items
+        metrics["best_constant"] = best_constant_label([r["answer"] for r in records])
     return {"n": len(rows), **metrics}, rows
 
 

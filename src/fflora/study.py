@@ -35,7 +35,45 @@ from .sources import say
 from .stats import mean_std, paired_bootstrap, set_average
 from .train import CONFIG_FILE, TrainConfig, TrainingDivergedError, dev_records, train
 
-EVAL_MODES = ("loglik", "text")
+# Per evaluation mode: the columns of a prediction row after [data set, id], and its metrics:
+# name -> (column of the row, kind, the baseline each set's summary names). "accuracy" columns are
+# 0/1 and report in percent; "nll" columns are per-item losses (lower is better), reported as is.
+ROW_COLUMNS = {"loglik": ("prediction", "correct"), "generate": ("prediction", "correct"),
+               "text": ("prediction", "correct", "prediction_norm", "correct_norm", "nll"), "nll": ("nll", "tokens")}
+MODE_METRICS = {
+    "loglik": {"label acc": (3, "accuracy", "best_constant")},
+    "text": {"text acc": (3, "accuracy", "chance"), "text acc_norm": (5, "accuracy", "chance"),
+             "gold nll": (6, "nll", None)},
+    "nll": {"{name} nll": (2, "nll", None)},
+    "generate": {"{name} exact match": (3, "accuracy", "best_constant")},
+}
+BASELINE_NAMES = {"best_constant": "best constant answer", "chance": "chance"}
+EVALUATION_KEYS = {"name", "mode", "tasks", "limit", "form", "batch_size", "max_new_tokens", "max_length"}
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One figure the aggregate reports: where its per-item values are, and what it is read against."""
+
+    name: str
+    evaluation: str  # the evaluation whose prediction rows hold it
+    column: int
+    kind: str  # "accuracy" or "nll"
+    baseline: str | None  # the key each set's evaluation summary gives the baseline under
+
+    @property
+    def scale(self) -> float:
+        return 100.0 if self.kind == "accuracy" else 1.0
+
+
+def metrics_of(spec: StudySpec) -> dict[str, Metric]:
+    """The study's metrics, by name, in the order of its evaluations."""
+    out = {}
+    for evaluation in spec.scored():
+        for template, (column, kind, baseline) in MODE_METRICS[evaluation["mode"]].items():
+            name = template.format(name=evaluation["name"])
+            out[name] = Metric(name, evaluation["name"], column, kind, baseline)
+    return out
 _STUDY_OWNED = {"task", "output_dir", "model", "data_dir", "dev_size", "lr", "seed", "max_steps",
                 "max_loss_ratio"}
 
@@ -58,6 +96,11 @@ class StudySpec:
     # A final run whose logged loss exceeds this x its first logged loss has diverged (as a NaN
     # loss has): its rate is dropped. Sweep runs are judged by their dev loss instead.
     final_max_loss_ratio: float | None = None
+    # What every final cell and the base model are scored on: a list of {"name", "mode" (loglik,
+    # text, nll, generate), "tasks" (default: the study's task), "limit" (default: eval_limit; 0:
+    # every item), "form", "batch_size", "max_new_tokens", "max_length"}. Default: the label format
+    # (loglik) and the choices' texts (text) on the first eval_limit items of each set.
+    evaluations: list[dict] | None = None
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
@@ -71,6 +114,15 @@ class StudySpec:
             raise ValueError(f"seeds given for methods the spec does not define: {missing}")
         for name, overrides in self.methods.items():  # fails now, not hours into the study
             self.train_config(Cell("sweep", name, self.learning_rates[0], 0), Path("unused"))
+        for evaluation in self.scored():
+            unknown = set(evaluation) - EVALUATION_KEYS
+            if unknown or evaluation["mode"] not in MODE_METRICS:
+                raise ValueError(f"evaluation {evaluation}: unknown keys {sorted(unknown)} or mode; keys are "
+                                 f"{sorted(EVALUATION_KEYS)}, modes {sorted(MODE_METRICS)}")
+        names = [template.format(name=e["name"]) for e in self.scored() for template in MODE_METRICS[e["mode"]]]
+        if len(names) != len(set(names)) or len({e["name"] for e in self.scored()}) != len(self.scored()):
+            raise ValueError("two evaluations of the study share a name or a metric (one loglik and one text "
+                             "evaluation at most; name the nll and generate ones apart)")
         for key in ("eval_limit", "sweep_steps", "final_steps"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ValueError(f"{key} must be an integer >= 1, got {getattr(self, key)!r}")
@@ -90,6 +142,11 @@ class StudySpec:
         if unknown:
             raise ValueError(f"{path}: unknown study settings {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
         return cls(**data)
+
+    def scored(self) -> list[dict]:
+        """The evaluations with their defaults filled in."""
+        given = self.evaluations or [{"name": "loglik", "mode": "loglik"}, {"name": "text", "mode": "text"}]
+        return [{"tasks": [self.task], "limit": self.eval_limit, **e} for e in given]
 
     def train_config(self, cell: Cell, runs_dir: Path) -> TrainConfig:
         overrides = {**self.train, **self.methods[cell.method]}
@@ -197,7 +254,7 @@ def run_cell(spec: StudySpec, cell: Cell, results_dir: Path, runs_dir: Path) -> 
     if cell.phase == "final":
         model, tokenizer, _ = load_trained(out, spec.model)
         model.to(spec.device)
-        record |= _evaluate_both_ways(spec, model, tokenizer, out)
+        record |= _evaluate_all(spec, model, tokenizer, out)
     return _write_record(results_dir, cell, record)
 
 
@@ -215,7 +272,7 @@ def _run_base_cell(spec: StudySpec, results_dir: Path, runs_dir: Path) -> dict:
     # float32, as every trained cell's dev loss (`fflora.train`)
     record["train"] = {"dev_loss": response_loss(model, tokenizer, dev_records(spec.task, spec.dev_size, spec.data_dir),
                                                  max_length, form=form)}
-    record |= _evaluate_both_ways(spec, model, tokenizer, runs_dir / spec.name / BASE_CELL.key)
+    record |= _evaluate_all(spec, model, tokenizer, runs_dir / spec.name / BASE_CELL.key)
     return _write_record(results_dir, BASE_CELL, record)
 
 
@@ -229,22 +286,28 @@ def _autocast(spec: StudySpec):
     return torch.autocast("cuda", dtype=torch.bfloat16) if spec.device == "cuda" else contextlib.nullcontext()
 
 
-def _evaluate_both_ways(spec: StudySpec, model, tokenizer, out: Path) -> dict:
-    """{"eval": summary per mode, "predictions": per-example rows per mode} of `model` (on the spec's
-    device) on the first `eval_limit` test items of every set; the evaluation files go to `out`."""
+def _evaluate_all(spec: StudySpec, model, tokenizer, out: Path) -> dict:
+    """{"eval": summary per evaluation, "predictions": per-example rows per evaluation} of `model` (on
+    the spec's device); the evaluation files go to `out`. A row is [data set, id, *ROW_COLUMNS[mode]];
+    items without a score (a reference response too long for max_length) are left out."""
     from .evaluate import evaluate
 
     result = {"eval": {}, "predictions": {}}
-    for mode in EVAL_MODES:
-        output = out / f"eval-{mode}.json"
+    for evaluation in spec.scored():
+        name, mode = evaluation["name"], evaluation["mode"]
+        options = {k: v for k, v in evaluation.items() if k not in ("name", "mode", "tasks", "limit")}
+        output = out / f"eval-{name}.json"
         with _autocast(spec):
-            result["eval"][mode] = evaluate(model, tokenizer, [spec.task], data_dir=spec.data_dir,
-                                            limit=spec.eval_limit, mode=mode, output=output)
+            result["eval"][name] = evaluate(model, tokenizer, evaluation["tasks"], data_dir=spec.data_dir,
+                                            limit=evaluation["limit"] or None, mode=mode, output=output, **options)
         rows = [json.loads(line) for line in output.with_suffix(".predictions.jsonl").read_text().splitlines()]
-        result["predictions"][mode] = [[r["dataset"], r["id"], r["prediction"], int(r["correct"]),
-                                        *([r["prediction_norm"], int(r["correct_norm"])] if mode == "text" else [])]
-                                       for r in rows]
+        result["predictions"][name] = [[r["dataset"], r["id"], *(_cell_value(r[c]) for c in ROW_COLUMNS[mode])]
+                                       for r in rows if all(r.get(c) is not None for c in ROW_COLUMNS[mode][-1:])]
     return result
+
+
+def _cell_value(value):
+    return int(value) if isinstance(value, bool) else value
 
 
 def run_study(spec: StudySpec, results_root: str | Path = "results", runs_root: str | Path = "runs",
@@ -282,22 +345,38 @@ def run_study(spec: StudySpec, results_root: str | Path = "results", runs_root: 
     return result
 
 
-def _correct_matrix(records: list[dict], mode: str, column: int) -> tuple[np.ndarray, list[str], list[str]]:
-    """(seeds x items) 0/1 correctness, item data sets and ids, items in one order for every record."""
-    rows = [sorted(r["predictions"][mode], key=lambda p: (p[0], p[1])) for r in records]
+def _item_matrix(records: list[dict], metric: Metric) -> tuple[np.ndarray, list[str], list[str]]:
+    """(seeds x items) values of a metric, item data sets and ids, items in one order for every record."""
+    rows = [sorted(r["predictions"][metric.evaluation], key=lambda p: (p[0], p[1])) for r in records]
     ids = [p[1] for p in rows[0]]
     if any([p[1] for p in row] != ids for row in rows):
-        raise ValueError(f"the final cells were evaluated on different items ({mode}); rerun them with one eval_limit")
-    return np.array([[p[column] for p in row] for row in rows], dtype=float), [p[0] for p in rows[0]], ids
+        raise ValueError(f"the final cells were evaluated on different items ({metric.evaluation}); rerun them "
+                         "with one evaluation setting")
+    return np.array([[p[metric.column] for p in row] for row in rows], dtype=float), [p[0] for p in rows[0]], ids
 
 
-METRICS = {"label acc": ("loglik", 3), "text acc": ("text", 3), "text acc_norm": ("text", 5)}
+def _present(metric: Metric, records: list[dict]) -> bool:
+    """Whether every record holds the metric (records written before a metric existed do not)."""
+    return all(metric.evaluation in r.get("predictions", {}) and r["predictions"][metric.evaluation]
+               and len(r["predictions"][metric.evaluation][0]) > metric.column for r in records)
+
+
+def _baseline(metric: Metric, record: dict) -> dict | None:
+    """{"name", "sets", "average"} of a metric's baseline (best constant answer, chance), from a cell's
+    evaluation summary; None for metrics read against the base model only (NLL)."""
+    datasets = record["eval"].get(metric.evaluation, {}).get("datasets", {})
+    if metric.baseline is None or not datasets:
+        return None
+    sets = {s: d[metric.baseline]["accuracy"] if isinstance(d[metric.baseline], dict) else d[metric.baseline]
+            for s, d in datasets.items()}
+    name = "best constant label" if metric.name == "label acc" else BASELINE_NAMES[metric.baseline]
+    return {"name": name, "sets": sets, "average": sum(sets.values()) / len(sets)}
 
 
 def aggregate(spec: StudySpec, records: dict[str, dict]) -> dict:
-    """Per method (and the untrained base model): dev loss and accuracies, mean +- std over seeds, per
-    set and on average, next to each set's best constant label and chance, and on how many sets each
-    seed beats the best constant label; paired differences with bootstrap 95% CIs (see `_comparisons`)."""
+    """Per method (and the untrained base model): dev loss and every metric, mean +- std over seeds, per
+    set and on average, next to each set's baseline (best constant answer, chance), and on how many
+    sets each seed beats it; paired differences with bootstrap 95% CIs (see `_comparisons`)."""
     best = best_rates(spec, records)
     finals: dict[str, list[dict]] = {}
     for record in records.values():
@@ -308,39 +387,37 @@ def aggregate(spec: StudySpec, records: dict[str, dict]) -> dict:
         finals["base"] = [records[BASE_CELL.key]]
     sweep = {m: {r["cell"]["lr"]: r["train"]["dev_loss"] for r in records.values()
                  if r["cell"]["phase"] == "sweep" and r["cell"]["method"] == m} for m in spec.methods}
+    every = [r for runs in finals.values() for r in runs]
+    metrics = {name: m for name, m in metrics_of(spec).items() if every and _present(m, every)}
     methods = {}
     for method, runs in finals.items():
         entry = {"lr": runs[0]["cell"]["lr"], "seeds": len(runs), "dropped_rates": sorted(dropped_rates(records, method)),
                  "parameters": runs[0]["parameters"],
-                 "dev_loss": mean_std([r["train"]["dev_loss"] for r in runs])}
-        per_seed = {}  # metric -> set -> accuracy (%) of each seed
-        for metric, (mode, column) in METRICS.items():
-            correct, groups, _ = _correct_matrix(runs, mode, column)
-            per_seed[metric] = {g: 100 * correct[:, np.asarray(groups) == g].mean(axis=1) for g in dict.fromkeys(groups)}
-            entry[metric] = {"average": mean_std([set_average(row, groups) for row in correct]),
-                             "sets": {g: mean_std(acc) for g, acc in per_seed[metric].items()}}
-        baseline = runs[0]["eval"]["loglik"]
-        entry["best_constant_average"] = baseline.get("best_constant_average")
-        entry["chance_average"] = runs[0]["eval"]["text"].get("chance_average")
-        entry["best_constant"] = {s: d["best_constant"]["accuracy"] for s, d in baseline.get("datasets", {}).items()}
-        entry["chance"] = {s: d["chance"] for s, d in runs[0]["eval"]["text"].get("datasets", {}).items()}
-        if entry["best_constant"]:
-            # per seed, on how many sets the label format beats always giving that set's best label
-            entry["sets_above_best_constant"] = [
-                int(sum(acc[seed] > entry["best_constant"][g] for g, acc in per_seed["label acc"].items()))
-                for seed in range(len(runs))]
+                 "dev_loss": mean_std([r["train"]["dev_loss"] for r in runs]), "baselines": {}, "sets_above_baseline": {}}
+        for name, metric in metrics.items():
+            values, groups, _ = _item_matrix(runs, metric)
+            per_seed = {g: metric.scale * values[:, np.asarray(groups) == g].mean(axis=1) for g in dict.fromkeys(groups)}
+            entry[name] = {"average": mean_std([set_average(row, groups, metric.scale) for row in values]),
+                           "sets": {g: mean_std(v) for g, v in per_seed.items()}}
+            baseline = _baseline(metric, runs[0])
+            if baseline:
+                entry["baselines"][name] = baseline
+                # per seed, on how many sets the metric beats its baseline (strictly)
+                entry["sets_above_baseline"][name] = [
+                    int(sum(v[seed] > baseline["sets"][g] for g, v in per_seed.items())) for seed in range(len(runs))]
         methods[method] = entry
     comparisons = {}
     for a, b in _comparisons(finals):
         comparisons[f"{a} - {b}"] = {}
-        for metric, (mode, column) in METRICS.items():
-            ca, groups, ids = _correct_matrix(finals[a], mode, column)
-            cb, _, ids_b = _correct_matrix(finals[b], mode, column)
+        for name, metric in metrics.items():
+            va, groups, ids = _item_matrix(finals[a], metric)
+            vb, _, ids_b = _item_matrix(finals[b], metric)
             if ids != ids_b:
                 raise ValueError(f"{a} and {b} were evaluated on different items")
-            comparisons[f"{a} - {b}"][metric] = paired_bootstrap(ca, cb, groups)
-    return {"study": spec.name, "cells_done": len(records), "sweep_dev_loss": sweep, "methods": methods,
-            "comparisons": comparisons}
+            comparisons[f"{a} - {b}"][name] = paired_bootstrap(va, vb, groups, scale=metric.scale)
+    return {"study": spec.name, "cells_done": len(records), "sweep_dev_loss": sweep,
+            "metrics": {name: {"kind": m.kind, "evaluation": m.evaluation} for name, m in metrics.items()},
+            "methods": methods, "comparisons": comparisons}
 
 
 def _comparisons(finals: dict[str, list[dict]]) -> list[tuple[str, str]]:
@@ -352,11 +429,18 @@ def _comparisons(finals: dict[str, list[dict]]) -> list[tuple[str, str]]:
     return [(a, b) for a, b in pairs if a in finals and b in finals]
 
 
+def _digits(result: dict, metric: str) -> int:
+    return 4 if result["metrics"][metric]["kind"] == "nll" else 1
+
+
 def format_aggregate(result: dict) -> str:
+    metrics = list(result["metrics"])
+    first = next(iter(result["methods"].values()), None)
+    with_baseline = [m for m in metrics if first and m in first["baselines"]]
     lines = [f"Study {result['study']} ({result['cells_done']} cells)", "",
-             "| method | lr | seeds | trainable | dev loss | label acc | text acc | text acc_norm |"
-             " label acc > best constant (sets, per seed) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| method | lr | seeds | trainable | dev loss | " + " | ".join(metrics) + " | "
+             + " | ".join(f"{m} > {first['baselines'][m]['name']} (sets, per seed)" for m in with_baseline) + " |",
+             "|---|---:|---:|---:|---:|" + "---:|" * (len(metrics) + len(with_baseline))]
 
     def ms(value: dict, digits: int = 1) -> str:
         return f"{value['mean']:.{digits}f} +- {value['std']:.{digits}f}"
@@ -366,41 +450,45 @@ def format_aggregate(result: dict) -> str:
         lr = "-" if e["lr"] is None else f"{e['lr']:g}"
         lr += f" ({', '.join(f'{x:g}' for x in dropped)}: final run diverged)" if dropped else ""
         name = "base model (no training)" if method == "base" else method
-        above = e.get("sets_above_best_constant")
-        above = f"{', '.join(map(str, above))} of {len(e['best_constant'])}" if above is not None else ""
+        above = [f"{', '.join(map(str, e['sets_above_baseline'][m]))} of {len(e['baselines'][m]['sets'])}"
+                 for m in with_baseline]
         lines.append(f"| {name} | {lr} | {e['seeds']} | {e['parameters']:,} | {ms(e['dev_loss'], 4)} | "
-                     f"{ms(e['label acc']['average'])} | {ms(e['text acc']['average'])} | "
-                     f"{ms(e['text acc_norm']['average'])} | {above} |")
-    any_method = next(iter(result["methods"].values()), None)
-    if any_method:
-        lines.append(f"| best constant label / chance | | | | | {any_method['best_constant_average']:.1f} | "
-                     f"{any_method['chance_average']:.1f} | {any_method['chance_average']:.1f} | |")
-        for metric, baseline in (("label acc", "best_constant"), ("text acc", "chance"), ("text acc_norm", "chance")):
-            lines += ["", f"{metric} per set (mean +- std over seeds):", ""] + _per_set_table(result, metric, baseline)
-    for name, metrics in result["comparisons"].items():
-        lines += ["", f"Paired difference {name} (percentage points, 95% bootstrap CI over items and seeds):", ""]
-        lines += [f"- {metric}: {c['difference']:+.2f} [{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}]"
-                  + (" (excludes 0)" if c["excludes_zero"] else " (includes 0)") for metric, c in metrics.items()]
+                     + " | ".join(ms(e[m]["average"], _digits(result, m)) for m in metrics) + " | "
+                     + " | ".join(above) + " |")
+    if first:
+        cells = [f"{first['baselines'][m]['average']:.1f} ({first['baselines'][m]['name']})" if m in first["baselines"]
+                 else "" for m in metrics]
+        lines.append("| baseline on the same items | | | | | " + " | ".join(cells) + " |" + " |" * len(with_baseline))
+        for metric in metrics:
+            lines += ["", f"{metric} per set (mean +- std over seeds):", ""] + _per_set_table(result, metric)
+    for name, compared in result["comparisons"].items():
+        lines += ["", f"Paired difference {name} (accuracy in percentage points, NLL in nats per token; 95% "
+                      "bootstrap CI over items and seeds):", ""]
+        lines += [f"- {metric}: {c['difference']:+.{_digits(result, metric) + 1}f} "
+                  f"[{c['ci95'][0]:+.{_digits(result, metric) + 1}f}, {c['ci95'][1]:+.{_digits(result, metric) + 1}f}]"
+                  + (" (excludes 0)" if c["excludes_zero"] else " (includes 0)") for metric, c in compared.items()]
     return "\n".join(lines)
 
 
-def _per_set_table(result: dict, metric: str, baseline: str) -> list[str]:
-    """Markdown rows: one per method with its accuracy on each set and on average, then the baseline's."""
+def _per_set_table(result: dict, metric: str) -> list[str]:
+    """Markdown rows: one per method with its value on each set and on average, then the baseline's."""
     methods = result["methods"]
+    digits = _digits(result, metric)
     sets = list(next(iter(methods.values()))[metric]["sets"])
     lines = ["| method | " + " | ".join(sets) + " | average |", "|---|" + "---:|" * (len(sets) + 1)]
     for method, e in methods.items():
-        cells = [f"{e[metric]['sets'][s]['mean']:.1f} +- {e[metric]['sets'][s]['std']:.1f}" for s in sets]
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {e[metric]['average']['mean']:.1f} |")
-    first = next(iter(methods.values()))
-    if first.get(baseline):
-        name = "best constant label" if baseline == "best_constant" else "chance"
-        lines.append(f"| {name} | " + " | ".join(f"{first[baseline][s]:.1f}" for s in sets)
-                     + f" | {first[baseline + '_average']:.1f} |")
+        cells = [f"{e[metric]['sets'][s]['mean']:.{digits}f} +- {e[metric]['sets'][s]['std']:.{digits}f}" for s in sets]
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {e[metric]['average']['mean']:.{digits}f} |")
+    baseline = next(iter(methods.values()))["baselines"].get(metric)
+    if baseline:
+        lines.append(f"| {baseline['name']} | " + " | ".join(f"{baseline['sets'][s]:.1f}" for s in sets)
+                     + f" | {baseline['average']:.1f} |")
     return lines
 
 
 def plot_aggregate(result: dict, path: Path) -> None:
+    """Left: the first metric per set for every method (the study's headline: its spec's first
+    evaluation); right: the sweep's dev loss per learning rate."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -408,14 +496,15 @@ def plot_aggregate(result: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     methods = result["methods"]
-    sets = list(next(iter(methods.values()))["text acc_norm"]["sets"]) if methods else []
+    headline = next(iter(result["metrics"]), None)
+    sets = list(next(iter(methods.values()))[headline]["sets"]) if methods and headline else []
     width = 0.8 / max(1, len(methods))
     for k, (method, e) in enumerate(methods.items()):
-        values = [e["text acc_norm"]["sets"][s] for s in sets]
+        values = [e[headline]["sets"][s] for s in sets]
         axes[0].bar([i + k * width for i in range(len(sets))], [v["mean"] for v in values], width,
                     yerr=[v["std"] for v in values], capsize=3, label=method)
     axes[0].set_xticks([i + width * (len(methods) - 1) / 2 for i in range(len(sets))], sets, rotation=30)
-    axes[0].set_title("accuracy on the choices' texts (acc_norm, mean +- std over seeds)", fontsize=10)
+    axes[0].set_title(f"{headline} per set (mean +- std over seeds)", fontsize=10)
     for method, losses in result["sweep_dev_loss"].items():
         if losses:
             lrs = sorted((lr for lr in losses if losses[lr] is not None), key=float)  # diverged: no point
