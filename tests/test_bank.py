@@ -287,7 +287,7 @@ def test_bad_loads_are_refused_and_leave_the_bank_unchanged(saved, tmp_path):
     fflora.save_adapter(qwen, tmp_path / "qwen")
     with pytest.raises(ValueError, match=r"saved for another base model.*model_type: adapter 'qwen2', model 'llama'"):
         fflora.load_adapter(model, tmp_path / "qwen", adapter_name="x")
-    (saved / "ffba4" / "adapter.safetensors").write_bytes(b"not a safetensors file")
+    (saved / "ffba4" / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="truncated or corrupt"):
         fflora.load_adapter(model, saved / "ffba4", adapter_name="x")
     assert _unchanged(model, snapshot)

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import fflora
+from fflora.serialization import WEIGHTS_NAME
 from fflora.budget import match_ffba_rank
 from fflora.train import LossSpikeError, NonFiniteLossError, TrainConfig, train
 
@@ -51,14 +52,14 @@ def test_resume_continues_exactly(method, tiny_model_dir, tiny_data_dir, tmp_pat
     out = tmp_path / "run"
     cfg = _cfg(tiny_model_dir, tiny_data_dir, out, method=method, dropout=0.1)
     train(cfg)
-    straight = load_file(out / "adapter" / "adapter.safetensors")
+    straight = load_file(out / "adapter" / WEIGHTS_NAME)
     # Simulate a run killed right after its step-3 checkpoint.
     for leftover in ("checkpoint-6", "adapter", "run.json"):
         path = out / leftover
         subprocess.run(["rm", "-rf", str(path)], check=True)
     record = train(cfg, resume=True)
     assert record["resumed_from"].endswith("checkpoint-3") and record["global_step"] == 6
-    resumed = load_file(out / "adapter" / "adapter.safetensors")
+    resumed = load_file(out / "adapter" / WEIGHTS_NAME)
     assert straight.keys() == resumed.keys()
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=1e-7, msg=key)
@@ -88,7 +89,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 4.*Last good checkpoint: .*checkpoint-3"):
         train(_cfg(tiny_model_dir, tiny_data_dir, out), model=model, tokenizer=tokenizer)
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-3"]
-    assert all(torch.isfinite(t).all() for t in load_file(out / "checkpoint-3" / "adapter.safetensors").values())
+    assert all(torch.isfinite(t).all() for t in load_file(out / "checkpoint-3" / WEIGHTS_NAME).values())
     assert not (out / ".staging").exists()
 
 
@@ -165,8 +166,8 @@ def test_two_process_data_parallel_run_on_gloo(tiny_model_dir, tiny_data_dir, tm
     assert result.returncode == 0, result.stderr[-3000:]
     run = json.loads((out / "run.json").read_text())
     assert run["world_size"] == 2 and run["global_step"] == 3
-    assert (out / "checkpoint-2" / "adapter.safetensors").is_file()
-    assert (out / "adapter" / "adapter.safetensors").is_file()
+    assert (out / "checkpoint-2" / WEIGHTS_NAME).is_file()
+    assert (out / "adapter" / WEIGHTS_NAME).is_file()
 
 
 def test_the_dev_split_is_fixed_held_out_and_scored(tiny_model_dir, tiny_data_dir, tmp_path):

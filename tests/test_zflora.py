@@ -5,11 +5,13 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from conftest import make_model, randomize_adapters
 from transformers import LlamaConfig
 
 import fflora
-from fflora.serialization import CONFIG_NAME
+from fflora.serialization import CONFIG_NAME, WEIGHTS_NAME
 from fflora.zflora.fused import ZFusedInputProjections, ZFusedOutputProjection, fused_state_width
 from fflora.zflora.layers import ZHeadMerge, ZNorm
 
@@ -23,8 +25,11 @@ def _ids(batch=2, length=9):
 def test_parameter_count_is_the_design_formula():
     smollm2 = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                           num_key_value_heads=3, vocab_size=49152)
-    assert fflora.zflora_parameter_count(smollm2, fflora.ZFLoRAConfig(r=8)) == 1_479_168
-    assert fflora.zflora_parameter_count(smollm2, fflora.ZFLoRAConfig(r=8, sub_blocks=("attn",))) == 30 * 1536 * 8 + 576 * 8
+    # the design's 1,479,168 less the first attention's B_in, (576 + 2 * 192) * 8 = 7,680: it reads a zero state
+    assert fflora.zflora_parameter_count(smollm2, fflora.ZFLoRAConfig(r=8)) == 1_479_168 - 7_680
+    assert fflora.zflora_parameter_count(smollm2, fflora.ZFLoRAConfig(r=8, sub_blocks=("attn",))) == 30 * 1536 * 8 + 576 * 8 - 7_680
+    assert fflora.zflora_parameter_count(smollm2, fflora.ZFLoRAConfig(r=8, sub_blocks=("mlp",))) == (
+        30 * 3 * 1536 * 8 + 576 * 8 - 2 * 1536 * 8)
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
@@ -102,13 +107,32 @@ def test_save_load_round_trip_in_training_and_fused_form(tmp_path):
     expected = model(_ids()).logits
     fflora.save_adapter(model, tmp_path)
     meta = json.loads((tmp_path / CONFIG_NAME).read_text())
-    assert meta["format"] == "fflora-zflora/1" and meta["zflora"] == {"r": 3, "alpha": 5, "sub_blocks": ["attn"], "dropout": 0.0}
+    assert meta["peft_type"] == "ZFLORA" and {k: meta[k] for k in ("r", "alpha", "sub_blocks", "dropout")} == {
+        "r": 3, "alpha": 5, "sub_blocks": ["attn"], "dropout": 0.0}
     fresh = fflora.load_adapter(make_model("mistral"), tmp_path)
-    assert fresh.ffba_config == model.ffba_config
+    assert fresh.ffba_config.same_adapter(model.ffba_config)
     assert torch.equal(fresh(_ids()).logits, expected)
     fused = fflora.fuse(fflora.apply_adapter(make_model("mistral"), fflora.ZFLoRAConfig(r=3, alpha=5, sub_blocks=("attn",))))
     fflora.load_adapter(fused, tmp_path)  # rewrites only the adapter rows/columns
     assert (fused(_ids()).logits - expected).abs().max().item() < TOL
+
+
+@torch.no_grad()
+def test_an_adapter_saved_with_the_unread_first_b_in_still_loads(tmp_path):
+    """fflora 0.1.0 saved a B_in for the first attention (it read a zero state, so it never mattered)."""
+    model = fflora.apply_adapter(make_model("llama"), fflora.ZFLoRAConfig(r=3))
+    randomize_adapters(model)
+    expected = model(_ids()).logits
+    fflora.save_adapter(model, tmp_path)
+    weights = tmp_path / WEIGHTS_NAME
+    state = load_file(weights)
+    first, second = "base_model.model.model.layers.0.zflora.attn.z_in", "base_model.model.model.layers.1.zflora.attn.z_in"
+    assert first not in state and second in state
+    state[first] = torch.randn_like(state[second])
+    with safe_open(weights, framework="pt") as f:
+        metadata = f.metadata()
+    save_file(state, weights, metadata=metadata)
+    assert torch.equal(fflora.load_adapter(make_model("llama"), tmp_path)(_ids()).logits, expected)
 
 
 def test_a_zflora_adapter_does_not_load_onto_an_ffba_model_or_into_a_bank(tmp_path):

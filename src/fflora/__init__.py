@@ -23,12 +23,17 @@ from .model import (  # noqa: E402
     remove_ffba,
 )
 from .serialization import BaseModelMismatchWarning, load_adapter, save_adapter  # noqa: E402
+from .tuner import FFBAModel, ZFLoRAModel, register  # noqa: E402
+
+register()  # FFBA and ZFLORA in PEFT's registries: get_peft_model, PeftModel.from_pretrained
 
 __all__ = [
     "BASE_NAME",
     "BaseModelMismatchWarning",
     "FFBAConfig",
+    "FFBAModel",
     "ZFLoRAConfig",
+    "ZFLoRAModel",
     "apply_adapter",
     "apply_ffba",
     "compile_decode",

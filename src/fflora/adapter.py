@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .tuner_layer import AdapterSwitch
+
 PHI = {"identity": lambda x: x, "relu": F.relu, "silu": F.silu}
 
 # Where the backward adapter of each sub-block sends its down-projection.
@@ -85,7 +87,7 @@ def _zeros(rows: int, cols: int, dtype, device) -> nn.Parameter:
     return nn.Parameter(torch.zeros(rows, cols, dtype=dtype, device=device))
 
 
-class SubBlockAdapter(nn.Module):
+class SubBlockAdapter(nn.Module, AdapterSwitch):
     """Adapter parameters of one sub-block (attention or MLP) of one decoder layer.
 
     name:          "attn" or "mlp"

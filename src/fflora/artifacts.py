@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .base_models import load_base_model
 from .fused import fuse
-from .serialization import CONFIG_NAME, FAMILIES, load_adapter
+from .serialization import CONFIG_NAME, LEGACY_FORMATS, PEFT_TYPES, load_adapter
 
 RUN_FILE = "run.json"
 
@@ -23,8 +23,10 @@ def describe(path: str | Path) -> dict:
     config = path / CONFIG_NAME
     if config.is_file():
         meta = json.loads(config.read_text())
-        if meta.get("format") in FAMILIES:
-            kind = FAMILIES[meta["format"]][0]
+        if meta.get("peft_type") in PEFT_TYPES:
+            return {"kind": PEFT_TYPES[meta["peft_type"]][0], "path": path, "base": meta.get("base_model_name_or_path")}
+        if meta.get("format") in LEGACY_FORMATS:
+            kind = LEGACY_FORMATS[meta["format"]][0]
             return {"kind": kind, "path": path, "base": meta["base_model"].get("name_or_path")}
         if "peft_type" in meta:
             return {"kind": "lora", "path": path, "base": meta.get("base_model_name_or_path")}

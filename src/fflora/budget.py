@@ -42,10 +42,14 @@ def ffba_parameter_count(hf_config, cfg: FFBAConfig) -> int:
 
 def zflora_parameter_count(hf_config, cfg: ZFLoRAConfig) -> int:
     """Trainable parameters of zFLoRA (shared/design/zflora.md): per layer, attention (d_q + 2*kv)*r
-    (B_in) + d_q*r (A_out) and MLP 2*inter*r + inter*r, for the sub-blocks that carry it; plus d*r (B_m)."""
+    (B_in) + d_q*r (A_out) and MLP 2*inter*r + inter*r, for the sub-blocks that carry it; plus d*r (B_m);
+    less the B_in of the first such sub-block, which would read a state nothing has written yet."""
     k = _dims(hf_config)
-    per_sub_block = {"attn": (2 * k["d_q"] + 2 * k["kv"]) * cfg.r, "mlp": 3 * k["inter"] * cfg.r}
-    return k["layers"] * sum(per_sub_block[s] for s in cfg.sub_blocks) + k["d"] * cfg.r
+    reads = {"attn": (k["d_q"] + 2 * k["kv"]) * cfg.r, "mlp": 2 * k["inter"] * cfg.r}
+    writes = {"attn": k["d_q"] * cfg.r, "mlp": k["inter"] * cfg.r}
+    first = next(s for s in ("attn", "mlp") if s in cfg.sub_blocks)
+    per_layer = sum(reads[s] + writes[s] for s in cfg.sub_blocks)
+    return k["layers"] * per_layer + k["d"] * cfg.r - reads[first]
 
 
 def adapter_parameter_count(hf_config, cfg: FFBAConfig | ZFLoRAConfig) -> int:

@@ -36,10 +36,11 @@ class DemoSizes:
     lr: float = 1e-3
 
 
-# Batch 1 only in the latency part: the compiled configurations' warm-up per batch size is most of its time
-# (measured: batch sizes 1 and 8 took 17 of the demo's 43 min). `fflora bench` measures batch 8 and more.
-FULL = DemoSizes(train_limit=640, max_steps=80, eval_limit=100,
-                 bench=dict(prompt_len=128, new_tokens=32, batch_sizes=(1,), repeats=3, train_steps=2))
+# Sized for 30 minutes on 2 cores: at 640 examples / 80 steps / 100 items per set and batch sizes 1 and 8 in
+# the latency part it took 43 (17 of them the latency part, mostly the compiled configurations' warm-up).
+# `fflora bench` measures batch 8 and more; `fflora study` measures accuracy.
+FULL = DemoSizes(train_limit=480, max_steps=60, eval_limit=80,
+                 bench=dict(prompt_len=128, new_tokens=32, batch_sizes=(1,), repeats=2, train_steps=2))
 QUICK = DemoSizes(train_limit=64, max_steps=6, eval_limit=8,
                   bench=dict(prompt_len=32, new_tokens=8, batch_sizes=(1,), repeats=1, train_steps=1,
                              configs=EAGER_CONFIGS))  # compiling would take longer than the rest of it

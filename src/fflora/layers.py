@@ -43,6 +43,8 @@ class AdaptedInputProjection(WrappedProjection):
         y = self.base(x)
         state = self.adapter.layer_state.current()
         adapter = self.adapter
+        if adapter.disable_adapters:
+            return y
         if self.index == 0 and adapter.fa_rank:
             state.fa[adapter.name] = adapter.fa_hidden(x)
         z = state.into.get(adapter.name)
@@ -63,9 +65,9 @@ class AdaptedOutputProjection(WrappedProjection):
         y = self.base(c)
         state = self.adapter.layer_state.current()
         adapter = self.adapter
-        if adapter.fa_rank:
+        if adapter.fa_rank and not adapter.disable_adapters:
             y = y + adapter.fa_delta(state.fa.pop(adapter.name), like=y)
-        if adapter.ba_out_rank:
+        if adapter.ba_out_rank:  # carried even while switched off: the stream between layers keeps its width
             state.into[NEXT_SUB_BLOCK[adapter.name]] = adapter.ba_hidden(c)
         return y
 

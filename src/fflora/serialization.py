@@ -1,8 +1,11 @@
-"""Save and load FFBA and zFLoRA adapters: `adapter_config.json` + `adapter.safetensors`.
+"""Save and load FFBA and zFLoRA adapters in PEFT's format: `adapter_config.json` + `adapter_model.safetensors`.
 
-The config records the adapter family and configuration, the base model's shape and a fingerprint of its
-weights, so that loading onto another architecture or shape fails and loading onto a base with
-other weights warns (or fails with strict=True).
+The same files as `PeftModel.save_pretrained` writes for these methods (the config with peft_type "FFBA" or
+"ZFLORA"; tensors under PEFT's names, `base_model.model.<parameter name>`), so either library loads what
+the other saved. `save_adapter` adds, in the safetensors metadata where PEFT ignores it, the base
+model's shape and a fingerprint of its weights: loading onto another architecture or shape fails, onto
+a base with other weights warns (or fails with strict=True). Adapters in fflora 0.1.0's own format
+(`adapter.safetensors`, a "format" key in the config) still load.
 """
 
 from __future__ import annotations
@@ -10,29 +13,38 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from peft import PeftModel
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__
 from .architectures import architecture_of
-from .config import FFBAConfig, ZFLoRAConfig
+from .config import FFBA_PEFT_TYPE, ZFLORA_PEFT_TYPE, FFBAConfig, ZFLoRAConfig
 from .files import atomic_write, atomic_write_text
 from .fused import base_projection_weights, refresh_adapter_weights, unfuse
 from .model import apply_ffba, has_ffba, remove_ffba, sub_block_adapters
 from .zflora import is_zflora
+from .zflora.model import unread_keys, zflora_adapter_parameters
 
 CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter.safetensors"
-FORMAT = "fflora-ffba/1"
-ZFLORA_FORMAT = "fflora-zflora/1"
-# format -> (key of the configuration in adapter_config.json, configuration class)
-FAMILIES = {FORMAT: ("ffba", FFBAConfig), ZFLORA_FORMAT: ("zflora", ZFLoRAConfig)}
+WEIGHTS_NAME = SAFETENSORS_WEIGHTS_NAME  # adapter_model.safetensors
+PEFT_PREFIX = "base_model.model."  # PEFT's prefix of every saved tensor name
+PEFT_TYPES = {FFBA_PEFT_TYPE: ("ffba", FFBAConfig), ZFLORA_PEFT_TYPE: ("zflora", ZFLoRAConfig)}  # -> (kind, class)
+BASE_MODEL_KEY = "fflora_base_model"  # safetensors metadata: the base model's shape, name and fingerprint
+# fflora 0.1.0's own format: format -> (key of the configuration in adapter_config.json, configuration class)
+LEGACY_WEIGHTS_NAME = "adapter.safetensors"
+LEGACY_FORMATS = {"fflora-ffba/1": ("ffba", FFBAConfig), "fflora-zflora/1": ("zflora", ZFLoRAConfig)}
 ADAPTER_PARAMS = ("fa_down", "fa_up", "ba_down", "ba_up")
+# A saved tensor's name -> its canonical key (`adapter_parameters`), whatever prefix the model's layers sit under.
+_SUB_BLOCK_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:ffba|zflora)\.(attn|mlp)\.(\w+)$")
+_MERGE_KEY = "head.z_merge"
 _SHAPE_KEYS = (
     "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
     "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -70,8 +82,6 @@ def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The live adapter parameters under canonical keys: `layers.{i}.{attn|mlp}.{fa_down|fa_up|ba_down|ba_up}`
     for FFBA, `layers.{i}.{attn|mlp}.{z_in|z_out}` and `head.z_merge` for zFLoRA."""
     if is_zflora(model):
-        from .zflora.model import zflora_adapter_parameters
-
         return zflora_adapter_parameters(model)
     params = {}
     for i, adapter in sub_block_adapters(model):
@@ -88,29 +98,46 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write the model's adapter to folder `path` (created if needed); each file is replaced atomically."""
+    """Write the model's adapter to folder `path` (created if needed) in PEFT's format; each file is
+    replaced atomically. `peft.PeftModel.from_pretrained(base, path)` loads it as well."""
+    model = without_peft_wrapper(model)
     if not has_ffba(model):
         raise ValueError("this model has no adapter to save; call fflora.apply_adapter first")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    fmt = ZFLORA_FORMAT if is_zflora(model) else FORMAT
-    meta = {
-        "format": fmt,
-        "fflora_version": __version__,
-        FAMILIES[fmt][0]: model.ffba_config.to_dict(),
-        "base_model": {
-            **base_model_shape(model),
-            "name_or_path": getattr(model.config, "_name_or_path", None),
-            "fingerprint": base_model_fingerprint(model),
-        },
-    }
-    atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(adapter_state_dict(model), tmp, metadata={"format": fmt}))
-    atomic_write_text(path / CONFIG_NAME, json.dumps(meta, indent=2) + "\n")
+    config = type(model.ffba_config).from_dict(model.ffba_config.to_dict())
+    config.base_model_name_or_path = getattr(model.config, "_name_or_path", None) or None
+    config.inference_mode = True  # as PEFT saves it
+    base = {**base_model_shape(model), "name_or_path": config.base_model_name_or_path,
+            "fingerprint": base_model_fingerprint(model)}
+    metadata = {"format": "pt", "fflora_version": __version__, BASE_MODEL_KEY: json.dumps(base)}
+    atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(peft_state_dict(model), tmp, metadata=metadata))
+    atomic_write_text(path / CONFIG_NAME, json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
     return path
 
 
+def without_peft_wrapper(model: nn.Module) -> nn.Module:
+    """The transformers model inside a `PeftModel` (the adapter stays on it), or `model` itself."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def peft_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors (detached CPU copies) under PEFT's names: `base_model.model.<parameter name>`."""
+    names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
+    return {PEFT_PREFIX + names[id(p)]: p.detach().contiguous().cpu() for p in adapter_parameters(model).values()}
+
+
+def canonical_key(name: str) -> str | None:
+    """The canonical key (`layers.{i}.{attn|mlp}.{param}`, `head.z_merge`) of a saved tensor name, or None."""
+    if name.endswith(".z_merge"):
+        return _MERGE_KEY
+    found = _SUB_BLOCK_KEY.search(name)
+    return f"layers.{found[1]}.{found[2]}.{found[3]}" if found else None
+
+
 def read_adapter_config(path: str | os.PathLike) -> dict:
-    """The parsed adapter_config.json of an adapter folder, with clear errors for missing/corrupt files."""
+    """The parsed adapter_config.json of an fflora adapter folder (PEFT's format or fflora 0.1.0's), with
+    clear errors for missing or corrupt files and for adapters of other methods."""
     file = Path(path) / CONFIG_NAME
     if not file.is_file():
         raise FileNotFoundError(f"no fflora adapter at {path}: {CONFIG_NAME} is missing (save one with fflora.save_adapter)")
@@ -118,9 +145,23 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
         meta = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{file} is corrupt (not valid JSON: {e}); save the adapter again") from e
-    if not isinstance(meta, dict) or meta.get("format") not in FAMILIES:
-        raise ValueError(f"{file} is not an fflora adapter config (expected format {FORMAT!r} or {ZFLORA_FORMAT!r})")
+    if not isinstance(meta, dict):
+        raise ValueError(f"{file} is not an adapter config (a JSON object with peft_type {FFBA_PEFT_TYPE!r} or {ZFLORA_PEFT_TYPE!r})")
+    if meta.get("peft_type") is not None and meta["peft_type"] not in PEFT_TYPES:
+        raise ValueError(
+            f"the adapter at {path} is a PEFT {meta['peft_type']} adapter, not FFBA or zFLoRA: load it with "
+            f"peft.PeftModel.from_pretrained(base_model, {str(path)!r})"
+        )
+    if meta.get("peft_type") is None and meta.get("format") not in LEGACY_FORMATS:
+        raise ValueError(f"{file} is not an fflora adapter config (expected peft_type {FFBA_PEFT_TYPE!r} or {ZFLORA_PEFT_TYPE!r})")
     return meta
+
+
+def adapter_kind(meta: dict) -> tuple[str, type]:
+    """("ffba" | "zflora", configuration class) of a parsed adapter config (`read_adapter_config`)."""
+    if meta.get("peft_type") is not None:
+        return PEFT_TYPES[meta["peft_type"]]
+    return LEGACY_FORMATS[meta["format"]]
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = False, adapter_name: str | None = None) -> nn.Module:
@@ -143,20 +184,21 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = False
         return _load_into_bank(model, path, strict, adapter_name)
     if getattr(model, "ffba_bank", None) is not None:
         raise ValueError("this model has an adapter bank; load adapters into it with adapter_name=...")
-    config, state = _read_checked(model, path, strict)
-    applied_here = not has_ffba(model)
+    target = without_peft_wrapper(model)  # a PeftModel (e.g. a Trainer's, resuming) loads onto its model
+    config, state = _read_checked(target, path, strict)
+    applied_here = not has_ffba(target)
     if applied_here:
-        apply_ffba(model, config)
-    elif model.ffba_config != config:
+        apply_ffba(target, config)
+    elif not target.ffba_config.same_adapter(config):
         raise ValueError(
-            f"the model carries an adapter with another configuration ({model.ffba_config}) than the one "
+            f"the model carries an adapter with another configuration ({target.ffba_config}) than the one "
             f"at {path} ({config}); load it onto a fresh base model"
         )
     try:
-        load_adapter_state(model, state, source=path)
+        load_adapter_state(target, state, source=path)
     except ValueError:
         if applied_here:
-            remove_ffba(model)
+            remove_ffba(target)
         raise
     return model
 
@@ -187,11 +229,27 @@ def _load_into_bank(model: nn.Module, path, strict: bool, adapter_name: str) -> 
 
 
 def _read_checked(model: nn.Module, path, strict: bool) -> tuple[FFBAConfig | ZFLoRAConfig, dict[str, torch.Tensor]]:
-    """The configuration and weights of the adapter at `path`, after checking that it was saved for
-    this architecture and shape (ValueError) and for these base weights (warning, or ValueError if strict)."""
+    """The configuration and weights (canonical keys) of the adapter at `path`, after checking that it was
+    saved for this architecture and shape (ValueError) and for these base weights (warning, or ValueError
+    if strict). An adapter that PEFT saved carries no record of its base: only its tensor shapes are checked."""
     meta = read_adapter_config(path)
     architecture_of(model)
-    saved_base = meta.get("base_model", {})
+    _, config_class = adapter_kind(meta)
+    if meta.get("peft_type") is not None:
+        config = config_class.from_dict(meta)
+        state, metadata = _read_weights(Path(path) / WEIGHTS_NAME, peft_names=True)
+        saved_base = json.loads(metadata[BASE_MODEL_KEY]) if BASE_MODEL_KEY in metadata else None
+    else:
+        key, _ = LEGACY_FORMATS[meta["format"]]
+        config = config_class.from_dict(meta[key])
+        state, _ = _read_weights(Path(path) / LEGACY_WEIGHTS_NAME, peft_names=False)
+        saved_base = meta.get("base_model", {})
+    if saved_base is not None:
+        _check_base(model, path, saved_base, strict)
+    return config, state
+
+
+def _check_base(model: nn.Module, path, saved_base: dict, strict: bool) -> None:
     this_base = base_model_shape(model)
     diffs = [f"{k}: adapter {saved_base.get(k)!r}, model {this_base[k]!r}" for k in _SHAPE_KEYS if saved_base.get(k) != this_base[k]]
     if diffs:
@@ -199,11 +257,7 @@ def _read_checked(model: nn.Module, path, strict: bool) -> tuple[FFBAConfig | ZF
             f"the adapter at {path} was saved for another base model ({saved_base.get('name_or_path')!r}); "
             "load it onto that model. Differences: " + "; ".join(diffs)
         )
-    key, config_class = FAMILIES[meta["format"]]
-    config = config_class.from_dict(meta[key])
-    state = _read_weights(Path(path) / WEIGHTS_NAME)
-    fingerprint = base_model_fingerprint(model)
-    if saved_base.get("fingerprint") != fingerprint:
+    if saved_base.get("fingerprint") != base_model_fingerprint(model):
         message = (
             f"the adapter at {path} was trained on a base model with other weights "
             f"({saved_base.get('name_or_path')!r}) than this one ({getattr(model.config, '_name_or_path', None)!r}); "
@@ -211,8 +265,7 @@ def _read_checked(model: nn.Module, path, strict: bool) -> tuple[FFBAConfig | ZF
         )
         if strict:
             raise ValueError(message + " (strict=True)")
-        warnings.warn(message, BaseModelMismatchWarning, stacklevel=3)
-    return config, state
+        warnings.warn(message, BaseModelMismatchWarning, stacklevel=4)
 
 
 def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], source="the given state dict") -> None:
@@ -221,18 +274,33 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], source=
     `state` uses the canonical keys of `adapter_state_dict`. In a fused model only the adapter
     rows/columns of the fused matrices are rewritten; the base weights are not touched or copied.
     """
+    if is_zflora(model):
+        state = {k: v for k, v in state.items() if k not in unread_keys(model)}
     _copy_into(model, state, source)
     if getattr(model, "ffba_fused", False):
         refresh_adapter_weights(model)
 
 
-def _read_weights(file: Path) -> dict[str, torch.Tensor]:
+def _read_weights(file: Path, peft_names: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors under canonical keys, safetensors metadata) of an adapter's weights file."""
     if not file.is_file():
         raise FileNotFoundError(f"{file} is missing; save the adapter again with fflora.save_adapter")
     try:
-        return load_file(file)
+        with safe_open(file, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{file} is truncated or corrupt ({e}); save the adapter again") from e
+    if not peft_names:
+        return tensors, metadata
+    state = {}
+    for name, tensor in tensors.items():
+        key = canonical_key(name)
+        if key is None or key in state:
+            raise ValueError(f"{file} holds a tensor {name!r} that is not one of an FFBA or zFLoRA adapter's; "
+                             "the file is corrupt or was edited, save the adapter again")
+        state[key] = tensor
+    return state, metadata
 
 
 def _copy_into(model: nn.Module, state: dict[str, torch.Tensor], source) -> None:

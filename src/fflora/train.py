@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
@@ -37,7 +38,7 @@ from .data import FAMILIES, load_split
 from .errors import FFloraError
 from .examples import PACKED_ATTENTION, check_form, pack, token_nll, tokenize_example
 from .files import atomic_write_text
-from .model import apply_ffba, has_ffba, parameter_summary
+from .model import has_ffba, parameter_summary
 from .serialization import load_adapter, save_adapter
 from .sources import say
 
@@ -158,13 +159,11 @@ def prepare_model(cfg: TrainConfig, model: nn.Module) -> tuple[nn.Module, dict]:
                            if cfg.method == "ffba" else (ZFLoRAConfig, dict(sub_blocks=sub_blocks)))
         r = match_ffba_rank(model.config, cfg.lora_r, family, **variant) if cfg.match_params else cfg.r
         alpha = cfg.alpha * r / cfg.r if cfg.match_params else cfg.alpha  # keep alpha / r when matching
-        adapter = family(r=r, alpha=alpha, dropout=cfg.dropout, **variant)
-        apply_ffba(model, adapter)
+        adapter = family(r=r, alpha=alpha, dropout=cfg.dropout, task_type="CAUSAL_LM", **variant)
+        model = get_peft_model(model, adapter)  # the same path as LoRA's: a PeftModel for the Trainer
         # "ffba_*" keys name the fflora adapter of either family (run records predate zFLoRA)
-        counts.update(ffba_r=r, ffba_config=adapter.to_dict(), ffba_params=adapter_parameter_count(model.config, adapter))
+        counts.update(ffba_r=r, ffba_config=adapter.method_fields(), ffba_params=adapter_parameter_count(model.config, adapter))
     elif cfg.method == "lora":
-        from peft import LoraConfig, get_peft_model
-
         model = get_peft_model(model, LoraConfig(
             r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.dropout,
             target_modules=LORA_TARGETS, task_type="CAUSAL_LM",

@@ -31,8 +31,10 @@ class ZFusedInputProjections(FusedInputProjections):
         super().__init__(bases, name, ba_in_rank=state_width)  # state_width extra columns, zero until written
 
     def refresh_adapter_weights(self, adapter: ZSubBlockAdapter) -> None:
-        d = self.d_in
-        self.weight[:, d : d + adapter.r] = (adapter.scale * adapter.z_in.detach()).to(self.weight.dtype)
+        """Write s * B_in into the state columns (they stay zero for a sub-block that does not read the state)."""
+        if adapter.reads:
+            d = self.d_in
+            self.weight[:, d : d + adapter.r] = (adapter.scale * adapter.z_in.detach()).to(self.weight.dtype)
 
     def _project(self, x: Tensor) -> list[Tensor]:
         return list(planned_linear(x, self.weight, self.bias, self.gemm_plan).split(self.widths, dim=-1))

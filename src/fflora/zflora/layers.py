@@ -28,22 +28,32 @@ from torch import Tensor, nn
 
 from ..adapter import _kaiming, _linear, _zeros, row_slices
 from ..layers import WrappedProjection, _refer_to
+from ..tuner_layer import AdapterSwitch
 
 
-class ZSubBlockAdapter(nn.Module):
+class ZSubBlockAdapter(nn.Module, AdapterSwitch):
     """zFLoRA parameters of one sub-block: `z_in` = B_in (rows: the input projections' outputs, in
-    `ArchitectureSpec` order; r columns) and `z_out` = A_out (r x width of the output projection's input)."""
+    `ArchitectureSpec` order; r columns) and `z_out` = A_out (r x width of the output projection's input).
+
+    `reads=False` for the model's first sub-block with zFLoRA: the state it would read is still zero
+    (nothing has written into it yet), so a B_in there would never change the output nor get a gradient;
+    it has no `z_in` (None); its input projections skip the read (fused: their state columns stay zero,
+    so every sub-block's GEMMs keep the same shape)."""
 
     def __init__(self, name: str, *, input_widths: tuple[int, ...], d_core: int, r: int, scale: float,
-                 dropout: float, dtype, device) -> None:
+                 dropout: float, dtype, device, reads: bool = True) -> None:
         super().__init__()
         self.name = name
         self.input_widths = tuple(input_widths)
         self.input_slices = row_slices(self.input_widths)  # the rows of `z_in` for each input projection
         self.scale = scale
         self.dropout = nn.Dropout(dropout)
-        self.z_in = _zeros(sum(input_widths), r, dtype, device)
+        self.z_in = _zeros(sum(input_widths), r, dtype, device) if reads else None
         self.z_out = _kaiming(r, d_core, dtype, device)
+
+    @property
+    def reads(self) -> bool:
+        return self.z_in is not None
 
     @property
     def r(self) -> int:
@@ -69,7 +79,7 @@ class ZLayerAdapters(nn.Module):
 
 class ZNorm(nn.Module):
     """Stands where a sub-block's pre-norm stood: the base norm on the first d channels of the
-    stream; the state z is passed on after them (`keep_state`) or dropped (a sub-block without zFLoRA)."""
+    stream; the state z is passed on after them (`keep_state`) or dropped (a sub-block that does not read it)."""
 
     def __init__(self, norm: nn.Module, d: int, keep_state: bool) -> None:
         super().__init__()
@@ -87,7 +97,7 @@ class ZNorm(nn.Module):
         return f"d={self.d}, keep_state={self.keep_state}"
 
 
-class ZHeadMerge(nn.Module):
+class ZHeadMerge(nn.Module, AdapterSwitch):
     """Stands where the final norm stood: norm_f(h + s * B_m z), the one merge back to width d.
     `z_merge` = B_m (d x r), zero at init."""
 
@@ -102,6 +112,8 @@ class ZHeadMerge(nn.Module):
         if x.shape[-1] == self.d:
             raise RuntimeError("the zFLoRA head merge got a stream without adapter state; call the whole model")
         h, z = x[..., : self.d], x[..., self.d : self.d + self.z_merge.shape[1]]
+        if self.disable_adapters:
+            return self.norm(h)
         return self.norm(h + (self.scale * _linear(z, self.z_merge)).to(h.dtype))
 
 
@@ -118,6 +130,8 @@ class ZInputProjection(WrappedProjection):
     def forward(self, x: Tensor) -> Tensor:
         d = self.base.in_features
         y = self.base(x[..., :d])
+        if self.adapter.disable_adapters or not self.adapter.reads:
+            return y
         return y + self.adapter.read(x[..., d : d + self.adapter.r], self.index, like=y)
 
 

@@ -42,6 +42,7 @@ def apply_zflora(model: nn.Module, config: ZFLoRAConfig) -> nn.Module:
             adapters[i, name] = ZSubBlockAdapter(
                 name, input_widths=tuple(p.out_features for p in inputs), d_core=output.in_features, r=config.r,
                 scale=config.scale, dropout=config.dropout, dtype=output.weight.dtype, device=output.weight.device,
+                reads=bool(adapters),  # the first one reads a state nothing has written yet
             )
     ref = model.get_input_embeddings().weight
     merge = ZHeadMerge(model.get_submodule(arch.final_norm), d, config.r, config.scale, ref.dtype, ref.device)
@@ -85,12 +86,20 @@ def _replace_final_norm(model: nn.Module, module: nn.Module) -> None:
     setattr(model.get_submodule(parent), attr, module)
 
 
+def unread_keys(model: nn.Module) -> set[str]:
+    """Keys of the B_in that adapters saved by fflora 0.1.0 had on the first sub-block with zFLoRA: it read
+    a state that is still zero there, so it never changed an output; loading such an adapter drops it."""
+    return {f"layers.{i}.{adapter.name}.z_in" for i, layer in enumerate(decoder_layers(model))
+            for adapter in (layer.zflora.attn, layer.zflora.mlp) if adapter is not None and not adapter.reads}
+
+
 def zflora_adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The live parameters under canonical keys `layers.{i}.{attn|mlp}.{z_in|z_out}` and `head.z_merge`."""
     params = {}
     for i, layer in enumerate(decoder_layers(model)):
         for adapter in (layer.zflora.attn, layer.zflora.mlp):
             if adapter is not None:
-                params.update({f"layers.{i}.{adapter.name}.{p}": getattr(adapter, p) for p in PARAMS})
+                params.update({f"layers.{i}.{adapter.name}.{p}": getattr(adapter, p) for p in PARAMS
+                               if getattr(adapter, p) is not None})
     params[MERGE_KEY] = model.get_submodule(architecture_of(model).final_norm).z_merge
     return params
