@@ -248,3 +248,28 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
         assert time.monotonic() < deadline, "the request kept running after its client left"
         time.sleep(0.1)
     assert server.client.completions.create(model="b", prompt="Hi", max_tokens=3, temperature=0).choices[0].text
+
+
+def test_api_keys_guard_every_route_but_health(tmp_path):
+    root = tmp_path
+    model = make_model("llama", max_position_embeddings=256)
+    model.save_pretrained(root / "base")
+    _tokenizer().save_pretrained(root / "base")
+    args = ["--model", str(root / "base"), "--served-model-name", BASE, "--max-adapters", "1", "--api-key", "key-one",
+            "--api-key", "key-two", "--limit-max-requests", "50", "--log-level", "warning"]
+    with ServerProcess(args, root / "server.log", ready_timeout_s=120) as server:  # stopped by its pid
+        assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200  # no key needed
+        for key in (None, "key-on", "key-one-and-more", "Bearer"):
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            for method, route, body in (("GET", "/v1/models", None),
+                                        ("POST", "/v1/completions", {"model": BASE, "prompt": "ab", "max_tokens": 2}),
+                                        ("POST", "/v1/unload_lora_adapter", {"lora_name": "x"})):
+                answer = httpx.request(method, f"{server.url}{route}", json=body, headers=headers, timeout=30)
+                assert answer.status_code == 401, (key, route)
+                assert answer.json()["error"]["type"] == "AuthenticationError"
+        for key in ("key-one", "key-two"):
+            client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0, timeout=60)
+            assert client.models.list().data[0].id == BASE
+            assert client.completions.create(model=BASE, prompt="ab", max_tokens=2).choices[0].finish_reason
+        with pytest.raises(openai.AuthenticationError, match="Incorrect or missing API key"):
+            openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).models.list()

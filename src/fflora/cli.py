@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 
@@ -160,6 +161,8 @@ def cmd_serve(args) -> dict:
         value = getattr(args, option)
         if value is not None and value < 1:
             raise ValueError(f"--{option.replace('_', '-')} must be >= 1, got {value}")
+    if any(not key.strip() for key in args.api_key):
+        raise ValueError("--api-key must not be empty")
     if len(adapters) > args.max_adapters:
         raise ValueError(f"{len(adapters)} adapters do not fit in --max-adapters {args.max_adapters}")
     run_server(args.model, adapters, max_adapters=args.max_adapters, rank_budget=args.rank_budget, host=args.host,
@@ -167,7 +170,8 @@ def cmd_serve(args) -> dict:
                max_batch_tokens=args.max_batch_tokens, max_batch_requests=args.max_batch_requests,
                kv_cache_tokens=args.kv_cache_tokens,
                limit_max_requests=args.limit_max_requests,
-               default_max_tokens=args.default_max_tokens, log_level=args.log_level)
+               default_max_tokens=args.default_max_tokens, log_level=args.log_level,
+               api_keys=args.api_key or [k for k in [os.environ.get("FFLORA_API_KEY", "")] if k])
     return {}
 
 
@@ -521,6 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens the paged KV cache holds for all running requests (default 32768)")
     p.add_argument("--default-max-tokens", type=int, default=256,
                    help="new tokens for a chat request that sets no max_tokens (default 256)")
+    p.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on every route but /health (repeatable; "
+                        "default: $FFLORA_API_KEY if set, else no key)")
     p.add_argument("--limit-max-requests", type=int, default=None, help="exit after serving this many requests")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)

@@ -248,7 +248,8 @@ def run_cell(spec: StudySpec, cell: Cell, results_dir: Path, runs_dir: Path) -> 
             return _write_record(results_dir, cell, record)
     record = {"cell": {"phase": cell.phase, "method": cell.method, "lr": cell.lr, "seed": cell.seed},
               "train": {k: trained.get(k) for k in ("dev_loss", "train_loss", "global_step", "wall_time_s",
-                                                    "resumed_from")},
+                                                    "tokens", "tokens_per_s", "resumed_from")}
+              | {"dtype": (trained.get("dtype") or {}).get("dtype")},
               "parameters": trained["parameters"]["trainable"], "config": trained["config"]}
     record["device"] = spec.device
     if cell.phase == "final":

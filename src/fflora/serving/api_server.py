@@ -5,7 +5,10 @@ chat messages into token ids, hands them to the engine (which knows nothing of H
 its tokens back into OpenAI's JSON and server-sent events. The request's `model` names the
 adapter; vLLM's `/v1/load_lora_adapter` and `/v1/unload_lora_adapter` change the set at run time.
 
-    GET  /health                  200 while the engine runs, 503 after it stopped
+With API keys (`--api-key`, `FFLORA_API_KEY`) every route but /health needs `Authorization: Bearer KEY`,
+checked per route and compared in constant time; a missing or wrong key is a 401 in OpenAI's shape.
+
+    GET  /health                  200 while the engine runs, 503 after it stopped (no key needed)
     GET  /v1/models               the base model, then every loaded adapter
     POST /v1/completions          text completion, streamed (SSE) or not
     POST /v1/chat/completions     chat completion through the tokenizer's chat template
@@ -16,17 +19,19 @@ adapter; vLLM's `/v1/load_lora_adapter` and `/v1/unload_lora_adapter` change the
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 import uuid
 from contextlib import aclosing, asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from ..bank import BASE_NAME
+from ..sources import say
 from .engine import BankEngine
 from .protocol import (ChatCompletionRequest, CompletionRequest, LoadLoRAAdapterRequest, SamplingRequest,
                        UnloadLoRAAdapterRequest)
@@ -36,7 +41,8 @@ from .text import TextStream
 class APIError(Exception):
     """An error answered as OpenAI's error JSON: {"error": {"message", "type", "param", "code"}}."""
 
-    TYPES = {400: "BadRequestError", 404: "NotFoundError", 500: "InternalServerError", 503: "ServiceUnavailable"}
+    TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 500: "InternalServerError",
+             503: "ServiceUnavailable"}
 
     def __init__(self, status: int, message: str, param: str | None = None) -> None:
         super().__init__(message)
@@ -256,8 +262,28 @@ async def _unless_disconnected(request: Request, work, poll_s: float = 0.5):
             raise APIError(499, "the client closed the connection")
 
 
-def build_app(serving: OpenAIServing, start_engine: bool = True) -> FastAPI:
-    """The FastAPI application; it starts the engine on startup and stops it on shutdown."""
+def key_check(api_keys: list[str]):
+    """A FastAPI dependency that admits a request bearing one of `api_keys` (none: every request).
+
+    Every key is compared, each in constant time (`hmac.compare_digest`), so the time taken says nothing
+    about which key or how much of one matched."""
+    keys = [k.encode() for k in api_keys]
+
+    async def require_key(request: Request) -> None:
+        if not keys:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = token.strip().encode() if scheme.lower() == "bearer" else b""
+        if not any([hmac.compare_digest(given, key) for key in keys]):
+            raise APIError(401, "Incorrect or missing API key: send the header 'Authorization: Bearer <key>'")
+
+    return require_key
+
+
+def build_app(serving: OpenAIServing, start_engine: bool = True, api_keys: list[str] | None = None) -> FastAPI:
+    """The FastAPI application; it starts the engine on startup and stops it on shutdown. With `api_keys`
+    every route but /health requires one of them (a dependency of each route, not a path prefix)."""
+    authorized = [Depends(key_check(list(api_keys or [])))]
 
     @asynccontextmanager
     async def lifespan(app):
@@ -290,28 +316,30 @@ def build_app(serving: OpenAIServing, start_engine: bool = True) -> FastAPI:
         return {"status": "ok", "running_requests": sum(serving.engine.running_requests().values()),
                 "scheduled_requests": serving.engine.scheduled_requests()}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=authorized)
     async def models():
         return serving.models()
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", dependencies=authorized)
     async def completions(body: CompletionRequest, request: Request):
         return await _answer(serving, body, request)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=authorized)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         return await _answer(serving, body, request)
 
-    @app.post("/v1/load_lora_adapter")
+    @app.post("/v1/load_lora_adapter", dependencies=authorized)
     async def load_lora_adapter(body: LoadLoRAAdapterRequest):
         return PlainTextResponse(await serving.load(body))
 
-    @app.post("/v1/unload_lora_adapter")
+    @app.post("/v1/unload_lora_adapter", dependencies=authorized)
     async def unload_lora_adapter(body: UnloadLoRAAdapterRequest):
         return PlainTextResponse(await serving.unload(body))
 
     return app
 
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 # transformers sizes the paged KV cache from free accelerator memory; on a CPU that is most of the
 # RAM (12 GB per server here), so the cache is sized in tokens instead.
@@ -322,8 +350,10 @@ def run_server(model_name_or_path: str | None = None, adapters: dict[str, str] |
                rank_budget: int | None = None, host: str = "127.0.0.1", port: int = 8000,
                served_model_name: str | None = None, dtype: str = "float32", max_batch_tokens: int | None = None,
                max_batch_requests: int | None = None, kv_cache_tokens: int = 32768,
-               limit_max_requests: int | None = None, default_max_tokens: int = 256, log_level: str = "info") -> None:
+               limit_max_requests: int | None = None, default_max_tokens: int = 256, log_level: str = "info",
+               api_keys: list[str] | None = None) -> None:
     """Load the base model, fuse it with a bank of `max_adapters`, load `adapters` ({name: folder}), serve.
+    With `api_keys`, every route but /health requires one of them.
 
     `kv_cache_tokens` is the paged KV cache's room, shared by the running requests (32768 tokens
     of SmolLM2-135M in float32 take 1.5 GB)."""
@@ -349,5 +379,8 @@ def run_server(model_name_or_path: str | None = None, adapters: dict[str, str] |
             raise ValueError(f"adapter name {adapter!r} is the base model's name; choose another")
         engine.load_adapter(path, adapter)
         serving.adapter_paths[adapter] = str(path)
-    uvicorn.run(build_app(serving), host=host, port=port, limit_max_requests=limit_max_requests,
+    if not api_keys and host not in LOOPBACK_HOSTS:
+        say(f"WARNING: serving on {host} without an API key: anyone who reaches port {port} can generate and "
+            "load or unload adapters. Pass --api-key KEY (or set FFLORA_API_KEY)")
+    uvicorn.run(build_app(serving, api_keys=api_keys), host=host, port=port, limit_max_requests=limit_max_requests,
                 log_level=log_level)
