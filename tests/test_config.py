@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+import fflora
 from fflora import FFBAConfig
 
 
@@ -43,3 +44,12 @@ def test_bad_values_name_the_field(kwargs, message):
 def test_from_dict_rejects_unknown_fields():
     with pytest.raises(ValueError, match=r"unknown field\(s\) \['rank'\]"):
         FFBAConfig.from_dict({"rank": 4})
+
+
+def test_a_value_set_after_construction_is_checked_when_the_adapter_is_built():
+    from conftest import make_model
+
+    cfg = FFBAConfig(r=4)
+    cfg.r = 0  # configurations are mutable, as PEFT's are
+    with pytest.raises(ValueError, match=r"FFBAConfig\.r must be an integer >= 1, got 0"):
+        fflora.apply_adapter(make_model("llama"), cfg)

@@ -70,6 +70,7 @@ def apply_adapter(model: nn.Module, config: FFBAConfig | ZFLoRAConfig) -> nn.Mod
     """
     if not isinstance(config, (FFBAConfig, ZFLoRAConfig)):
         raise TypeError(f"apply_adapter expects an FFBAConfig or a ZFLoRAConfig, got {type(config).__name__}")
+    config.validate()  # configurations are mutable (as PEFT's are): check what was set after construction
     architecture_of(model)
     if has_ffba(model):
         raise ValueError("this model already has adapters; load or apply them onto a fresh base model")

@@ -37,6 +37,11 @@ def _one_adapter_only(what: str) -> ValueError:
     )
 
 
+def _set_trainable(model: nn.Module, trainable: bool) -> None:
+    for param in adapter_parameters(model).values():
+        param.requires_grad_(trainable)
+
+
 class AdapterTuner(BaseTuner):
     """What FFBA's and zFLoRA's tuners share (PEFT's `BaseTuner` interface; `config_cls` says which)."""
 
@@ -64,8 +69,7 @@ class AdapterTuner(BaseTuner):
             if isinstance(module, AdapterSwitch):
                 module._active_adapter = adapter_name
         if config.inference_mode:
-            for param in adapter_parameters(model).values():
-                param.requires_grad_(False)
+            _set_trainable(model, False)
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
         if getattr(self.model, "ffba_fused", False):
@@ -77,8 +81,7 @@ class AdapterTuner(BaseTuner):
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         if names != list(self.peft_config):
             raise _one_adapter_only(f"cannot activate {names} (the model holds {list(self.peft_config)})")
-        for param in adapter_parameters(self.model).values():
-            param.requires_grad_(not inference_mode)
+        _set_trainable(self.model, not inference_mode)
         self.active_adapter = names[0]
 
     def delete_adapter(self, adapter_name: str) -> None:
