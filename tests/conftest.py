@@ -100,7 +100,7 @@ def write_jsonl(path, records):
 @pytest.fixture
 def tiny_data_dir(tmp_path):
     """Canonical splits of every task, a few records each, written as `fflora data prepare` would."""
-    from fflora.data import FAMILIES
+    from fflora.recipes.data import FAMILIES
 
     root = tmp_path / "data"
     for dataset in FAMILIES["commonsense"]:

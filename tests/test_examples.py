@@ -1,4 +1,4 @@
-"""Packed batches, the labelled-positions loss, and the data forms (fflora.examples)."""
+"""Packed batches, the labelled-positions loss, and the data forms (fflora.recipes.examples)."""
 
 import json
 
@@ -8,9 +8,9 @@ from conftest import make_model, randomize_adapters
 from transformers import DataCollatorForSeq2Seq
 
 import fflora
-from fflora.examples import (PACKED_ATTENTION, check_form, example_nll, pack, prompt_and_response, token_nll,
+from fflora.recipes.examples import (PACKED_ATTENTION, check_form, example_nll, pack, prompt_and_response, token_nll,
                              tokenize_example)
-from fflora.train import TrainConfig, choose_dtype, packed_attention_while, step_seconds
+from fflora.recipes.train import TrainConfig, choose_dtype, packed_attention_while, step_seconds
 
 
 def _examples(lengths, vocab=128, seed=0):
@@ -77,7 +77,7 @@ def test_example_nll_is_each_examples_own_sum():
 
 
 def test_training_packed_and_padded_log_the_same_losses(tiny_model_dir, tiny_data_dir, tmp_path):
-    from fflora.train import train
+    from fflora.recipes.train import train
 
     def losses(packing):
         out = tmp_path / f"run-{packing}"
@@ -96,7 +96,7 @@ def test_training_packed_and_padded_log_the_same_losses(tiny_model_dir, tiny_dat
 
 
 def test_auto_dtype_takes_the_faster_step_and_a_resumed_run_keeps_it(tmp_path, monkeypatch):
-    import fflora.train as train_module
+    import fflora.recipes.train as train_module
 
     cfg = TrainConfig(method="ffba", task="commonsense", output_dir=str(tmp_path))
     monkeypatch.setattr(train_module, "step_seconds", lambda model, batch, dtype: {"float32": 3.0, "bfloat16": 1.0}[dtype])
@@ -150,7 +150,7 @@ def test_cloze_form_is_the_question_then_the_gold_answers_text(tiny_model_dir):
 
 def test_padded_collator_still_trains_on_the_same_examples(tiny_model_dir):
     """packing=False uses transformers' padding collator: same tokens, right padding, a mask."""
-    from fflora.train import collator
+    from fflora.recipes.train import collator
 
     tokenizer = fflora.load_base_model(tiny_model_dir)[1]
     tokenizer.padding_side = "right"

@@ -9,7 +9,7 @@ from conftest import FAMILIES, make_model, randomize_adapters
 import fflora
 import fflora.fastpath.plan
 from fflora.fastpath.plan import PlannedLinear, choose_plan, plan_gemms, planned_modules
-from fflora.fastpath.gemm import GemmPlan, laid_out, layout_of, planned_linear
+from fflora.ops.gemm import GemmPlan, laid_out, layout_of, planned_linear
 
 TOL = 1e-4
 

@@ -136,7 +136,7 @@ def test_every_trainable_parameter_gets_a_gradient(arch, method):
     if method == "zflora" and arch == "gemma3_text":
         pytest.skip("zFLoRA refuses Gemma 3")
     configs = {"ffba": fflora.FFBAConfig(r=4), "zflora": fflora.ZFLoRAConfig(r=4),
-               "lora": peft.LoraConfig(r=4, target_modules=fflora.budget.LORA_TARGETS)}
+               "lora": peft.LoraConfig(r=4, target_modules=fflora.recipes.budget.LORA_TARGETS)}
     model = peft_model(arch, configs[method])
     model.train()
     model(input_ids=IDS, labels=IDS).loss.backward()

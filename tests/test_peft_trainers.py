@@ -52,7 +52,7 @@ def test_sft_trainer_takes_the_config_and_saves_what_fflora_loads(method, tiny_m
         peft_config=CONFIGS[method](),
     )
     assert isinstance(trainer.model, PeftModel)
-    assert trainer.model.get_nb_trainable_parameters()[0] == fflora.budget.adapter_parameter_count(
+    assert trainer.model.get_nb_trainable_parameters()[0] == fflora.recipes.budget.adapter_parameter_count(
         trainer.model.config, CONFIGS[method]())
     trainer.train()
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]

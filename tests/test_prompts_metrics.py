@@ -1,7 +1,7 @@
 import pytest
 
-from fflora.metrics import extract_choice, extract_number, math_correct, rouge
-from fflora.prompts import (
+from fflora.recipes.metrics import extract_choice, extract_number, math_correct, rouge
+from fflora.recipes.prompts import (
     ALPACA, candidate_labels, commonsense_instruction, commonsense_response, instruction_and_response, math_response,
     render_prompt,
 )
@@ -108,7 +108,7 @@ def test_rouge_known_values():
 
 
 def test_best_constant_label_and_label_histogram():
-    from fflora.metrics import best_constant_label, label_histogram
+    from fflora.recipes.metrics import best_constant_label, label_histogram
 
     assert best_constant_label([3, 1, 3, 0, 1, 3]) == {"label": 3, "accuracy": 50.0}
     assert best_constant_label([2, 1]) == {"label": 1, "accuracy": 50.0}  # a tie goes to the lowest label

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fflora.stats import mean_std, paired_bootstrap, set_average
+from fflora.recipes.stats import mean_std, paired_bootstrap, set_average
 
 
 def test_mean_std_and_set_average():

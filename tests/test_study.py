@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fflora.study import Cell, StudySpec, aggregate, best_rates, format_aggregate, plan, read_records, run_study
+from fflora.recipes.study import Cell, StudySpec, aggregate, best_rates, format_aggregate, plan, read_records, run_study
 
 
 def _spec(tiny_model_dir, tiny_data_dir, **kw):
@@ -19,8 +19,8 @@ def _spec(tiny_model_dir, tiny_data_dir, **kw):
 
 
 def test_a_study_runs_every_cell_once_and_resumes(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
-    import fflora.study as study
-    import fflora.train as train_module
+    import fflora.recipes.study as study
+    import fflora.recipes.train as train_module
 
     spec = _spec(tiny_model_dir, tiny_data_dir)
     results, runs = tmp_path / "results", tmp_path / "runs"
@@ -203,7 +203,7 @@ def test_bad_specs_are_refused_before_anything_runs(tiny_model_dir, tiny_data_di
 
 def test_the_loss_spike_guard_is_set_on_final_cells_only(tiny_model_dir, tiny_data_dir):
     """Sweep runs are judged by their dev loss; a final run that spikes has diverged."""
-    from fflora.train import LossSpikeError, TrainingDivergedError
+    from fflora.recipes.train import LossSpikeError, TrainingDivergedError
 
     spec = _spec(tiny_model_dir, tiny_data_dir, final_max_loss_ratio=3.0)
     assert spec.train_config(Cell("final", "lora", 1e-3, 1), Path("runs")).max_loss_ratio == 3.0
@@ -232,8 +232,8 @@ def test_a_study_keeps_one_device(tiny_model_dir, tiny_data_dir, tmp_path):
 
 def test_a_diverged_cell_is_recorded_and_the_study_goes_on(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
     """A learning rate at which training blows up is a sweep result (never the best), not the study's end."""
-    import fflora.study as study
-    from fflora.train import NonFiniteLossError
+    import fflora.recipes.study as study
+    from fflora.recipes.train import NonFiniteLossError
 
     spec = _spec(tiny_model_dir, tiny_data_dir, seeds={"ffba": 1}, methods={"ffba": {"method": "ffba", "r": 2}})
     real_train = study.train

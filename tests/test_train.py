@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 import fflora
 from fflora.serialization import WEIGHTS_NAME
-from fflora.budget import match_ffba_rank
-from fflora.train import LossSpikeError, NonFiniteLossError, TrainConfig, train
+from fflora.recipes.budget import match_ffba_rank
+from fflora.recipes.train import LossSpikeError, NonFiniteLossError, TrainConfig, train
 
 
 def _cfg(tiny_model_dir, tiny_data_dir, out, **kw):
@@ -30,7 +30,7 @@ def _logged_losses(out):
 
 @pytest.mark.parametrize("method", ["ffba", "zflora"])
 def test_adapter_training_lowers_the_loss_and_writes_the_run(method, tiny_model_dir, tiny_data_dir, tmp_path):
-    from fflora.artifacts import load_trained
+    from fflora.recipes.artifacts import load_trained
 
     out = tmp_path / "run"
     record = train(_cfg(tiny_model_dir, tiny_data_dir, out, method=method, max_steps=12, save_steps=100))
@@ -115,7 +115,7 @@ def test_a_loss_spike_stops_the_run_when_max_loss_ratio_is_set(tiny_model_dir, t
 
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_lora_and_full_fine_tuning_save_loadable_results(method, tiny_model_dir, tiny_data_dir, tmp_path):
-    from fflora.artifacts import load_trained
+    from fflora.recipes.artifacts import load_trained
 
     out = tmp_path / method
     record = train(_cfg(tiny_model_dir, tiny_data_dir, out, method=method, lora_r=2, max_steps=2, save_steps=1))
@@ -171,11 +171,11 @@ def test_two_process_data_parallel_run_on_gloo(tiny_model_dir, tiny_data_dir, tm
 
 
 def test_the_dev_split_is_fixed_held_out_and_scored(tiny_model_dir, tiny_data_dir, tmp_path):
-    from fflora.evaluate import response_loss
-    from fflora.train import dev_records, training_records
+    from fflora.recipes.evaluate import response_loss
+    from fflora.recipes.train import dev_records, training_records
 
     dev = dev_records("commonsense", 16, tiny_data_dir)  # 2 of each of the 8 sets' 8 training records
-    assert len(dev) == 16 and {r["dataset"] for r in dev} == set(fflora.data.COMMONSENSE)
+    assert len(dev) == 16 and {r["dataset"] for r in dev} == set(fflora.recipes.data.COMMONSENSE)
     assert [r["id"] for r in dev] == [r["id"] for r in dev_records("commonsense", 16, tiny_data_dir)]
     for seed in (1, 2):
         cfg = _cfg(tiny_model_dir, tiny_data_dir, tmp_path / f"cfg{seed}", dev_size=16, seed=seed)
@@ -189,9 +189,9 @@ def test_the_dev_split_is_fixed_held_out_and_scored(tiny_model_dir, tiny_data_di
 
 @torch.no_grad()
 def test_response_loss_is_the_token_weighted_training_loss(tiny_model_dir, tiny_data_dir):
-    from fflora.data import load_split
-    from fflora.evaluate import response_loss
-    from fflora.train import tokenize_example
+    from fflora.recipes.data import load_split
+    from fflora.recipes.evaluate import response_loss
+    from fflora.recipes.train import tokenize_example
 
     model, tokenizer = fflora.load_base_model(tiny_model_dir)
     records = load_split("piqa", "train", tiny_data_dir)[:3] + load_split("arc_e", "train", tiny_data_dir)[:2]

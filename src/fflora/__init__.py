@@ -8,8 +8,8 @@ the README's "The method" section.
 __version__ = "0.1.0"
 
 from .bank import BASE_NAME, delete_adapter, list_adapters, select_adapters  # noqa: E402
-from .base_models import load_base_model  # noqa: E402
-from .budget import ffba_parameter_count, lora_parameter_count, zflora_parameter_count  # noqa: E402
+from .models.base_models import load_base_model  # noqa: E402
+from .recipes.budget import ffba_parameter_count, lora_parameter_count, zflora_parameter_count  # noqa: E402
 from .config import FFBAConfig, ZFLoRAConfig  # noqa: E402
 from .fastpath.compile import compile_decode  # noqa: E402
 from .fastpath.plan import plan_gemms  # noqa: E402

@@ -34,10 +34,10 @@ import torch
 from torch import Tensor, nn
 
 from .adapter import PHI
-from .architectures import decoder_layers, sub_blocks
+from .models.architectures import decoder_layers, sub_blocks
 from .config import FFBAConfig
 from .fused import ALIGN, FusedInputProjections, FusedOutputProjection, _unwrap, install_fused
-from .fastpath.gemm import planned_linear
+from .ops.gemm import planned_linear
 from .model import sub_block_ranks
 from .zflora import is_zflora
 

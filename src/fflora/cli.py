@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from .errors import FFloraError
+from .utils.errors import FFloraError
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -46,14 +46,14 @@ def _adapter_config(args, method: str = "ffba"):
 def _model_config(name):
     from transformers import AutoConfig
 
-    from .base_models import default_model_dir
+    from .models.base_models import default_model_dir
 
     return AutoConfig.from_pretrained(default_model_dir() if name is None else name)
 
 
 def cmd_params(args) -> dict:
     """Trainable parameters of FFBA and zFLoRA at rank r next to LoRA on all seven projections."""
-    from .budget import ffba_parameter_count, lora_parameter_count, zflora_parameter_count
+    from .recipes.budget import ffba_parameter_count, lora_parameter_count, zflora_parameter_count
 
     config = _model_config(args.model)
     ffba = ffba_parameter_count(config, _adapter_config(args))
@@ -176,7 +176,7 @@ def cmd_serve(args) -> dict:
 
 
 def cmd_data_prepare(args) -> dict:
-    from .data import default_data_dir, prepare
+    from .recipes.data import default_data_dir, prepare
 
     manifest = prepare(args.tasks, args.data_dir)
     print(f"{'split':<32} {'records':>8}")
@@ -187,7 +187,7 @@ def cmd_data_prepare(args) -> dict:
 
 
 def cmd_train(args) -> dict:
-    from .train import config_from_args, train
+    from .recipes.train import config_from_args, train
 
     record = train(config_from_args(args), resume=args.resume)
     p = record["parameters"]
@@ -198,9 +198,9 @@ def cmd_train(args) -> dict:
 
 
 def cmd_eval(args) -> dict:
-    from .artifacts import load_trained
-    from .base_models import load_base_model
-    from .evaluate import evaluate, format_table
+    from .recipes.artifacts import load_trained
+    from .models.base_models import load_base_model
+    from .recipes.evaluate import evaluate, format_table
 
     if args.adapter and args.method == "base":
         raise ValueError("give either --adapter DIR or --method base, not both")
@@ -224,7 +224,7 @@ def _report_bench(args, settings, run, write, table, folder: str, stem: str) -> 
     """Load the model (the settings are validated first), run a benchmark, write and print its report."""
     from pathlib import Path
 
-    from .base_models import load_base_model
+    from .models.base_models import load_base_model
 
     model, _ = load_base_model(args.model)
     result = run(model, settings)
@@ -259,7 +259,7 @@ def cmd_bench_bank(args) -> dict:
 def cmd_bench_serve(args) -> dict:
     from pathlib import Path
 
-    from .base_models import load_base_model
+    from .models.base_models import load_base_model
     from .bench.serve import ServeBenchSettings, format_serve_table, run_serve_bench, write_serve_bench
 
     settings = ServeBenchSettings(
@@ -278,7 +278,7 @@ def cmd_bench_serve(args) -> dict:
 def cmd_bench_train(args) -> dict:
     from pathlib import Path
 
-    from .base_models import load_base_model
+    from .models.base_models import load_base_model
     from .bench.train import TrainBenchSettings, format_train_table, run_train_bench, write_train_bench
 
     settings = TrainBenchSettings(forms=tuple(args.forms), rank=args.r, batch_size=args.batch_size,
@@ -293,7 +293,7 @@ def cmd_bench_train(args) -> dict:
 
 
 def cmd_study(args) -> dict:
-    from .study import StudySpec, format_aggregate, run_study
+    from .recipes.study import StudySpec, format_aggregate, run_study
 
     spec = StudySpec.load(args.spec)
     if args.device:
@@ -304,13 +304,13 @@ def cmd_study(args) -> dict:
 
 
 def cmd_demo(args) -> dict:
-    from .demo import run_demo
+    from .recipes.demo import run_demo
 
     return run_demo(args.output_dir, quick=args.quick, model=args.model, data_dir=args.data_dir)
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
-    from .train import METHODS, TrainConfig
+    from .recipes.train import METHODS, TrainConfig
 
     d = TrainConfig(method="ffba", task="commonsense", output_dir="")
     p.add_argument("--method", required=True, choices=METHODS)

@@ -26,9 +26,9 @@ import torch
 from torch import Tensor, nn
 
 from .adapter import NEXT_SUB_BLOCK, PHI, LayerState, SubBlockAdapter
-from .architectures import sub_blocks
+from .models.architectures import sub_blocks
 from .fastpath.compile import clear_compiled
-from .fastpath.gemm import GemmPlan, planned_linear
+from .ops.gemm import GemmPlan, planned_linear
 from .layers import AdaptedInputProjection, AdaptedOutputProjection, WrappedProjection, _refer_to
 from .zflora import is_zflora
 

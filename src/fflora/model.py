@@ -6,7 +6,7 @@ from __future__ import annotations
 from torch import nn
 
 from .adapter import SubBlockAdapter
-from .architectures import architecture_of, decoder_layers, sub_blocks
+from .models.architectures import architecture_of, decoder_layers, sub_blocks
 from .config import FFBAConfig, ZFLoRAConfig
 from .fused import unfuse
 from .layers import AdaptedInputProjection, AdaptedOutputProjection, LayerAdapters, ffba_layer_class

@@ -25,9 +25,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__
-from .architectures import architecture_of
+from .models.architectures import architecture_of
 from .config import FFBA_PEFT_TYPE, ZFLORA_PEFT_TYPE, FFBAConfig, ZFLoRAConfig
-from .files import atomic_write, atomic_write_text
+from .utils.files import atomic_write, atomic_write_text
 from .fused import base_projection_weights, refresh_adapter_weights, unfuse
 from .model import apply_ffba, has_ffba, remove_ffba, sub_block_adapters
 from .zflora import is_zflora

@@ -11,7 +11,7 @@ process (compare them by ratios within a cell, never across runs):
 * gather_lora: LoRA as vLLM's torch-native path runs it on CPU: per projection, gather each
                row's A and B from the stacked adapters, then two batched einsums.
 
-LoRA's rank is matched to FFBA's parameter budget (`fflora.budget`). Adapter mixes follow
+LoRA's rank is matched to FFBA's parameter budget (`fflora.recipes.budget`). Adapter mixes follow
 Punica's patterns: identical (one adapter for every row), uniform, zipf (power law, alpha 1.5)
 and distinct (row i uses adapter i mod K).
 """
@@ -30,12 +30,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..budget import LORA_TARGETS, match_lora_rank
+from ..recipes.budget import LORA_TARGETS, match_lora_rank
 from ..config import FFBAConfig
 from ..fused import fuse
 from ..model import apply_ffba
 from ..serialization import adapter_state_dict
-from ..sources import say
+from ..utils.sources import say
 from .latency import _median_spread, _randomize, check_sizes, write_results
 
 MIXES = ("identical", "uniform", "zipf", "distinct")

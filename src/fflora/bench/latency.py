@@ -28,14 +28,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..budget import LORA_TARGETS, ffba_parameter_count, lora_parameter_count, match_lora_rank, zflora_parameter_count
+from ..recipes.budget import LORA_TARGETS, ffba_parameter_count, lora_parameter_count, match_lora_rank, zflora_parameter_count
 from ..config import FFBAConfig, ZFLoRAConfig
 from ..fastpath.compile import compile_decode, decode_step
 from ..fastpath.plan import MODES, plan_gemms
 from ..fused import fuse
 from ..model import apply_ffba
 from ..serialization import adapter_state_dict, load_adapter_state
-from ..sources import say
+from ..utils.sources import say
 
 CONFIGS = ("base", "fused_base", "fused_base_fast", "fused_base_compiled", "lora_unmerged", "lora_merged",
            "ffba_unfused", "ffba_fused", "ffba_fused_fast", "ffba_fused_compiled",

@@ -26,7 +26,7 @@ from ..config import FFBAConfig
 from ..model import apply_ffba, remove_ffba
 from ..serialization import save_adapter
 from ..serving.process import ServerProcess
-from ..sources import say
+from ..utils.sources import say
 from .latency import _randomize, check_sizes, write_results
 
 DISTRIBUTIONS = ("uniform", "powerlaw")

@@ -7,7 +7,7 @@ task, in each data form) in five configurations, interleaved batch by batch in o
 * first_study: float32, right-padded rows, logits at every position (transformers' own loss):
                the recipe of the first accuracy study;
 * fp32_padded / fp32_packed / bf16_padded / bf16_packed: `fflora train` today (logits at the
-               labelled positions only), padded or packed rows (`fflora.examples`), in float32 or
+               labelled positions only), padded or packed rows (`fflora.recipes.examples`), in float32 or
                bfloat16 autocast.
 
 Then two short real runs (`fflora train`, packed, float32 and bfloat16, same seed and data) show
@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 from ..config import FFBAConfig
-from ..examples import token_nll
+from ..recipes.examples import token_nll
 from ..model import apply_ffba
-from ..sources import say
-from ..train import (TrainConfig, build_dataset, collator, dtype_autocast, packed_attention_while, train,
+from ..utils.sources import say
+from ..recipes.train import (TrainConfig, build_dataset, collator, dtype_autocast, packed_attention_while, train,
                      training_records)
 from .latency import check_sizes, write_results
 

@@ -1,7 +1,7 @@
 """The decode fast path of a fused model: each GEMM's weight layout and operand order, by measurement.
 
 A fused model owns every base projection GEMM (and here also takes the LM head), so it can choose
-how each one runs (`fflora.fastpath.gemm`: row- or column-major weight, `x W^T` or `(W x^T)^T`). On an
+how each one runs (`fflora.ops.gemm`: row- or column-major weight, `x W^T` or `(W x^T)^T`). On an
 AVX-512 EPYC with 2 threads, SmolLM2-135M's decode GEMMs, streamed from memory as in a real step:
 
     rows 1: the column-major layout is 1.3x (q|k|v), 1.7x (gate|up) and 1.9x (LM head) faster,
@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ..fused import FusedInputProjections, FusedOutputProjection
 from .compile import drop_compiled_step
-from .gemm import LAYOUTS, ORDERS, GemmPlan, laid_out, layout_of, planned_linear
+from ..ops.gemm import LAYOUTS, ORDERS, GemmPlan, laid_out, layout_of, planned_linear
 
 MODES = ("standard", "transposed", "auto")
 WORKING_SET_BYTES = 256 * 2**20  # larger than the caches: weights come from memory, as in a decode step

@@ -31,7 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from ..bank import BASE_NAME
-from ..sources import say
+from ..utils.sources import say
 from .engine import BankEngine
 from .protocol import (ChatCompletionRequest, CompletionRequest, LoadLoRAAdapterRequest, SamplingRequest,
                        UnloadLoRAAdapterRequest)
@@ -361,7 +361,7 @@ def run_server(model_name_or_path: str | None = None, adapters: dict[str, str] |
     import uvicorn
     from transformers import ContinuousBatchingConfig
 
-    from ..base_models import load_base_model
+    from ..models.base_models import load_base_model
     from ..fused import fuse
     from .engine import sampling_generation_config
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..architectures import sub_blocks
+from ..models.architectures import sub_blocks
 from ..fused import ALIGN, FusedInputProjections, FusedOutputProjection, _unwrap, install_fused
-from ..fastpath.gemm import planned_linear
+from ..ops.gemm import planned_linear
 from .layers import ZInputProjection, ZOutputProjection, ZSubBlockAdapter
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..architectures import architecture_of, decoder_layers, sub_blocks
+from ..models.architectures import architecture_of, decoder_layers, sub_blocks
 from ..config import ZFLoRAConfig
 from ..model import _require_linear
 from .layers import ZHeadMerge, ZInputProjection, ZLayerAdapters, ZNorm, ZOutputProjection, ZSubBlockAdapter, zflora_layer_class
@@ -37,7 +37,7 @@ def apply_zflora(model: nn.Module, config: ZFLoRAConfig) -> nn.Module:
         inputs = [_require_linear(getattr(holder, p), f"{spec.module}.{p}") for p in spec.inputs]
         output = _require_linear(getattr(holder, spec.output), f"{spec.module}.{spec.output}")
         if not hasattr(layer, spec.norm):
-            raise ValueError(f"{type(layer).__name__} has no {spec.norm!r}; fflora.architectures names the wrong pre-norm")
+            raise ValueError(f"{type(layer).__name__} has no {spec.norm!r}; fflora.models.architectures names the wrong pre-norm")
         if name in config.sub_blocks:
             adapters[i, name] = ZSubBlockAdapter(
                 name, input_widths=tuple(p.out_features for p in inputs), d_core=output.in_features, r=config.r,

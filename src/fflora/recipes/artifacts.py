@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .base_models import load_base_model
-from .fused import fuse
-from .serialization import CONFIG_NAME, LEGACY_FORMATS, PEFT_TYPES, load_adapter
+from ..models.base_models import load_base_model
+from ..fused import fuse
+from ..serialization import CONFIG_NAME, LEGACY_FORMATS, PEFT_TYPES, load_adapter
 
 RUN_FILE = "run.json"
 
@@ -58,6 +58,6 @@ def load_trained(path: str | Path, base_model: str | None = None, fused: bool = 
 
 def _known_base(name: str | None) -> str | None:
     """The base recorded with an adapter; the embedded default's name maps back to None (default)."""
-    from .base_models import DEFAULT_MODEL
+    from ..models.base_models import DEFAULT_MODEL
 
     return None if name in (None, DEFAULT_MODEL) else name

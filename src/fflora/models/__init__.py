@@ -1,0 +1,2 @@
+"""The base models fflora adapts: `architectures` (where each supported architecture keeps its
+sub-blocks' projections) and `base_models` (`load_base_model`, the embedded default model)."""
