@@ -11,7 +11,7 @@ import torch
 from conftest import make_model, randomize_adapters
 
 import fflora
-from fflora.bank import BASE_NAME
+from fflora.methods import BASE_NAME, bank_of
 
 TOL = 1e-4
 
@@ -167,10 +167,10 @@ def test_the_bank_writes_only_adapter_rows_and_columns(arch, saved):
 @torch.no_grad()
 def test_gemms_cover_only_the_adapters_present_in_the_batch(arch, saved):
     """The cost of a step follows the adapters in the batch, not all resident ones."""
-    from fflora.fused import ALIGN
+    from fflora.methods.fused import ALIGN
 
     model = _bank(arch, saved)
-    bank = model.ffba_bank
+    bank = bank_of(model)
     assert bank.selection([BASE_NAME, BASE_NAME]).windows == dict.fromkeys(("fa.attn", "fa.mlp", "ba.attn", "ba.mlp"), 0)
     one = bank.selection(["ba2", BASE_NAME])  # loaded fourth of five: moved to the front
     assert one.windows == {"fa.attn": 0, "fa.mlp": 0, "ba.attn": ALIGN, "ba.mlp": ALIGN}
@@ -187,7 +187,7 @@ def test_gemms_cover_only_the_adapters_present_in_the_batch(arch, saved):
 def test_without_rearranging_adapters_stay_in_place_and_rows_are_exact(arch, saved, names):
     """What a continuous-batching engine uses: the window reaches the furthest adapter present."""
     model = _bank(arch, saved)
-    bank = model.ffba_bank
+    bank = bank_of(model)
     offsets = {n: dict(e.offsets) for n, e in bank.entries.items()}
     ids, mask = _left_padded(len(names))
     with fflora.select_adapters(model, names, rearrange=False):
@@ -224,7 +224,7 @@ def test_generation_repeats_names_for_num_return_sequences(arch, saved):
     randomize_adapters(partial, seed=9)
     fflora.save_adapter(partial, saved / "fa8ba3")
     fflora.load_adapter(model, saved / "fa8ba3", adapter_name="fa8ba3")
-    selection = model.ffba_bank.selection(["fa8ba3"])
+    selection = bank_of(model).selection(["fa8ba3"])
     assert selection.masks["fa.attn"] is None and selection.masks["ba.attn"] is not None
     alone = _alone(arch, saved, "fa8ba3")  # make_model seeds torch: build it before seeding the sampler
     sample = dict(num_return_sequences=2, do_sample=True, top_k=5, max_new_tokens=3, pad_token_id=0)
@@ -259,7 +259,7 @@ def test_unfuse_drops_the_bank_and_restores_the_plain_base(arch, saved):
 
 
 def _bank_snapshot(model):
-    bank = model.ffba_bank
+    bank = bank_of(model)
     weights = [t.clone() for _, _, g, o in bank.blocks for t in (g.weight, o.weight)]
     return bank.names(), {n: dict(e.offsets) for n, e in bank.entries.items()}, weights
 

@@ -5,7 +5,7 @@ from conftest import make_model
 
 import fflora
 from fflora.bench.latency import EAGER_CONFIGS, BenchSettings, format_bench_table, run_bench, tensor_bytes, write_bench
-from fflora.serialization import adapter_state_dict, load_adapter_state
+from fflora.methods import adapter_state_dict, load_adapter_state
 
 
 def _settings(**kw):

@@ -3,7 +3,7 @@
 import pytest
 
 import fflora
-from fflora.model import has_ffba
+from fflora.methods import has_adapter
 from fflora.bench.train import CONFIGS, TrainBenchSettings, format_train_table, run_train_bench, write_train_bench
 
 
@@ -12,7 +12,7 @@ def test_train_bench_times_every_configuration_and_runs_both_dtypes(tiny_model_d
     settings = TrainBenchSettings(rank=2, batch_size=2, max_length=1024, steps=1, curve_steps=2,
                                   model=str(tiny_model_dir), data_dir=str(tiny_data_dir))
     result = run_train_bench(model, tokenizer, settings)
-    assert not has_ffba(model)  # the adapters went on copies: the base model is left as it was
+    assert not has_adapter(model)  # the adapters went on copies: the base model is left as it was
     for form in ("instruction", "cloze"):
         t = result["throughput"][form]
         assert set(t["configs"]) == set(CONFIGS) and t["tokens"] <= t["padded_positions"]

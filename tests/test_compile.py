@@ -6,7 +6,7 @@ import torch
 from conftest import FAMILIES, make_model, randomize_adapters
 
 import fflora
-from fflora.fastpath.compile import decode_step
+from fflora.fastpath.compile import decode_step, is_compiled
 
 
 @pytest.fixture
@@ -74,7 +74,7 @@ def test_compiled_decoding_gives_the_eager_tokens_and_unfuse_undoes_it(family, f
     fflora.unfuse(model)
     config = model.generation_config
     assert (config.cache_implementation, config.compile_config) == (None, None)
-    assert "_compiled_call" not in model.__dict__ and not hasattr(model, "ffba_compiled")
+    assert "_compiled_call" not in model.__dict__ and not is_compiled(model)
 
 
 @pytest.mark.parametrize("freezing", [False, True])

@@ -6,7 +6,7 @@ from conftest import make_model, randomize_adapters
 from transformers import ContinuousBatchingConfig, GenerationConfig
 
 import fflora
-from fflora.bank import BASE_NAME
+from fflora.methods.ffba.bank import BASE_NAME
 from fflora.serving import BankEngine, sampling_generation_config
 
 CONFIGS = {"ffba": fflora.FFBAConfig(r=4, alpha=8), "ba": fflora.FFBAConfig(r=8, forward=False)}

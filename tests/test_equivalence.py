@@ -6,8 +6,8 @@ import torch
 from conftest import make_model, randomize_adapters
 
 import fflora
-from fflora.fused import FusedInputSlice, FusedOutputProjection
-from fflora.layers import WrappedProjection
+from fflora.methods.fused import FusedInputSlice, FusedOutputProjection
+from fflora.methods.layers import WrappedProjection
 
 TOL = 1e-4
 
@@ -212,7 +212,7 @@ def test_a_projection_that_is_not_nn_linear_is_refused_before_anything_changes()
 
 def test_fused_gemms_widened_by_adapters_have_aligned_sizes():
     """Odd GEMM sizes are slow on CPU: adapter rows/columns are zero-padded to a multiple of 8."""
-    from fflora.fused import ALIGN
+    from fflora.methods.fused import ALIGN
 
     model = fflora.apply_ffba(make_model("qwen2"), fflora.FFBAConfig(r=3, r_backward=5))
     fflora.fuse(model)

@@ -13,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import fflora
+from fflora.methods.fused_state import fused_state
 from conftest import make_model, randomize_adapters
 
 IDS = torch.tensor([[5, 9, 3, 17, 42, 8, 11, 2], [7, 7, 1, 30, 64, 12, 5, 9]])
@@ -40,7 +41,7 @@ def test_import_registers_both_methods():
     assert peft.mapping.PEFT_TYPE_TO_TUNER_MAPPING["FFBA"] is fflora.FFBAModel
     assert peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING["ZFLORA"] is fflora.ZFLoRAConfig
     assert peft.mapping.PEFT_TYPE_TO_TUNER_MAPPING["ZFLORA"] is fflora.ZFLoRAModel
-    fflora.tuner.register()  # idempotent
+    fflora.methods.registration.register()  # idempotent
     assert peft.mapping.PEFT_TYPE_TO_TUNER_MAPPING["FFBA"] is fflora.FFBAModel
 
 
@@ -95,7 +96,7 @@ def test_merge_and_unload_is_the_fused_form(arch, adapter_config):
     want = logits(model)
     merged = model.merge_and_unload()
     assert not isinstance(merged, PeftModel) and not hasattr(merged, "peft_config")
-    assert merged.ffba_fused
+    assert fused_state(merged) is not None
     torch.testing.assert_close(logits(merged), want, rtol=1e-4, atol=1e-4)
 
 
@@ -103,7 +104,7 @@ def test_merge_adapter_fuses_in_place_and_unmerge_restores(arch, adapter_config)
     model = peft_model(arch, adapter_config)
     want = logits(model)
     model.merge_adapter()
-    assert model.get_base_model().ffba_fused
+    assert fused_state(model.get_base_model()) is not None
     torch.testing.assert_close(logits(model), want, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match=r"call unmerge_adapter\(\) before switching it off"):
         with model.disable_adapter():
@@ -149,7 +150,7 @@ def test_zflora_first_sub_block_does_not_read_the_state():
     model = get_peft_model(make_model("llama"), fflora.ZFLoRAConfig(r=8))
     first = model.get_base_model().model.layers[0].zflora
     assert first.attn.z_in is None and first.mlp.z_in is not None
-    assert "layers.0.attn.z_in" not in fflora.serialization.adapter_parameters(model.get_base_model())
+    assert "layers.0.attn.z_in" not in fflora.methods.adapter_parameters(model.get_base_model())
     mlp_first = get_peft_model(make_model("llama"), fflora.ZFLoRAConfig(r=8, sub_blocks=("mlp",)))
     assert mlp_first.get_base_model().model.layers[0].zflora.mlp.z_in is None
     assert mlp_first.get_nb_trainable_parameters()[0] == fflora.zflora_parameter_count(
@@ -171,7 +172,7 @@ def test_one_format_both_ways(kind, tmp_path):
     with safe_open(tmp_path / "fflora" / "adapter_model.safetensors", framework="pt") as f:
         names, metadata = set(f.keys()), f.metadata()
     assert all(n.startswith("base_model.model.model.") for n in names) and len(names) == len(
-        fflora.serialization.adapter_parameters(model))
+        fflora.methods.adapter_parameters(model))
     assert json.loads(metadata["fflora_base_model"])["model_type"] == "qwen2"
     via_peft = PeftModel.from_pretrained(make_model("qwen2"), tmp_path / "fflora")
     torch.testing.assert_close(logits(via_peft), want, rtol=0, atol=1e-6)

@@ -21,7 +21,7 @@ def _arguments(out, **kwargs) -> dict:
 
 
 def _adapter_state(model) -> dict:
-    return {k: v.detach().clone() for k, v in fflora.serialization.adapter_parameters(model.get_base_model()).items()}
+    return {k: v.detach().clone() for k, v in fflora.methods.adapter_parameters(model.get_base_model()).items()}
 
 
 def test_trainer_with_gradient_checkpointing_trains_the_same_adapter(arch, adapter_config, tmp_path):

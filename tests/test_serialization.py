@@ -6,7 +6,7 @@ import torch
 from conftest import make_model, randomize_adapters
 
 import fflora
-from fflora.serialization import CONFIG_NAME, WEIGHTS_NAME
+from fflora.methods.serialization import CONFIG_NAME, WEIGHTS_NAME
 
 
 def _ids():
@@ -69,7 +69,7 @@ def test_base_with_other_weights_warns_or_fails_when_strict(tmp_path):
 
 
 def test_fingerprint_is_the_same_in_every_form(tmp_path):
-    from fflora.serialization import base_model_fingerprint
+    from fflora.methods.serialization import base_model_fingerprint
 
     model = make_model("gemma3_text")
     plain = base_model_fingerprint(model)

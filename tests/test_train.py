@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import fflora
-from fflora.serialization import WEIGHTS_NAME
+from fflora.methods.serialization import WEIGHTS_NAME
 from fflora.recipes.budget import match_ffba_rank
 from fflora.recipes.train import LossSpikeError, NonFiniteLossError, TrainConfig, train
 

@@ -7,11 +7,11 @@ import torch
 from conftest import make_model, randomize_adapters
 
 import fflora
-import fflora.serialization
+import fflora.methods
 
 
 # zFLoRA's state is zero at the first attention, so its read B_in there gets no gradient (the
-# design's parameter formula counts it; see fflora.zflora.layers).
+# design's parameter formula counts it; see fflora.methods.zflora.layers).
 FIRST_READ = "layers.0.zflora.attn.z_in"
 
 
@@ -30,7 +30,7 @@ def test_only_adapters_get_gradients_and_base_is_untouched(arch, adapter_config)
     randomize_adapters(model)
     model.train()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and set(fflora.serialization.adapter_parameters(model).values()) == {
+    assert trainable and set(fflora.methods.adapter_parameters(model).values()) == {
         p for p in model.parameters() if p.requires_grad}
     base_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     adapters_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

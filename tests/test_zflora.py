@@ -11,9 +11,9 @@ from conftest import make_model, randomize_adapters
 from transformers import LlamaConfig
 
 import fflora
-from fflora.serialization import CONFIG_NAME, WEIGHTS_NAME
-from fflora.zflora.fused import ZFusedInputProjections, ZFusedOutputProjection, fused_state_width
-from fflora.zflora.layers import ZHeadMerge, ZNorm
+from fflora.methods.serialization import CONFIG_NAME, WEIGHTS_NAME
+from fflora.methods.zflora.fused import ZFusedInputProjections, ZFusedOutputProjection, fused_state_width
+from fflora.methods.zflora.layers import ZHeadMerge, ZNorm
 
 TOL = 1e-4
 

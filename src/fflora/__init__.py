@@ -5,25 +5,30 @@ equations are not public: the method implemented here is our reading of it, writ
 the README's "The method" section.
 """
 
-__version__ = "0.1.0"
-
-from .bank import BASE_NAME, delete_adapter, list_adapters, select_adapters  # noqa: E402
-from .models.base_models import load_base_model  # noqa: E402
-from .recipes.budget import ffba_parameter_count, lora_parameter_count, zflora_parameter_count  # noqa: E402
-from .config import FFBAConfig, ZFLoRAConfig  # noqa: E402
-from .fastpath.compile import compile_decode  # noqa: E402
-from .fastpath.plan import plan_gemms  # noqa: E402
-from .fused import fuse, unfuse  # noqa: E402
-from .model import (  # noqa: E402
+from .fastpath.compile import compile_decode
+from .fastpath.plan import plan_gemms
+from .methods.adapters import (
     apply_adapter,
     apply_ffba,
+    fuse,
     parameter_summary,
     print_trainable_parameters,
     remove_adapter,
     remove_ffba,
+    unfuse,
 )
-from .serialization import BaseModelMismatchWarning, load_adapter, save_adapter  # noqa: E402
-from .tuner import FFBAModel, ZFLoRAModel, register  # noqa: E402
+from .methods.ffba.bank import BASE_NAME, delete_adapter, list_adapters, select_adapters
+from .methods.ffba.config import FFBAConfig
+from .methods.ffba.method import ffba_parameter_count
+from .methods.ffba.tuner import FFBAModel
+from .methods.registration import register
+from .methods.serialization import BaseModelMismatchWarning, load_adapter, save_adapter
+from .methods.zflora.config import ZFLoRAConfig
+from .methods.zflora.method import zflora_parameter_count
+from .methods.zflora.tuner import ZFLoRAModel
+from .models.base_models import load_base_model
+from .recipes.budget import lora_parameter_count
+from .utils.version import __version__
 
 register()  # FFBA and ZFLORA in PEFT's registries: get_peft_model, PeftModel.from_pretrained
 

@@ -8,9 +8,29 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
+from transformers import AutoConfig
 
+from .bench.bank import MIXES, BankBenchSettings, format_bank_table, run_bank_bench, write_bank_bench
+from .bench.latency import BenchSettings, format_bench_table, run_bench, write_bench
+from .bench.serve import DISTRIBUTIONS, ServeBenchSettings, format_serve_table, run_serve_bench, write_serve_bench
+from .bench.train import TrainBenchSettings, format_train_table, run_train_bench, write_train_bench
+from .fastpath.compile import compile_decode
+from .fastpath.plan import plan_gemms
+from .methods import FFBAConfig, ZFLoRAConfig, apply_adapter, fuse, load_adapter
+from .methods.ffba.method import ffba_parameter_count
+from .methods.zflora.method import zflora_parameter_count
+from .models.base_models import default_model_dir, load_base_model
+from .recipes.artifacts import load_trained
+from .recipes.budget import lora_parameter_count
+from .recipes.data import default_data_dir, prepare
+from .recipes.demo import run_demo
+from .recipes.evaluate import evaluate, format_table
+from .recipes.study import StudySpec, format_aggregate, run_study
+from .recipes.train import METHODS, TrainConfig, config_from_args, train
+from .serving.api_server import run_server
 from .utils.errors import FFloraError
 
 
@@ -20,8 +40,6 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 
 def _add_adapter_options(p: argparse.ArgumentParser) -> None:
     """--rank, --alpha and --sub-blocks (FFBA and zFLoRA); --phi, --no-forward, --no-backward (FFBA)."""
-    from .config import FFBAConfig
-
     d = FFBAConfig()
     # Not "--r": torchrun's parser would take it for an abbreviation of its own options.
     p.add_argument("--rank", dest="r", type=int, default=d.r, help=f"adapter rank (default {d.r})")
@@ -34,8 +52,6 @@ def _add_adapter_options(p: argparse.ArgumentParser) -> None:
 
 def _adapter_config(args, method: str = "ffba"):
     """The FFBAConfig (or, for method "zflora", the ZFLoRAConfig: rank, alpha, sub-blocks) the options describe."""
-    from .config import FFBAConfig, ZFLoRAConfig
-
     sub_blocks = tuple(s for s in args.sub_blocks.split(",") if s)
     if method == "zflora":
         return ZFLoRAConfig(r=args.r, alpha=args.alpha, sub_blocks=sub_blocks)
@@ -44,17 +60,11 @@ def _adapter_config(args, method: str = "ffba"):
 
 
 def _model_config(name):
-    from transformers import AutoConfig
-
-    from .models.base_models import default_model_dir
-
     return AutoConfig.from_pretrained(default_model_dir() if name is None else name)
 
 
 def cmd_params(args) -> dict:
     """Trainable parameters of FFBA and zFLoRA at rank r next to LoRA on all seven projections."""
-    from .recipes.budget import ffba_parameter_count, lora_parameter_count, zflora_parameter_count
-
     config = _model_config(args.model)
     ffba = ffba_parameter_count(config, _adapter_config(args))
     zflora = zflora_parameter_count(config, _adapter_config(args, "zflora"))
@@ -81,10 +91,6 @@ def _chat_batch(tokenizer, prompts):
 @torch.no_grad()
 def cmd_verify(args) -> dict:
     """Fused vs training form on real prompts: max |logit difference| and greedy-token equality."""
-    from . import fuse
-
-    from . import apply_ffba, load_adapter, load_base_model
-
     torch.manual_seed(args.seed)
     model, tokenizer = load_base_model(args.model)
     batch = _chat_batch(tokenizer, args.prompt)
@@ -93,7 +99,7 @@ def cmd_verify(args) -> dict:
     if args.adapter:
         load_adapter(model, args.adapter)
     else:  # a fresh adapter is the identity: give it random weights to test something
-        apply_ffba(model, _adapter_config(args, args.method))
+        apply_adapter(model, _adapter_config(args, args.method))
         for p in model.parameters():
             if p.requires_grad:
                 p.normal_(0, args.init_std)
@@ -118,8 +124,6 @@ def cmd_verify(args) -> dict:
 
 @torch.no_grad()
 def cmd_generate(args) -> dict:
-    from . import fuse, load_adapter, load_base_model
-
     if args.unfused and (args.gemm_plan != "standard" or args.compile != "off"):
         raise ValueError("--gemm-plan and --compile apply to the fused form; drop --unfused, or them")
     model, tokenizer = load_base_model(args.model)
@@ -128,12 +132,8 @@ def cmd_generate(args) -> dict:
     if not args.unfused:
         fuse(model)
         if args.gemm_plan != "standard":
-            from .fastpath.plan import plan_gemms
-
             plan_gemms(model, args.gemm_plan, rows=(len(args.prompt),))
         if args.compile != "off":
-            from .fastpath.compile import compile_decode
-
             compile_decode(model, freezing=args.compile == "freezing")
     batch = _chat_batch(tokenizer, args.prompt)
     torch.manual_seed(args.seed)
@@ -146,8 +146,6 @@ def cmd_generate(args) -> dict:
 
 
 def cmd_serve(args) -> dict:
-    from .serving.api_server import run_server
-
     adapters = {}
     for spec in args.adapter:
         name, sep, path = spec.partition("=")
@@ -176,8 +174,6 @@ def cmd_serve(args) -> dict:
 
 
 def cmd_data_prepare(args) -> dict:
-    from .recipes.data import default_data_dir, prepare
-
     manifest = prepare(args.tasks, args.data_dir)
     print(f"{'split':<32} {'records':>8}")
     for key, entry in manifest["splits"].items():
@@ -187,8 +183,6 @@ def cmd_data_prepare(args) -> dict:
 
 
 def cmd_train(args) -> dict:
-    from .recipes.train import config_from_args, train
-
     record = train(config_from_args(args), resume=args.resume)
     p = record["parameters"]
     print(f"{args.method}: {p['trainable']:,} trainable parameters, {record['global_step']} steps, "
@@ -198,10 +192,6 @@ def cmd_train(args) -> dict:
 
 
 def cmd_eval(args) -> dict:
-    from .recipes.artifacts import load_trained
-    from .models.base_models import load_base_model
-    from .recipes.evaluate import evaluate, format_table
-
     if args.adapter and args.method == "base":
         raise ValueError("give either --adapter DIR or --method base, not both")
     if args.adapter:
@@ -222,9 +212,6 @@ def cmd_eval(args) -> dict:
 
 def _report_bench(args, settings, run, write, table, folder: str, stem: str) -> dict:
     """Load the model (the settings are validated first), run a benchmark, write and print its report."""
-    from pathlib import Path
-
-    from .models.base_models import load_base_model
 
     model, _ = load_base_model(args.model)
     result = run(model, settings)
@@ -235,8 +222,6 @@ def _report_bench(args, settings, run, write, table, folder: str, stem: str) -> 
 
 
 def cmd_bench(args) -> dict:
-    from .bench.latency import BenchSettings, format_bench_table, run_bench, write_bench
-
     settings = BenchSettings(
         prompt_len=args.prompt_len, new_tokens=args.new_tokens, batch_sizes=tuple(args.batch_sizes),
         repeats=args.repeats, warmup=args.warmup, rank=args.r, lora_rank=args.lora_r, threads=args.threads,
@@ -247,8 +232,6 @@ def cmd_bench(args) -> dict:
 
 
 def cmd_bench_bank(args) -> dict:
-    from .bench.bank import BankBenchSettings, format_bank_table, run_bank_bench, write_bank_bench
-
     settings = BankBenchSettings(
         batch_sizes=tuple(args.batch_sizes), resident=tuple(args.resident), mixes=tuple(args.mixes), rank=args.r,
         lora_rank=args.lora_r, prompt_len=args.prompt_len, steps=args.steps, rounds=args.rounds, threads=args.threads,
@@ -257,11 +240,6 @@ def cmd_bench_bank(args) -> dict:
 
 
 def cmd_bench_serve(args) -> dict:
-    from pathlib import Path
-
-    from .models.base_models import load_base_model
-    from .bench.serve import ServeBenchSettings, format_serve_table, run_serve_bench, write_serve_bench
-
     settings = ServeBenchSettings(
         adapters=tuple(args.adapters), distributions=tuple(args.distributions), rate=args.rate,
         requests=args.requests, prompt_len=tuple(args.prompt_len), output_len=tuple(args.output_len),
@@ -276,11 +254,6 @@ def cmd_bench_serve(args) -> dict:
 
 
 def cmd_bench_train(args) -> dict:
-    from pathlib import Path
-
-    from .models.base_models import load_base_model
-    from .bench.train import TrainBenchSettings, format_train_table, run_train_bench, write_train_bench
-
     settings = TrainBenchSettings(forms=tuple(args.forms), rank=args.r, batch_size=args.batch_size,
                                   max_length=args.max_length, steps=args.steps, curve_steps=args.curve_steps,
                                   seed=args.seed, model=args.model, data_dir=args.data_dir)
@@ -293,8 +266,6 @@ def cmd_bench_train(args) -> dict:
 
 
 def cmd_study(args) -> dict:
-    from .recipes.study import StudySpec, format_aggregate, run_study
-
     spec = StudySpec.load(args.spec)
     if args.device:
         spec = dataclasses.replace(spec, device=args.device)
@@ -304,14 +275,10 @@ def cmd_study(args) -> dict:
 
 
 def cmd_demo(args) -> dict:
-    from .recipes.demo import run_demo
-
     return run_demo(args.output_dir, quick=args.quick, model=args.model, data_dir=args.data_dir)
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
-    from .recipes.train import METHODS, TrainConfig
-
     d = TrainConfig(method="ffba", task="commonsense", output_dir="")
     p.add_argument("--method", required=True, choices=METHODS)
     p.add_argument("--task", required=True, choices=["commonsense", "math", "summary"])
@@ -406,7 +373,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=None, help="default: runs/bench-<time>")
     p.set_defaults(func=cmd_bench)
     suites = p.add_subparsers(dest="suite", metavar="{bank,serve,train}", help="another benchmark instead of the latency one")
-    from .bench.bank import MIXES, BankBenchSettings
 
     d = BankBenchSettings()
     q = suites.add_parser("bank", help="multi-adapter decode: fused bank vs PEFT mixed batch vs gather LoRA vs fused base")
@@ -423,7 +389,6 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--output-dir", default=None, help="default: runs/bench-bank-<time>")
     q.set_defaults(func=cmd_bench_bank)
 
-    from .bench.serve import DISTRIBUTIONS, ServeBenchSettings
 
     d = ServeBenchSettings()
     q = suites.add_parser("serve", help="end to end: fflora serve under Poisson load, batched vs one request at a time")
@@ -440,7 +405,6 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--output-dir", default=None, help="default: runs/bench-serve-<time>")
     q.set_defaults(func=cmd_bench_serve)
 
-    from .bench.train import TrainBenchSettings
 
     d = TrainBenchSettings()
     q = suites.add_parser("train", help="training throughput: dtype x padded/packed, and fp32 vs bf16 loss curves")

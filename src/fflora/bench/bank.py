@@ -5,7 +5,7 @@ adapter mix and number of resident adapters K, four methods are measured interle
 process (compare them by ratios within a cell, never across runs):
 
 * fused_base:  the fused base model, no adapter (the floor);
-* bank:        FFBA adapters in the fused bank, `adapter_names=` per row (`fflora.bank`);
+* bank:        FFBA adapters in the fused bank, `adapter_names=` per row (`fflora.methods.ffba.bank`);
 * peft_mixed:  PEFT LoRA with K adapters loaded, `adapter_names=` per row (PEFT's mixed batch:
                per projection, one extra pair of GEMMs per adapter present in the batch);
 * gather_lora: LoRA as vLLM's torch-native path runs it on CPU: per projection, gather each
@@ -30,11 +30,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..methods import FFBAConfig, adapter_state_dict, apply_adapter, bank_of, fuse
 from ..recipes.budget import LORA_TARGETS, match_lora_rank
-from ..config import FFBAConfig
-from ..fused import fuse
-from ..model import apply_ffba
-from ..serialization import adapter_state_dict
 from ..utils.sources import say
 from .latency import _median_spread, _randomize, check_sizes, write_results
 
@@ -114,7 +111,7 @@ def gather_rows(rows: list[int]):
 @torch.no_grad()
 def ffba_states(base: nn.Module, config: FFBAConfig, count: int, seed: int) -> list[dict[str, Tensor]]:
     """`count` FFBA adapters with random weights, as canonical state dicts."""
-    model = apply_ffba(copy.deepcopy(base), config)
+    model = apply_adapter(copy.deepcopy(base), config)
     states = []
     for k in range(count):
         _randomize(model, seed + k)
@@ -226,7 +223,7 @@ def run_bank_bench(base: nn.Module, settings: BankBenchSettings) -> dict:
     for resident, batch, mix in progress:
         if loaded != resident:  # the bank and the gather stacks hold K adapters; PEFT holds all of them
             for k in range(loaded, resident):
-                bank_model.ffba_bank.add(f"ffba{k}", config, states[k])
+                bank_of(bank_model).add(f"ffba{k}", config, states[k])
             runners["gather_lora"] = _Runner(gather_lora_from_peft(base, peft_model, [f"a{k}" for k in range(resident)]),
                                              "gather_lora")
             loaded = resident

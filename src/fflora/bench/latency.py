@@ -28,13 +28,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..recipes.budget import LORA_TARGETS, ffba_parameter_count, lora_parameter_count, match_lora_rank, zflora_parameter_count
-from ..config import FFBAConfig, ZFLoRAConfig
-from ..fastpath.compile import compile_decode, decode_step
+from ..fastpath.compile import compile_decode, decode_step, is_compiled
 from ..fastpath.plan import MODES, plan_gemms
-from ..fused import fuse
-from ..model import apply_ffba
-from ..serialization import adapter_state_dict, load_adapter_state
+from ..methods import FFBAConfig, ZFLoRAConfig, adapter_state_dict, apply_adapter, fuse, load_adapter_state
+from ..methods.ffba.method import ffba_parameter_count
+from ..methods.zflora.method import zflora_parameter_count
+from ..recipes.budget import LORA_TARGETS, lora_parameter_count, match_lora_rank
 from ..utils.sources import say
 
 CONFIGS = ("base", "fused_base", "fused_base_fast", "fused_base_compiled", "lora_unmerged", "lora_merged",
@@ -132,7 +131,7 @@ def _randomize(model: nn.Module, seed: int, std: float = 0.02) -> None:
 def _adapted(model: nn.Module, family: str, rank: int) -> nn.Module:
     """`model` with a fresh FFBA ("ffba") or zFLoRA ("zflora") adapter of rank `rank`."""
     config = {"ffba": FFBAConfig, "zflora": ZFLoRAConfig}[family](r=rank, alpha=2 * rank)
-    return apply_ffba(model, config)
+    return apply_adapter(model, config)
 
 
 def _lora(model: nn.Module, rank: int) -> nn.Module:
@@ -179,7 +178,7 @@ def time_generation(model: nn.Module, input_ids: torch.Tensor, new_tokens: int) 
     step decodes as `generate` does then: static cache, eager prefill, compiled steps."""
     from transformers import DynamicCache, StaticCache
 
-    compiled = hasattr(model, "ffba_compiled")
+    compiled = is_compiled(model)
     prompt_len = input_ids.shape[1]
     if compiled:
         cache, step = StaticCache(config=model.config, max_cache_len=prompt_len + new_tokens), decode_step(model)

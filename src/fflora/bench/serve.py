@@ -22,9 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from ..config import FFBAConfig
-from ..model import apply_ffba, remove_ffba
-from ..serialization import save_adapter
+from ..methods import FFBAConfig, apply_adapter, remove_adapter, save_adapter
 from ..serving.process import ServerProcess
 from ..utils.sources import say
 from .latency import _randomize, check_sizes, write_results
@@ -133,11 +131,11 @@ def make_adapters(base, folder: Path, count: int, rank: int, seed: int) -> list[
     """`count` random FFBA adapters of rank `rank` for `base` (the weights do not change the timing)."""
     paths = []
     for i in range(count):
-        adapted = apply_ffba(base, FFBAConfig(r=rank))
+        adapted = apply_adapter(base, FFBAConfig(r=rank))
         _randomize(adapted, seed + i)
         paths.append(folder / f"a{i}")
         save_adapter(adapted, paths[-1])
-        remove_ffba(adapted)
+        remove_adapter(adapted)
     return paths
 
 

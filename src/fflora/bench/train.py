@@ -25,12 +25,11 @@ from pathlib import Path
 
 import torch
 
-from ..config import FFBAConfig
+from ..methods import FFBAConfig, apply_adapter
 from ..recipes.examples import token_nll
-from ..model import apply_ffba
-from ..utils.sources import say
 from ..recipes.train import (TrainConfig, build_dataset, collator, dtype_autocast, packed_attention_while, train,
                      training_records)
+from ..utils.sources import say
 from .latency import check_sizes, write_results
 
 CONFIGS = {  # name -> (dtype, packed, logits at every position)
@@ -118,7 +117,7 @@ def run_train_bench(model, tokenizer, settings: TrainBenchSettings) -> dict:
     """Throughput per form and configuration, then the fp32 / bf16 loss curves."""
     torch.manual_seed(settings.seed)
     tokenizer.padding_side = "right"
-    adapted = apply_ffba(copy.deepcopy(model), FFBAConfig(r=settings.rank, alpha=2.0 * settings.rank))
+    adapted = apply_adapter(copy.deepcopy(model), FFBAConfig(r=settings.rank, alpha=2.0 * settings.rank))
     adapted.train()
     result = {"settings": asdict(settings), "threads": torch.get_num_threads(), "throughput": {}}
     for form in settings.forms:

@@ -21,6 +21,9 @@ from typing import Callable
 
 import torch
 from torch import nn
+from transformers import CompileConfig
+
+from ..methods.fused_state import drop_compiled_step, fused_state, require_fused
 
 RECOMPILE_LIMIT = 64
 
@@ -34,17 +37,14 @@ def compile_decode(model: nn.Module, freezing: bool = False) -> nn.Module:
     model, frozen or not, and checks the tokens follow them), so it is safe; on SmolLM2 here it was no
     faster than without it (`fflora bench --compile-freezing`, README).
     """
-    from transformers import CompileConfig
-
-    if not getattr(model, "ffba_fused", False):
-        raise ValueError("compile_decode needs a fused model: call fflora.fuse(model) first "
-                         "(the training form is not compiled)")
-    if getattr(model, "ffba_bank", None) is not None:
+    state = require_fused(model, "compile_decode needs a fused model: call fflora.fuse(model) first "
+                                 "(the training form is not compiled)")
+    if state.bank is not None:
         raise ValueError("a model fused with an adapter bank is not compiled (each batch selects its adapters "
                          "in Python); fuse it with a single adapter, or serve the bank uncompiled")
     config = model.generation_config
-    if not hasattr(model, "ffba_compiled"):  # present while compiled: the settings to restore
-        model.ffba_compiled = (config.cache_implementation, config.compile_config)
+    if state.compiled is None:  # the settings to restore on unfuse
+        state.compiled = (config.cache_implementation, config.compile_config)
     compile_config = CompileConfig(fullgraph=True, dynamic=False, mode=None,  # inductor defaults (no CUDA graphs)
                                    options={"freezing": True} if freezing else None)
     compile_config._compile_all_devices = True  # transformers compiles on CUDA-like devices only, unless told
@@ -56,24 +56,14 @@ def compile_decode(model: nn.Module, freezing: bool = False) -> nn.Module:
     return model
 
 
+def is_compiled(model: nn.Module) -> bool:
+    """Whether `compile_decode` ran on this (fused) model."""
+    state = fused_state(model)
+    return state is not None and state.compiled is not None
+
+
 def decode_step(model: nn.Module) -> Callable:
     """The compiled forward that `generate` uses for decode steps (call it with a `StaticCache`)."""
-    if not hasattr(model, "ffba_compiled"):
+    if not is_compiled(model):
         raise ValueError("this model has no compiled decode step; call fflora.compile_decode(model) first")
     return model.get_compiled_call(model.generation_config.compile_config)
-
-
-def drop_compiled_step(model: nn.Module) -> None:
-    """Forget the compiled callable (it is built again, from the current model, when next needed)."""
-    model.__dict__.pop("_compiled_call", None)
-    model.__dict__.pop("_last_compile_config", None)
-
-
-def clear_compiled(model: nn.Module) -> None:
-    """Undo `compile_decode`: the model's own generation settings, no compiled step."""
-    if not hasattr(model, "ffba_compiled"):
-        return
-    config = model.generation_config
-    config.cache_implementation, config.compile_config = model.ffba_compiled
-    del model.ffba_compiled
-    drop_compiled_step(model)

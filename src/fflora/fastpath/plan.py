@@ -17,7 +17,7 @@ a few seconds (`report["seconds"]`): a warm-up cost paid once, at fuse time or w
 
 Values never change, only their order in memory and the kernel that reads them: every plan stays
 within float tolerance of the training form (tests run the equivalence checks under each mode),
-and `fflora.unfuse` returns row-major nn.Linear weights and a plain LM head.
+and `fflora.unfuse` returns row-major nn.Linear weights and a plain LM head (`FusedState.undo_fast_path`).
 """
 
 from __future__ import annotations
@@ -25,30 +25,19 @@ from __future__ import annotations
 import time
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from ..fused import FusedInputProjections, FusedOutputProjection
-from .compile import drop_compiled_step
-from ..ops.gemm import LAYOUTS, ORDERS, GemmPlan, laid_out, layout_of, planned_linear
+from ..methods.fused_state import drop_compiled_step, require_fused
+from ..ops.gemm import LAYOUTS, ORDERS, GemmPlan, PlannedLinear, planned_linear, set_gemm_plan
 
 MODES = ("standard", "transposed", "auto")
 WORKING_SET_BYTES = 256 * 2**20  # larger than the caches: weights come from memory, as in a decode step
 MAX_COPIES = 256  # of one small weight in that working set (bounds the number of timed calls)
 
 
-class PlannedLinear(nn.Linear):
-    """An nn.Linear (the LM head) that follows `gemm_plan`. Set by swapping the module's class, so the
-    module, its parameters and their ties (the LM head is often the embedding matrix) stay the same."""
-
-    gemm_plan: GemmPlan | None = None
-
-    def forward(self, x: Tensor) -> Tensor:
-        return planned_linear(x, self.weight, self.bias, self.gemm_plan)
-
-
 def planned_modules(model: nn.Module) -> list[nn.Module]:
     """The modules whose GEMMs a plan covers: every fused GEMM and a plain nn.Linear LM head."""
-    modules = [m for m in model.modules() if isinstance(m, (FusedInputProjections, FusedOutputProjection))]
+    modules = list(require_fused(model, "GEMM plans are part of the fused form; call fflora.fuse(model) first").gemms)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if type(head) in (nn.Linear, PlannedLinear):
         modules.append(head)
@@ -111,8 +100,7 @@ def plan_gemms(model: nn.Module, mode: str = "auto", rows: tuple[int, ...] = (1,
         raise ValueError(f"gemm plan must be one of {list(MODES)}, got {mode!r}")
     if not rows or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in rows):
         raise ValueError(f"rows must be integers >= 1 (the decode batch sizes to tune for), got {list(rows)}")
-    if not getattr(model, "ffba_fused", False):
-        raise ValueError("GEMM plans are part of the fused form; call fflora.fuse(model) first")
+    state = require_fused(model, "GEMM plans are part of the fused form; call fflora.fuse(model) first")
     start = time.perf_counter()
     modules = planned_modules(model)
     measured, plans = {}, {}
@@ -126,37 +114,14 @@ def plan_gemms(model: nn.Module, mode: str = "auto", rows: tuple[int, ...] = (1,
         else:
             plans[key] = GemmPlan(mode)
     for module in modules:
-        _apply(module, None if mode == "standard" else plans[(tuple(module.weight.shape), module.weight.dtype)])
-    model.ffba_gemm_mode = mode
+        set_gemm_plan(module, None if mode == "standard" else plans[(tuple(module.weight.shape), module.weight.dtype)])
+    state.gemm_mode, state.planned = mode, [] if mode == "standard" else modules
     drop_compiled_step(model)  # a compiled step was traced for the old layouts
     return {
         "mode": mode, "rows": list(rows), "seconds": time.perf_counter() - start,
         "plans": {_name(key): {"layout": p.layout, "orders": dict(p.orders)} for key, p in plans.items()},
         "measured": {_name(key): t for key, t in measured.items()},
     }
-
-
-def clear_gemm_plans(model: nn.Module) -> None:
-    """Back to row-major weights and F.linear everywhere (`fflora.unfuse` calls this)."""
-    for module in planned_modules(model):
-        _apply(module, None)
-    model.ffba_gemm_mode = "standard"
-    drop_compiled_step(model)
-
-
-def _apply(module: nn.Module, plan: GemmPlan | None) -> None:
-    layout = plan.layout if plan is not None else "standard"
-    if layout_of(module.weight) != layout:
-        if isinstance(module.weight, nn.Parameter):  # the LM head: keep the Parameter (and its ties)
-            module.weight.data = laid_out(module.weight.data, layout)
-        else:
-            module.weight = laid_out(module.weight, layout)
-    if isinstance(module, nn.Linear):  # the LM head
-        module.__class__ = nn.Linear if plan is None else PlannedLinear
-        if plan is None:
-            module.__dict__.pop("gemm_plan", None)
-            return
-    module.gemm_plan = plan
 
 
 def _name(key) -> str:

@@ -90,3 +90,18 @@ def sub_blocks(model: nn.Module):
         for name in ("attn", "mlp"):
             spec = arch.sub_block(name)
             yield i, layer, name, spec, layer.get_submodule(spec.module)
+
+
+def projection_dims(hf_config) -> dict[str, int]:
+    """The widths that parameter budgets need, from a transformers config alone: d (hidden), d_q (all
+    query heads), kv (all key or value heads), inter (the MLP's), layers."""
+    heads = hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    return {
+        "d": hf_config.hidden_size,
+        "d_q": heads * head_dim,
+        "kv": kv_heads * head_dim,
+        "inter": hf_config.intermediate_size,
+        "layers": hf_config.num_hidden_layers,
+    }

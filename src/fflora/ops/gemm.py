@@ -4,7 +4,8 @@
 ("wx"), and W can be stored row-major ("standard", as nn.Linear keeps it) or column-major
 ("transposed"). The values are the same; the BLAS kernels that run are not, and at the small row
 counts of decoding their speed differs by up to 2.5x in either direction depending on the shape,
-the row count and the CPU. `fflora.fastpath.plan` measures and picks; this module only runs the choice.
+the row count and the CPU. `fflora.fastpath.plan` measures and picks; this module runs the choice
+(`planned_linear`) and applies it to a module (`set_gemm_plan`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 LAYOUTS = ("standard", "transposed")
 ORDERS = ("xw", "wx")
@@ -56,3 +57,30 @@ def planned_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, plan: 
             out = torch.mm(weight, xt) if bias is None else torch.addmm(bias.unsqueeze(1), weight, xt)
             return out.t().contiguous().view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
+
+
+class PlannedLinear(nn.Linear):
+    """An nn.Linear (the LM head) that follows `gemm_plan`. Set by swapping the module's class, so the
+    module, its parameters and their ties (the LM head is often the embedding matrix) stay the same."""
+
+    gemm_plan: GemmPlan | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return planned_linear(x, self.weight, self.bias, self.gemm_plan)
+
+
+def set_gemm_plan(module: nn.Module, plan: GemmPlan | None) -> None:
+    """Store `module.weight` in the plan's layout and make the module run it (None: row-major, F.linear).
+    `module` is a fused GEMM (it reads `gemm_plan`) or a plain nn.Linear LM head (its class is swapped)."""
+    layout = plan.layout if plan is not None else "standard"
+    if layout_of(module.weight) != layout:
+        if isinstance(module.weight, nn.Parameter):  # the LM head: keep the Parameter (and its ties)
+            module.weight.data = laid_out(module.weight.data, layout)
+        else:
+            module.weight = laid_out(module.weight, layout)
+    if isinstance(module, nn.Linear):  # the LM head
+        module.__class__ = nn.Linear if plan is None else PlannedLinear
+        if plan is None:
+            module.__dict__.pop("gemm_plan", None)
+            return
+    module.gemm_plan = plan

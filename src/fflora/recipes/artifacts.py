@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..models.base_models import load_base_model
-from ..fused import fuse
-from ..serialization import CONFIG_NAME, LEGACY_FORMATS, PEFT_TYPES, load_adapter
+from peft import PeftModel
+
+from ..methods import fuse, load_adapter
+from ..methods.serialization import CONFIG_NAME, adapter_method
+from ..models.base_models import DEFAULT_MODEL, load_base_model
 
 RUN_FILE = "run.json"
 
@@ -23,11 +25,10 @@ def describe(path: str | Path) -> dict:
     config = path / CONFIG_NAME
     if config.is_file():
         meta = json.loads(config.read_text())
-        if meta.get("peft_type") in PEFT_TYPES:
-            return {"kind": PEFT_TYPES[meta["peft_type"]][0], "path": path, "base": meta.get("base_model_name_or_path")}
-        if meta.get("format") in LEGACY_FORMATS:
-            kind = LEGACY_FORMATS[meta["format"]][0]
-            return {"kind": kind, "path": path, "base": meta["base_model"].get("name_or_path")}
+        method = adapter_method(meta)
+        if method is not None:
+            base = meta.get("base_model_name_or_path") if "peft_type" in meta else meta["base_model"].get("name_or_path")
+            return {"kind": method.name, "path": path, "base": base}
         if "peft_type" in meta:
             return {"kind": "lora", "path": path, "base": meta.get("base_model_name_or_path")}
     if (path / "config.json").is_file():
@@ -46,18 +47,14 @@ def load_trained(path: str | Path, base_model: str | None = None, fused: bool = 
         return model, tokenizer, "full"
     base = base_model or _known_base(found["base"])
     model, tokenizer = load_base_model(base)
-    if found["kind"] in ("ffba", "zflora"):
+    if found["kind"] not in ("lora", "full"):  # an fflora method's adapter
         load_adapter(model, found["path"], strict=strict)
         if fused:
             fuse(model)
         return model.eval(), tokenizer, found["kind"]
-    from peft import PeftModel
-
     return PeftModel.from_pretrained(model, found["path"]).eval(), tokenizer, "lora"
 
 
 def _known_base(name: str | None) -> str | None:
     """The base recorded with an adapter; the embedded default's name maps back to None (default)."""
-    from ..models.base_models import DEFAULT_MODEL
-
     return None if name in (None, DEFAULT_MODEL) else name

@@ -16,12 +16,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .artifacts import load_trained
-from ..models.base_models import load_base_model
 from ..bench.latency import EAGER_CONFIGS, BenchSettings, format_bench_table, run_bench, write_bench
+from ..models.base_models import load_base_model
+from ..utils.sources import say
+from .artifacts import load_trained
 from .data import FAMILIES, prepare
 from .evaluate import evaluate
-from ..utils.sources import say
 from .train import TrainConfig, dtype_autocast, train
 
 METHODS = ("ffba", "zflora", "lora")

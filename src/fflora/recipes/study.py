@@ -30,8 +30,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..models.base_models import load_base_model
 from ..utils.files import atomic_write_text
 from ..utils.sources import say
+from .artifacts import RUN_FILE, load_trained
+from .evaluate import evaluate, response_loss
 from .stats import mean_std, paired_bootstrap, set_average
 from .train import CONFIG_FILE, TrainConfig, TrainingDivergedError, dev_records, train
 
@@ -231,7 +234,6 @@ def plan(spec: StudySpec, records: dict[str, dict], phase: str | None = None) ->
 
 def run_cell(spec: StudySpec, cell: Cell, results_dir: Path, runs_dir: Path) -> dict:
     """Train (or resume, or reuse a finished run), evaluate a final cell, write its record atomically."""
-    from .artifacts import RUN_FILE, load_trained
 
     if cell.phase == "base":
         return _run_base_cell(spec, results_dir, runs_dir)
@@ -261,8 +263,6 @@ def run_cell(spec: StudySpec, cell: Cell, results_dir: Path, runs_dir: Path) -> 
 
 def _run_base_cell(spec: StudySpec, results_dir: Path, runs_dir: Path) -> dict:
     """The untrained base model's dev loss and accuracies, scored exactly as the final cells are."""
-    from ..models.base_models import load_base_model
-    from .evaluate import response_loss
 
     model, tokenizer = load_base_model(spec.model)
     model.to(spec.device).eval()
@@ -291,7 +291,6 @@ def _evaluate_all(spec: StudySpec, model, tokenizer, out: Path) -> dict:
     """{"eval": summary per evaluation, "predictions": per-example rows per evaluation} of `model` (on
     the spec's device); the evaluation files go to `out`. A row is [data set, id, *ROW_COLUMNS[mode]];
     items without a score (a reference response too long for max_length) are left out."""
-    from .evaluate import evaluate
 
     result = {"eval": {}, "predictions": {}}
     for evaluation in spec.scored():

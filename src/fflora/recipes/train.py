@@ -30,17 +30,16 @@ from torch import nn
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
-from .artifacts import RUN_FILE
+from ..methods import FFBAConfig, ZFLoRAConfig, has_adapter, load_adapter, parameter_summary, save_adapter
 from ..models.base_models import load_base_model
-from .budget import LORA_TARGETS, adapter_parameter_count, lora_parameter_count, match_ffba_rank
-from ..config import FFBAConfig, ZFLoRAConfig
-from .data import FAMILIES, load_split
 from ..utils.errors import FFloraError
-from .examples import PACKED_ATTENTION, check_form, pack, token_nll, tokenize_example
 from ..utils.files import atomic_write_text
-from ..model import has_ffba, parameter_summary
-from ..serialization import load_adapter, save_adapter
 from ..utils.sources import say
+from .artifacts import RUN_FILE
+from .budget import LORA_TARGETS, adapter_parameter_count, lora_parameter_count, match_ffba_rank
+from .data import FAMILIES, load_split
+from .evaluate import response_loss
+from .examples import PACKED_ATTENTION, check_form, pack, token_nll, tokenize_example
 
 METHODS = ("ffba", "zflora", "lora", "full")
 TRAIN_DATASETS = {"commonsense": FAMILIES["commonsense"], "math": ("gsm8k",), "summary": ("xsum",)}
@@ -256,14 +255,14 @@ class FFLoraTrainer(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         model = self.accelerator.unwrap_model(self.model)
-        if not has_ffba(model):
+        if not has_adapter(model):
             return super()._save(output_dir, state_dict)
         if self.args.should_save:
             save_adapter(model, output_dir or self.args.output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         target = self.accelerator.unwrap_model(model or self.model)
-        if has_ffba(target):
+        if has_adapter(target):
             load_adapter(target, resume_from_checkpoint, strict=True)
         else:
             super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -464,8 +463,6 @@ def _run_trainer(cfg: TrainConfig, model, tokenizer, dataset, collate, dtype: di
         "adapter_dir": str(out / "adapter"),
     }
     if cfg.dev_size:
-        from .evaluate import response_loss
-
         # float32, whatever the training dtype: the same figure for every run and the base model
         record["dev_loss"] = response_loss(trainer.accelerator.unwrap_model(trainer.model), tokenizer,
                                            dev_records(cfg.task, cfg.dev_size, cfg.data_dir), cfg.max_length,
@@ -484,7 +481,7 @@ def _step_of(checkpoint: str | None) -> int:
 def _save_final(trainer: Trainer, path: Path, tokenizer) -> None:
     """The trained result: an fflora adapter, a PEFT LoRA adapter, or a full model folder."""
     model = trainer.accelerator.unwrap_model(trainer.model)
-    if has_ffba(model):
+    if has_adapter(model):
         save_adapter(model, path)
     else:
         model.save_pretrained(path)

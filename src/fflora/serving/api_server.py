@@ -25,14 +25,18 @@ import time
 import uuid
 from contextlib import aclosing, asynccontextmanager
 
+import torch
+import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from transformers import ContinuousBatchingConfig
 
-from ..bank import BASE_NAME
+from ..methods import BASE_NAME, fuse
+from ..models.base_models import load_base_model
 from ..utils.sources import say
-from .engine import BankEngine
+from .engine import BankEngine, sampling_generation_config
 from .protocol import (ChatCompletionRequest, CompletionRequest, LoadLoRAAdapterRequest, SamplingRequest,
                        UnloadLoRAAdapterRequest)
 from .text import TextStream
@@ -357,14 +361,6 @@ def run_server(model_name_or_path: str | None = None, adapters: dict[str, str] |
 
     `kv_cache_tokens` is the paged KV cache's room, shared by the running requests (32768 tokens
     of SmolLM2-135M in float32 take 1.5 GB)."""
-    import torch
-    import uvicorn
-    from transformers import ContinuousBatchingConfig
-
-    from ..models.base_models import load_base_model
-    from ..fused import fuse
-    from .engine import sampling_generation_config
-
     model, tokenizer = load_base_model(model_name_or_path, dtype=getattr(torch, dtype))
     name = served_model_name or model.config._name_or_path or "base"
     fuse(model, max_adapters=max_adapters, rank_budget=rank_budget)

@@ -23,8 +23,7 @@ from collections.abc import AsyncIterator, Sequence
 from torch import nn
 from transformers import ContinuousBatchingConfig, GenerationConfig
 
-from ..bank import BASE_NAME, bank_of, select_adapters
-from ..serialization import load_adapter
+from ..methods import BASE_NAME, bank_of, load_adapter, select_adapters
 
 # Greedy requests keep only the top token (exact argmax) instead of switching the engine out of
 # sampling mode, which transformers' engine sets once for all requests.

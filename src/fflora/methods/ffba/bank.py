@@ -33,13 +33,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ...models.architectures import decoder_layers, sub_blocks
+from ...ops.gemm import planned_linear
+from ..fused import ALIGN, FusedInputProjections, FusedOutputProjection, install_fused, unfuse_plain, unwrap
+from ..fused_state import fused_state
 from .adapter import PHI
-from .models.architectures import decoder_layers, sub_blocks
 from .config import FFBAConfig
-from .fused import ALIGN, FusedInputProjections, FusedOutputProjection, _unwrap, install_fused
-from .ops.gemm import planned_linear
 from .model import sub_block_ranks
-from .zflora import is_zflora
 
 BASE_NAME = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 DEFAULT_MAX_ADAPTERS = 8
@@ -158,7 +158,7 @@ class BankInputProjections(_BankGemm, FusedInputProjections):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.row_space, self.col_space = f"fa.{self.name}", f"ba.{_PREVIOUS[self.name]}"
-        self.base_size, self.row_room, self.col_room = (self.base_rows, self.d_in), self.fa_rank, self.ba_in_rank
+        self.base_size, self.row_room, self.col_room = (self.base_rows, self.d_in), self.extra_rows, self.extra_cols
 
     def _project(self, x: Tensor) -> list[Tensor]:
         sel, out, fa_w = self.gemm(x)
@@ -175,7 +175,7 @@ class BankOutputProjection(_BankGemm, FusedOutputProjection):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.row_space, self.col_space = f"ba.{self.name}", f"fa.{self.name}"
-        self.base_size, self.row_room, self.col_room = (self.d_out, self.d_core), self.ba_out_rank, self.fa_rank
+        self.base_size, self.row_room, self.col_room = (self.d_out, self.d_core), self.extra_rows, self.extra_cols
 
     def forward(self, c: Tensor) -> Tensor:
         sel, out, ba_w = self.gemm(c)
@@ -188,7 +188,7 @@ class BankOutputProjection(_BankGemm, FusedOutputProjection):
 
 
 class AdapterBank:
-    """The resident adapters of a fused model and their layout; `model.ffba_bank`.
+    """The resident adapters of a fused model and their layout (its `FusedState.bank`).
 
     Not an nn.Module: the fused GEMM modules it writes into are registered where the projections
     were, once. Use it through `fflora.load_adapter(..., adapter_name=)`, `delete_adapter`,
@@ -399,63 +399,34 @@ def _bank_model_class(base_cls: type) -> type:
 
 
 def bank_of(model: nn.Module) -> AdapterBank:
-    bank = getattr(model, "ffba_bank", None)
-    if bank is None:
+    """The model's adapter bank; a ValueError saying how to make one if it has none."""
+    state = fused_state(model)
+    if state is None or state.bank is None:
         raise ValueError("this model has no adapter bank; create one with fflora.fuse(model, max_adapters=K) "
                          "or load an adapter with fflora.load_adapter(model, path, adapter_name=...)")
-    return bank
+    return state.bank
 
 
-def fuse_with_bank(model: nn.Module, max_adapters: int, rank_budget: int | None = None) -> nn.Module:
-    """Fuse a plain base model with room for `max_adapters` adapters (see `fflora.fuse`).
-
-    A model carrying one FFBA adapter in training form is fused with that adapter resident as
-    "default". `rank_budget` is the total rank of the resident adapters per rank space (default
-    16 per adapter); it is rounded up to a multiple of 8.
-    """
-    from .model import has_ffba, remove_ffba
-    from .serialization import adapter_state_dict
-
-    if isinstance(max_adapters, bool) or not isinstance(max_adapters, int) or max_adapters < 1:
-        raise ValueError(f"max_adapters must be an integer >= 1, got {max_adapters!r}")
-    budget = DEFAULT_RANK_PER_ADAPTER * max_adapters if rank_budget is None else rank_budget
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-        raise ValueError(f"rank_budget must be an integer >= 1, got {rank_budget!r}")
-    existing = getattr(model, "ffba_bank", None)
-    if existing is not None:
-        if existing.max_adapters != max_adapters or (rank_budget is not None and existing.rank_budget != _round_up(rank_budget)):
-            raise ValueError(f"this model already has an adapter bank ({existing.max_adapters} adapters, rank budget "
-                             f"{existing.rank_budget}); unfuse it first to change its size")
-        return model
-    if is_zflora(model):
-        raise ValueError("zFLoRA adapters cannot join an adapter bank (the bank holds FFBA adapters); "
-                         "fuse this model without max_adapters")
-    if getattr(model, "ffba_fused", False):
-        raise ValueError("this model is fused with a single adapter; call fflora.unfuse(model) before fusing it with a bank")
-    carried = (model.ffba_config, adapter_state_dict(model)) if has_ffba(model) else None
-    if carried is not None:
-        remove_ffba(model)
-    budget, last = _round_up(budget), len(decoder_layers(model)) - 1
+def build_bank(model: nn.Module, max_adapters: int, rank_budget: int) -> AdapterBank:
+    """Fuse a plain base model with room for `max_adapters` adapters of total rank `rank_budget` per rank
+    space (a multiple of ALIGN); returns the (empty) bank. `fflora.fuse(model, max_adapters=K)` checks
+    its arguments and the model first."""
+    last = len(decoder_layers(model)) - 1
     for i, _, name, spec, holder in sub_blocks(model):
-        fa_room = budget
-        ba_in_room = budget if (name == "mlp" or i > 0) else 0  # layer 0's attention has no BA arriving
-        ba_out_room = budget if (name == "attn" or i < last) else 0  # the last MLP has no successor
-        group = BankInputProjections([_unwrap(getattr(holder, p)) for p in spec.inputs], name, fa_room, ba_in_room)
-        output = BankOutputProjection(_unwrap(getattr(holder, spec.output)), name, fa_room, ba_out_room)
+        ba_in_room = rank_budget if (name == "mlp" or i > 0) else 0  # layer 0's attention has no BA arriving
+        ba_out_room = rank_budget if (name == "attn" or i < last) else 0  # the last MLP has no successor
+        group = BankInputProjections([unwrap(getattr(holder, p)) for p in spec.inputs], name,
+                                     extra_rows=rank_budget, extra_cols=ba_in_room)
+        output = BankOutputProjection(unwrap(getattr(holder, spec.output)), name, extra_rows=ba_out_room, extra_cols=rank_budget)
         install_fused(holder, spec, group, output)
-    bank = AdapterBank(model, max_adapters, budget)
-    object.__setattr__(model, "ffba_bank", bank)  # a plain attribute, not a submodule
-    model.ffba_fused = True
     model.__class__ = _bank_model_class(type(model))
-    if carried is not None:
-        bank.add("default", *carried)
-    return model
+    return AdapterBank(model, max_adapters, rank_budget)
 
 
 def unfuse_bank(model: nn.Module) -> None:
-    """Drop the bank (its adapters with it) and restore the plain base projections."""
+    """Drop the bank's GEMMs and class (its adapters with them): the plain base projections again."""
     model.__class__ = model._fflora_base_class
-    object.__delattr__(model, "ffba_bank")
+    unfuse_plain(model)
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
@@ -465,8 +436,8 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
 
 def list_adapters(model: nn.Module) -> list[str]:
     """Names of the adapters resident in the model's bank, in load order ([] without a bank)."""
-    bank = getattr(model, "ffba_bank", None)
-    return [] if bank is None else bank.names()
+    state = fused_state(model)
+    return [] if state is None or state.bank is None else state.bank.names()
 
 
 @contextlib.contextmanager

@@ -14,14 +14,13 @@ up-projections zero, as in LoRA, so a fresh adapter leaves the model unchanged.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .tuner_layer import AdapterSwitch
+from ..layers import AdapterSwitch, adapter_linear, kaiming, row_slices, zeros
 
 PHI = {"identity": lambda x: x, "relu": F.relu, "silu": F.silu}
 
@@ -70,23 +69,6 @@ class LayerState:
         return self
 
 
-def row_slices(widths: tuple[int, ...]) -> tuple[slice, ...]:
-    """The row range of each input projection (in `ArchitectureSpec` order) in a matrix that stacks
-    one block per input projection."""
-    ends = [sum(widths[: i + 1]) for i in range(len(widths))]
-    return tuple(slice(end - w, end) for end, w in zip(ends, widths))
-
-
-def _kaiming(rows: int, cols: int, dtype, device) -> nn.Parameter:
-    weight = torch.empty(rows, cols, dtype=dtype, device=device)
-    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # nn.Linear's and LoRA's init for A
-    return nn.Parameter(weight)
-
-
-def _zeros(rows: int, cols: int, dtype, device) -> nn.Parameter:
-    return nn.Parameter(torch.zeros(rows, cols, dtype=dtype, device=device))
-
-
 class SubBlockAdapter(nn.Module, AdapterSwitch):
     """Adapter parameters of one sub-block (attention or MLP) of one decoder layer.
 
@@ -124,10 +106,10 @@ class SubBlockAdapter(nn.Module, AdapterSwitch):
         self.ba_scale = ba_scale
         self.phi_name = phi
         self.dropout = nn.Dropout(dropout)
-        self.fa_down = _kaiming(fa_rank, d_in, dtype, device) if fa_rank else None
-        self.fa_up = _zeros(d_in, fa_rank, dtype, device) if fa_rank else None
-        self.ba_down = _kaiming(ba_out_rank, d_core, dtype, device) if ba_out_rank else None
-        self.ba_up = _zeros(sum(input_widths), ba_in_rank, dtype, device) if ba_in_rank else None
+        self.fa_down = kaiming(fa_rank, d_in, dtype, device) if fa_rank else None
+        self.fa_up = zeros(d_in, fa_rank, dtype, device) if fa_rank else None
+        self.ba_down = kaiming(ba_out_rank, d_core, dtype, device) if ba_out_rank else None
+        self.ba_up = zeros(sum(input_widths), ba_in_rank, dtype, device) if ba_in_rank else None
 
     @property
     def fa_rank(self) -> int:
@@ -148,22 +130,18 @@ class SubBlockAdapter(nn.Module, AdapterSwitch):
 
     def fa_hidden(self, u: Tensor) -> Tensor:
         """phi(A_f u): the FA bottleneck activation, read from the sub-block input."""
-        return self.phi(_linear(self.dropout(u), self.fa_down))
+        return self.phi(adapter_linear(self.dropout(u), self.fa_down))
 
     def fa_delta(self, hidden: Tensor, like: Tensor) -> Tensor:
         """s_f * B_f hidden, in the dtype of the output projection's result `like`."""
-        return (self.fa_scale * _linear(hidden, self.fa_up)).to(like.dtype)
+        return (self.fa_scale * adapter_linear(hidden, self.fa_up)).to(like.dtype)
 
     def ba_hidden(self, c: Tensor) -> Tensor:
         """A_b c: the BA down-projection of the output projection's input."""
-        return _linear(self.dropout(c), self.ba_down)
+        return adapter_linear(self.dropout(c), self.ba_down)
 
     def ba_delta(self, z: Tensor, index: int, like: Tensor) -> Tensor:
         """s_b * B_bj z for input projection `index`."""
         block = self.ba_up[self.input_slices[index]]
-        return (self.ba_scale * _linear(z, block)).to(like.dtype)
+        return (self.ba_scale * adapter_linear(z, block)).to(like.dtype)
 
-
-def _linear(x: Tensor, weight: Tensor) -> Tensor:
-    """x @ weight.T computed in the adapter's dtype (adapters may be fp32 on a half-precision base)."""
-    return F.linear(x.to(weight.dtype), weight)

@@ -14,7 +14,7 @@ attention-only variant) reads norm(h) alone and adds zeros to z. Init: A_out Kai
 and B_m zero, so a fresh adapter is the base model.
 
 Here (training form) the base projections run as loaded and each adapter term is one small GEMM;
-`fflora.zflora.fused` folds B_in into the input GEMM's columns and A_out into the output GEMM's
+`fflora.methods.zflora.fused` folds B_in into the input GEMM's columns and A_out into the output GEMM's
 rows. Both forms share the norms, the head merge and the decoder-layer class below.
 """
 
@@ -26,9 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..adapter import _kaiming, _linear, _zeros, row_slices
-from ..layers import WrappedProjection, _refer_to
-from ..tuner_layer import AdapterSwitch
+from ..layers import AdapterSwitch, WrappedProjection, adapter_linear, kaiming, refer_to, row_slices, zeros
 
 
 class ZSubBlockAdapter(nn.Module, AdapterSwitch):
@@ -48,8 +46,8 @@ class ZSubBlockAdapter(nn.Module, AdapterSwitch):
         self.input_slices = row_slices(self.input_widths)  # the rows of `z_in` for each input projection
         self.scale = scale
         self.dropout = nn.Dropout(dropout)
-        self.z_in = _zeros(sum(input_widths), r, dtype, device) if reads else None
-        self.z_out = _kaiming(r, d_core, dtype, device)
+        self.z_in = zeros(sum(input_widths), r, dtype, device) if reads else None
+        self.z_out = kaiming(r, d_core, dtype, device)
 
     @property
     def reads(self) -> bool:
@@ -61,11 +59,11 @@ class ZSubBlockAdapter(nn.Module, AdapterSwitch):
 
     def read(self, z: Tensor, index: int, like: Tensor) -> Tensor:
         """s * B_in_j z for input projection `index` (z: the first r state channels)."""
-        return (self.scale * _linear(z, self.z_in[self.input_slices[index]])).to(like.dtype)
+        return (self.scale * adapter_linear(z, self.z_in[self.input_slices[index]])).to(like.dtype)
 
     def write(self, c: Tensor) -> Tensor:
         """A_out c: what the sub-block adds to the state."""
-        return _linear(self.dropout(c), self.z_out)
+        return adapter_linear(self.dropout(c), self.z_out)
 
 
 class ZLayerAdapters(nn.Module):
@@ -106,7 +104,7 @@ class ZHeadMerge(nn.Module, AdapterSwitch):
         self.norm = norm
         self.d = d
         self.scale = scale
-        self.z_merge = _zeros(d, r, dtype, device)
+        self.z_merge = zeros(d, r, dtype, device)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] == self.d:
@@ -114,7 +112,7 @@ class ZHeadMerge(nn.Module, AdapterSwitch):
         h, z = x[..., : self.d], x[..., self.d : self.d + self.z_merge.shape[1]]
         if self.disable_adapters:
             return self.norm(h)
-        return self.norm(h + (self.scale * _linear(z, self.z_merge)).to(h.dtype))
+        return self.norm(h + (self.scale * adapter_linear(z, self.z_merge)).to(h.dtype))
 
 
 class ZInputProjection(WrappedProjection):
@@ -124,7 +122,7 @@ class ZInputProjection(WrappedProjection):
     def __init__(self, base: nn.Linear, adapter: ZSubBlockAdapter, index: int) -> None:
         super().__init__()
         self.base = base
-        _refer_to(self, "adapter", adapter)
+        refer_to(self, "adapter", adapter)
         self.index = index
 
     def forward(self, x: Tensor) -> Tensor:
@@ -142,7 +140,7 @@ class ZOutputProjection(WrappedProjection):
     def __init__(self, base: nn.Linear, adapter: ZSubBlockAdapter | None, state_width: int) -> None:
         super().__init__()
         self.base = base
-        _refer_to(self, "adapter", adapter)
+        refer_to(self, "adapter", adapter)
         self.state_width = state_width
 
     def forward(self, c: Tensor) -> Tensor:

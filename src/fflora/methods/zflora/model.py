@@ -1,12 +1,16 @@
-"""Attach zFLoRA to a transformers causal LM (training form), take it off, name its parameters."""
+"""Attach zFLoRA to a transformers causal LM (training form), take it off, name its parameters.
+
+Called through `fflora.apply_adapter` / `fflora.remove_adapter` (`fflora.methods.adapters`), which
+do the checks every method shares first.
+"""
 
 from __future__ import annotations
 
 from torch import nn
 
-from ..models.architectures import architecture_of, decoder_layers, sub_blocks
-from ..config import ZFLoRAConfig
-from ..model import _require_linear
+from ...models.architectures import architecture_of, decoder_layers, sub_blocks
+from ..layers import require_linear
+from .config import ZFLoRAConfig
 from .layers import ZHeadMerge, ZInputProjection, ZLayerAdapters, ZNorm, ZOutputProjection, ZSubBlockAdapter, zflora_layer_class
 
 PARAMS = ("z_in", "z_out")
@@ -24,18 +28,16 @@ def check_zflora_architecture(model: nn.Module) -> None:
         )
 
 
-def apply_zflora(model: nn.Module, config: ZFLoRAConfig) -> nn.Module:
-    """Add zFLoRA to `model` in place (training form) and return it; only adapter parameters train.
-
-    Everything is built and validated before the model is touched.
-    """
+def attach_zflora(model: nn.Module, config: ZFLoRAConfig) -> None:
+    """Add zFLoRA to `model` in place (training form); only adapter parameters train. Everything is
+    built and validated before the model is touched."""
     check_zflora_architecture(model)
     arch = architecture_of(model)
     d = model.config.hidden_size
     adapters = {}
     for i, layer, name, spec, holder in sub_blocks(model):
-        inputs = [_require_linear(getattr(holder, p), f"{spec.module}.{p}") for p in spec.inputs]
-        output = _require_linear(getattr(holder, spec.output), f"{spec.module}.{spec.output}")
+        inputs = [require_linear(getattr(holder, p), f"{spec.module}.{p}") for p in spec.inputs]
+        output = require_linear(getattr(holder, spec.output), f"{spec.module}.{spec.output}")
         if not hasattr(layer, spec.norm):
             raise ValueError(f"{type(layer).__name__} has no {spec.norm!r}; fflora.models.architectures names the wrong pre-norm")
         if name in config.sub_blocks:
@@ -60,13 +62,9 @@ def apply_zflora(model: nn.Module, config: ZFLoRAConfig) -> nn.Module:
                 setattr(holder, p, ZInputProjection(getattr(holder, p), adapter, index))
         setattr(holder, spec.output, ZOutputProjection(getattr(holder, spec.output), adapter, config.r))
     _replace_final_norm(model, merge)
-    model.ffba_config = config
-    if hasattr(model, "enable_input_require_grads"):  # see apply_ffba: reentrant checkpointing
-        model.enable_input_require_grads()
-    return model
 
 
-def remove_zflora(model: nn.Module) -> None:
+def detach_zflora(model: nn.Module) -> None:
     """Take zFLoRA off a model in training form: the plain base model again."""
     arch = architecture_of(model)
     for _, layer, name, spec, holder in sub_blocks(model):
@@ -103,3 +101,8 @@ def zflora_adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
                                if getattr(adapter, p) is not None})
     params[MERGE_KEY] = model.get_submodule(architecture_of(model).final_norm).z_merge
     return params
+
+
+def zflora_rank(model: nn.Module) -> int:
+    """r of the zFLoRA adapter on `model` (the head merge's width)."""
+    return model.get_submodule(architecture_of(model).final_norm).z_merge.shape[1]

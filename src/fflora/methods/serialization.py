@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import warnings
 from pathlib import Path
 
@@ -24,27 +23,23 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from . import __version__
-from .models.architectures import architecture_of
-from .config import FFBA_PEFT_TYPE, ZFLORA_PEFT_TYPE, FFBAConfig, ZFLoRAConfig
-from .utils.files import atomic_write, atomic_write_text
-from .fused import base_projection_weights, refresh_adapter_weights, unfuse
-from .model import apply_ffba, has_ffba, remove_ffba, sub_block_adapters
-from .zflora import is_zflora
-from .zflora.model import unread_keys, zflora_adapter_parameters
+from ..models.architectures import architecture_of
+from ..utils.files import atomic_write, atomic_write_text
+from ..utils.version import __version__
+from . import registry
+from .adapters import (DEFAULT_MAX_ADAPTERS, adapter_parameters, apply_adapter, fuse, has_adapter,
+                       refresh_fused_weights, remove_adapter, unfuse)
+from .fused import base_projection_weights
+from .fused_state import fused_state
+from .interface import Method
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = SAFETENSORS_WEIGHTS_NAME  # adapter_model.safetensors
 PEFT_PREFIX = "base_model.model."  # PEFT's prefix of every saved tensor name
-PEFT_TYPES = {FFBA_PEFT_TYPE: ("ffba", FFBAConfig), ZFLORA_PEFT_TYPE: ("zflora", ZFLoRAConfig)}  # -> (kind, class)
 BASE_MODEL_KEY = "fflora_base_model"  # safetensors metadata: the base model's shape, name and fingerprint
-# fflora 0.1.0's own format: format -> (key of the configuration in adapter_config.json, configuration class)
+# fflora 0.1.0's own format: a "format" key naming the method (`Method.legacy_format`), the configuration
+# under the method's name, the weights in this file under canonical keys.
 LEGACY_WEIGHTS_NAME = "adapter.safetensors"
-LEGACY_FORMATS = {"fflora-ffba/1": ("ffba", FFBAConfig), "fflora-zflora/1": ("zflora", ZFLoRAConfig)}
-ADAPTER_PARAMS = ("fa_down", "fa_up", "ba_down", "ba_up")
-# A saved tensor's name -> its canonical key (`adapter_parameters`), whatever prefix the model's layers sit under.
-_SUB_BLOCK_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:ffba|zflora)\.(attn|mlp)\.(\w+)$")
-_MERGE_KEY = "head.z_merge"
 _SHAPE_KEYS = (
     "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
     "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -78,34 +73,16 @@ def base_model_fingerprint(model: nn.Module, samples: int = 4096) -> str:
     return digest.hexdigest()
 
 
-def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The live adapter parameters under canonical keys: `layers.{i}.{attn|mlp}.{fa_down|fa_up|ba_down|ba_up}`
-    for FFBA, `layers.{i}.{attn|mlp}.{z_in|z_out}` and `head.z_merge` for zFLoRA."""
-    if is_zflora(model):
-        return zflora_adapter_parameters(model)
-    params = {}
-    for i, adapter in sub_block_adapters(model):
-        for name in ADAPTER_PARAMS:
-            tensor = getattr(adapter, name)
-            if tensor is not None:
-                params[f"layers.{i}.{adapter.name}.{name}"] = tensor
-    return params
-
-
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A detached CPU copy of the adapter parameters, under their canonical keys."""
-    return {k: v.detach().contiguous().cpu() for k, v in adapter_parameters(model).items()}
-
-
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write the model's adapter to folder `path` (created if needed) in PEFT's format; each file is
     replaced atomically. `peft.PeftModel.from_pretrained(base, path)` loads it as well."""
     model = without_peft_wrapper(model)
-    if not has_ffba(model):
+    config = registry.adapter_config(model)
+    if config is None:
         raise ValueError("this model has no adapter to save; call fflora.apply_adapter first")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    config = type(model.ffba_config).from_dict(model.ffba_config.to_dict())
+    config = type(config).from_dict(config.to_dict())
     config.base_model_name_or_path = getattr(model.config, "_name_or_path", None) or None
     config.inference_mode = True  # as PEFT saves it
     base = {**base_model_shape(model), "name_or_path": config.base_model_name_or_path,
@@ -127,14 +104,6 @@ def peft_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {PEFT_PREFIX + names[id(p)]: p.detach().contiguous().cpu() for p in adapter_parameters(model).values()}
 
 
-def canonical_key(name: str) -> str | None:
-    """The canonical key (`layers.{i}.{attn|mlp}.{param}`, `head.z_merge`) of a saved tensor name, or None."""
-    if name.endswith(".z_merge"):
-        return _MERGE_KEY
-    found = _SUB_BLOCK_KEY.search(name)
-    return f"layers.{found[1]}.{found[2]}.{found[3]}" if found else None
-
-
 def read_adapter_config(path: str | os.PathLike) -> dict:
     """The parsed adapter_config.json of an fflora adapter folder (PEFT's format or fflora 0.1.0's), with
     clear errors for missing or corrupt files and for adapters of other methods."""
@@ -146,22 +115,27 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{file} is corrupt (not valid JSON: {e}); save the adapter again") from e
     if not isinstance(meta, dict):
-        raise ValueError(f"{file} is not an adapter config (a JSON object with peft_type {FFBA_PEFT_TYPE!r} or {ZFLORA_PEFT_TYPE!r})")
-    if meta.get("peft_type") is not None and meta["peft_type"] not in PEFT_TYPES:
+        raise ValueError(f"{file} is not an adapter config (a JSON object with peft_type {_peft_types()})")
+    if meta.get("peft_type") is not None and registry.by_peft_type(meta["peft_type"]) is None:
         raise ValueError(
             f"the adapter at {path} is a PEFT {meta['peft_type']} adapter, not FFBA or zFLoRA: load it with "
             f"peft.PeftModel.from_pretrained(base_model, {str(path)!r})"
         )
-    if meta.get("peft_type") is None and meta.get("format") not in LEGACY_FORMATS:
-        raise ValueError(f"{file} is not an fflora adapter config (expected peft_type {FFBA_PEFT_TYPE!r} or {ZFLORA_PEFT_TYPE!r})")
+    if meta.get("peft_type") is None and registry.by_legacy_format(meta.get("format")) is None:
+        raise ValueError(f"{file} is not an fflora adapter config (expected peft_type {_peft_types()})")
     return meta
 
 
-def adapter_kind(meta: dict) -> tuple[str, type]:
-    """("ffba" | "zflora", configuration class) of a parsed adapter config (`read_adapter_config`)."""
+def _peft_types() -> str:
+    return " or ".join(repr(m.peft_type) for m in registry.METHODS)
+
+
+def adapter_method(meta: dict) -> Method | None:
+    """The method of a parsed adapter config (PEFT's format or fflora 0.1.0's), or None if it is not
+    an fflora adapter's."""
     if meta.get("peft_type") is not None:
-        return PEFT_TYPES[meta["peft_type"]]
-    return LEGACY_FORMATS[meta["format"]]
+        return registry.by_peft_type(meta["peft_type"])
+    return registry.by_legacy_format(meta.get("format"))
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = False, adapter_name: str | None = None) -> nn.Module:
@@ -172,7 +146,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = False
     replaced; in a fused model only the adapter rows/columns are rewritten).
 
     With `adapter_name`: the adapter joins the model's adapter bank under that name (a plain base
-    model is first fused with a bank of `fflora.bank.DEFAULT_MAX_ADAPTERS` adapters; call
+    model is first fused with a bank of `fflora.methods.ffba.bank.DEFAULT_MAX_ADAPTERS` adapters; call
     `fflora.fuse(model, max_adapters=K)` first for another size). Only its rows/columns are
     written; adapters of any rank and FA/BA setting share the bank.
 
@@ -182,45 +156,49 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = False
     """
     if adapter_name is not None:
         return _load_into_bank(model, path, strict, adapter_name)
-    if getattr(model, "ffba_bank", None) is not None:
+    state = fused_state(model)
+    if state is not None and state.bank is not None:
         raise ValueError("this model has an adapter bank; load adapters into it with adapter_name=...")
     target = without_peft_wrapper(model)  # a PeftModel (e.g. a Trainer's, resuming) loads onto its model
     config, state = _read_checked(target, path, strict)
-    applied_here = not has_ffba(target)
+    carried = registry.adapter_config(target)
+    applied_here = carried is None
     if applied_here:
-        apply_ffba(target, config)
-    elif not target.ffba_config.same_adapter(config):
+        apply_adapter(target, config)
+    elif not carried.same_adapter(config):
         raise ValueError(
-            f"the model carries an adapter with another configuration ({target.ffba_config}) than the one "
+            f"the model carries an adapter with another configuration ({carried}) than the one "
             f"at {path} ({config}); load it onto a fresh base model"
         )
     try:
         load_adapter_state(target, state, source=path)
     except ValueError:
         if applied_here:
-            remove_ffba(target)
+            remove_adapter(target)
         raise
     return model
 
 
 def _load_into_bank(model: nn.Module, path, strict: bool, adapter_name: str) -> nn.Module:
-    from .bank import DEFAULT_MAX_ADAPTERS, fuse_with_bank
-
-    bank = getattr(model, "ffba_bank", None)
-    if bank is None and (has_ffba(model) or getattr(model, "ffba_fused", False)):
-        raise ValueError("this model carries a single FFBA adapter (or is fused without a bank); load named "
-                         "adapters onto a plain base model or one fused with fflora.fuse(model, max_adapters=K)")
+    state = fused_state(model)
+    bank = None if state is None else state.bank
+    if bank is None and (has_adapter(model) or state is not None):
+        carried = registry.method_of(model)
+        raise ValueError(f"this model carries a single {carried.title + ' ' if carried else ''}adapter (or is fused without "
+                         "a bank); load named adapters onto a plain base model or one fused with "
+                         "fflora.fuse(model, max_adapters=K)")
     if bank is not None:
         bank.check_new_name(adapter_name)  # before reading any file
-    config, state = _read_checked(model, path, strict)
-    if isinstance(config, ZFLoRAConfig):
-        raise ValueError(f"the adapter at {path} is a zFLoRA adapter; an adapter bank holds FFBA adapters only. "
-                         "Load it without adapter_name")
+    config, weights = _read_checked(model, path, strict)
+    method, bank_method = registry.for_config(config), registry.bank_method()
+    if method is not bank_method:
+        raise ValueError(f"the adapter at {path} is a {method.title} adapter; an adapter bank holds {bank_method.title} "
+                         "adapters only. Load it without adapter_name")
     fused_here = bank is None
     if fused_here:
-        fuse_with_bank(model, DEFAULT_MAX_ADAPTERS)
+        fuse(model, max_adapters=DEFAULT_MAX_ADAPTERS)
     try:
-        model.ffba_bank.add(adapter_name, config, state, source=str(path))
+        fused_state(model).bank.add(adapter_name, config, weights, source=str(path))
     except ValueError:
         if fused_here:
             unfuse(model)
@@ -228,21 +206,20 @@ def _load_into_bank(model: nn.Module, path, strict: bool, adapter_name: str) -> 
     return model
 
 
-def _read_checked(model: nn.Module, path, strict: bool) -> tuple[FFBAConfig | ZFLoRAConfig, dict[str, torch.Tensor]]:
+def _read_checked(model: nn.Module, path, strict: bool) -> tuple[object, dict[str, torch.Tensor]]:
     """The configuration and weights (canonical keys) of the adapter at `path`, after checking that it was
     saved for this architecture and shape (ValueError) and for these base weights (warning, or ValueError
     if strict). An adapter that PEFT saved carries no record of its base: only its tensor shapes are checked."""
     meta = read_adapter_config(path)
     architecture_of(model)
-    _, config_class = adapter_kind(meta)
+    method = adapter_method(meta)
     if meta.get("peft_type") is not None:
-        config = config_class.from_dict(meta)
-        state, metadata = _read_weights(Path(path) / WEIGHTS_NAME, peft_names=True)
+        config = method.config_class.from_dict(meta)
+        state, metadata = _read_weights(Path(path) / WEIGHTS_NAME, method)
         saved_base = json.loads(metadata[BASE_MODEL_KEY]) if BASE_MODEL_KEY in metadata else None
     else:
-        key, _ = LEGACY_FORMATS[meta["format"]]
-        config = config_class.from_dict(meta[key])
-        state, _ = _read_weights(Path(path) / LEGACY_WEIGHTS_NAME, peft_names=False)
+        config = method.config_class.from_dict(meta[method.name])
+        state, _ = _read_weights(Path(path) / LEGACY_WEIGHTS_NAME)
         saved_base = meta.get("base_model", {})
     if saved_base is not None:
         _check_base(model, path, saved_base, strict)
@@ -269,20 +246,19 @@ def _check_base(model: nn.Module, path, saved_base: dict, strict: bool) -> None:
 
 
 def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], source="the given state dict") -> None:
-    """Replace the adapter weights of a model carrying FFBA adapters, in place.
+    """Replace the adapter weights of a model carrying an adapter, in place.
 
     `state` uses the canonical keys of `adapter_state_dict`. In a fused model only the adapter
     rows/columns of the fused matrices are rewritten; the base weights are not touched or copied.
     """
-    if is_zflora(model):
-        state = {k: v for k, v in state.items() if k not in unread_keys(model)}
-    _copy_into(model, state, source)
-    if getattr(model, "ffba_fused", False):
-        refresh_adapter_weights(model)
+    ignored = registry.method_of(model).ignored_keys(model)
+    _copy_into(model, {k: v for k, v in state.items() if k not in ignored}, source)
+    refresh_fused_weights(model)
 
 
-def _read_weights(file: Path, peft_names: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors under canonical keys, safetensors metadata) of an adapter's weights file."""
+def _read_weights(file: Path, method: Method | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors under canonical keys, safetensors metadata) of an adapter's weights file: PEFT's names are
+    mapped by `method`; without one (fflora 0.1.0's file) they are canonical already."""
     if not file.is_file():
         raise FileNotFoundError(f"{file} is missing; save the adapter again with fflora.save_adapter")
     try:
@@ -291,13 +267,13 @@ def _read_weights(file: Path, peft_names: bool) -> tuple[dict[str, torch.Tensor]
             tensors = {name: f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{file} is truncated or corrupt ({e}); save the adapter again") from e
-    if not peft_names:
+    if method is None:
         return tensors, metadata
     state = {}
     for name, tensor in tensors.items():
-        key = canonical_key(name)
+        key = method.canonical_key(name)
         if key is None or key in state:
-            raise ValueError(f"{file} holds a tensor {name!r} that is not one of an FFBA or zFLoRA adapter's; "
+            raise ValueError(f"{file} holds a tensor {name!r} that is not one of a {method.title} adapter's; "
                              "the file is corrupt or was edited, save the adapter again")
         state[key] = tensor
     return state, metadata

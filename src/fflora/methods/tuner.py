@@ -8,26 +8,18 @@ adapter name: a model holds one adapter in training form), the on/off switch (`t
 merging as fusing (`fflora.fuse`: the forward adapter bypasses the attention core and the MLP, so
 FFBA cannot be folded into the base weights; its merged form is the fused one), and unloading.
 
-`register()` (called by `import fflora`) puts both methods in PEFT's registries: PEFT's
-`register_peft_method` where it accepts the name, else the three registries under plain string keys
-(`PeftType` is a str enum, so "FFBA" looks up like a member). Tested with peft 0.21.2
-(constraints.txt; pyproject pins the range).
+Each method's tuner is a small subclass in its folder (`ffba.tuner.FFBAModel`,
+`zflora.tuner.ZFLoRAModel`); `registration.register()` puts them in PEFT's registries.
 """
 
 from __future__ import annotations
 
-import warnings
-
-from peft import mapping
 from peft.tuners.tuners_utils import BaseTuner
-from peft.utils import register_peft_method
 from torch import nn
 
-from .config import FFBA_PEFT_TYPE, ZFLORA_PEFT_TYPE, FFBAConfig, ZFLoRAConfig
-from .fused import fuse, unfuse
-from .model import apply_adapter, remove_adapter
-from .serialization import adapter_parameters
-from .tuner_layer import AdapterSwitch
+from .adapters import adapter_parameters, apply_adapter, fuse, remove_adapter, unfuse
+from .fused_state import fused_state
+from .layers import AdapterSwitch
 
 
 def _one_adapter_only(what: str) -> ValueError:
@@ -72,7 +64,7 @@ class AdapterTuner(BaseTuner):
             _set_trainable(model, False)
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
-        if getattr(self.model, "ffba_fused", False):
+        if fused_state(self.model) is not None:
             raise ValueError("the adapter is fused into the base projections (merge_adapter); call "
                              "unmerge_adapter() before switching it off or on")
         super()._enable_adapter_layers(enabled)
@@ -124,35 +116,3 @@ class AdapterTuner(BaseTuner):
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
         return key  # the parameter names carry no adapter name
-
-
-class FFBAModel(AdapterTuner):
-    """PEFT's tuner for FFBA (peft_type "FFBA")."""
-
-    prefix = "ffba"
-    config_cls = FFBAConfig
-
-
-class ZFLoRAModel(AdapterTuner):
-    """PEFT's tuner for zFLoRA (peft_type "ZFLORA")."""
-
-    prefix = "z_"  # its parameters: z_in, z_out, and the head's z_merge
-    config_cls = ZFLoRAConfig
-
-
-METHODS = ((FFBA_PEFT_TYPE, FFBAConfig, FFBAModel), (ZFLORA_PEFT_TYPE, ZFLoRAConfig, ZFLoRAModel))
-
-
-def register() -> None:
-    """Make FFBA and zFLoRA PEFT methods (idempotent)."""
-    for peft_type, config_cls, model_cls in METHODS:
-        if mapping.PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type) is model_cls:
-            continue
-        try:
-            register_peft_method(name=peft_type.lower(), config_cls=config_cls, model_cls=model_cls, prefix=model_cls.prefix)
-        except ValueError:  # "Unknown PEFT type": PEFT's enum lists only its own methods
-            mapping.PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = config_cls
-            mapping.PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = model_cls
-            mapping.PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = model_cls.prefix
-        except KeyError as e:  # another package registered the name first
-            warnings.warn(f"PEFT already has a method {peft_type!r} ({e}); fflora's {config_cls.__name__} is not registered")

@@ -6,17 +6,18 @@
 The norm already hands over the (d + w)-wide u~ and the layer's residual add takes [y; dz] as it
 is, so there is no concat of GEMM inputs and no split of GEMM outputs besides the q|k|v views the
 fused base has anyway. The state width w is r rounded up so that d + w is a multiple of
-`fflora.fused.ALIGN` (odd GEMM sizes are slow on CPU); the extra channels stay zero.
+`fflora.methods.fused.ALIGN` (odd GEMM sizes are slow on CPU); the extra channels stay zero.
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..models.architectures import sub_blocks
-from ..fused import ALIGN, FusedInputProjections, FusedOutputProjection, _unwrap, install_fused
-from ..ops.gemm import planned_linear
+from ...models.architectures import sub_blocks
+from ...ops.gemm import planned_linear
+from ..fused import ALIGN, FusedInputProjections, FusedOutputProjection, install_fused, unfused_projections, unwrap
 from .layers import ZInputProjection, ZOutputProjection, ZSubBlockAdapter
+from .model import zflora_rank
 
 
 def fused_state_width(d: int, r: int) -> int:
@@ -28,7 +29,7 @@ class ZFusedInputProjections(FusedInputProjections):
     """The input projections of a sub-block with zFLoRA as one GEMM over the widened norm output."""
 
     def __init__(self, bases: list[nn.Linear], name: str, state_width: int) -> None:
-        super().__init__(bases, name, ba_in_rank=state_width)  # state_width extra columns, zero until written
+        super().__init__(bases, name, extra_cols=state_width)  # state_width extra columns, zero until written
 
     def refresh_adapter_weights(self, adapter: ZSubBlockAdapter) -> None:
         """Write s * B_in into the state columns (they stay zero for a sub-block that does not read the state)."""
@@ -36,15 +37,12 @@ class ZFusedInputProjections(FusedInputProjections):
             d = self.d_in
             self.weight[:, d : d + adapter.r] = (adapter.scale * adapter.z_in.detach()).to(self.weight.dtype)
 
-    def _project(self, x: Tensor) -> list[Tensor]:
-        return list(planned_linear(x, self.weight, self.bias, self.gemm_plan).split(self.widths, dim=-1))
-
 
 class ZFusedOutputProjection(FusedOutputProjection):
     """The output projection with A_out as extra rows: it returns [y; dz], the stream's full width."""
 
     def __init__(self, base: nn.Linear, name: str, state_width: int) -> None:
-        super().__init__(base, name, ba_out_rank=state_width)  # state_width extra rows, zero until written
+        super().__init__(base, name, extra_rows=state_width)  # state_width extra rows, zero until written
 
     def refresh_adapter_weights(self, adapter: ZSubBlockAdapter) -> None:
         d = self.d_out
@@ -60,12 +58,11 @@ def _adapter(layer: nn.Module, name: str) -> ZSubBlockAdapter | None:
 
 def fuse_zflora(model: nn.Module) -> None:
     """Switch a model carrying zFLoRA to the fused form, in place."""
-    d, r = model.config.hidden_size, model.ffba_config.r
-    width = fused_state_width(d, r)
+    width = fused_state_width(model.config.hidden_size, zflora_rank(model))
     for _, layer, name, spec, holder in sub_blocks(model):
         adapter = _adapter(layer, name)
-        inputs = [_unwrap(getattr(holder, p)) for p in spec.inputs]
-        output = ZFusedOutputProjection(_unwrap(getattr(holder, spec.output)), name, width)
+        inputs = [unwrap(getattr(holder, p)) for p in spec.inputs]
+        output = ZFusedOutputProjection(unwrap(getattr(holder, spec.output)), name, width)
         if adapter is None:
             group = FusedInputProjections(inputs, name)
         else:
@@ -78,17 +75,17 @@ def fuse_zflora(model: nn.Module) -> None:
 
 def unfuse_zflora(model: nn.Module) -> None:
     """Back to the training form: the original nn.Linear modules, rebuilt bit for bit."""
-    r = model.ffba_config.r
+    r = zflora_rank(model)
     for _, layer, name, spec, holder in sub_blocks(model):
         adapter = _adapter(layer, name)
-        for index, (p, base) in enumerate(zip(spec.inputs, holder.ffba_fused_inputs.unfused())):
+        inputs, output = unfused_projections(holder, spec)
+        for index, (p, base) in enumerate(zip(spec.inputs, inputs)):
             setattr(holder, p, ZInputProjection(base, adapter, index) if adapter is not None else base)
-        setattr(holder, spec.output, ZOutputProjection(getattr(holder, spec.output).unfused(), adapter, r))
-        del holder.ffba_fused_inputs
+        setattr(holder, spec.output, ZOutputProjection(output, adapter, r))
         layer.zflora_state_width = r
 
 
-def refresh_zflora_weights(model: nn.Module) -> None:
+def refresh_zflora(model: nn.Module) -> None:
     """After adapter parameters changed in a fused model, rewrite their fused rows/columns in place."""
     for _, layer, name, spec, holder in sub_blocks(model):
         adapter = _adapter(layer, name)

@@ -1,7 +1,7 @@
 """Training (unfused) form: projection wrappers and the decoder layer that carries BA state.
 
 The base projection runs as loaded; the adapter adds small GEMMs on its own parameters. This is
-the form to train in. `fflora.fused` replaces these modules for inference.
+the form to train in. `fflora.methods.ffba.fused` replaces these modules for inference.
 """
 
 from __future__ import annotations
@@ -11,19 +11,8 @@ import functools
 import torch
 from torch import Tensor, nn
 
+from ..layers import WrappedProjection, refer_to
 from .adapter import NEXT_SUB_BLOCK, LayerState, SubBlockAdapter
-
-
-def _refer_to(module: nn.Module, name: str, other: nn.Module) -> None:
-    """Keep a plain reference to `other`, not a submodule: its parameters belong to `layer.ffba`
-    (one canonical name each), however many projections use them."""
-    object.__setattr__(module, name, other)
-
-
-class WrappedProjection(nn.Module):
-    """A training-form projection: the base nn.Linear, as loaded, is `self.base` (FFBA and zFLoRA)."""
-
-    base: nn.Linear
 
 
 class AdaptedInputProjection(WrappedProjection):
@@ -36,7 +25,7 @@ class AdaptedInputProjection(WrappedProjection):
     def __init__(self, base: nn.Linear, adapter: SubBlockAdapter, index: int) -> None:
         super().__init__()
         self.base = base
-        _refer_to(self, "adapter", adapter)
+        refer_to(self, "adapter", adapter)
         self.index = index
 
     def forward(self, x: Tensor) -> Tensor:
@@ -59,7 +48,7 @@ class AdaptedOutputProjection(WrappedProjection):
     def __init__(self, base: nn.Linear, adapter: SubBlockAdapter) -> None:
         super().__init__()
         self.base = base
-        _refer_to(self, "adapter", adapter)
+        refer_to(self, "adapter", adapter)
 
     def forward(self, c: Tensor) -> Tensor:
         y = self.base(c)

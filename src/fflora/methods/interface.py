@@ -1,0 +1,79 @@
+"""`Method`: what differs between adapter methods, behind one interface.
+
+The rest of fflora (the generic operations in `adapters`, serialization, the PEFT tuners, fastpath,
+serving, recipes, the CLI and the benches) reaches a method only through this interface, found in
+`registry` from a configuration, a PEFT type or the model itself; it never asks which method it
+holds. A new method is a folder under `methods/` with its configuration, layers, fused form and a
+`Method`, plus one line in `registry.METHODS`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from torch import nn
+
+
+class Method(ABC):
+    """One adapter method. Subclasses set the class attributes and implement the operations; the
+    generic checks (configuration type, architecture, an adapter already present, a fused model)
+    are done by the caller (`fflora.methods.adapters`) before any of these runs."""
+
+    name: str  # "ffba", "zflora": the kind in run records and the CLI
+    title: str  # how messages name it: "FFBA", "zFLoRA"
+    peft_type: str  # PEFT's peft_type in adapter_config.json
+    config_class: type  # its PeftConfig subclass
+    legacy_format: str  # the "format" of fflora 0.1.0's adapter_config.json
+    supports_bank: bool = False  # whether its adapters can join an adapter bank
+
+    # --- training form ---
+
+    @abstractmethod
+    def apply(self, model: nn.Module, config) -> None:
+        """Build the adapter on `model` in place (every base parameter frozen; only the adapter's trains);
+        validate everything first, so that a ValueError leaves the model untouched."""
+
+    @abstractmethod
+    def remove(self, model: nn.Module) -> None:
+        """Take the adapter off a model in training form: the plain base model again."""
+
+    @abstractmethod
+    def parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """The live adapter parameters under their canonical keys (`layers.{i}.{attn|mlp}.{name}`, ...),
+        the keys of every saved state dict."""
+
+    @abstractmethod
+    def canonical_key(self, saved_name: str) -> str | None:
+        """The canonical key of a saved tensor name (PEFT's `base_model.model.<parameter name>`), or None
+        if no parameter of this method has that name."""
+
+    def ignored_keys(self, model: nn.Module) -> set[str]:
+        """Canonical keys that older saved adapters hold but this version drops on load."""
+        return set()
+
+    @abstractmethod
+    def parameter_count(self, hf_config, config) -> int:
+        """Trainable parameters of an adapter with `config` on a model with this transformers config."""
+
+    # --- fused form ---
+
+    @abstractmethod
+    def fuse(self, model: nn.Module) -> None:
+        """Install the fused GEMMs (`fflora.methods.fused`) in every sub-block, the adapter written into them."""
+
+    @abstractmethod
+    def unfuse(self, model: nn.Module) -> None:
+        """Back to the training form: the base nn.Linear modules rebuilt bit for bit, the adapter around them."""
+
+    @abstractmethod
+    def refresh_fused(self, model: nn.Module) -> None:
+        """After the adapter's parameters changed in a fused model, rewrite its rows/columns in place."""
+
+    def build_bank(self, model: nn.Module, max_adapters: int, rank_budget: int):
+        """Fuse a plain base model with room for a bank of this method's adapters; returns the bank
+        (only where `supports_bank`)."""
+        raise NotImplementedError(f"{self.title} has no adapter bank")
+
+    def unfuse_bank(self, model: nn.Module) -> None:
+        """Undo `build_bank`: the plain base model again (the bank's adapters are dropped)."""
+        raise NotImplementedError

@@ -1,0 +1,102 @@
+"""The package's layering: module-level imports only, no import circle, and imports that only point down
+(cli -> recipes, serving, bench -> fastpath -> methods -> models -> ops, utils)."""
+
+import ast
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+PACKAGE = SRC / "fflora"
+# Each top-level folder's layer: a module may import from its own layer or below, never above.
+LAYERS = {"utils": 0, "ops": 0, "models": 1, "methods": 2, "fastpath": 3, "recipes": 4, "serving": 4, "bench": 4,
+          "cli": 5, "": 6}
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _imports(name: str) -> list[tuple[str, bool]]:
+    """(imported fflora module, at module level?) for every import statement of module `name`."""
+    path = MODULES[name]
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    tree = ast.parse(path.read_text())
+    top = set(map(id, tree.body))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if not target.startswith("fflora"):
+                continue
+            for alias in node.names:  # `from pkg import submodule` imports the submodule
+                sub = f"{target}.{alias.name}"
+                found.append((sub if sub in MODULES else target, id(node) in top))
+        elif isinstance(node, ast.Import):
+            found += [(a.name, id(node) in top) for a in node.names if a.name.startswith("fflora")]
+    return found
+
+
+def _layer(name: str) -> int:
+    parts = name.split(".")
+    return LAYERS[parts[1] if len(parts) > 1 else ""]
+
+
+def test_every_import_is_at_module_level():
+    nested = [f"{name} imports {target}" for name in MODULES for target, top in _imports(name) if not top]
+    assert not nested, "function-local imports of fflora modules (move them to the top): " + "; ".join(nested)
+
+
+def test_the_import_graph_has_no_circle():
+    graph = {name: sorted({t for t, _ in _imports(name) if t != name}) for name in MODULES}
+    state: dict[str, str] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = "open"
+        for nxt in graph.get(node, []):
+            if state.get(nxt) == "open":
+                cycle = path[path.index(nxt):] + [nxt] if nxt in path else [node, nxt]
+                pytest.fail("import circle: " + " -> ".join(cycle))
+            if nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = "done"
+
+    for name in graph:
+        if name not in state:
+            visit(name, [name])
+
+
+def test_imports_only_point_down_the_layers():
+    upward = [f"{name} (layer {_layer(name)}) imports {target} (layer {_layer(target)})"
+              for name in MODULES for target, _ in _imports(name) if _layer(target) > _layer(name)]
+    assert not upward, "; ".join(upward)
+
+
+def test_only_methods_know_which_method_a_model_holds():
+    outside = [p for name, p in MODULES.items() if not name.startswith("fflora.methods")]
+    offenders = [f"{p.relative_to(SRC)}: {needle}" for p in outside for needle in
+                 ("is_zflora", "isinstance(config, ZFLoRAConfig)", "isinstance(config, FFBAConfig)")
+                 if needle in p.read_text()]
+    assert not offenders
+
+
+def test_every_module_imports_on_its_own_in_any_order():
+    """Each module in a fresh interpreter, in a shuffled order (the seed is in the failure message)."""
+    seed = random.randrange(2**32)
+    order = sorted(MODULES)
+    random.Random(seed).shuffle(order)
+    code = "import importlib\nfor name in %r:\n    importlib.import_module(name)\n" % order
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, f"seed {seed}: {run.stderr[-2000:]}"
