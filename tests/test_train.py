@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import fflora
 from fflora.methods.serialization import WEIGHTS_NAME
-from fflora.recipes.budget import match_ffba_rank
+from fflora.recipes.budget import match_adapter_rank
 from fflora.recipes.train import LossSpikeError, NonFiniteLossError, TrainConfig, train
 
 
@@ -135,7 +135,7 @@ def record_model_config(path):
 def test_match_params_picks_the_closest_rank(tiny_model_dir):
     config = record_model_config(tiny_model_dir)
     target = fflora.lora_parameter_count(config, 4)
-    r = match_ffba_rank(config, 4)
+    r = match_adapter_rank(config, 4)
     gaps = {k: abs(fflora.ffba_parameter_count(config, fflora.FFBAConfig(r=k)) - target) for k in range(1, 40)}
     assert gaps[r] == min(gaps.values())
 
@@ -147,12 +147,12 @@ def test_smollm2_budget_match():
     config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3, head_dim=64)
     assert fflora.lora_parameter_count(config, 8) == 2_442_240
-    assert match_ffba_rank(config, 8) == 10
+    assert match_adapter_rank(config, 8) == 10
     assert fflora.ffba_parameter_count(config, fflora.FFBAConfig(r=10)) == 2_509_440
     # FA-only and BA-only adapters need ranks far above LoRA's: no search bound may cut them off.
-    assert match_ffba_rank(config, 8, backward=False) == 35  # 2,419,200 (-0.9%); a bound of 4r + 1 gave 33 (-6.6%)
-    assert match_ffba_rank(config, 8, forward=False) == 13
-    assert match_ffba_rank(config, 64, backward=False) == 283
+    assert match_adapter_rank(config, 8, backward=False) == 35  # 2,419,200 (-0.9%); a bound of 4r + 1 gave 33 (-6.6%)
+    assert match_adapter_rank(config, 8, forward=False) == 13
+    assert match_adapter_rank(config, 64, backward=False) == 283
 
 
 def test_two_process_data_parallel_run_on_gloo(tiny_model_dir, tiny_data_dir, tmp_path):

@@ -19,7 +19,7 @@ from .bench.serve import DISTRIBUTIONS, ServeBenchSettings, format_serve_table, 
 from .bench.train import TrainBenchSettings, format_train_table, run_train_bench, write_train_bench
 from .fastpath.compile import compile_decode
 from .fastpath.plan import plan_gemms
-from .methods import FFBAConfig, ZFLoRAConfig, apply_adapter, fuse, load_adapter
+from .methods import FFBAConfig, apply_adapter, fuse, load_adapter, registry
 from .methods.ffba.method import ffba_parameter_count
 from .methods.zflora.method import zflora_parameter_count
 from .models.base_models import default_model_dir, load_base_model
@@ -51,12 +51,11 @@ def _add_adapter_options(p: argparse.ArgumentParser) -> None:
 
 
 def _adapter_config(args, method: str = "ffba"):
-    """The FFBAConfig (or, for method "zflora", the ZFLoRAConfig: rank, alpha, sub-blocks) the options describe."""
+    """The configuration of `method` the options describe (each method takes the options it has: zFLoRA
+    rank, alpha and sub-blocks)."""
     sub_blocks = tuple(s for s in args.sub_blocks.split(",") if s)
-    if method == "zflora":
-        return ZFLoRAConfig(r=args.r, alpha=args.alpha, sub_blocks=sub_blocks)
-    return FFBAConfig(r=args.r, alpha=args.alpha, phi=args.phi, sub_blocks=sub_blocks, forward=args.forward,
-                      backward=args.backward)
+    return registry.make_config(method, r=args.r, alpha=args.alpha, phi=args.phi, sub_blocks=sub_blocks,
+                                forward=args.forward, backward=args.backward)
 
 
 def _model_config(name):

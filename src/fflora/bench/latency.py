@@ -30,7 +30,7 @@ from torch import nn
 
 from ..fastpath.compile import compile_decode, decode_step, is_compiled
 from ..fastpath.plan import MODES, plan_gemms
-from ..methods import FFBAConfig, ZFLoRAConfig, adapter_state_dict, apply_adapter, fuse, load_adapter_state
+from ..methods import FFBAConfig, ZFLoRAConfig, adapter_state_dict, apply_adapter, fuse, load_adapter_state, registry
 from ..methods.ffba.method import ffba_parameter_count
 from ..methods.zflora.method import zflora_parameter_count
 from ..recipes.budget import LORA_TARGETS, lora_parameter_count, match_lora_rank
@@ -130,8 +130,7 @@ def _randomize(model: nn.Module, seed: int, std: float = 0.02) -> None:
 
 def _adapted(model: nn.Module, family: str, rank: int) -> nn.Module:
     """`model` with a fresh FFBA ("ffba") or zFLoRA ("zflora") adapter of rank `rank`."""
-    config = {"ffba": FFBAConfig, "zflora": ZFLoRAConfig}[family](r=rank, alpha=2 * rank)
-    return apply_adapter(model, config)
+    return apply_adapter(model, registry.make_config(family, r=rank, alpha=2 * rank))
 
 
 def _lora(model: nn.Module, rank: int) -> nn.Module:

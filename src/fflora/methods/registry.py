@@ -3,6 +3,8 @@ configuration, a PEFT type, fflora 0.1.0's format name, a name, or the model tha
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 from torch import nn
 
 from .ffba.method import FFBA
@@ -19,6 +21,19 @@ def by_name(name: str) -> Method:
         if method.name == name:
             return method
     raise ValueError(f"unknown adapter method {name!r}; fflora has {[m.name for m in METHODS]}")
+
+
+def names() -> list[str]:
+    """The methods' names, in registry order."""
+    return [m.name for m in METHODS]
+
+
+def make_config(name: str, **options):
+    """The configuration of method `name` from the options it takes; options that only other methods
+    take (e.g. FFBA's phi for zFLoRA) are left out, as the CLI's shared adapter options need."""
+    config_class = by_name(name).config_class
+    known = {f.name for f in fields(config_class)}
+    return config_class(**{k: v for k, v in options.items() if k in known})
 
 
 def for_config(config, caller: str = "fflora") -> Method:

@@ -4,7 +4,6 @@ to LoRA's, and the ranks that match them."""
 from __future__ import annotations
 
 from ..methods import registry
-from ..methods.ffba.config import FFBAConfig
 from ..models.architectures import projection_dims
 
 # The seven projections of a Llama-family decoder layer: LoRA's targets in every comparison.
@@ -32,11 +31,11 @@ def _closest_rank(count, target: int) -> int:
     return min((max(1, r - 1), r), key=lambda k: (abs(count(k) - target), k))
 
 
-def match_ffba_rank(hf_config, lora_r: int, family: type = FFBAConfig, **kwargs) -> int:
-    """The FFBA (or, with family=ZFLoRAConfig, zFLoRA) rank whose trainable-parameter count is
-    closest to LoRA's at rank `lora_r`."""
+def match_adapter_rank(hf_config, lora_r: int, method: str = "ffba", **options) -> int:
+    """The rank of method `method` ("ffba", "zflora"; with `options` for the rest of its configuration)
+    whose trainable-parameter count is closest to LoRA's at rank `lora_r`."""
     target = lora_parameter_count(hf_config, lora_r)
-    return _closest_rank(lambda r: adapter_parameter_count(hf_config, family(r=r, **kwargs)), target)
+    return _closest_rank(lambda r: adapter_parameter_count(hf_config, registry.make_config(method, r=r, **options)), target)
 
 
 def match_lora_rank(hf_config, adapter) -> int:

@@ -30,13 +30,13 @@ from torch import nn
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
-from ..methods import FFBAConfig, ZFLoRAConfig, has_adapter, load_adapter, parameter_summary, save_adapter
+from ..methods import has_adapter, load_adapter, parameter_summary, registry, save_adapter
 from ..models.base_models import load_base_model
 from ..utils.errors import FFloraError
 from ..utils.files import atomic_write_text
 from ..utils.sources import say
 from .artifacts import RUN_FILE
-from .budget import LORA_TARGETS, adapter_parameter_count, lora_parameter_count, match_ffba_rank
+from .budget import LORA_TARGETS, adapter_parameter_count, lora_parameter_count, match_adapter_rank
 from .data import FAMILIES, load_split
 from .evaluate import response_loss
 from .examples import PACKED_ATTENTION, check_form, pack, token_nll, tokenize_example
@@ -152,13 +152,11 @@ def build_dataset(tokenizer, records: list[dict], max_length: int, form: str = "
 def prepare_model(cfg: TrainConfig, model: nn.Module) -> tuple[nn.Module, dict]:
     """Attach the method's trainable parameters; returns (model, parameter record)."""
     counts = {"lora_r": cfg.lora_r, "lora_params_at_lora_r": lora_parameter_count(model.config, cfg.lora_r)}
-    if cfg.method in ("ffba", "zflora"):
-        sub_blocks = tuple(cfg.sub_blocks.split(","))
-        family, variant = ((FFBAConfig, dict(phi=cfg.phi, sub_blocks=sub_blocks, forward=cfg.forward, backward=cfg.backward))
-                           if cfg.method == "ffba" else (ZFLoRAConfig, dict(sub_blocks=sub_blocks)))
-        r = match_ffba_rank(model.config, cfg.lora_r, family, **variant) if cfg.match_params else cfg.r
+    if cfg.method in registry.names():  # an fflora method
+        variant = dict(phi=cfg.phi, sub_blocks=tuple(cfg.sub_blocks.split(",")), forward=cfg.forward, backward=cfg.backward)
+        r = match_adapter_rank(model.config, cfg.lora_r, cfg.method, **variant) if cfg.match_params else cfg.r
         alpha = cfg.alpha * r / cfg.r if cfg.match_params else cfg.alpha  # keep alpha / r when matching
-        adapter = family(r=r, alpha=alpha, dropout=cfg.dropout, task_type="CAUSAL_LM", **variant)
+        adapter = registry.make_config(cfg.method, r=r, alpha=alpha, dropout=cfg.dropout, task_type="CAUSAL_LM", **variant)
         model = get_peft_model(model, adapter)  # the same path as LoRA's: a PeftModel for the Trainer
         # "ffba_*" keys name the fflora adapter of either family (run records predate zFLoRA)
         counts.update(ffba_r=r, ffba_config=adapter.method_fields(), ffba_params=adapter_parameter_count(model.config, adapter))
