@@ -118,3 +118,10 @@ def test_loading_an_adapter_of_another_config_onto_an_adapted_model_fails(tmp_pa
 def test_saving_without_adapter_fails(tmp_path):
     with pytest.raises(ValueError, match="no adapter to save"):
         fflora.save_adapter(make_model("llama"), tmp_path)
+
+
+def test_loading_weights_into_a_model_without_an_adapter_says_what_to_do_instead():
+    from fflora.methods import load_adapter_state
+
+    with pytest.raises(ValueError, match=r"carries no adapter to load weights into; use fflora.load_adapter"):
+        load_adapter_state(make_model("llama"), {})

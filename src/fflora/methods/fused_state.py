@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..ops.gemm import set_gemm_plan
+from .interface import Method
 
 ATTRIBUTE = "fflora_fused"
 
@@ -25,8 +26,8 @@ class FusedState:
     the modules whose plan is not the standard one; compiled: the generation settings from before
     `compile_decode` (None: not compiled)."""
 
-    method: object | None = None
-    bank: object | None = None
+    method: Method | None = None
+    bank: object | None = None  # the method's bank (FFBA's `AdapterBank`): this module knows no method
     gemms: list[nn.Module] = field(default_factory=list)
     gemm_mode: str = "standard"
     planned: list[nn.Module] = field(default_factory=list)

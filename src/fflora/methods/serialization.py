@@ -251,7 +251,11 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], source=
     `state` uses the canonical keys of `adapter_state_dict`. In a fused model only the adapter
     rows/columns of the fused matrices are rewritten; the base weights are not touched or copied.
     """
-    ignored = registry.method_of(model).ignored_keys(model)
+    method = registry.method_of(model)
+    if method is None:
+        raise ValueError("this model carries no adapter to load weights into; use fflora.load_adapter(model, path), "
+                         "or fflora.apply_adapter(model, config) first")
+    ignored = method.ignored_keys(model)
     _copy_into(model, {k: v for k, v in state.items() if k not in ignored}, source)
     refresh_fused_weights(model)
 
