@@ -4,7 +4,9 @@ One server process for the module (a tiny random Llama, two adapters), started w
 request budget and stopped by its process id at the end.
 """
 
+import functools
 import json
+import socket
 import threading
 import time
 
@@ -52,7 +54,7 @@ class Server:
             fflora.save_adapter(adapted, root / name)
         args = ["--model", str(root / "base"), "--served-model-name", BASE, "--adapter", f"a={root / 'a'}",
                 "--adapter", f"b={root / 'b'}", "--max-adapters", "3", "--limit-max-requests", "300",
-                "--log-level", "warning"]
+                "--enable-adapter-loading", "--adapter-root", str(root), "--log-level", "warning"]
         self.process = ServerProcess(args, root / "server.log", ready_timeout_s=120)
 
     def connect(self):
@@ -189,32 +191,40 @@ def test_unknown_model_and_malformed_bodies(server):
     assert server.health()["status"] == "ok"
 
 
-def test_adapters_load_and_unload_while_serving(server, tmp_path):
-    post = lambda path, body: httpx.post(f"{server.url}{path}", json=body, timeout=60)  # noqa: E731
+def _post(server, path, body):
+    return httpx.post(f"{server.url}{path}", json=body, timeout=60)
+
+
+def test_adapters_load_and_unload_while_serving(server):
+    post = functools.partial(_post, server)
     with server.client.completions.create(model="a", prompt="Hi", max_tokens=60, temperature=0,
                                           stream=True) as running:
         first = next(iter(running))  # a request for "a" is in the batch
 
-        response = post("/v1/load_lora_adapter", {"lora_name": "c", "lora_path": str(server.root / "b")})
+        # Bad loads are refused and change nothing; no answer names a server path.
+        bad = server.root / "bad"
+        (bad / "corrupt").mkdir(parents=True)
+        (bad / "corrupt" / "adapter_config.json").write_text((server.root / "a" / "adapter_config.json").read_text())
+        (bad / "corrupt" / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
+        other = fflora.apply_ffba(make_model("llama", hidden_size=64, intermediate_size=96), fflora.FFBAConfig(r=4))
+        fflora.save_adapter(other, bad / "other-shape")
+        for name, path, message in [("d", "missing", "could not load adapter 'd' from 'missing': no fflora adapter "
+                                                     "at missing"),
+                                    ("d", str(bad / "corrupt"), "is truncated or corrupt"),
+                                    ("d", "bad/other-shape", "was saved for another base model"),
+                                    (BASE, "a", "names the base model")]:
+            response = post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
+            assert response.status_code == 400, (name, path, response.text)
+            assert message in response.json()["error"]["message"], response.text
+            assert str(server.root) not in response.text.replace(path, "")
+        response = post("/v1/load_lora_adapter", {"lora_name": "c", "lora_path": "b"})  # below the adapter root
         assert response.status_code == 200 and response.text == "Success: LoRA adapter 'c' added successfully."
         c = server.client.completions.create(model="c", prompt="Hi", max_tokens=6, temperature=0)
         assert c.choices[0].text == server.expected("b", server.tokenizer("Hi")["input_ids"], 6)
 
-        # Bad loads are refused and change nothing.
-        (tmp_path / "corrupt").mkdir()
-        (tmp_path / "corrupt" / "adapter_config.json").write_text((server.root / "a" / "adapter_config.json").read_text())
-        (tmp_path / "corrupt" / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
-        other = fflora.apply_ffba(make_model("llama", hidden_size=64, intermediate_size=96), fflora.FFBAConfig(r=4))
-        fflora.save_adapter(other, tmp_path / "other-shape")
-        for name, path, message in [("d", tmp_path / "missing", "could not load adapter 'd'"),
-                                    ("d", tmp_path / "corrupt", "could not load adapter 'd'"),
-                                    ("d", tmp_path / "other-shape", "could not load adapter 'd'"),
-                                    ("e", server.root / "a", "bank is full"),
-                                    ("c", server.root / "a", "has already been loaded"),
-                                    (BASE, server.root / "a", "base model's name")]:
-            response = post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)})
-            assert response.status_code == 400, (name, path, response.text)
-            assert message in response.json()["error"]["message"]
+        for name, message in [("e", "bank is full"), ("c", "has already been loaded")]:
+            response = post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": "a"})
+            assert response.status_code == 400 and message in response.json()["error"]["message"], response.text
         assert [m.id for m in server.client.models.list().data] == [BASE, "a", "b", "c"]
 
         response = post("/v1/unload_lora_adapter", {"lora_name": "a"})
@@ -230,6 +240,38 @@ def test_adapters_load_and_unload_while_serving(server, tmp_path):
     assert post("/v1/unload_lora_adapter", {"lora_name": "c"}).status_code == 200
     assert post("/v1/load_lora_adapter", {"lora_name": "a", "lora_path": str(server.root / "a")}).status_code == 200
     assert [m.id for m in server.client.models.list().data] == [BASE, "b", "a"]
+
+
+def test_runtime_loads_stay_below_the_adapter_root(server, tmp_path):
+    post = functools.partial(_post, server)
+    outside = tmp_path / "outside"
+    fflora.save_adapter(fflora.apply_ffba(make_model("llama", max_position_embeddings=256), fflora.FFBAConfig(r=4)),
+                        outside)
+    (server.root / "link").symlink_to(outside)
+    for path in (str(outside), "../" + outside.relative_to(tmp_path.parent).as_posix(), "link", "a/../../x"):
+        response = post("/v1/load_lora_adapter", {"lora_name": "d", "lora_path": path})
+        assert response.status_code == 400, (path, response.text)
+        error = response.json()["error"]
+        assert error["param"] == "lora_path" and "outside the folders this server loads adapters from" in error["message"]
+        assert str(server.root) not in response.text
+    for name in ("x/y", "a" * 129, "bell\x07", " padded", "__base__", BASE):
+        response = post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": "a"})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "lora_name", (name, response.text)
+    assert all("/" not in m.root for m in server.client.models.list().data)
+    assert {m.id for m in server.client.models.list().data} == {BASE, "a", "b"}  # nothing loaded
+
+
+def test_an_adapter_saved_on_other_base_weights_loads_only_when_allowed(server):
+    post = functools.partial(_post, server)
+    other_base = fflora.apply_ffba(make_model("llama", seed=7, max_position_embeddings=256), fflora.FFBAConfig(r=4))
+    fflora.save_adapter(other_base, server.root / "other-base")
+    response = post("/v1/load_lora_adapter", {"lora_name": "o", "lora_path": "other-base"})
+    assert response.status_code == 400
+    assert "trained on a base model with other weights" in response.json()["error"]["message"]
+    assert "allow_base_mismatch" in response.json()["error"]["message"]
+    response = post("/v1/load_lora_adapter", {"lora_name": "o", "lora_path": "other-base", "allow_base_mismatch": True})
+    assert response.status_code == 200, response.text
+    assert post("/v1/unload_lora_adapter", {"lora_name": "o"}).status_code == 200
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
@@ -273,3 +315,113 @@ def test_api_keys_guard_every_route_but_health(tmp_path):
             assert client.completions.create(model=BASE, prompt="ab", max_tokens=2).choices[0].finish_reason
         with pytest.raises(openai.AuthenticationError, match="Incorrect or missing API key"):
             openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).models.list()
+        # Without --enable-adapter-loading, nobody (not even with a key) loads or unloads at run time.
+        for route, body in (("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": str(root / "base")}),
+                            ("/v1/unload_lora_adapter", {"lora_name": "x"})):
+            answer = httpx.post(f"{server.url}{route}", json=body, headers={"Authorization": "Bearer key-one"}, timeout=30)
+            assert answer.status_code == 403 and answer.json()["error"]["type"] == "PermissionDeniedError"
+            assert "--enable-adapter-loading" in answer.json()["error"]["message"]
+
+
+# --- bounded work per request: a second server with small limits ---------------------------------
+
+LIMITS = ["--max-request-bytes", "65536", "--max-queued-requests", "1", "--max-batch-tokens", "8",
+          "--header-timeout", "2"]
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory):
+    root = tmp_path_factory.mktemp("limited")
+    server = Server.__new__(Server)
+    server.root, server.tokenizer = root, _tokenizer()
+    model = make_model("llama", max_position_embeddings=256)
+    model.generation_config.eos_token_id = 2
+    model.save_pretrained(root / "base")
+    server.tokenizer.save_pretrained(root / "base")
+    args = ["--model", str(root / "base"), "--served-model-name", BASE, "--max-adapters", "1",
+            "--limit-max-requests", "100", "--log-level", "warning", *LIMITS]
+    server.process = ServerProcess(args, root / "server.log", ready_timeout_s=120)
+    with server.process:  # stopped by its process id
+        server.connect()
+        yield server
+
+
+def test_a_body_over_the_limit_is_a_413_before_it_is_parsed(limited):
+    big = {"model": BASE, "prompt": "x" * 70_000}
+    response = httpx.post(f"{limited.url}/v1/completions", json=big, timeout=30)
+    assert response.status_code == 413, response.text
+    assert response.json()["error"]["type"] == "RequestTooLargeError" and "65536 bytes" in response.json()["error"]["message"]
+    chunked = httpx.post(f"{limited.url}/v1/completions", content=iter([json.dumps(big).encode()[i:i + 8192]
+                                                                       for i in range(0, 70_100, 8192)]), timeout=30)
+    assert chunked.status_code == 413
+    small = httpx.post(f"{limited.url}/v1/completions", json={"model": BASE, "prompt": "ab", "max_tokens": 2}, timeout=30)
+    assert small.status_code == 200
+
+
+def test_only_the_loopback_host_names_are_answered(limited):
+    for host in ("evil.example", "evil.example:80", "127.0.0.2"):
+        response = httpx.get(f"{limited.url}/health", headers={"Host": host}, timeout=10)
+        assert response.status_code == 400 and "--allowed-host" in response.json()["error"]["message"], host
+    for host in (f"localhost:{limited.process.port}", f"127.0.0.1:{limited.process.port}", "[::1]"):
+        assert httpx.get(f"{limited.url}/health", headers={"Host": host}, timeout=10).status_code == 200, host
+
+
+def test_a_connection_that_never_finishes_its_headers_is_closed(limited):
+    with socket.create_connection(("127.0.0.1", limited.process.port), timeout=20) as conn:
+        conn.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # no blank line: the headers never end
+        start = time.monotonic()
+        assert conn.recv(1024) == b""  # closed by the server
+        assert time.monotonic() - start < 10  # --header-timeout 2 (the socket would give up at 20)
+
+
+def test_a_text_prompt_too_long_for_the_context_is_refused_before_tokenizing(limited):
+    with pytest.raises(openai.BadRequestError, match=r"the prompt has 5000 characters, more than fit"):
+        limited.client.completions.create(model=BASE, prompt="x" * 5000, max_tokens=2)
+
+
+def _stream_times(client, prompt, max_tokens, times: list, texts: list):
+    """Stream a completion, recording when each piece arrived and its text."""
+    with client.completions.create(model=BASE, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
+                                   extra_body={"ignore_eos": True}) as stream:
+        for chunk in stream:
+            times.append(time.monotonic())
+            texts.append(chunk.choices[0].text)
+
+
+def test_a_long_prompt_beside_a_running_stream_is_prefilled_in_chunks(limited):
+    """With 8 tokens per engine step, a 200-token prompt takes many steps to prefill, and the running
+    stream gets a token in each of them: it keeps going while the long prompt is read."""
+    running_times, running_texts = [], []
+    runner = threading.Thread(target=_stream_times, args=(limited.client, [5] * 4, 200, running_times, running_texts))
+    runner.start()
+    while len(running_times) < 3:
+        time.sleep(0.005)
+    long_ids = [3 + (7 * i) % 90 for i in range(200)]
+    sent = time.monotonic()
+    long_times, long_texts = [], []
+    _stream_times(limited.client, long_ids, 8, long_times, long_texts)
+    runner.join(timeout=120)
+    during_prefill = [t for t in running_times if sent < t < long_times[0]]
+    assert len(during_prefill) >= 5, (len(during_prefill), len(running_times))
+    assert "".join(long_texts) == Server.expected(limited, None, long_ids, 8)
+    assert "".join(running_texts) == Server.expected(limited, None, [5] * 4, 200)
+
+
+def test_beyond_the_waiting_line_a_request_gets_a_429_with_retry_after(limited):
+    long_ids = [3 + (5 * i) % 90 for i in range(240)]
+    done = []
+    waiting = threading.Thread(target=lambda: done.append(
+        limited.client.completions.create(model=BASE, prompt=long_ids, max_tokens=4, temperature=0)))
+    waiting.start()
+    deadline = time.monotonic() + 60
+    while limited.health()["waiting_requests"] < 1:  # the long prompt is in the line until its first token
+        assert time.monotonic() < deadline and not done
+        time.sleep(0.002)
+    response = httpx.post(f"{limited.url}/v1/completions", json={"model": BASE, "prompt": "ab", "max_tokens": 2},
+                          timeout=30)
+    waiting.join(timeout=120)
+    assert response.status_code == 429, response.text
+    assert response.headers["retry-after"] == "1" and response.json()["error"]["type"] == "RateLimitError"
+    assert "--max-queued-requests 1" in response.json()["error"]["message"]
+    assert done and done[0].choices[0].finish_reason == "length"
+    assert limited.client.completions.create(model=BASE, prompt="ab", max_tokens=2).choices[0].text is not None

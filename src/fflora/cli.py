@@ -31,6 +31,7 @@ from .recipes.evaluate import evaluate, format_table
 from .recipes.study import StudySpec, format_aggregate, run_study
 from .recipes.train import METHODS, TrainConfig, config_from_args, train
 from .serving.api_server import run_server
+from .serving.config import ServerConfig
 from .utils.errors import FFloraError
 
 
@@ -153,22 +154,11 @@ def cmd_serve(args) -> dict:
         if name in adapters:
             raise ValueError(f"--adapter {name!r} is given twice")
         adapters[name] = path
-    for option in ("max_adapters", "kv_cache_tokens", "default_max_tokens", "max_batch_tokens", "max_batch_requests",
-                   "limit_max_requests", "rank_budget"):
-        value = getattr(args, option)
-        if value is not None and value < 1:
-            raise ValueError(f"--{option.replace('_', '-')} must be >= 1, got {value}")
-    if any(not key.strip() for key in args.api_key):
-        raise ValueError("--api-key must not be empty")
-    if len(adapters) > args.max_adapters:
-        raise ValueError(f"{len(adapters)} adapters do not fit in --max-adapters {args.max_adapters}")
-    run_server(args.model, adapters, max_adapters=args.max_adapters, rank_budget=args.rank_budget, host=args.host,
-               port=args.port, served_model_name=args.served_model_name, dtype=args.dtype,
-               max_batch_tokens=args.max_batch_tokens, max_batch_requests=args.max_batch_requests,
-               kv_cache_tokens=args.kv_cache_tokens,
-               limit_max_requests=args.limit_max_requests,
-               default_max_tokens=args.default_max_tokens, log_level=args.log_level,
-               api_keys=args.api_key or [k for k in [os.environ.get("FFLORA_API_KEY", "")] if k])
+    options = {f.name for f in dataclasses.fields(ServerConfig)} - {"adapters", "api_keys", "adapter_roots", "allowed_hosts"}
+    run_server(ServerConfig(
+        adapters=adapters, api_keys=args.api_key or [k for k in [os.environ.get("FFLORA_API_KEY", "")] if k],
+        adapter_roots=args.adapter_root, allowed_hosts=args.allowed_host or None,
+        **{name: getattr(args, name) for name in options}))
     return {}
 
 
@@ -471,28 +461,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
 
+    d = ServerConfig()
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server: the base model and many adapters, batched together")
     _add_model(p)
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                    help="an adapter to load at start, requested as model NAME (repeatable)")
-    p.add_argument("--max-adapters", type=int, default=8, help="adapters resident at once (default 8)")
+    p.add_argument("--max-adapters", type=int, default=d.max_adapters, help="adapters resident at once (default 8)")
     p.add_argument("--rank-budget", type=int, default=None, help="rank room per rank space (default 16 x max-adapters)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default=d.host, help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=d.port)
     p.add_argument("--served-model-name", default=None, help="the base model's name in the API (default: --model)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--max-batch-tokens", type=int, default=None, help="tokens per engine step (default: transformers')")
+    p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens,
+                   help=f"tokens per engine step; longer prompts are prefilled in chunks of this size (default "
+                        f"{d.max_batch_tokens})")
     p.add_argument("--max-batch-requests", type=int, default=None,
                    help="requests per engine step (default: transformers'; 1 serves one request at a time)")
-    p.add_argument("--kv-cache-tokens", type=int, default=32768,
-                   help="tokens the paged KV cache holds for all running requests (default 32768)")
-    p.add_argument("--default-max-tokens", type=int, default=256,
-                   help="new tokens for a chat request that sets no max_tokens (default 256)")
+    p.add_argument("--kv-cache-tokens", type=int, default=d.kv_cache_tokens,
+                   help=f"tokens the paged KV cache holds for all running requests (default {d.kv_cache_tokens})")
+    p.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens,
+                   help=f"new tokens for a chat request that sets no max_tokens (default {d.default_max_tokens})")
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on every route but /health (repeatable; "
                         "default: $FFLORA_API_KEY if set, else no key)")
+    p.add_argument("--enable-adapter-loading", action="store_true",
+                   help="allow /v1/load_lora_adapter and /v1/unload_lora_adapter (off by default), from below "
+                        "--adapter-root only")
+    p.add_argument("--adapter-root", action="append", default=[], metavar="DIR",
+                   help="a folder runtime loads may read adapters from (repeatable)")
+    p.add_argument("--allow-base-mismatch", action="store_true",
+                   help="load the --adapter folders even if they were saved on other base weights")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="a Host header value to answer (repeatable; default: the loopback names when bound to "
+                        "loopback, any otherwise)")
+    p.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes,
+                   help=f"largest request body; larger ones get a 413 (default {d.max_request_bytes})")
+    p.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests,
+                   help=f"requests waiting for their first token; beyond, a 429 (default {d.max_queued_requests})")
+    p.add_argument("--max-queued-tokens", type=int, default=d.max_queued_tokens,
+                   help=f"prompt tokens of the waiting requests; beyond, a 429 (default {d.max_queued_tokens})")
+    p.add_argument("--timeout-keep-alive", dest="timeout_keep_alive_s", type=int, default=d.timeout_keep_alive_s,
+                   help=f"seconds an idle connection stays open (default {d.timeout_keep_alive_s})")
+    p.add_argument("--header-timeout", dest="header_timeout_s", type=float, default=d.header_timeout_s,
+                   help=f"seconds a connection has to send a request's headers (default {d.header_timeout_s:g})")
     p.add_argument("--limit-max-requests", type=int, default=None, help="exit after serving this many requests")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-level", default=d.log_level, choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
     return parser
 

@@ -5,15 +5,26 @@ chat messages into token ids, hands them to the engine (which knows nothing of H
 its tokens back into OpenAI's JSON and server-sent events. The request's `model` names the
 adapter; vLLM's `/v1/load_lora_adapter` and `/v1/unload_lora_adapter` change the set at run time.
 
-With API keys (`--api-key`, `FFLORA_API_KEY`) every route but /health needs `Authorization: Bearer KEY`,
-checked per route and compared in constant time; a missing or wrong key is a 401 in OpenAI's shape.
+Hardened as vLLM's and TGI's servers are (`ServerConfig` holds every setting):
+
+* API keys (`--api-key`, `FFLORA_API_KEY`): every route but /health needs `Authorization: Bearer KEY`,
+  checked per route and compared in constant time; a missing or wrong key is a 401.
+* Adapters: loading and unloading at run time is off unless `--enable-adapter-loading`, and then only
+  from below an `--adapter-root` (`adapter_policy`); names are checked; an adapter saved on other base
+  weights is refused unless the load allows it; no answer names a server path.
+* Bounded work: a body limit (413) and a Host allow-list (`http_guards`), a deadline for request
+  headers, a character bound checked before tokenizing, tokenization and chat templating off the event
+  loop, chunked prefill (`--max-batch-tokens`), and a bounded waiting line (`admission`: 429 with
+  Retry-After beyond it).
+
+Every error, whatever its origin, is OpenAI's error JSON (`errors.APIError`).
 
     GET  /health                  200 while the engine runs, 503 after it stopped (no key needed)
     GET  /v1/models               the base model, then every loaded adapter
     POST /v1/completions          text completion, streamed (SSE) or not
     POST /v1/chat/completions     chat completion through the tokenizer's chat template
-    POST /v1/load_lora_adapter    {"lora_name", "lora_path"}
-    POST /v1/unload_lora_adapter  {"lora_name"}
+    POST /v1/load_lora_adapter    {"lora_name", "lora_path", "allow_base_mismatch"}  (--enable-adapter-loading)
+    POST /v1/unload_lora_adapter  {"lora_name"}                                       (--enable-adapter-loading)
 """
 
 from __future__ import annotations
@@ -36,26 +47,15 @@ from transformers import ContinuousBatchingConfig
 from ..methods import BASE_NAME, fuse
 from ..models.base_models import load_base_model
 from ..utils.sources import say
+from .adapter_policy import AdapterRoots, adapter_name_problem
+from .admission import Admission, Overloaded
+from .config import PAGE_SIZE, ServerConfig, describe_memory, memory_estimate
 from .engine import BankEngine, sampling_generation_config
+from .errors import APIError
+from .http_guards import BodyLimit, HostAllowList, header_deadline_protocol
 from .protocol import (ChatCompletionRequest, CompletionRequest, LoadLoRAAdapterRequest, SamplingRequest,
                        UnloadLoRAAdapterRequest)
 from .text import TextStream
-
-
-class APIError(Exception):
-    """An error answered as OpenAI's error JSON: {"error": {"message", "type", "param", "code"}}."""
-
-    TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 500: "InternalServerError",
-             503: "ServiceUnavailable"}
-
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param = status, message, param
-
-    def response(self) -> JSONResponse:
-        error = {"message": self.message, "type": self.TYPES.get(self.status, "Error"), "param": self.param,
-                 "code": self.status}
-        return JSONResponse({"error": error}, status_code=self.status)
 
 
 def _validation_error(exc: RequestValidationError) -> APIError:
@@ -73,11 +73,16 @@ class OpenAIServing:
     """Requests to engine calls and engine outputs to OpenAI responses, for one base model."""
 
     def __init__(self, engine: BankEngine, tokenizer, model_name: str, max_model_len: int,
-                 default_max_tokens: int = 256) -> None:
+                 default_max_tokens: int = 256, roots: AdapterRoots | None = None,
+                 admission: Admission | None = None) -> None:
         self.engine, self.tokenizer = engine, tokenizer
         self.model_name, self.max_model_len, self.default_max_tokens = model_name, max_model_len, default_max_tokens
         self.eos = set(_as_list(engine.generation_config.eos_token_id))
-        self.adapter_paths: dict[str, str] = {}
+        self.roots = roots or AdapterRoots(enabled=False, roots=[])
+        self.admission = admission or Admission(max_requests=128, max_tokens=65536)
+        # No token is longer than this many characters, so a text longer than max_model_len times it has
+        # too many tokens for the context: refused before tokenizing.
+        self.max_prompt_chars = max_model_len * max(map(len, tokenizer.get_vocab()))
         self._adapter_lock = asyncio.Lock()  # one load or unload at a time
 
     # -- models and adapters -----------------------------------------------------------------------
@@ -87,7 +92,7 @@ class OpenAIServing:
         base = {"id": self.model_name, "object": "model", "created": created, "owned_by": "fflora",
                 "root": self.model_name, "parent": None, "max_model_len": self.max_model_len}
         adapters = [{"id": name, "object": "model", "created": created, "owned_by": "fflora",
-                     "root": self.adapter_paths.get(name, name), "parent": self.model_name}
+                     "root": name, "parent": self.model_name}  # no server paths
                     for name in self.engine.adapters()]
         return {"object": "list", "data": [base, *adapters]}
 
@@ -99,33 +104,57 @@ class OpenAIServing:
         available = [self.model_name, *self.engine.adapters()]
         raise APIError(404, f"The model '{model}' does not exist. Available models: {available}", param="model")
 
+    def _runtime_loading(self) -> None:
+        if not self.roots.enabled:
+            raise APIError(403, "loading and unloading adapters at run time is off on this server; start it with "
+                                "--enable-adapter-loading --adapter-root DIR")
+
     async def load(self, body: LoadLoRAAdapterRequest) -> str:
-        if body.lora_name == self.model_name:
-            raise APIError(400, f"'{body.lora_name}' is the base model's name; choose another lora_name", "lora_name")
+        self._runtime_loading()
+        problem = adapter_name_problem(body.lora_name, self.model_name)
+        if problem:
+            raise APIError(400, problem, "lora_name")
+        try:
+            path = self.roots.resolve(body.lora_path)
+        except ValueError as e:
+            raise APIError(400, str(e), "lora_path") from e
         async with self._adapter_lock:
             if body.lora_name in self.engine.adapters():
                 raise APIError(400, f"The lora adapter '{body.lora_name}' has already been loaded.", "lora_name")
             try:
-                await run_in_threadpool(self.engine.load_adapter, body.lora_path, body.lora_name)
+                await run_in_threadpool(self.engine.load_adapter, path, body.lora_name,
+                                        strict=not body.allow_base_mismatch)
             except (ValueError, FileNotFoundError, OSError) as e:
-                raise APIError(400, f"could not load adapter '{body.lora_name}' from {body.lora_path!r}: {e}",
+                reason = self.roots.without_paths(str(e), path, body.lora_path)
+                if "other weights" in reason and not body.allow_base_mismatch:
+                    reason += "; send allow_base_mismatch: true to load it anyway"
+                raise APIError(400, f"could not load adapter '{body.lora_name}' from {body.lora_path!r}: {reason}",
                                "lora_path") from e
-            self.adapter_paths[body.lora_name] = body.lora_path
         return f"Success: LoRA adapter '{body.lora_name}' added successfully."
 
     async def unload(self, body: UnloadLoRAAdapterRequest) -> str:
+        self._runtime_loading()
         async with self._adapter_lock:
             try:
                 await run_in_threadpool(self.engine.unload_adapter, body.lora_name)
             except KeyError as e:
                 raise APIError(404, f"The lora adapter '{body.lora_name}' cannot be found. ({e.args[0]})",
                                "lora_name") from e
-            self.adapter_paths.pop(body.lora_name, None)
         return f"Success: LoRA adapter '{body.lora_name}' removed successfully."
 
     # -- generation --------------------------------------------------------------------------------
 
+    def check_prompt_size(self, body: CompletionRequest | ChatCompletionRequest) -> None:
+        """Refuse a text prompt that cannot fit the context before spending time on tokenizing it."""
+        chars = (len(body.prompt) if isinstance(body.prompt, str) else 0) if isinstance(body, CompletionRequest) \
+            else sum(len(m.text()) for m in body.messages)
+        if chars > self.max_prompt_chars:
+            raise APIError(400, f"the prompt has {chars} characters, more than fit this model's context of "
+                                f"{self.max_model_len} tokens", "messages" if isinstance(body, ChatCompletionRequest)
+                           else "prompt")
+
     def prompt_ids(self, body: CompletionRequest | ChatCompletionRequest) -> list[int]:
+        """The prompt's token ids (tokenizing and chat templating: run it off the event loop)."""
         if isinstance(body, CompletionRequest):
             if isinstance(body.prompt, list):
                 vocab = self.engine.model.config.get_text_config().vocab_size
@@ -159,15 +188,21 @@ class OpenAIServing:
     async def generate(self, body: CompletionRequest | ChatCompletionRequest):
         """Yields (text delta, finish_reason or None, prompt tokens, completion tokens) as tokens come."""
         adapter = self.adapter_for(body.model)
-        ids = self.prompt_ids(body)
+        self.check_prompt_size(body)
+        ids = await run_in_threadpool(self.prompt_ids, body)
         limit = body.token_limit() if isinstance(body, ChatCompletionRequest) else body.max_tokens
         max_new = self.max_new_tokens(body, limit, len(ids))
         text = TextStream(self.tokenizer, body.stop)
+        try:
+            ticket = self.admission.admit(len(ids))
+        except Overloaded as e:
+            raise APIError(429, f"the server is busy: {e}; retry shortly", headers={"Retry-After": "1"}) from e
         stream = self.engine.stream(ids, adapter, max_new_tokens=max_new, temperature=body.temperature,
                                     top_p=body.top_p, ignore_eos=body.ignore_eos)
         try:
             async with aclosing(stream):  # leaving early (stop string, client gone) cancels the request
                 async for output in stream:
+                    ticket.started()  # running: its place in the line is free
                     tokens, finished = output.generated_tokens, output.is_finished()
                     delta = text.update(tokens, final=finished)
                     if text.stopped:
@@ -179,6 +214,8 @@ class OpenAIServing:
                     yield delta, reason, len(ids), len(tokens)
         except RuntimeError as e:
             raise APIError(503 if not self.engine.is_running() else 500, str(e)) from e
+        finally:
+            ticket.started()
 
 
 def _as_list(value) -> list:
@@ -224,7 +261,7 @@ async def _answer(serving: OpenAIServing, body, request: Request):
                     except StopAsyncIteration:
                         item = None
                     except APIError as e:
-                        yield _sse({"error": {"message": e.message, "type": e.TYPES.get(e.status), "code": e.status}})
+                        yield _sse(e.body())
                         return
             if include_usage and usage:
                 yield _sse({"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
@@ -284,9 +321,11 @@ def key_check(api_keys: list[str]):
     return require_key
 
 
-def build_app(serving: OpenAIServing, start_engine: bool = True, api_keys: list[str] | None = None) -> FastAPI:
+def build_app(serving: OpenAIServing, start_engine: bool = True, api_keys: list[str] | None = None,
+              allowed_hosts: list[str] | None = None, max_request_bytes: int = 1 << 20) -> FastAPI:
     """The FastAPI application; it starts the engine on startup and stops it on shutdown. With `api_keys`
-    every route but /health requires one of them (a dependency of each route, not a path prefix)."""
+    every route but /health requires one of them (a dependency of each route, not a path prefix);
+    `allowed_hosts` (None: any) and `max_request_bytes` guard every route."""
     authorized = [Depends(key_check(list(api_keys or [])))]
 
     @asynccontextmanager
@@ -300,6 +339,8 @@ def build_app(serving: OpenAIServing, start_engine: bool = True, api_keys: list[
                 await run_in_threadpool(serving.engine.stop)
 
     app = FastAPI(title="fflora", lifespan=lifespan)
+    app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
+    app.add_middleware(HostAllowList, hosts=allowed_hosts)  # the outermost: added last
 
     @app.exception_handler(APIError)
     async def api_error(request, exc: APIError):
@@ -307,7 +348,7 @@ def build_app(serving: OpenAIServing, start_engine: bool = True, api_keys: list[
 
     @app.exception_handler(Exception)
     async def unexpected(request, exc: Exception):  # the process keeps serving; the client gets JSON
-        return APIError(500, f"internal error: {type(exc).__name__}: {exc}").response()
+        return APIError(500, f"internal error: {type(exc).__name__}").response()
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request, exc: RequestValidationError):
@@ -318,7 +359,7 @@ def build_app(serving: OpenAIServing, start_engine: bool = True, api_keys: list[
         if not serving.engine.is_running():
             raise APIError(503, "the engine has stopped")
         return {"status": "ok", "running_requests": sum(serving.engine.running_requests().values()),
-                "scheduled_requests": serving.engine.scheduled_requests()}
+                "scheduled_requests": serving.engine.scheduled_requests(), "waiting_requests": serving.admission.requests}
 
     @app.get("/v1/models", dependencies=authorized)
     async def models():
@@ -343,40 +384,32 @@ def build_app(serving: OpenAIServing, start_engine: bool = True, api_keys: list[
     return app
 
 
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-
-# transformers sizes the paged KV cache from free accelerator memory; on a CPU that is most of the
-# RAM (12 GB per server here), so the cache is sized in tokens instead.
-_PAGE_SIZE = 256
-
-
-def run_server(model_name_or_path: str | None = None, adapters: dict[str, str] | None = None, max_adapters: int = 8,
-               rank_budget: int | None = None, host: str = "127.0.0.1", port: int = 8000,
-               served_model_name: str | None = None, dtype: str = "float32", max_batch_tokens: int | None = None,
-               max_batch_requests: int | None = None, kv_cache_tokens: int = 32768,
-               limit_max_requests: int | None = None, default_max_tokens: int = 256, log_level: str = "info",
-               api_keys: list[str] | None = None) -> None:
-    """Load the base model, fuse it with a bank of `max_adapters`, load `adapters` ({name: folder}), serve.
-    With `api_keys`, every route but /health requires one of them.
-
-    `kv_cache_tokens` is the paged KV cache's room, shared by the running requests (32768 tokens
-    of SmolLM2-135M in float32 take 1.5 GB)."""
-    model, tokenizer = load_base_model(model_name_or_path, dtype=getattr(torch, dtype))
-    name = served_model_name or model.config._name_or_path or "base"
-    fuse(model, max_adapters=max_adapters, rank_budget=rank_budget)
+def run_server(cfg: ServerConfig) -> None:
+    """Load the base model, fuse it with a bank of `cfg.max_adapters`, load `cfg.adapters`, print the memory
+    the settings take, serve until stopped (or `cfg.limit_max_requests`)."""
+    roots = AdapterRoots(cfg.enable_adapter_loading, cfg.adapter_roots)  # checked before the model loads
+    model, tokenizer = load_base_model(cfg.model, dtype=getattr(torch, cfg.dtype))
+    name = cfg.served_model_name or model.config._name_or_path or "base"
+    fuse(model, max_adapters=cfg.max_adapters, rank_budget=cfg.rank_budget)
+    # transformers sizes the paged KV cache from free accelerator memory; on a CPU that is most of the
+    # RAM (12 GB per server here), so the cache is sized in tokens instead.
     engine = BankEngine(model, sampling_generation_config(model.generation_config),
-                        ContinuousBatchingConfig(max_batch_tokens=max_batch_tokens,
-                                                 max_requests_per_batch=max_batch_requests,
-                                                 num_blocks=-(-kv_cache_tokens // _PAGE_SIZE), page_size=_PAGE_SIZE))
-    context = min(model.config.get_text_config().max_position_embeddings, kv_cache_tokens)
-    serving = OpenAIServing(engine, tokenizer, name, context, default_max_tokens)
-    for adapter, path in (adapters or {}).items():
-        if adapter == name:
-            raise ValueError(f"adapter name {adapter!r} is the base model's name; choose another")
-        engine.load_adapter(path, adapter)
-        serving.adapter_paths[adapter] = str(path)
-    if not api_keys and host not in LOOPBACK_HOSTS:
-        say(f"WARNING: serving on {host} without an API key: anyone who reaches port {port} can generate and "
-            "load or unload adapters. Pass --api-key KEY (or set FFLORA_API_KEY)")
-    uvicorn.run(build_app(serving, api_keys=api_keys), host=host, port=port, limit_max_requests=limit_max_requests,
-                log_level=log_level)
+                        ContinuousBatchingConfig(max_batch_tokens=cfg.max_batch_tokens,
+                                                 max_requests_per_batch=cfg.max_batch_requests,
+                                                 num_blocks=-(-cfg.kv_cache_tokens // PAGE_SIZE), page_size=PAGE_SIZE))
+    context = min(model.config.get_text_config().max_position_embeddings, cfg.kv_cache_tokens)
+    serving = OpenAIServing(engine, tokenizer, name, context, cfg.default_max_tokens, roots,
+                            Admission(cfg.max_queued_requests, cfg.max_queued_tokens))
+    for adapter, path in cfg.adapters.items():
+        problem = adapter_name_problem(adapter, name)
+        if problem:
+            raise ValueError(f"--adapter {adapter!r}: {problem}")
+        engine.load_adapter(path, adapter, strict=not cfg.allow_base_mismatch)
+    say(describe_memory(memory_estimate(model, cfg), cfg))
+    if not cfg.api_keys and not cfg.loopback:
+        say(f"WARNING: serving on {cfg.host} without an API key: anyone who reaches port {cfg.port} can generate"
+            + (" and load or unload adapters" if cfg.enable_adapter_loading else "")
+            + ". Pass --api-key KEY (or set FFLORA_API_KEY)")
+    app = build_app(serving, api_keys=cfg.api_keys, allowed_hosts=cfg.hosts(), max_request_bytes=cfg.max_request_bytes)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, limit_max_requests=cfg.limit_max_requests, log_level=cfg.log_level,
+                timeout_keep_alive=cfg.timeout_keep_alive_s, http=header_deadline_protocol(cfg.header_timeout_s))

@@ -93,7 +93,8 @@ class LoadLoRAAdapterRequest(BaseModel):
     """vLLM's body for POST /v1/load_lora_adapter."""
 
     lora_name: str = Field(min_length=1)
-    lora_path: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1, description="a folder below an --adapter-root (relative: taken below it)")
+    allow_base_mismatch: bool = False  # fflora's extension: load an adapter saved on other base weights
 
 
 class UnloadLoRAAdapterRequest(BaseModel):

@@ -1,0 +1,99 @@
+"""`ServerConfig`: every setting of `fflora serve`, checked before anything loads, and the memory
+those settings will take."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .adapter_policy import adapter_name_problem
+from .http_guards import LOOPBACK_HOSTS
+
+# Tokens per engine step. A prompt longer than this is prefilled over several steps (chunked
+# prefill), so one long prompt pauses the running streams for one step at a time; see the README
+# ("Bounded work per request") for the measurement behind the default.
+DEFAULT_MAX_BATCH_TOKENS = 512
+PAGE_SIZE = 256  # tokens per KV-cache page (transformers' default)
+
+
+@dataclass
+class ServerConfig:
+    """Settings of `fflora serve` (the CLI's options; see `fflora serve --help`)."""
+
+    model: str | None = None
+    adapters: dict[str, str] = field(default_factory=dict)  # loaded at start: name -> folder (any path)
+    max_adapters: int = 8
+    rank_budget: int | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str | None = None
+    dtype: str = "float32"
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
+    max_batch_requests: int | None = None
+    kv_cache_tokens: int = 32768
+    default_max_tokens: int = 256
+    limit_max_requests: int | None = None
+    log_level: str = "info"
+    api_keys: list[str] = field(default_factory=list)
+    enable_adapter_loading: bool = False  # runtime load/unload; only from below adapter_roots
+    adapter_roots: list[str] = field(default_factory=list)
+    allowed_hosts: list[str] | None = None  # None: the loopback names when bound to loopback, else any
+    allow_base_mismatch: bool = False  # for the adapters loaded at start
+    max_request_bytes: int = 1 << 20
+    max_queued_requests: int = 128
+    max_queued_tokens: int = 65536
+    timeout_keep_alive_s: int = 5
+    header_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_adapters", "kv_cache_tokens", "default_max_tokens", "max_batch_tokens", "max_batch_requests",
+                     "limit_max_requests", "rank_budget", "max_request_bytes", "max_queued_requests",
+                     "max_queued_tokens", "timeout_keep_alive_s", "header_timeout_s"):  # integers but the last
+            value, bound = getattr(self, name), "> 0" if name == "header_timeout_s" else ">= 1"
+            if value is not None and not value > 0:
+                raise ValueError(f"--{name.removesuffix('_s').replace('_', '-')} must be {bound}, got {value}")
+        if any(not key.strip() for key in self.api_keys):
+            raise ValueError("--api-key must not be empty")
+        if len(self.adapters) > self.max_adapters:
+            raise ValueError(f"{len(self.adapters)} adapters do not fit in --max-adapters {self.max_adapters}")
+        for adapter in self.adapters:
+            problem = adapter_name_problem(adapter, self.served_model_name or "")
+            if problem:
+                raise ValueError(f"--adapter {adapter!r}: {problem}")
+
+    @property
+    def loopback(self) -> bool:
+        return self.host in LOOPBACK_HOSTS
+
+    def hosts(self) -> list[str] | None:
+        """The Host header values to answer (None: any)."""
+        if self.allowed_hosts:
+            return list(self.allowed_hosts)
+        return list(LOOPBACK_HOSTS) if self.loopback else None
+
+
+def memory_estimate(model: nn.Module, cfg: ServerConfig) -> dict[str, int]:
+    """Bytes the server will hold, from the fused model and the settings: the weights (measured on the
+    model), the paged KV cache, and one engine step's largest temporaries (its logits, over every token
+    of the step, and the MLP's activations)."""
+    seen, weights = set(), 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            weights += tensor.numel() * tensor.element_size()
+    text = model.config.get_text_config()
+    element = next(model.parameters()).element_size()
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    pages = -(-cfg.kv_cache_tokens // PAGE_SIZE)
+    kv_cache = pages * PAGE_SIZE * text.num_hidden_layers * 2 * kv_heads * head_dim * element
+    step = cfg.max_batch_tokens * (text.vocab_size * 4 + 3 * text.intermediate_size * element)  # fp32 logits
+    return {"weights": weights, "kv_cache": kv_cache, "step": step, "total": weights + kv_cache + step}
+
+
+def describe_memory(estimate: dict[str, int], cfg: ServerConfig) -> str:
+    gb = {k: v / 1e9 for k, v in estimate.items()}
+    return (f"memory: about {gb['total']:.2f} GB = weights {gb['weights']:.2f} + KV cache {gb['kv_cache']:.2f} "
+            f"({cfg.kv_cache_tokens} tokens, --kv-cache-tokens) + one step's work {gb['step']:.2f} "
+            f"({cfg.max_batch_tokens} tokens, --max-batch-tokens), plus the Python runtime")

@@ -1,0 +1,99 @@
+"""The serving layer's guards on their own: names, adapter roots, the waiting line, the Host parser,
+the server settings and their memory estimate."""
+
+
+import pytest
+from conftest import make_model
+
+import fflora
+from fflora.serving.adapter_policy import MAX_NAME_LENGTH, AdapterRoots, adapter_name_problem
+from fflora.serving.admission import Admission, Overloaded
+from fflora.serving.config import PAGE_SIZE, ServerConfig, memory_estimate
+from fflora.serving.http_guards import host_of
+
+
+@pytest.mark.parametrize("name", ["a", "math-v2", "ünïcode name", "x" * MAX_NAME_LENGTH])
+def test_good_adapter_names_pass(name):
+    assert adapter_name_problem(name, "base") is None
+
+
+@pytest.mark.parametrize("name, problem", [("", "1 to 128"), ("x" * (MAX_NAME_LENGTH + 1), "1 to 128"),
+                                           ("a/b", "'/'"), ("a\\b", "'/'"), ("tab\there", "control"),
+                                           (" x", "whitespace"), ("base", "names the base model"),
+                                           ("__base__", "names the base model")])
+def test_bad_adapter_names_say_what_is_wrong(name, problem):
+    assert problem in adapter_name_problem(name, "base")
+
+
+def test_adapter_roots_resolve_inside_and_refuse_escapes(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "a").mkdir(parents=True)
+    outside.mkdir()
+    (root / "link").symlink_to(outside)
+    roots = AdapterRoots(enabled=True, roots=[root])
+    assert roots.resolve("a") == (root / "a").resolve()
+    assert roots.resolve(str(root / "a")) == (root / "a").resolve()
+    assert roots.resolve("not-yet") == (root / "not-yet").resolve()  # inside: the load then says it is missing
+    for given in ("../outside", str(outside), "link", "a/../../outside"):
+        with pytest.raises(ValueError, match="outside the folders this server loads adapters from") as e:
+            roots.resolve(given)
+        assert str(tmp_path) not in str(e.value).replace(given, "")
+    message = f"no fflora adapter at {root.resolve() / 'a'}: missing; see {root.resolve()}"
+    assert roots.without_paths(message, (root / "a").resolve(), "a") == "no fflora adapter at a: missing; see <adapter-root>"
+
+
+def test_adapter_loading_needs_a_root_that_exists(tmp_path):
+    with pytest.raises(ValueError, match="--enable-adapter-loading needs at least one --adapter-root"):
+        AdapterRoots(enabled=True, roots=[])
+    with pytest.raises(ValueError, match="is not a folder"):
+        AdapterRoots(enabled=True, roots=[tmp_path / "nope"])
+    assert not AdapterRoots(enabled=False, roots=[]).enabled
+
+
+def test_the_waiting_line_bounds_requests_and_tokens():
+    line = Admission(max_requests=2, max_tokens=100)
+    first = line.admit(60)
+    with pytest.raises(Overloaded, match="60 prompt tokens are waiting"):
+        line.admit(50)
+    second = line.admit(40)
+    with pytest.raises(Overloaded, match="2 requests are waiting"):
+        line.admit(1)
+    first.started()
+    first.started()  # once only
+    assert (line.requests, line.tokens) == (1, 40)
+    second.started()
+    assert line.admit(500)  # alone, a request longer than the token bound is still admitted
+
+
+@pytest.mark.parametrize("header, host", [("127.0.0.1:8000", "127.0.0.1"), ("LocalHost", "localhost"),
+                                          ("[::1]:8000", "::1"), ("[::1]", "::1"), ("::1", "::1"),
+                                          ("example.com:443", "example.com")])
+def test_host_of_a_host_header(header, host):
+    assert host_of(header) == host
+
+
+def test_server_settings_are_checked_before_anything_loads():
+    with pytest.raises(ValueError, match="--max-queued-requests must be >= 1"):
+        ServerConfig(max_queued_requests=0)
+    with pytest.raises(ValueError, match="--header-timeout must be > 0"):
+        ServerConfig(header_timeout_s=0)
+    with pytest.raises(ValueError, match="--api-key must not be empty"):
+        ServerConfig(api_keys=[" "])
+    with pytest.raises(ValueError, match="--adapter 'a/b': an adapter name has no '/'"):
+        ServerConfig(adapters={"a/b": "x"})
+    assert ServerConfig().hosts() == ["127.0.0.1", "localhost", "::1"]
+    assert ServerConfig(host="0.0.0.0").hosts() is None
+    assert ServerConfig(host="0.0.0.0", allowed_hosts=["api.example"]).hosts() == ["api.example"]
+
+
+def test_the_memory_estimate_counts_weights_cache_and_a_step():
+    model = fflora.fuse(make_model("llama"), max_adapters=2)
+    cfg = ServerConfig(kv_cache_tokens=1000, max_batch_tokens=64)
+    estimate = memory_estimate(model, cfg)
+    c = model.config
+    kv_heads, head_dim = c.num_key_value_heads, c.hidden_size // c.num_attention_heads
+    assert estimate["kv_cache"] == 4 * PAGE_SIZE * c.num_hidden_layers * 2 * kv_heads * head_dim * 4  # 4 pages, fp32
+    unique = {t.data_ptr(): t.numel() * 4 for t in [*model.parameters(), *model.buffers()]}
+    assert estimate["weights"] == sum(unique.values())
+    assert estimate["step"] == 64 * (c.vocab_size * 4 + 3 * c.intermediate_size * 4)
+    assert estimate["total"] == estimate["weights"] + estimate["kv_cache"] + estimate["step"]
