@@ -49,7 +49,7 @@ from ..models.base_models import load_base_model
 from ..utils.sources import say
 from .adapter_policy import AdapterRoots, adapter_name_problem
 from .admission import Admission, Overloaded
-from .config import PAGE_SIZE, ServerConfig, describe_memory, memory_estimate
+from .config import PAGE_SIZE, ServerConfig, describe_memory, memory_estimate, resident_bytes
 from .engine import BankEngine, sampling_generation_config
 from .errors import APIError
 from .http_guards import BodyLimit, HostAllowList, header_deadline_protocol
@@ -388,6 +388,7 @@ def run_server(cfg: ServerConfig) -> None:
     """Load the base model, fuse it with a bank of `cfg.max_adapters`, load `cfg.adapters`, print the memory
     the settings take, serve until stopped (or `cfg.limit_max_requests`)."""
     roots = AdapterRoots(cfg.enable_adapter_loading, cfg.adapter_roots)  # checked before the model loads
+    runtime = resident_bytes()
     model, tokenizer = load_base_model(cfg.model, dtype=getattr(torch, cfg.dtype))
     name = cfg.served_model_name or model.config._name_or_path or "base"
     fuse(model, max_adapters=cfg.max_adapters, rank_budget=cfg.rank_budget)
@@ -405,7 +406,7 @@ def run_server(cfg: ServerConfig) -> None:
         if problem:
             raise ValueError(f"--adapter {adapter!r}: {problem}")
         engine.load_adapter(path, adapter, strict=not cfg.allow_base_mismatch)
-    say(describe_memory(memory_estimate(model, cfg), cfg))
+    say(describe_memory(memory_estimate(model, cfg, runtime), cfg))
     if not cfg.api_keys and not cfg.loopback:
         say(f"WARNING: serving on {cfg.host} without an API key: anyone who reaches port {cfg.port} can generate"
             + (" and load or unload adapters" if cfg.enable_adapter_loading else "")

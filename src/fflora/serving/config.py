@@ -3,6 +3,8 @@ those settings will take."""
 
 from __future__ import annotations
 
+import resource
+import sys
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -11,9 +13,12 @@ from .adapter_policy import adapter_name_problem
 from .http_guards import LOOPBACK_HOSTS
 
 # Tokens per engine step. A prompt longer than this is prefilled over several steps (chunked
-# prefill), so one long prompt pauses the running streams for one step at a time; see the README
-# ("Bounded work per request") for the measurement behind the default.
-DEFAULT_MAX_BATCH_TOKENS = 512
+# prefill), so one long prompt pauses the running streams for one step at a time. Measured on
+# SmolLM2-135M, 2 cores, fp32 (benchmarks/serve_limits.py, results/serve-limits/): a 3000-token
+# prompt stretched a running stream's longest gap by 0.54 s at 256, 1.39 s at 512, 2.08 s at 1024
+# and 7.41 s at 8192 (transformers' default), while 30 concurrent streams ran at 112, 113, 115 and
+# 117 tokens/s: 256 keeps the stall under a second for 4% of throughput.
+DEFAULT_MAX_BATCH_TOKENS = 256
 PAGE_SIZE = 256  # tokens per KV-cache page (transformers' default)
 
 
@@ -73,10 +78,16 @@ class ServerConfig:
         return list(LOOPBACK_HOSTS) if self.loopback else None
 
 
-def memory_estimate(model: nn.Module, cfg: ServerConfig) -> dict[str, int]:
+def resident_bytes() -> int:
+    """The process's peak resident memory so far (before the model loads: the Python runtime and libraries)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
+
+
+def memory_estimate(model: nn.Module, cfg: ServerConfig, runtime: int = 0) -> dict[str, int]:
     """Bytes the server will hold, from the fused model and the settings: the weights (measured on the
-    model), the paged KV cache, and one engine step's largest temporaries (its logits, over every token
-    of the step, and the MLP's activations)."""
+    model), the paged KV cache, one engine step's largest temporaries (its logits, over every token of
+    the step, and the MLP's activations), and `runtime` (what the process held before the model)."""
     seen, weights = set(), 0
     for tensor in [*model.parameters(), *model.buffers()]:
         if tensor.data_ptr() not in seen:
@@ -89,11 +100,12 @@ def memory_estimate(model: nn.Module, cfg: ServerConfig) -> dict[str, int]:
     pages = -(-cfg.kv_cache_tokens // PAGE_SIZE)
     kv_cache = pages * PAGE_SIZE * text.num_hidden_layers * 2 * kv_heads * head_dim * element
     step = cfg.max_batch_tokens * (text.vocab_size * 4 + 3 * text.intermediate_size * element)  # fp32 logits
-    return {"weights": weights, "kv_cache": kv_cache, "step": step, "total": weights + kv_cache + step}
+    return {"runtime": runtime, "weights": weights, "kv_cache": kv_cache, "step": step,
+            "total": runtime + weights + kv_cache + step}
 
 
 def describe_memory(estimate: dict[str, int], cfg: ServerConfig) -> str:
     gb = {k: v / 1e9 for k, v in estimate.items()}
-    return (f"memory: about {gb['total']:.2f} GB = weights {gb['weights']:.2f} + KV cache {gb['kv_cache']:.2f} "
-            f"({cfg.kv_cache_tokens} tokens, --kv-cache-tokens) + one step's work {gb['step']:.2f} "
-            f"({cfg.max_batch_tokens} tokens, --max-batch-tokens), plus the Python runtime")
+    return (f"memory: about {gb['total']:.2f} GB = runtime {gb['runtime']:.2f} + weights {gb['weights']:.2f} + KV cache "
+            f"{gb['kv_cache']:.2f} ({cfg.kv_cache_tokens} tokens, --kv-cache-tokens) + one step's work {gb['step']:.2f} "
+            f"({cfg.max_batch_tokens} tokens, --max-batch-tokens)")
