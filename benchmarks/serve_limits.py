@@ -70,14 +70,21 @@ def throughput(url: str, streams: int = 30, new_tokens: int = 64) -> dict:
 
 
 def big_body_health(url: str, megabytes: int = 20) -> dict:
-    """/health latency while a `megabytes` body is sent (declared and chunked)."""
+    """/health latency, and a running stream's gaps, while a `megabytes` body is sent (declared and chunked)."""
     out = {}
-    for kind in ("content_length", "chunked"):
+    for kind in ("none", "content_length", "chunked"):  # "none": the stream's own jitter, for comparison
+        times, started = [], threading.Event()
+        runner = threading.Thread(target=stream_times, args=(url, "Tell me a story.", 120, times, started))
+        runner.start()
+        started.wait(600)
         payload = json.dumps({"model": BASE, "prompt": "x" * (megabytes << 20)}).encode()
         content = payload if kind == "content_length" else (payload[i:i + 65536] for i in range(0, len(payload), 65536))
         status = {}
 
         def send():
+            if kind == "none":
+                status["code"] = None
+                return time.sleep(2)
             try:
                 status["code"] = httpx.post(f"{url}/v1/completions", content=content, timeout=120,
                                             headers={"content-type": "application/json"}).status_code
@@ -93,7 +100,10 @@ def big_body_health(url: str, megabytes: int = 20) -> dict:
             latencies.append(time.monotonic() - t)
             time.sleep(0.01)
         sender.join()
-        out[kind] = {"answer": status["code"], "health_max_s": max(latencies), "health_checks": len(latencies)}
+        runner.join()
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        out[kind] = {"answer": status["code"], "health_max_s": max(latencies), "health_checks": len(latencies),
+                     "stream_max_gap_over_median": max(gaps) / statistics.median(gaps)}
     return out
 
 
