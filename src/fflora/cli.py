@@ -504,6 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"seconds an idle connection stays open (default {d.timeout_keep_alive_s})")
     p.add_argument("--header-timeout", dest="header_timeout_s", type=float, default=d.header_timeout_s,
                    help=f"seconds a connection has to send a request's headers (default {d.header_timeout_s:g})")
+    p.add_argument("--shutdown-timeout", dest="shutdown_timeout_s", type=float, default=d.shutdown_timeout_s,
+                   help=f"on SIGTERM, seconds running requests may still take before they are ended with an error "
+                        f"(default {d.shutdown_timeout_s:g})")
     p.add_argument("--limit-max-requests", type=int, default=None, help="exit after serving this many requests")
     p.add_argument("--log-level", default=d.log_level, choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)

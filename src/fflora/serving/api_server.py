@@ -17,9 +17,14 @@ Hardened as vLLM's and TGI's servers are (`ServerConfig` holds every setting):
   loop, chunked prefill (`--max-batch-tokens`), and a bounded waiting line (`admission`: 429 with
   Retry-After beyond it).
 
-Every error, whatever its origin, is OpenAI's error JSON (`errors.APIError`).
+Every error, whatever its origin (a route that does not exist, a wrong method, a body that is not
+JSON), is OpenAI's error JSON (`errors.APIError`); every response carries an `X-Request-Id`, which
+every log line of the request shows (`request_ids`). On SIGTERM the server stops accepting, lets
+running requests finish for up to `--shutdown-timeout` seconds, then ends the rest with an error
+event and `[DONE]`, and exits 0 (`DrainingServer`).
 
     GET  /health                  200 while the engine runs, 503 after it stopped (no key needed)
+    GET  /metrics                 Prometheus text format (`metrics`; no key needed)
     GET  /v1/models               the base model, then every loaded adapter
     POST /v1/completions          text completion, streamed (SSE) or not
     POST /v1/chat/completions     chat completion through the tokenizer's chat template
@@ -32,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import signal
 import time
 import uuid
 from contextlib import aclosing, asynccontextmanager
@@ -41,7 +47,8 @@ import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import ContinuousBatchingConfig
 
 from ..methods import BASE_NAME, fuse
@@ -53,6 +60,8 @@ from .config import PAGE_SIZE, ServerConfig, describe_memory, memory_estimate, r
 from .engine import BankEngine, sampling_generation_config
 from .errors import APIError
 from .http_guards import BodyLimit, HostAllowList, header_deadline_protocol
+from .metrics import CONTENT_TYPE, ServerMetrics
+from .request_ids import RequestIds, log_config
 from .protocol import (ChatCompletionRequest, CompletionRequest, LoadLoRAAdapterRequest, SamplingRequest,
                        UnloadLoRAAdapterRequest)
 from .text import TextStream
@@ -84,6 +93,8 @@ class OpenAIServing:
         # too many tokens for the context: refused before tokenizing.
         self.max_prompt_chars = max_model_len * max(map(len, tokenizer.get_vocab()))
         self._adapter_lock = asyncio.Lock()  # one load or unload at a time
+        self.metrics = ServerMetrics(self)
+        self.draining = False  # set on shutdown: no new requests
 
     # -- models and adapters -----------------------------------------------------------------------
 
@@ -130,6 +141,7 @@ class OpenAIServing:
                     reason += "; send allow_base_mismatch: true to load it anyway"
                 raise APIError(400, f"could not load adapter '{body.lora_name}' from {body.lora_path!r}: {reason}",
                                "lora_path") from e
+        self.metrics.loads.inc()
         return f"Success: LoRA adapter '{body.lora_name}' added successfully."
 
     async def unload(self, body: UnloadLoRAAdapterRequest) -> str:
@@ -140,6 +152,7 @@ class OpenAIServing:
             except KeyError as e:
                 raise APIError(404, f"The lora adapter '{body.lora_name}' cannot be found. ({e.args[0]})",
                                "lora_name") from e
+        self.metrics.unloads.inc()
         return f"Success: LoRA adapter '{body.lora_name}' removed successfully."
 
     # -- generation --------------------------------------------------------------------------------
@@ -187,6 +200,9 @@ class OpenAIServing:
 
     async def generate(self, body: CompletionRequest | ChatCompletionRequest):
         """Yields (text delta, finish_reason or None, prompt tokens, completion tokens) as tokens come."""
+        arrived = time.monotonic()
+        if self.draining:
+            raise APIError(503, "the server is shutting down; retry on another instance")
         adapter = self.adapter_for(body.model)
         self.check_prompt_size(body)
         ids = await run_in_threadpool(self.prompt_ids, body)
@@ -199,23 +215,49 @@ class OpenAIServing:
             raise APIError(429, f"the server is busy: {e}; retry shortly", headers={"Retry-After": "1"}) from e
         stream = self.engine.stream(ids, adapter, max_new_tokens=max_new, temperature=body.temperature,
                                     top_p=body.top_p, ignore_eos=body.ignore_eos)
+        seen, last, reason = 0, arrived, "abort"  # "abort" unless it finishes
         try:
             async with aclosing(stream):  # leaving early (stop string, client gone) cancels the request
                 async for output in stream:
                     ticket.started()  # running: its place in the line is free
                     tokens, finished = output.generated_tokens, output.is_finished()
+                    last, seen = self._observe_tokens(len(tokens) - seen, arrived, last, first=not seen), len(tokens)
                     delta = text.update(tokens, final=finished)
                     if text.stopped:
-                        yield delta, "stop", len(ids), len(tokens)
+                        reason = "stop"
+                        yield delta, reason, len(ids), len(tokens)
                         return
-                    reason = None
                     if finished:
                         reason = "stop" if tokens and tokens[-1] in self.eos else "length"
-                    yield delta, reason, len(ids), len(tokens)
+                    yield delta, reason if finished else None, len(ids), len(tokens)
         except RuntimeError as e:
-            raise APIError(503 if not self.engine.is_running() else 500, str(e)) from e
+            raise APIError(503 if self.draining or not self.engine.is_running() else 500, str(e)) from e
         finally:
             ticket.started()
+            self._observe_end(arrived, len(ids), reason)
+
+    def _observe_tokens(self, new: int, arrived: float, last: float, first: bool) -> float:
+        """Record `new` tokens arriving now; returns now."""
+        now = time.monotonic()
+        if new > 0:
+            (self.metrics.ttft if first else self.metrics.itl).observe((now - arrived) if first else (now - last) / new)
+            self.metrics.generation_tokens.inc(new)
+        return now if new > 0 else last
+
+    def _observe_end(self, arrived: float, prompt_tokens: int, reason: str) -> None:
+        self.metrics.e2e.observe(time.monotonic() - arrived)
+        self.metrics.prompt_tokens.inc(prompt_tokens)
+        self.metrics.success.labels(finished_reason=reason).inc()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Refuse new requests, give running ones `timeout_s` to finish, then end the rest with an error."""
+        self.draining = True
+        deadline = time.monotonic() + timeout_s
+        while self.engine.running_requests() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        ended = self.engine.abort_all(f"the server shut down ({timeout_s:g} s after it was asked to)")
+        if ended:
+            say(f"shutdown: ended {ended} running request(s) after the {timeout_s:g} s deadline")
 
 
 def _as_list(value) -> list:
@@ -262,6 +304,7 @@ async def _answer(serving: OpenAIServing, body, request: Request):
                         item = None
                     except APIError as e:
                         yield _sse(e.body())
+                        yield "data: [DONE]\n\n"
                         return
             if include_usage and usage:
                 yield _sse({"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
@@ -340,14 +383,22 @@ def build_app(serving: OpenAIServing, start_engine: bool = True, api_keys: list[
 
     app = FastAPI(title="fflora", lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
-    app.add_middleware(HostAllowList, hosts=allowed_hosts)  # the outermost: added last
+    app.add_middleware(HostAllowList, hosts=allowed_hosts)
+    app.add_middleware(RequestIds)  # the outermost (added last): every answer carries its id
 
     @app.exception_handler(APIError)
     async def api_error(request, exc: APIError):
         return exc.response()
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc: StarletteHTTPException):  # no such route (404), wrong method (405), ...
+        return APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                        headers=dict(exc.headers or {})).response()
+
     @app.exception_handler(Exception)
     async def unexpected(request, exc: Exception):  # the process keeps serving; the client gets JSON
+        if isinstance(exc, RecursionError):  # json.loads on a body nested thousands deep
+            return APIError(400, "the request body is nested too deeply to parse").response()
         return APIError(500, f"internal error: {type(exc).__name__}").response()
 
     @app.exception_handler(RequestValidationError)
@@ -360,6 +411,10 @@ def build_app(serving: OpenAIServing, start_engine: bool = True, api_keys: list[
             raise APIError(503, "the engine has stopped")
         return {"status": "ok", "running_requests": sum(serving.engine.running_requests().values()),
                 "scheduled_requests": serving.engine.scheduled_requests(), "waiting_requests": serving.admission.requests}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(serving.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models", dependencies=authorized)
     async def models():
@@ -412,5 +467,31 @@ def run_server(cfg: ServerConfig) -> None:
             + (" and load or unload adapters" if cfg.enable_adapter_loading else "")
             + ". Pass --api-key KEY (or set FFLORA_API_KEY)")
     app = build_app(serving, api_keys=cfg.api_keys, allowed_hosts=cfg.hosts(), max_request_bytes=cfg.max_request_bytes)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, limit_max_requests=cfg.limit_max_requests, log_level=cfg.log_level,
-                timeout_keep_alive=cfg.timeout_keep_alive_s, http=header_deadline_protocol(cfg.header_timeout_s))
+    config = uvicorn.Config(app, host=cfg.host, port=cfg.port, limit_max_requests=cfg.limit_max_requests,
+                            log_level=cfg.log_level, log_config=log_config(), timeout_keep_alive=cfg.timeout_keep_alive_s,
+                            http=header_deadline_protocol(cfg.header_timeout_s),
+                            timeout_graceful_shutdown=cfg.shutdown_timeout_s + 2)  # a backstop past the drain
+    DrainingServer(config, serving, cfg.shutdown_timeout_s).run()
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server with a drain deadline: on SIGTERM (or SIGINT) it stops accepting at once, gives
+    running requests `shutdown_timeout_s` to finish, ends the rest with an error event and `[DONE]`,
+    and exits with status 0 (uvicorn re-raises the signal after a graceful stop: exit 143)."""
+
+    def __init__(self, config: uvicorn.Config, serving: OpenAIServing, shutdown_timeout_s: float) -> None:
+        super().__init__(config)
+        self.serving, self.shutdown_timeout_s = serving, shutdown_timeout_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig, frame) -> None:  # a signal handler: hand the work to the event loop
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+            return
+        if not self.should_exit and self._loop is not None:
+            self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self.serving.drain(self.shutdown_timeout_s)))
+        self.should_exit = True  # not recorded in _captured_signals: nothing is re-raised, the exit status is 0

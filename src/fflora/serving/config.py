@@ -50,12 +50,13 @@ class ServerConfig:
     max_queued_tokens: int = 65536
     timeout_keep_alive_s: int = 5
     header_timeout_s: float = 30.0
+    shutdown_timeout_s: float = 30.0  # on SIGTERM: how long running requests may still take
 
     def __post_init__(self) -> None:
         for name in ("max_adapters", "kv_cache_tokens", "default_max_tokens", "max_batch_tokens", "max_batch_requests",
                      "limit_max_requests", "rank_budget", "max_request_bytes", "max_queued_requests",
-                     "max_queued_tokens", "timeout_keep_alive_s", "header_timeout_s"):  # integers but the last
-            value, bound = getattr(self, name), "> 0" if name == "header_timeout_s" else ">= 1"
+                     "max_queued_tokens", "timeout_keep_alive_s", "header_timeout_s", "shutdown_timeout_s"):
+            value, bound = getattr(self, name), "> 0" if name.endswith("timeout_s") and name != "timeout_keep_alive_s" else ">= 1"
             if value is not None and not value > 0:
                 raise ValueError(f"--{name.removesuffix('_s').replace('_', '-')} must be {bound}, got {value}")
         if any(not key.strip() for key in self.api_keys):

@@ -30,6 +30,16 @@ from ..methods import BASE_NAME, bank_of, load_adapter, select_adapters
 _GREEDY = {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
 
 
+class _Aborted:
+    """Delivered to a stream that `BankEngine.abort_all` ends: an output with an error, finished."""
+
+    def __init__(self, message: str) -> None:
+        self.error = message
+
+    def is_finished(self) -> bool:
+        return True
+
+
 class _CallNow:
     """Stands in for the event loop transformers' output router hands outputs to: calls at once."""
 
@@ -78,6 +88,7 @@ class BankEngine:
         self._adapter_of: dict[str, str] = {}  # request id -> adapter, for requests not yet finished
         self._retiring: set[str] = set()  # unloaded adapters that still have requests running
         self._outputs: dict[str, queue.SimpleQueue] = {}  # request id -> its outputs, for `results`
+        self._streams: dict[str, object] = {}  # request id -> the `put` of a running `stream`, for `abort_all`
         self.manager = model.init_continuous_batching(generation_config=self.generation_config,
                                                       continuous_batching_config=cb_config)
 
@@ -266,17 +277,31 @@ class BankEngine:
         put = functools.partial(asyncio.get_running_loop().call_soon_threadsafe, outputs.put_nowait)
         finished = False
         try:
+            with self._lock:
+                self._streams[request_id] = put
             self._submit(input_ids, adapter, max_new_tokens, True, request_id, temperature, top_p, ignore_eos, put)
             while not finished:
                 output = await outputs.get()
                 if output.error:
-                    raise RuntimeError(f"generation failed: {output.error}")
+                    raise RuntimeError(output.error if isinstance(output, _Aborted) else f"generation failed: {output.error}")
                 finished = output.is_finished()
                 yield output
         finally:
+            with self._lock:
+                self._streams.pop(request_id, None)
             if not finished:
                 self.cancel(request_id)
             self._release(request_id)
+
+    def abort_all(self, message: str) -> int:
+        """End every running `stream` now: each raises RuntimeError(`message`) and its request is
+        cancelled (a server's shutdown deadline). Returns how many were ended."""
+        with self._lock:
+            streams = list(self._streams.items())
+        for request_id, put in streams:
+            put(_Aborted(message))
+            self.manager.cancel_request(request_id)
+        return len(streams)
 
     def cancel(self, request_id: str) -> None:
         """Drop a request from the queue or the running batch."""
