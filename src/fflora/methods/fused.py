@@ -19,10 +19,12 @@ input, so the first of them runs the fused GEMM and its siblings return views of
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models.architectures import sub_blocks
 from ..ops.gemm import GemmPlan, planned_linear
+from ..ops.int8 import dequantize_rows, int8_linear, quantize_rows
 from .layers import WrappedProjection, refer_to
 
 # Every fused GEMM dimension an adapter widens is padded with zeros to a multiple of ALIGN. CPU GEMM
@@ -44,19 +46,126 @@ def zero_padded(parts: list[Tensor], width: int) -> Tensor:
     return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
 
 
-class FusedInputProjections(nn.Module):
+class FusedGemm(nn.Module):
+    """One fused GEMM's weights and how it runs: `n_rows` x `n_cols`, of which the first `d_main` columns
+    take the base input (the base rows and any adapter rows) and the rest an adapter's activations.
+
+    Stored dense (`weight`, the model's dtype) or, after `quantize_int8`, as int8 rows with a scale each
+    for the main columns (`weight_int8`, `weight_scale`) and a dense bfloat16 block for the extra columns
+    (`weight_extra`): an adapter's rows have their own scales and its columns stay apart, so writing an
+    adapter (`write_rows`, `write_cols`) never changes how the base rows are quantized."""
+
+    gemm_plan: GemmPlan | None = None  # how a dense GEMM runs (fflora.fastpath); None: F.linear
+    int8 = False
+    n_rows: int
+    n_cols: int
+    d_main: int
+
+    @property
+    def activation_dtype(self) -> torch.dtype:
+        """The dtype the GEMM takes and gives (bfloat16 for int8 storage)."""
+        return self.weight_scale.dtype if self.int8 else self.weight.dtype
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        """The dtype to keep values in before they are written (float32 for int8: quantized from full precision)."""
+        return torch.float32 if self.int8 else self.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight_scale.device if self.int8 else self.weight.device
+
+    def _store(self, weight: Tensor, bias: Tensor | None) -> None:
+        self.register_buffer("weight", weight)
+        if bias is not None:
+            self.register_buffer("bias", bias)
+        else:
+            self.bias = None
+
+    def write_rows(self, start: int, values: Tensor) -> None:
+        """Set rows start.. of the main columns (values: rows x d_main)."""
+        stop = start + values.shape[0]
+        if self.int8:
+            self.weight_int8[start:stop], self.weight_scale[start:stop] = quantize_rows(values)
+        else:
+            self.weight[start:stop, : self.d_main] = values.to(self.weight.dtype)
+
+    def write_cols(self, start: int, values: Tensor) -> None:
+        """Set columns start.. (start >= d_main) of the leading values.shape[0] rows."""
+        rows, cols = values.shape
+        if self.int8:
+            self.weight_extra[:rows, start - self.d_main : start - self.d_main + cols] = values.to(self.weight_extra.dtype)
+        else:
+            self.weight[:rows, start : start + cols] = values.to(self.weight.dtype)
+
+    def main_rows(self, start: int, stop: int) -> Tensor:
+        """Rows start..stop of the main columns (dequantized if int8): a view when dense."""
+        if self.int8:
+            return dequantize_rows(self.weight_int8[start:stop], self.weight_scale[start:stop], self.weight_scale.dtype)
+        return self.weight[start:stop, : self.d_main]
+
+    def gemm(self, x: Tensor, rows: int | None = None, cols: int | None = None) -> Tensor:
+        """x @ W[:rows, :cols].T + bias[:rows] (x is `cols` wide); the whole matrix by default."""
+        if rows is None and cols is None:  # the whole matrix: no view cache (a compiled step traces this)
+            rows, cols = self.n_rows, self.n_cols
+            views = ((self.weight_int8, self.weight_scale, self.weight_extra, self.bias) if self.int8
+                     else (self.weight, self.bias))
+        else:
+            rows, cols = rows or self.n_rows, cols or self.n_cols
+            views = self._window(rows, cols)
+        if not self.int8:
+            return planned_linear(x, views[0], views[1], self.gemm_plan)
+        values, scale, extra, bias = views
+        out = int8_linear(x[..., : self.d_main] if cols > self.d_main else x, values, scale)
+        if extra is not None:
+            out = out + F.linear(x[..., self.d_main : cols].to(extra.dtype), extra)
+        return out if bias is None else out + bias
+
+    def _window(self, rows: int, cols: int) -> tuple:
+        """Cached views of the leading rows/columns (slicing on every call costs more than the small GEMM
+        columns it selects, for the bank's windows); rebuilt when the storage moves or is rewritten."""
+        first = self.weight_int8 if self.int8 else self.weight
+        cache = self.__dict__.get("_views")
+        if cache is None or cache[0] != (first.data_ptr(), self.int8):
+            cache = self.__dict__["_views"] = ((first.data_ptr(), self.int8), {})
+        views = cache[1].get((rows, cols))
+        if views is None:
+            bias = None if self.bias is None else self.bias[:rows]
+            if self.int8:
+                extra = self.weight_extra[:rows, : cols - self.d_main] if cols > self.d_main else None
+                views = (self.weight_int8[:rows], self.weight_scale[:rows], extra, bias)
+            else:
+                views = (self.weight[:rows, :cols], bias)
+            cache[1][rows, cols] = views
+        return views
+
+    def quantize_int8(self) -> None:
+        """Switch to int8 storage, from the dense weights (bfloat16 activations from now on)."""
+        if self.int8:
+            return
+        values, scale = quantize_rows(self.weight[:, : self.d_main])
+        extra = self.weight[:, self.d_main :].to(torch.bfloat16) if self.n_cols > self.d_main else None
+        bias = None if self.bias is None else self.bias.to(torch.bfloat16)
+        del self.weight
+        self.register_buffer("weight_int8", values)
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("weight_extra", extra)
+        if bias is not None:
+            self.bias = bias
+        self.int8, self.gemm_plan = True, None
+
+
+class FusedInputProjections(FusedGemm):
     """All input projections of one sub-block as one GEMM, with `extra_rows` rows and `extra_cols`
     columns reserved for an adapter (zeros until written). Here the GEMM's input must already be
     `n_cols` wide and the extra rows' output is dropped; a method's subclass overrides `_project`
     to feed and read them."""
 
-    gemm_plan: GemmPlan | None = None  # how the GEMM runs (fflora.fastpath); None: F.linear
-
     def __init__(self, bases: list[nn.Linear], name: str, extra_rows: int = 0, extra_cols: int = 0) -> None:
         super().__init__()
         self.name = name
         self.widths = [b.out_features for b in bases]
-        self.d_in = bases[0].in_features
+        self.d_in = self.d_main = bases[0].in_features
         self.extra_rows, self.extra_cols = extra_rows, extra_cols
         ref = bases[0].weight
         self.base_rows = rows = sum(self.widths)
@@ -64,8 +173,8 @@ class FusedInputProjections(nn.Module):
         self.n_cols = aligned(self.d_in + extra_cols, extra_cols)
         weight = torch.zeros(self.n_rows, self.n_cols, dtype=ref.dtype, device=ref.device)
         weight[:rows, : self.d_in] = torch.cat([b.weight.detach() for b in bases], dim=0)
-        self.register_buffer("weight", weight)
         self.has_bias = [b.bias is not None for b in bases]
+        bias = None
         if any(self.has_bias):
             bias = torch.zeros(self.n_rows, dtype=ref.dtype, device=ref.device)
             start = 0
@@ -73,9 +182,7 @@ class FusedInputProjections(nn.Module):
                 if b.bias is not None:
                     bias[start : start + width] = b.bias.detach()
                 start += width
-            self.register_buffer("bias", bias)
-        else:
-            self.bias = None
+        self._store(weight, bias)
         self._cache: tuple[Tensor, list[Tensor]] | None = None
         self._served = 0
 
@@ -92,15 +199,15 @@ class FusedInputProjections(nn.Module):
 
     def _project(self, x: Tensor) -> list[Tensor]:
         """The input projections of x (the extra rows' output dropped)."""
-        out = planned_linear(x, self.weight, self.bias, self.gemm_plan)
-        return list(out.split(self.widths + [self.n_rows - self.base_rows], dim=-1))[:-1]
+        return list(self.gemm(x).split(self.widths + [self.n_rows - self.base_rows], dim=-1))[:-1]
 
     def unfused(self) -> list[nn.Linear]:
-        """Exact copies of the original base projections."""
+        """Exact copies of the original base projections (dense storage; int8: dequantized)."""
         linears, start = [], 0
         for width, has_bias in zip(self.widths, self.has_bias):
             linear = nn.Linear(self.d_in, width, bias=has_bias, device="meta")
-            linear.weight = nn.Parameter(self.weight[start : start + width, : self.d_in].clone(memory_format=torch.contiguous_format), requires_grad=False)
+            weight = self.main_rows(start, start + width).clone(memory_format=torch.contiguous_format)
+            linear.weight = nn.Parameter(weight, requires_grad=False)
             if has_bias:
                 linear.bias = nn.Parameter(self.bias[start : start + width].clone(), requires_grad=False)
             linears.append(linear)
@@ -108,9 +215,9 @@ class FusedInputProjections(nn.Module):
         return linears
 
     def base_weight(self, index: int) -> Tensor:
-        """A view of input projection `index`'s base weight inside the fused matrix."""
+        """Input projection `index`'s base weight inside the fused matrix (a view when dense)."""
         start = sum(self.widths[:index])
-        return self.weight[start : start + self.widths[index], : self.d_in]
+        return self.main_rows(start, start + self.widths[index])
 
 
 class FusedInputSlice(nn.Module):
@@ -128,37 +235,34 @@ class FusedInputSlice(nn.Module):
         return f"index={self.index}, out_features={self.group.widths[self.index]}"
 
 
-class FusedOutputProjection(nn.Module):
+class FusedOutputProjection(FusedGemm):
     """The output projection as one GEMM, with `extra_rows` rows and `extra_cols` columns reserved for an
     adapter (zeros until written). Here the input must already be `n_cols` wide and the extra rows'
     output is dropped; a method's subclass overrides `forward` to feed and read them."""
-
-    gemm_plan: GemmPlan | None = None  # how the GEMM runs (fflora.fastpath); None: F.linear
 
     def __init__(self, base: nn.Linear, name: str, extra_rows: int = 0, extra_cols: int = 0) -> None:
         super().__init__()
         self.name = name
         self.d_core, self.d_out = base.in_features, base.out_features
+        self.d_main = self.d_core
         self.extra_rows, self.extra_cols = extra_rows, extra_cols
         self.n_rows = aligned(self.d_out + extra_rows, extra_rows)
         self.n_cols = aligned(self.d_core + extra_cols, extra_cols)
         ref = base.weight
         weight = torch.zeros(self.n_rows, self.n_cols, dtype=ref.dtype, device=ref.device)
         weight[: self.d_out, : self.d_core] = base.weight.detach()
-        self.register_buffer("weight", weight)
+        bias = None
         if base.bias is not None:
             bias = torch.zeros(self.n_rows, dtype=ref.dtype, device=ref.device)
             bias[: self.d_out] = base.bias.detach()
-            self.register_buffer("bias", bias)
-        else:
-            self.bias = None
+        self._store(weight, bias)
 
     def forward(self, c: Tensor) -> Tensor:
-        out = planned_linear(c, self.weight, self.bias, self.gemm_plan)
+        out = self.gemm(c)
         return out[..., : self.d_out] if self.n_rows != self.d_out else out
 
     def unfused(self) -> nn.Linear:
-        """An exact copy of the original base projection."""
+        """An exact copy of the original base projection (dense storage; int8: dequantized)."""
         linear = nn.Linear(self.d_core, self.d_out, bias=self.bias is not None, device="meta")
         linear.weight = nn.Parameter(self.base_weight().clone(memory_format=torch.contiguous_format), requires_grad=False)
         if self.bias is not None:
@@ -166,12 +270,12 @@ class FusedOutputProjection(nn.Module):
         return linear
 
     def base_weight(self) -> Tensor:
-        """A view of the base weight inside the fused matrix."""
-        return self.weight[: self.d_out, : self.d_core]
+        """The base weight inside the fused matrix (a view when dense)."""
+        return self.main_rows(0, self.d_out)
 
     def extra_repr(self) -> str:
         return (f"in={self.d_core}+{self.extra_cols} (padded {self.n_cols}), "
-                f"out={self.d_out}+{self.extra_rows} (padded {self.n_rows})")
+                f"out={self.d_out}+{self.extra_rows} (padded {self.n_rows})" + (", int8" if self.int8 else ""))
 
 
 def unwrap(module: nn.Module) -> nn.Linear:
@@ -216,9 +320,9 @@ def unfuse_plain(model: nn.Module) -> None:
         setattr(holder, spec.output, output)
 
 
-def gemm_modules(model: nn.Module) -> list[nn.Module]:
+def gemm_modules(model: nn.Module) -> list[FusedGemm]:
     """Every fused GEMM of a fused model, in module order."""
-    return [m for m in model.modules() if isinstance(m, (FusedInputProjections, FusedOutputProjection))]
+    return [m for m in model.modules() if isinstance(m, FusedGemm)]
 
 
 def base_projection_weights(model: nn.Module):

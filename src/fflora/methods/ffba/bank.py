@@ -34,7 +34,6 @@ import torch
 from torch import Tensor, nn
 
 from ...models.architectures import decoder_layers, sub_blocks
-from ...ops.gemm import planned_linear
 from ..fused import ALIGN, FusedInputProjections, FusedOutputProjection, install_fused, unfuse_plain, unwrap
 from ..fused_state import fused_state
 from .adapter import PHI
@@ -132,24 +131,13 @@ class _BankGemm:
     row_space: str
     col_space: str
 
-    def gemm(self, x: Tensor) -> tuple[BankSelection | None, Tensor, int]:
+    def bank_gemm(self, x: Tensor) -> tuple[BankSelection | None, Tensor, int]:
         """(the current selection, the GEMM's output, the width of its row window)."""
         sel = _SELECTION.get()
         rows = sel.windows[self.row_space] if sel is not None and self.row_room else 0
         cols = sel.windows[self.col_space] if sel is not None and self.col_room else 0
         inp = torch.cat([x, sel.pending.pop(self.col_space)], dim=-1) if cols else x
-        return sel, planned_linear(inp, *self.window(self.base_size[0] + rows, self.base_size[1] + cols), self.gemm_plan), rows
-
-    def window(self, rows: int, cols: int) -> tuple[Tensor, Tensor | None]:
-        """Cached views of the leading rows/columns of the weight and bias (slicing on every call costs
-        more than the small GEMM columns it selects); rebuilt when the storage moves (`model.to(...)`)."""
-        views = self.__dict__.get("_window_views")
-        if views is None or views[0] != self.weight.data_ptr():
-            views = self.__dict__["_window_views"] = (self.weight.data_ptr(), {})
-        view = views[1].get((rows, cols))
-        if view is None:
-            view = views[1][rows, cols] = (self.weight[:rows, :cols], None if self.bias is None else self.bias[:rows])
-        return view
+        return sel, self.gemm(inp, self.base_size[0] + rows, self.base_size[1] + cols), rows
 
 
 class BankInputProjections(_BankGemm, FusedInputProjections):
@@ -161,7 +149,7 @@ class BankInputProjections(_BankGemm, FusedInputProjections):
         self.base_size, self.row_room, self.col_room = (self.base_rows, self.d_in), self.extra_rows, self.extra_cols
 
     def _project(self, x: Tensor) -> list[Tensor]:
-        sel, out, fa_w = self.gemm(x)
+        sel, out, fa_w = self.bank_gemm(x)
         if not fa_w:
             return list(out.split(self.widths, dim=-1))
         *parts, z = out.split([*self.widths, fa_w], dim=-1)
@@ -178,7 +166,7 @@ class BankOutputProjection(_BankGemm, FusedOutputProjection):
         self.base_size, self.row_room, self.col_room = (self.d_out, self.d_core), self.extra_rows, self.extra_cols
 
     def forward(self, c: Tensor) -> Tensor:
-        sel, out, ba_w = self.gemm(c)
+        sel, out, ba_w = self.bank_gemm(c)
         if not ba_w:
             return out
         y, z = out.split([self.d_out, ba_w], dim=-1)
@@ -206,11 +194,12 @@ class AdapterBank:
 
     @property
     def device(self) -> torch.device:
-        return self.blocks[0][2].weight.device  # read each time: the model may have moved since fusing
+        return self.blocks[0][2].device  # read each time: the model may have moved since fusing
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.blocks[0][2].weight.dtype
+        """The activations' dtype (masks are in it)."""
+        return self.blocks[0][2].activation_dtype
 
     # --- resident adapters ---
 
@@ -255,7 +244,8 @@ class AdapterBank:
         wrong = [f"{k}: {tuple(state[k].shape)} != {shape}" for k, shape in expected.items() if tuple(state[k].shape) != shape]
         if wrong:
             raise ValueError(f"the adapter weights at {where} have wrong shapes ({'; '.join(wrong[:4])}); save the adapter again")
-        entry = BankEntry(config, {k: v.detach().to(self.device, self.dtype) for k, v in state.items()},
+        kept = self.blocks[0][2].storage_dtype
+        entry = BankEntry(config, {k: v.detach().to(self.device, kept) for k, v in state.items()},
                           adapter_space_ranks(config))
         used = {s: sum(e.ranks[s] for e in self.entries.values()) for s in SPACES}
         over = [f"{s}: {used[s]} used + {entry.ranks[s]} > {self.rank_budget}" for s in SPACES
@@ -295,20 +285,16 @@ class AdapterBank:
             fa, ba_in, ba_out = sub_block_ranks(cfg, name, i, self.num_layers)
             key = f"layers.{i}.{name}."
 
-            def value(k: str, scale: float = 1.0) -> Tensor | float:
-                return 0.0 if zero else scale * state[key + k]
+            def value(k: str, scale: float = 1.0) -> Tensor:
+                return torch.zeros_like(state[key + k]) if zero else scale * state[key + k]
 
             if fa:
-                o = group.base_rows + off[f"fa.{name}"]
-                group.weight[o : o + fa, : group.d_in] = value("fa_down")
-                o = out.d_core + off[f"fa.{name}"]
-                out.weight[: out.d_out, o : o + fa] = value("fa_up", cfg.scale_forward)
+                group.write_rows(group.base_rows + off[f"fa.{name}"], value("fa_down"))
+                out.write_cols(out.d_core + off[f"fa.{name}"], value("fa_up", cfg.scale_forward))
             if ba_in:
-                o = group.d_in + off[f"ba.{_PREVIOUS[name]}"]
-                group.weight[: group.base_rows, o : o + ba_in] = value("ba_up", cfg.scale_backward)
+                group.write_cols(group.d_in + off[f"ba.{_PREVIOUS[name]}"], value("ba_up", cfg.scale_backward))
             if ba_out:
-                o = out.d_out + off[f"ba.{name}"]
-                out.weight[o : o + ba_out, : out.d_core] = value("ba_down")
+                out.write_rows(out.d_out + off[f"ba.{name}"], value("ba_down"))
 
     def _arrange(self, front: list[str]) -> None:
         """Pack the adapters named in `front` at the start of every space, the others after them;

@@ -20,7 +20,6 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ...models.architectures import sub_blocks
-from ...ops.gemm import planned_linear
 from ..fused import FusedInputProjections, FusedOutputProjection, install_fused, unfused_projections, unwrap, zero_padded
 from .adapter import NEXT_SUB_BLOCK, PHI, LayerState, SubBlockAdapter
 from .layers import AdaptedInputProjection, AdaptedOutputProjection
@@ -40,11 +39,10 @@ class FFBAInputProjections(FusedInputProjections):
 
     def refresh_adapter_weights(self, adapter: SubBlockAdapter) -> None:
         """Write the adapter's rows/columns in place; the base block is not touched."""
-        rows, d_in = self.base_rows, self.d_in
         if self.fa_rank:
-            self.weight[rows : rows + self.fa_rank, :d_in] = adapter.fa_down.detach().to(self.weight.dtype)
+            self.write_rows(self.base_rows, adapter.fa_down.detach())
         if self.ba_in_rank:
-            self.weight[:rows, d_in : d_in + self.ba_in_rank] = (adapter.ba_scale * adapter.ba_up.detach()).to(self.weight.dtype)
+            self.write_cols(self.d_in, adapter.ba_scale * adapter.ba_up.detach())
 
     def _project(self, x: Tensor) -> list[Tensor]:
         if not (self.fa_rank or self.ba_in_rank):
@@ -56,7 +54,7 @@ class FFBAInputProjections(FusedInputProjections):
             if z is None:  # no BA state arrived (cannot happen inside an FFBA layer)
                 raise RuntimeError(f"fused {self.name} expected backward-adapter input, found none")
             inp = zero_padded([x, z.to(x.dtype)], self.n_cols)
-        out = planned_linear(inp, self.weight, self.bias, self.gemm_plan)
+        out = self.gemm(inp)
         parts = list(out.split(self.widths + [self.n_rows - self.base_rows], dim=-1))
         tail = parts.pop()  # FA rows, then zero padding
         if self.fa_rank:
@@ -74,18 +72,17 @@ class FFBAOutputProjection(FusedOutputProjection):
 
     def refresh_adapter_weights(self, adapter: SubBlockAdapter) -> None:
         """Write the adapter's rows/columns in place; the base block is not touched."""
-        d_out, d_core = self.d_out, self.d_core
         if self.fa_rank:
-            self.weight[:d_out, d_core : d_core + self.fa_rank] = (adapter.fa_scale * adapter.fa_up.detach()).to(self.weight.dtype)
+            self.write_cols(self.d_core, adapter.fa_scale * adapter.fa_up.detach())
         if self.ba_out_rank:
-            self.weight[d_out : d_out + self.ba_out_rank, :d_core] = adapter.ba_down.detach().to(self.weight.dtype)
+            self.write_rows(self.d_out, adapter.ba_down.detach())
 
     def forward(self, c: Tensor) -> Tensor:
         if not (self.fa_rank or self.ba_out_rank):  # e.g. the last MLP of an FFBA with FA off: nothing crosses
             return super().forward(c)
         state = self.layer_state.current()
         inp = zero_padded([c, state.fa.pop(self.name).to(c.dtype)], self.n_cols) if self.fa_rank else c
-        out = planned_linear(inp, self.weight, self.bias, self.gemm_plan)
+        out = self.gemm(inp)
         if self.ba_out_rank:
             state.into[NEXT_SUB_BLOCK[self.name]] = out[..., self.d_out : self.d_out + self.ba_out_rank]
         return out[..., : self.d_out] if self.n_rows != self.d_out else out

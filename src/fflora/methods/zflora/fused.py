@@ -14,7 +14,6 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ...models.architectures import sub_blocks
-from ...ops.gemm import planned_linear
 from ..fused import ALIGN, FusedInputProjections, FusedOutputProjection, install_fused, unfused_projections, unwrap
 from .layers import ZInputProjection, ZOutputProjection, ZSubBlockAdapter
 from .model import zflora_rank
@@ -34,8 +33,7 @@ class ZFusedInputProjections(FusedInputProjections):
     def refresh_adapter_weights(self, adapter: ZSubBlockAdapter) -> None:
         """Write s * B_in into the state columns (they stay zero for a sub-block that does not read the state)."""
         if adapter.reads:
-            d = self.d_in
-            self.weight[:, d : d + adapter.r] = (adapter.scale * adapter.z_in.detach()).to(self.weight.dtype)
+            self.write_cols(self.d_in, adapter.scale * adapter.z_in.detach())
 
 
 class ZFusedOutputProjection(FusedOutputProjection):
@@ -45,11 +43,10 @@ class ZFusedOutputProjection(FusedOutputProjection):
         super().__init__(base, name, extra_rows=state_width)  # state_width extra rows, zero until written
 
     def refresh_adapter_weights(self, adapter: ZSubBlockAdapter) -> None:
-        d = self.d_out
-        self.weight[d : d + adapter.r, : self.d_core] = adapter.z_out.detach().to(self.weight.dtype)
+        self.write_rows(self.d_out, adapter.z_out.detach())
 
     def forward(self, c: Tensor) -> Tensor:
-        return planned_linear(c, self.weight, self.bias, self.gemm_plan)
+        return self.gemm(c)
 
 
 def _adapter(layer: nn.Module, name: str) -> ZSubBlockAdapter | None:
