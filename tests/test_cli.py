@@ -46,7 +46,7 @@ def test_generate_with_adapter_fused_equals_unfused(tiny_model_dir, tmp_path, ca
     assert capsys.readouterr().out == fused
     assert fused.startswith("### abc\n")
     assert main(args + ["--unfused", "--compile", "on"]) == 2
-    assert capsys.readouterr().err.strip() == ("fflora: error: --gemm-plan and --compile apply to the fused form; "
+    assert capsys.readouterr().err.strip() == ("fflora: error: --gemm-plan, --compile and --weights apply to the fused form; "
                                                "drop --unfused, or them")
 
 

@@ -69,7 +69,7 @@ def test_base_with_other_weights_warns_or_fails_when_strict(tmp_path):
 
 
 def test_fingerprint_is_the_same_in_every_form(tmp_path):
-    from fflora.methods.serialization import base_model_fingerprint
+    from fflora.methods.fingerprint import base_model_fingerprint
 
     model = make_model("gemma3_text")
     plain = base_model_fingerprint(model)

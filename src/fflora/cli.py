@@ -14,6 +14,7 @@ import torch
 from transformers import AutoConfig
 
 from .bench.bank import MIXES, BankBenchSettings, format_bank_table, run_bank_bench, write_bank_bench
+from .bench.formats import FormatsBenchSettings, format_formats_table, run_formats_bench, write_formats_bench
 from .bench.latency import BenchSettings, format_bench_table, run_bench, write_bench
 from .bench.serve import DISTRIBUTIONS, ServeBenchSettings, format_serve_table, run_serve_bench, write_serve_bench
 from .bench.train import TrainBenchSettings, format_train_table, run_train_bench, write_train_bench
@@ -21,6 +22,7 @@ from .fastpath.compile import compile_decode
 from .fastpath.plan import plan_gemms
 from .methods import FFBAConfig, apply_adapter, fuse, load_adapter, registry
 from .methods.ffba.method import ffba_parameter_count
+from .methods.weight_formats import WEIGHT_FORMATS
 from .methods.zflora.method import zflora_parameter_count
 from .models.base_models import default_model_dir, load_base_model
 from .recipes.artifacts import load_trained
@@ -37,6 +39,11 @@ from .utils.errors import FFloraError
 
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="Hugging Face id or local folder (default: embedded SmolLM2-135M-Instruct)")
+
+
+def _add_weights(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", default=None, choices=list(WEIGHT_FORMATS),
+                   help="the fused weights' format (default: the model's dtype); int8 needs AVX-512")
 
 
 def _add_adapter_options(p: argparse.ArgumentParser) -> None:
@@ -124,13 +131,13 @@ def cmd_verify(args) -> dict:
 
 @torch.no_grad()
 def cmd_generate(args) -> dict:
-    if args.unfused and (args.gemm_plan != "standard" or args.compile != "off"):
-        raise ValueError("--gemm-plan and --compile apply to the fused form; drop --unfused, or them")
+    if args.unfused and (args.gemm_plan != "standard" or args.compile != "off" or args.weights):
+        raise ValueError("--gemm-plan, --compile and --weights apply to the fused form; drop --unfused, or them")
     model, tokenizer = load_base_model(args.model)
     if args.adapter:
         load_adapter(model, args.adapter, strict=args.strict)
     if not args.unfused:
-        fuse(model)
+        fuse(model, weights=args.weights)
         if args.gemm_plan != "standard":
             plan_gemms(model, args.gemm_plan, rows=(len(args.prompt),))
         if args.compile != "off":
@@ -254,6 +261,18 @@ def cmd_bench_train(args) -> dict:
     return result
 
 
+def cmd_bench_formats(args) -> dict:
+    settings = FormatsBenchSettings(formats=tuple(args.formats), batch_sizes=tuple(args.batch_sizes),
+                                    prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
+                                    rank=args.r, compile=not args.no_compile, seed=args.seed)
+    model, tokenizer = load_base_model(args.model)
+    result = run_formats_bench(model, tokenizer, settings)
+    out = write_formats_bench(result, Path(args.output_dir or time.strftime("runs/bench-formats-%Y%m%d-%H%M%S")))
+    print(format_formats_table(result))
+    print(f"\nresults in {out}/ (formats.json, formats.md, formats.png)")
+    return result
+
+
 def cmd_study(args) -> dict:
     spec = StudySpec.load(args.spec)
     if args.device:
@@ -361,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure only these configurations (default: all; 'base' is the reference of every ratio)")
     p.add_argument("--output-dir", default=None, help="default: runs/bench-<time>")
     p.set_defaults(func=cmd_bench)
-    suites = p.add_subparsers(dest="suite", metavar="{bank,serve,train}", help="another benchmark instead of the latency one")
+    suites = p.add_subparsers(dest="suite", metavar="{bank,serve,train,formats}", help="another benchmark instead of the latency one")
 
     d = BankBenchSettings()
     q = suites.add_parser("bank", help="multi-adapter decode: fused bank vs PEFT mixed batch vs gather LoRA vs fused base")
@@ -409,6 +428,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--output-dir", default=None, help="default: runs/bench-train-<time>")
     q.set_defaults(func=cmd_bench_train)
 
+    d = FormatsBenchSettings()
+    q = suites.add_parser("formats", help="the fused weight formats: TPOT, bytes per token, agreement with float32")
+    _add_model(q)
+    q.add_argument("--formats", nargs="+", default=list(d.formats), choices=list(WEIGHT_FORMATS))
+    q.add_argument("--batch-sizes", type=int, nargs="+", default=list(d.batch_sizes))
+    q.add_argument("--prompt-len", type=int, default=d.prompt_len)
+    q.add_argument("--new-tokens", type=int, default=d.new_tokens)
+    q.add_argument("--repeats", type=int, default=d.repeats)
+    q.add_argument("--rank", dest="r", type=int, default=d.rank, help=f"FFBA rank (default {d.rank})")
+    q.add_argument("--no-compile", action="store_true", help="time the eager fused models instead")
+    q.add_argument("--seed", type=int, default=d.seed)
+    q.add_argument("--output-dir", default=None, help="default: runs/bench-formats-<time>")
+    q.set_defaults(func=cmd_bench_formats)
+
     p = sub.add_parser("study", help="the accuracy study: methods x learning rates x seeds, resumable cells")
     p.add_argument("spec", help="study spec (TOML or JSON), e.g. benchmarks/study-commonsense.toml")
     p.add_argument("--results-dir", default="results", help="records go to RESULTS_DIR/<study>/ (default results)")
@@ -447,6 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate with the base model or an adapter (fused by default)")
     _add_model(p)
+    _add_weights(p)
     p.add_argument("--adapter", help="adapter folder")
     p.add_argument("--strict", action="store_true", help="fail if the adapter was trained on other base weights")
     p.add_argument("--unfused", action="store_true", help="run the training form instead of the fused one")
@@ -464,6 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = ServerConfig()
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server: the base model and many adapters, batched together")
     _add_model(p)
+    _add_weights(p)
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                    help="an adapter to load at start, requested as model NAME (repeatable)")
     p.add_argument("--max-adapters", type=int, default=d.max_adapters, help="adapters resident at once (default 8)")

@@ -13,6 +13,7 @@ from ..models.architectures import architecture_of
 from . import registry
 from .fused import ALIGN, fuse_plain, gemm_modules, unfuse_plain
 from .fused_state import FusedState, attach, fused_state
+from .weight_formats import check_weights, convert, restore
 
 DEFAULT_MAX_ADAPTERS = 8  # of a bank made by fflora.load_adapter(model, path, adapter_name=...)
 DEFAULT_RANK_PER_ADAPTER = 16  # default rank budget per rank space: max_adapters * this
@@ -73,7 +74,8 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in adapter_parameters(model).items()}
 
 
-def fuse(model: nn.Module, max_adapters: int | None = None, rank_budget: int | None = None) -> nn.Module:
+def fuse(model: nn.Module, max_adapters: int | None = None, rank_budget: int | None = None,
+         weights: str | None = None) -> nn.Module:
     """Switch `model` to the fused inference form, in place; returns it.
 
     Works with or without adapters (without: the fused base model, the latency lower bound).
@@ -84,22 +86,33 @@ def fuse(model: nn.Module, max_adapters: int | None = None, rank_budget: int | N
     loaded with `fflora.load_adapter(model, path, adapter_name=...)` and chosen per batch row with
     `adapter_names=` (see `fflora.methods.ffba.bank`). A model carrying one adapter in training form
     is fused with that adapter resident as "default".
+
+    `weights` puts the fused weights in another format: "float32", "bfloat16" or "int8" (see
+    `fflora.methods.weight_formats`); None keeps the model's dtype.
     """
+    check_weights(weights)
+    state = fused_state(model)
+    if state is not None:
+        if weights is not None and weights != state.weights:
+            raise ValueError(f"this model is fused with {state.weights} weights; call fflora.unfuse(model) before "
+                             f"fusing it with {weights} weights")
+        if max_adapters is None or state.bank is not None:
+            return model if max_adapters is None else _fuse_with_bank(model, max_adapters, rank_budget, weights)
     if max_adapters is not None:
-        return _fuse_with_bank(model, max_adapters, rank_budget)
-    if fused_state(model) is not None:
-        return model
+        return _fuse_with_bank(model, max_adapters, rank_budget, weights)
     method = registry.method_of(model)
     _embedding_grad_hook(model, on=False)
     if method is None:
         fuse_plain(model)
     else:
         method.fuse(model)
-    attach(model, FusedState(method=method, gemms=gemm_modules(model)))
+    state = FusedState(method=method, gemms=gemm_modules(model))
+    attach(model, state)
+    convert(model, state, weights, keep=set(map(id, adapter_parameters(model).values())))
     return model
 
 
-def _fuse_with_bank(model: nn.Module, max_adapters: int, rank_budget: int | None) -> nn.Module:
+def _fuse_with_bank(model: nn.Module, max_adapters: int, rank_budget: int | None, weights: str | None) -> nn.Module:
     if isinstance(max_adapters, bool) or not isinstance(max_adapters, int) or max_adapters < 1:
         raise ValueError(f"max_adapters must be an integer >= 1, got {max_adapters!r}")
     budget = DEFAULT_RANK_PER_ADAPTER * max_adapters if rank_budget is None else rank_budget
@@ -122,7 +135,9 @@ def _fuse_with_bank(model: nn.Module, max_adapters: int, rank_budget: int | None
     carried = (registry.adapter_config(model), adapter_state_dict(model)) if carried_method is not None else None
     remove_adapter(model)
     bank = bank_method.build_bank(model, max_adapters, budget)
-    attach(model, FusedState(method=bank_method, bank=bank, gemms=gemm_modules(model)))
+    state = FusedState(method=bank_method, bank=bank, gemms=gemm_modules(model))
+    attach(model, state)
+    convert(model, state, weights, keep=set())
     if carried is not None:
         bank.add("default", *carried)
     return model
@@ -138,6 +153,7 @@ def unfuse(model: nn.Module) -> nn.Module:
     if state is None:
         return model
     state.undo_fast_path(model)
+    restore(model, state, keep=set(map(id, adapter_parameters(model).values())))
     if state.bank is not None:
         state.method.unfuse_bank(model)
     elif state.method is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from ..ops.gemm import set_gemm_plan
@@ -24,7 +25,9 @@ class FusedState:
     adapter bank, if fused with one; gemms: every fused GEMM module (what a GEMM plan covers, with
     the LM head); gemm_mode: the plan's mode ("standard": F.linear on row-major weights); planned:
     the modules whose plan is not the standard one; compiled: the generation settings from before
-    `compile_decode` (None: not compiled)."""
+    `compile_decode` (None: not compiled); weights: the weight format (`weight_formats`); dtype: the
+    model's dtype before fusing; fingerprint: the base weights' fingerprint from before they were
+    quantized (None: computed from the weights)."""
 
     method: Method | None = None
     bank: object | None = None  # the method's bank (FFBA's `AdapterBank`): this module knows no method
@@ -32,6 +35,9 @@ class FusedState:
     gemm_mode: str = "standard"
     planned: list[nn.Module] = field(default_factory=list)
     compiled: tuple | None = None
+    weights: str = "float32"
+    dtype: torch.dtype = torch.float32
+    fingerprint: str | None = None
 
     def undo_fast_path(self, model: nn.Module) -> None:
         """The model's own generation settings again and every GEMM standard (F.linear, row-major)."""

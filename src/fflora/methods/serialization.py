@@ -10,7 +10,6 @@ a base with other weights warns (or fails with strict=True). Adapters in fflora 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import warnings
@@ -29,7 +28,7 @@ from ..utils.version import __version__
 from . import registry
 from .adapters import (DEFAULT_MAX_ADAPTERS, adapter_parameters, apply_adapter, fuse, has_adapter,
                        refresh_fused_weights, remove_adapter, unfuse)
-from .fused import base_projection_weights
+from .fingerprint import SHAPE_KEYS, base_model_fingerprint, base_model_shape
 from .fused_state import fused_state
 from .interface import Method
 
@@ -40,37 +39,10 @@ BASE_MODEL_KEY = "fflora_base_model"  # safetensors metadata: the base model's s
 # fflora 0.1.0's own format: a "format" key naming the method (`Method.legacy_format`), the configuration
 # under the method's name, the weights in this file under canonical keys.
 LEGACY_WEIGHTS_NAME = "adapter.safetensors"
-_SHAPE_KEYS = (
-    "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
-    "num_attention_heads", "num_key_value_heads", "head_dim",
-)
 
 
 class BaseModelMismatchWarning(UserWarning):
     """The adapter was saved for a base of the same shape but other weights."""
-
-
-def base_model_shape(model: nn.Module) -> dict:
-    cfg = model.config
-    return {k: getattr(cfg, k, None) for k in _SHAPE_KEYS}
-
-
-def base_model_fingerprint(model: nn.Module, samples: int = 4096) -> str:
-    """sha256 over the shapes and an evenly strided sample of every base projection and the embeddings.
-
-    Values are rounded to bfloat16 first, so the same base loaded in fp32 or bf16 matches.
-    """
-    digest = hashlib.sha256()
-    weights = [("embed_tokens", model.get_input_embeddings().weight), *base_projection_weights(model)]
-    for name, weight in weights:
-        flat = weight.detach().reshape(-1)
-        count = min(samples, flat.numel())
-        # Integer arithmetic: float linspace rounds past the end for tensors of ~1e7 elements.
-        index = torch.arange(count, device=flat.device) * (flat.numel() - 1) // max(count - 1, 1)
-        sample = flat[index].to(torch.bfloat16).float().cpu().numpy()
-        digest.update(f"{name}:{tuple(weight.shape)}".encode())
-        digest.update(sample.tobytes())
-    return digest.hexdigest()
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
@@ -228,7 +200,7 @@ def _read_checked(model: nn.Module, path, strict: bool) -> tuple[object, dict[st
 
 def _check_base(model: nn.Module, path, saved_base: dict, strict: bool) -> None:
     this_base = base_model_shape(model)
-    diffs = [f"{k}: adapter {saved_base.get(k)!r}, model {this_base[k]!r}" for k in _SHAPE_KEYS if saved_base.get(k) != this_base[k]]
+    diffs = [f"{k}: adapter {saved_base.get(k)!r}, model {this_base[k]!r}" for k in SHAPE_KEYS if saved_base.get(k) != this_base[k]]
     if diffs:
         raise ValueError(
             f"the adapter at {path} was saved for another base model ({saved_base.get('name_or_path')!r}); "

@@ -446,7 +446,7 @@ def run_server(cfg: ServerConfig) -> None:
     runtime = resident_bytes()
     model, tokenizer = load_base_model(cfg.model, dtype=getattr(torch, cfg.dtype))
     name = cfg.served_model_name or model.config._name_or_path or "base"
-    fuse(model, max_adapters=cfg.max_adapters, rank_budget=cfg.rank_budget)
+    fuse(model, max_adapters=cfg.max_adapters, rank_budget=cfg.rank_budget, weights=cfg.weights)
     # transformers sizes the paged KV cache from free accelerator memory; on a CPU that is most of the
     # RAM (12 GB per server here), so the cache is sized in tokens instead.
     engine = BankEngine(model, sampling_generation_config(model.generation_config),

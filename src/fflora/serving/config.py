@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ..methods.weight_formats import check_weights
 from .adapter_policy import adapter_name_problem
 from .http_guards import LOOPBACK_HOSTS
 
@@ -34,6 +35,7 @@ class ServerConfig:
     port: int = 8000
     served_model_name: str | None = None
     dtype: str = "float32"
+    weights: str | None = None  # the fused weights' format (fflora.methods.weight_formats); None: dtype's
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
     max_batch_requests: int | None = None
     kv_cache_tokens: int = 32768
@@ -59,6 +61,7 @@ class ServerConfig:
             value, bound = getattr(self, name), "> 0" if name.endswith("timeout_s") and name != "timeout_keep_alive_s" else ">= 1"
             if value is not None and not value > 0:
                 raise ValueError(f"--{name.removesuffix('_s').replace('_', '-')} must be {bound}, got {value}")
+        check_weights(self.weights)
         if any(not key.strip() for key in self.api_keys):
             raise ValueError("--api-key must not be empty")
         if len(self.adapters) > self.max_adapters:

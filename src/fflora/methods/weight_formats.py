@@ -1,0 +1,136 @@
+"""The formats a fused model's weights can take: `fflora.fuse(model, weights=...)`.
+
+    "float32", "bfloat16"  dense, the whole model in that dtype
+    "int8"                 every fused GEMM, the LM head and the embedding table weight-only int8, one
+                           scale per output row (`fflora.ops.int8`); an adapter's rows have their own
+                           scales and its columns are a small dense block, so loading or swapping an
+                           adapter rewrites only them; one copy where the head and the embedding are
+                           tied; activations (norms, attention, the rest) in bfloat16
+
+Adapter parameters (training form) keep their dtype: unfusing gives them back exactly. The base weights
+are rounded to the format: unfusing a model fused in bfloat16 or int8 gives the rounded (dequantized)
+weights in the model's original dtype, not the original ones. Rotary frequencies stay in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.int8 import dequantize_rows, int8_linear, quantize_rows
+from .fingerprint import base_model_fingerprint
+from .fused_state import FusedState
+
+WEIGHT_FORMATS = ("float32", "bfloat16", "int8")
+DENSE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def check_weights(weights: str | None) -> None:
+    """ValueError unless `weights` names a format (None: keep the model's dtype)."""
+    if weights is not None and weights not in WEIGHT_FORMATS:
+        raise ValueError(f"unknown weight format {weights!r}; fflora has {list(WEIGHT_FORMATS)}")
+    if weights == "int8" and torch.backends.cpu.get_cpu_capability() != "AVX512":
+        raise ValueError(f"int8 weights run PyTorch's AVX-512 kernel (bfloat16 activations); this CPU has "
+                         f"{torch.backends.cpu.get_cpu_capability()}, where it falls back to scalar code: use "
+                         "weights='float32' or 'bfloat16'")
+
+
+def format_of(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DENSE.items()}.get(dtype, str(dtype).removeprefix("torch."))
+
+
+class Int8Embedding(nn.Module):
+    """An embedding table stored as int8 rows with a scale each; looks up in bfloat16."""
+
+    def __init__(self, values: Tensor, scale: Tensor, padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.register_buffer("values", values)
+        self.register_buffer("scale", scale)
+        self.padding_idx = padding_idx
+
+    @property
+    def weight(self) -> Tensor:  # what transformers and the fingerprint read: the dequantized table
+        return dequantize_rows(self.values, self.scale, self.scale.dtype)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.values[ids].to(self.scale.dtype) * self.scale[ids].unsqueeze(-1)
+
+
+class Int8Head(nn.Module):
+    """The LM head as a weight-only int8 GEMM (sharing the embedding's int8 rows where they are tied)."""
+
+    def __init__(self, values: Tensor, scale: Tensor, bias: Tensor | None) -> None:
+        super().__init__()
+        self.register_buffer("values", values)
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = int8_linear(x, self.values, self.scale)
+        return out if self.bias is None else out + self.bias
+
+
+def convert(model: nn.Module, state: FusedState, weights: str | None, keep: set[int]) -> None:
+    """Put a just-fused model's weights in format `weights` (None: as they are); `keep`: ids of tensors
+    that keep their dtype (the adapter's parameters)."""
+    state.dtype = model.get_input_embeddings().weight.dtype
+    state.weights = format_of(state.dtype)
+    if weights is None or weights == state.weights:
+        return
+    if weights == "int8":
+        state.fingerprint = base_model_fingerprint(model)  # of the weights as they were
+        for gemm in state.gemms:
+            gemm.quantize_int8()
+        _quantize_embeddings(model)
+    _cast(model, DENSE.get(weights, torch.bfloat16), keep)
+    state.weights = weights
+
+
+def restore(model: nn.Module, state: FusedState, keep: set[int]) -> None:
+    """Undo `convert` before unfusing: the embeddings dense again, everything in the original dtype."""
+    if state.weights == format_of(state.dtype):
+        return
+    if state.weights == "int8":
+        _dequantize_embeddings(model)
+    _cast(model, state.dtype, keep)
+
+
+def _cast(model: nn.Module, dtype: torch.dtype, keep: set[int]) -> None:
+    """Every floating parameter and buffer to `dtype`, but those in `keep` and rotary frequencies."""
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, tensor in table.items():
+                if tensor is None or id(tensor) in keep or not tensor.is_floating_point() or "inv_freq" in name:
+                    continue
+                if isinstance(tensor, nn.Parameter):
+                    tensor.data = tensor.data.to(dtype)
+                else:
+                    table[name] = tensor.to(dtype)
+    model.config.dtype = dtype
+
+
+def _quantize_embeddings(model: nn.Module) -> None:
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    values, scale = quantize_rows(embedding.weight)
+    model.set_input_embeddings(Int8Embedding(values, scale, embedding.padding_idx))
+    if head is None:
+        return
+    tied = head.weight is embedding.weight
+    if not tied:
+        values, scale = quantize_rows(head.weight)
+    bias = None if head.bias is None else head.bias.detach().to(torch.bfloat16)
+    model.set_output_embeddings(Int8Head(values, scale, bias))
+
+
+def _dequantize_embeddings(model: nn.Module) -> None:
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    table = nn.Embedding(*embedding.values.shape, padding_idx=embedding.padding_idx, device="meta")
+    table.weight = nn.Parameter(embedding.weight.clone(), requires_grad=False)
+    model.set_input_embeddings(table)
+    if isinstance(head, Int8Head):
+        linear = nn.Linear(head.values.shape[1], head.values.shape[0], bias=head.bias is not None, device="meta")
+        tied = head.values is embedding.values
+        linear.weight = table.weight if tied else nn.Parameter(dequantize_rows(head.values, head.scale), requires_grad=False)
+        if head.bias is not None:
+            linear.bias = nn.Parameter(head.bias.clone(), requires_grad=False)
+        model.set_output_embeddings(linear)

@@ -1,0 +1,149 @@
+"""`fflora.fuse(model, weights=...)`: bfloat16 and int8 fused weights, for one adapter and the bank."""
+
+import pytest
+import torch
+from conftest import make_model, randomize_adapters
+
+import fflora
+from fflora.methods.fingerprint import base_model_fingerprint
+from fflora.methods.fused_state import fused_state
+from fflora.methods.weight_formats import Int8Embedding, Int8Head
+from fflora.ops.int8 import dequantize_rows, int8_linear, quantize_rows
+
+int8_cpu = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512",
+                              reason="int8 weights need PyTorch's AVX-512 kernel")
+IDS = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+def _adapted(config, seed=1, arch="llama"):
+    model = fflora.apply_adapter(make_model(arch), config)
+    randomize_adapters(model, seed=seed, std=0.1)
+    return model
+
+
+@torch.no_grad()
+def _logits(model, ids=IDS, **kw):
+    return model(ids, **kw).logits.float()
+
+
+def _relative(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_an_unknown_format_is_refused_with_the_list():
+    with pytest.raises(ValueError, match=r"unknown weight format 'int3'; fflora has \['float32', 'bfloat16', 'int8'\]"):
+        fflora.fuse(make_model("llama"), weights="int3")
+
+
+def test_rows_quantize_to_int8_with_a_scale_each():
+    w = torch.randn(40, 64) * torch.logspace(-3, 0, 40)[:, None]  # rows of very different ranges
+    w[7] = 0
+    values, scale = quantize_rows(w)
+    assert values.dtype == torch.int8 and scale.dtype == torch.bfloat16 and values[7].abs().max() == 0
+    back = dequantize_rows(values, scale)
+    assert ((back - w).abs() <= w.abs().amax(1, keepdim=True) / 127 * 0.51 + 1e-3 * w.abs().amax(1, keepdim=True)).all()
+    x = torch.randn(3, 64)
+    assert _relative(int8_linear(x, values, scale).float(), x @ back.T) < 1e-2  # bfloat16 activations
+
+
+@pytest.mark.parametrize("config", [fflora.FFBAConfig(r=4), fflora.ZFLoRAConfig(r=4)], ids=["ffba", "zflora"])
+def test_bfloat16_fused_matches_the_bfloat16_training_form(config):
+    model = _adapted(config)
+    reference = _logits(_adapted(config).to(torch.bfloat16))
+    fused = fflora.fuse(model, weights="bfloat16")
+    assert fused_state(fused).weights == "bfloat16" and fused.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert _relative(_logits(fused), reference) < 2e-2
+    assert (_logits(fused).argmax(-1) == reference.argmax(-1)).float().mean() >= 0.9
+
+
+@int8_cpu
+@pytest.mark.parametrize("config", [fflora.FFBAConfig(r=4), fflora.ZFLoRAConfig(r=4)], ids=["ffba", "zflora"])
+def test_int8_fused_stays_close_to_float32_and_unfuses_to_its_adapter(config):
+    model = _adapted(config)
+    adapter = {k: v.clone() for k, v in fflora.methods.adapter_state_dict(model).items()}
+    reference = _logits(fflora.fuse(_adapted(config)))
+    fused = fflora.fuse(model, weights="int8")
+    head, embedding = fused.get_output_embeddings(), fused.get_input_embeddings()
+    assert isinstance(head, Int8Head) and isinstance(embedding, Int8Embedding)
+    assert head.values is embedding.values  # tied: one int8 copy
+    assert all(g.int8 for g in fused_state(fused).gemms)
+    assert _relative(_logits(fused), reference) < 5e-2
+    assert (_logits(fused).argmax(-1) == reference.argmax(-1)).float().mean() >= 0.9
+    fflora.unfuse(fused)
+    assert type(model.get_input_embeddings()) is torch.nn.Embedding and model.lm_head.weight is model.model.embed_tokens.weight
+    assert next(model.parameters()).dtype == torch.float32
+    assert all(torch.equal(v, adapter[k]) for k, v in fflora.methods.adapter_state_dict(model).items())  # exact
+
+
+@int8_cpu
+def test_int8_weights_take_about_a_quarter_of_the_bytes():
+    def nbytes(model):
+        seen = {t.data_ptr(): t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]}
+        return sum(seen.values())
+
+    dense = nbytes(fflora.fuse(make_model("llama")))
+    assert nbytes(fflora.fuse(make_model("llama"), weights="int8")) < 0.35 * dense
+
+
+@int8_cpu
+def test_swapping_the_adapter_of_an_int8_model_rewrites_only_its_rows_and_columns(tmp_path):
+    fflora.save_adapter(_adapted(fflora.FFBAConfig(r=4), seed=2), tmp_path / "b")
+    model = fflora.fuse(_adapted(fflora.FFBAConfig(r=4), seed=1), weights="int8")
+    group = model.model.layers[0].self_attn.ffba_fused_inputs
+    base_rows = group.weight_int8[: group.base_rows].clone()
+    fflora.load_adapter(model, tmp_path / "b", strict=True)  # the fingerprint is the unquantized base's
+    assert torch.equal(group.weight_int8[: group.base_rows], base_rows)
+    direct = fflora.fuse(fflora.load_adapter(make_model("llama"), tmp_path / "b"), weights="int8")
+    assert torch.equal(_logits(model), _logits(direct))
+
+
+@int8_cpu
+def test_the_bank_in_int8_equals_each_adapter_fused_alone(tmp_path):
+    configs = {"a": fflora.FFBAConfig(r=4), "b": fflora.FFBAConfig(r=8, forward=False)}
+    for seed, (name, config) in enumerate(configs.items(), start=1):
+        fflora.save_adapter(_adapted(config, seed=seed), tmp_path / name)
+    bank = fflora.fuse(make_model("llama"), max_adapters=2, weights="int8")
+    assert base_model_fingerprint(bank) == base_model_fingerprint(make_model("llama"))
+    for name in configs:
+        fflora.load_adapter(bank, tmp_path / name, adapter_name=name, strict=True)
+    mixed = _logits(bank, adapter_names=["a", "b"])
+    for row, name in enumerate(configs):
+        alone = fflora.fuse(fflora.load_adapter(make_model("llama"), tmp_path / name), weights="int8")
+        assert torch.allclose(mixed[row], _logits(alone)[row], atol=1e-3, rtol=1e-3), name
+
+
+@int8_cpu
+def test_int8_compiles_and_a_plan_leaves_its_gemms_alone():
+    model = fflora.fuse(_adapted(fflora.FFBAConfig(r=4)), weights="int8")
+    eager = model.generate(IDS[:1], max_new_tokens=5, do_sample=False)
+    assert fflora.plan_gemms(model, "transposed")["plans"] == {}  # no dense GEMM left to plan
+    fflora.compile_decode(model)
+    assert torch.equal(model.generate(IDS[:1], max_new_tokens=5, do_sample=False), eager)
+
+
+def test_a_fused_model_keeps_its_format_until_unfused():
+    model = fflora.fuse(make_model("llama"), weights="bfloat16")
+    assert fflora.fuse(model, weights="bfloat16") is model
+    with pytest.raises(ValueError, match="fused with bfloat16 weights; call fflora.unfuse"):
+        fflora.fuse(model, weights="float32")
+
+
+def test_the_formats_bench_reports_every_format_and_kind(tmp_path):
+    from test_server import _tokenizer
+
+    from fflora.bench.formats import FormatsBenchSettings, format_formats_table, run_formats_bench, write_formats_bench
+
+    formats = ("float32", "bfloat16", "int8") if torch.backends.cpu.get_cpu_capability() == "AVX512" else ("float32", "bfloat16")
+    settings = FormatsBenchSettings(formats=formats, batch_sizes=(1, 2), prompt_len=8, new_tokens=4, repeats=1, rank=4,
+                                    compile=False)
+    result = run_formats_bench(make_model("llama"), _tokenizer(), settings)
+    keys = {f"{w}/{k}" for w in formats for k in ("fused_base", "ffba_fused")}
+    assert set(result["agreement"]) == keys and set(result["latency"]["2"]) == keys
+    assert result["agreement"]["float32/fused_base"] == 1.0
+    assert result["weight_bytes"]["bfloat16/fused_base"] < 0.55 * result["weight_bytes"]["float32/fused_base"]
+    table = format_formats_table(result)
+    assert "| bfloat16 | ffba_fused | 2 |" in table and "GB/s" in table
+    write_formats_bench(result, tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {"formats.json", "formats.md", "formats.png"}
+    with pytest.raises(ValueError, match="must include 'float32'"):
+        FormatsBenchSettings(formats=("bfloat16",))
