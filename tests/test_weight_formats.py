@@ -1,4 +1,6 @@
-"""`fflora.fuse(model, weights=...)`: bfloat16 and int8 fused weights, for one adapter and the bank."""
+"""`fflora.fuse(model, weights=...)`: bfloat16, int8 and int4 fused weights, for one adapter and the bank."""
+
+import copy
 
 import pytest
 import torch
@@ -31,7 +33,7 @@ def _relative(a, b):
 
 
 def test_an_unknown_format_is_refused_with_the_list():
-    with pytest.raises(ValueError, match=r"unknown weight format 'int3'; fflora has \['float32', 'bfloat16', 'int8'\]"):
+    with pytest.raises(ValueError, match=r"unknown weight format 'int3'; fflora has \['float32', 'bfloat16', 'int8', 'int4'\]"):
         fflora.fuse(make_model("llama"), weights="int3")
 
 
@@ -147,3 +149,42 @@ def test_the_formats_bench_reports_every_format_and_kind(tmp_path):
     assert {p.name for p in tmp_path.iterdir()} == {"formats.json", "formats.md", "formats.png"}
     with pytest.raises(ValueError, match="must include 'float32'"):
         FormatsBenchSettings(formats=("bfloat16",))
+
+
+def _wide(**kw):
+    return make_model("llama", hidden_size=64, intermediate_size=128, **kw)  # input widths multiples of 32
+
+
+@int8_cpu
+def test_int4_groups_of_32_and_an_adapter_swap_keeps_the_base_blocks(tmp_path):
+    fflora.save_adapter(fflora.apply_adapter(_wide(), fflora.FFBAConfig(r=4)), tmp_path / "fresh")
+    second = fflora.apply_adapter(_wide(), fflora.FFBAConfig(r=4))
+    randomize_adapters(second, seed=3, std=0.1)
+    fflora.save_adapter(second, tmp_path / "b")
+    first = fflora.apply_adapter(_wide(), fflora.FFBAConfig(r=4))
+    randomize_adapters(first, seed=2, std=0.1)
+    reference = _logits(fflora.fuse(copy.deepcopy(first)))
+    model = fflora.fuse(first, weights="int4")
+    assert all(g.int4 for g in fused_state(model).gemms) and isinstance(model.get_output_embeddings(), Int8Head)
+    assert _relative(_logits(model), reference) < 0.3  # 4 bits on random weights
+    group = model.model.layers[1].self_attn.ffba_fused_inputs
+    tail = group.n_pack - group.weight_tail.shape[0]
+    base_blocks = group.weight_int4[:tail].clone()
+    fflora.load_adapter(model, tmp_path / "b", strict=True)
+    assert torch.equal(group.weight_int4[:tail], base_blocks)  # only the adapter's blocks were packed again
+    direct = fflora.fuse(fflora.load_adapter(_wide(), tmp_path / "b"), weights="int4")
+    assert torch.equal(_logits(model), _logits(direct))
+    bank = fflora.fuse(_wide(), max_adapters=2, weights="int4")
+    fflora.load_adapter(bank, tmp_path / "b", adapter_name="b", strict=True)
+    fflora.load_adapter(bank, tmp_path / "fresh", adapter_name="fresh")
+    assert torch.allclose(_logits(bank, adapter_names=["b", "b"]), _logits(direct), atol=1e-3, rtol=1e-3)
+    eager = direct.generate(IDS[:1], max_new_tokens=4, do_sample=False)
+    assert torch.equal(fflora.compile_decode(direct).generate(IDS[:1], max_new_tokens=4, do_sample=False), eager)
+
+
+@int8_cpu
+def test_int4_refuses_input_widths_that_are_not_multiples_of_32_and_leaves_the_model_as_it_was():
+    model = make_model("llama")  # intermediate size 48
+    with pytest.raises(ValueError, match=r"int4 weights group 32 input columns; this model's GEMMs take \[48\]: use int8"):
+        fflora.fuse(model, weights="int4")
+    assert fused_state(model) is None and type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear

@@ -38,7 +38,7 @@ MAX_COPIES = 256  # of one small weight in that working set (bounds the number o
 def planned_modules(model: nn.Module) -> list[nn.Module]:
     """The modules whose GEMMs a plan covers: every fused GEMM and a plain nn.Linear LM head."""
     state = require_fused(model, "GEMM plans are part of the fused form; call fflora.fuse(model) first")
-    modules = [m for m in state.gemms if not m.int8]  # int8 GEMMs have one kernel: nothing to choose
+    modules = [m for m in state.gemms if not m.quantized]  # int8 and int4 GEMMs have one kernel: nothing to choose
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if type(head) in (nn.Linear, PlannedLinear):
         modules.append(head)

@@ -108,7 +108,7 @@ def fuse(model: nn.Module, max_adapters: int | None = None, rank_budget: int | N
         method.fuse(model)
     state = FusedState(method=method, gemms=gemm_modules(model))
     attach(model, state)
-    convert(model, state, weights, keep=set(map(id, adapter_parameters(model).values())))
+    _convert_or_unfuse(model, state, weights, keep=set(map(id, adapter_parameters(model).values())))
     return model
 
 
@@ -137,10 +137,19 @@ def _fuse_with_bank(model: nn.Module, max_adapters: int, rank_budget: int | None
     bank = bank_method.build_bank(model, max_adapters, budget)
     state = FusedState(method=bank_method, bank=bank, gemms=gemm_modules(model))
     attach(model, state)
-    convert(model, state, weights, keep=set())
+    _convert_or_unfuse(model, state, weights, keep=set())
     if carried is not None:
         bank.add("default", *carried)
     return model
+
+
+def _convert_or_unfuse(model: nn.Module, state: FusedState, weights: str | None, keep: set[int]) -> None:
+    """The fused weights in format `weights`; a format the model cannot take leaves it unfused again."""
+    try:
+        convert(model, state, weights, keep)
+    except ValueError:
+        unfuse(model)
+        raise
 
 
 def unfuse(model: nn.Module) -> nn.Module:

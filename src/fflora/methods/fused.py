@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ..models.architectures import sub_blocks
 from ..ops.gemm import GemmPlan, planned_linear
+from ..ops import int4
 from ..ops.int8 import dequantize_rows, int8_linear, quantize_rows
 from .layers import WrappedProjection, refer_to
 
@@ -50,30 +51,42 @@ class FusedGemm(nn.Module):
     """One fused GEMM's weights and how it runs: `n_rows` x `n_cols`, of which the first `d_main` columns
     take the base input (the base rows and any adapter rows) and the rest an adapter's activations.
 
-    Stored dense (`weight`, the model's dtype) or, after `quantize_int8`, as int8 rows with a scale each
-    for the main columns (`weight_int8`, `weight_scale`) and a dense bfloat16 block for the extra columns
-    (`weight_extra`): an adapter's rows have their own scales and its columns stay apart, so writing an
-    adapter (`write_rows`, `write_cols`) never changes how the base rows are quantized."""
+    Stored dense (`weight`, the model's dtype); after `quantize_int8` as int8 rows with a scale each for
+    the main columns (`weight_int8`, `weight_scale`); after `quantize_int4` as packed int4 groups of 32
+    (`weight_int4`, `weight_sz`, and `weight_tail`: the unpacked values of the 64-row blocks from the
+    first adapter row on, so that those blocks can be packed again). The extra columns are a dense
+    bfloat16 block (`weight_extra`) in both. An adapter's rows have their own scales and its columns
+    stay apart, so writing an adapter (`write_rows`, `write_cols`) never changes how the base rows
+    are quantized."""
 
     gemm_plan: GemmPlan | None = None  # how a dense GEMM runs (fflora.fastpath); None: F.linear
     int8 = False
+    int4 = False
     n_rows: int
+    base_out: int  # rows before the first adapter row
     n_cols: int
     d_main: int
 
     @property
+    def quantized(self) -> bool:
+        return self.int8 or self.int4
+
+    @property
     def activation_dtype(self) -> torch.dtype:
-        """The dtype the GEMM takes and gives (bfloat16 for int8 storage)."""
-        return self.weight_scale.dtype if self.int8 else self.weight.dtype
+        """The dtype the GEMM takes and gives (bfloat16 for quantized storage)."""
+        return torch.bfloat16 if self.quantized else self.weight.dtype
 
     @property
     def storage_dtype(self) -> torch.dtype:
-        """The dtype to keep values in before they are written (float32 for int8: quantized from full precision)."""
-        return torch.float32 if self.int8 else self.weight.dtype
+        """The dtype to keep values in before they are written (float32 when quantized: from full precision)."""
+        return torch.float32 if self.quantized else self.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.weight_scale.device if self.int8 else self.weight.device
+        return self._first().device
+
+    def _first(self) -> Tensor:
+        return self.weight_int8 if self.int8 else self.weight_int4 if self.int4 else self.weight
 
     def _store(self, weight: Tensor, bias: Tensor | None) -> None:
         self.register_buffer("weight", weight)
@@ -87,13 +100,20 @@ class FusedGemm(nn.Module):
         stop = start + values.shape[0]
         if self.int8:
             self.weight_int8[start:stop], self.weight_scale[start:stop] = quantize_rows(values)
+        elif self.int4:
+            tail = self.n_pack - self.weight_tail.shape[0]
+            if start < tail:
+                raise ValueError(f"rows {start}.. are base rows; an int4 GEMM rewrites adapter rows only")
+            q, self.weight_sz[:, start:stop] = int4.quantize_groups(values)
+            self.weight_tail[start - tail : stop - tail] = q
+            self.weight_int4[tail:] = int4.pack(self.weight_tail)
         else:
             self.weight[start:stop, : self.d_main] = values.to(self.weight.dtype)
 
     def write_cols(self, start: int, values: Tensor) -> None:
         """Set columns start.. (start >= d_main) of the leading values.shape[0] rows."""
         rows, cols = values.shape
-        if self.int8:
+        if self.quantized:
             self.weight_extra[:rows, start - self.d_main : start - self.d_main + cols] = values.to(self.weight_extra.dtype)
         else:
             self.weight[:rows, start : start + cols] = values.to(self.weight.dtype)
@@ -102,21 +122,30 @@ class FusedGemm(nn.Module):
         """Rows start..stop of the main columns (dequantized if int8): a view when dense."""
         if self.int8:
             return dequantize_rows(self.weight_int8[start:stop], self.weight_scale[start:stop], self.weight_scale.dtype)
+        if self.int4:
+            return int4.dequantize(self.weight_int4, self.weight_sz, self.d_main)[start:stop]
         return self.weight[start:stop, : self.d_main]
 
     def gemm(self, x: Tensor, rows: int | None = None, cols: int | None = None) -> Tensor:
         """x @ W[:rows, :cols].T + bias[:rows] (x is `cols` wide); the whole matrix by default."""
         if rows is None and cols is None:  # the whole matrix: no view cache (a compiled step traces this)
             rows, cols = self.n_rows, self.n_cols
-            views = ((self.weight_int8, self.weight_scale, self.weight_extra, self.bias) if self.int8
-                     else (self.weight, self.bias))
+            views = ((self.weight_int8, self.weight_scale, self.weight_extra, self.bias) if self.int8 else
+                     (self.weight_int4, self.weight_sz, self.weight_extra, self.bias) if self.int4 else
+                     (self.weight, self.bias))
         else:
             rows, cols = rows or self.n_rows, cols or self.n_cols
             views = self._window(rows, cols)
-        if not self.int8:
+        if not self.quantized:
             return planned_linear(x, views[0], views[1], self.gemm_plan)
         values, scale, extra, bias = views
-        out = int8_linear(x[..., : self.d_main] if cols > self.d_main else x, values, scale)
+        main = x[..., : self.d_main] if cols > self.d_main else x
+        if self.int8:
+            out = int8_linear(main, values, scale)
+        else:  # the packed rows run in whole blocks: drop the padding rows after
+            out = int4.int4_linear(main, values, scale)
+            if out.shape[-1] != rows:
+                out = out[..., :rows]
         if extra is not None:
             out = out + F.linear(x[..., self.d_main : cols].to(extra.dtype), extra)
         return out if bias is None else out + bias
@@ -124,24 +153,49 @@ class FusedGemm(nn.Module):
     def _window(self, rows: int, cols: int) -> tuple:
         """Cached views of the leading rows/columns (slicing on every call costs more than the small GEMM
         columns it selects, for the bank's windows); rebuilt when the storage moves or is rewritten."""
-        first = self.weight_int8 if self.int8 else self.weight
+        first = self._first()
         cache = self.__dict__.get("_views")
-        if cache is None or cache[0] != (first.data_ptr(), self.int8):
-            cache = self.__dict__["_views"] = ((first.data_ptr(), self.int8), {})
+        if cache is None or cache[0] != (first.data_ptr(), self.int8, self.int4):
+            cache = self.__dict__["_views"] = ((first.data_ptr(), self.int8, self.int4), {})
         views = cache[1].get((rows, cols))
         if views is None:
             bias = None if self.bias is None else self.bias[:rows]
+            extra = self.weight_extra[:rows, : cols - self.d_main] if self.quantized and cols > self.d_main else None
             if self.int8:
-                extra = self.weight_extra[:rows, : cols - self.d_main] if cols > self.d_main else None
                 views = (self.weight_int8[:rows], self.weight_scale[:rows], extra, bias)
+            elif self.int4:  # every packed row (the layout interleaves blocks of rows): the output is cut
+                views = (self.weight_int4, self.weight_sz, extra, bias)
             else:
                 views = (self.weight[:rows, :cols], bias)
             cache[1][rows, cols] = views
         return views
 
+    def quantize_int4(self) -> None:
+        """Switch to int4 storage (groups of 32 along the input), from the dense weights; ValueError when
+        the main columns are not a multiple of 32."""
+        if self.quantized:
+            return
+        if self.d_main % int4.GROUP:
+            raise ValueError(f"int4 groups {int4.GROUP} input columns; this GEMM has {self.d_main}: use int8")
+        self.n_pack = int4.round_rows(self.n_rows)
+        main = torch.zeros(self.n_pack, self.d_main, dtype=torch.float32, device=self.weight.device)
+        main[: self.n_rows] = self.weight[:, : self.d_main].float()
+        q, scales_zeros = int4.quantize_groups(main)
+        tail = min(self.base_out // int4.BLOCK * int4.BLOCK, self.n_pack)
+        extra = self.weight[:, self.d_main :].to(torch.bfloat16) if self.n_cols > self.d_main else None
+        bias = None if self.bias is None else self.bias.to(torch.bfloat16)
+        del self.weight
+        self.register_buffer("weight_int4", int4.pack(q))
+        self.register_buffer("weight_sz", scales_zeros)
+        self.register_buffer("weight_tail", q[tail:].clone())
+        self.register_buffer("weight_extra", extra)
+        if bias is not None:
+            self.bias = bias
+        self.int4, self.gemm_plan = True, None
+
     def quantize_int8(self) -> None:
         """Switch to int8 storage, from the dense weights (bfloat16 activations from now on)."""
-        if self.int8:
+        if self.quantized:
             return
         values, scale = quantize_rows(self.weight[:, : self.d_main])
         extra = self.weight[:, self.d_main :].to(torch.bfloat16) if self.n_cols > self.d_main else None
@@ -168,7 +222,7 @@ class FusedInputProjections(FusedGemm):
         self.d_in = self.d_main = bases[0].in_features
         self.extra_rows, self.extra_cols = extra_rows, extra_cols
         ref = bases[0].weight
-        self.base_rows = rows = sum(self.widths)
+        self.base_rows = self.base_out = rows = sum(self.widths)
         self.n_rows = aligned(rows + extra_rows, extra_rows)
         self.n_cols = aligned(self.d_in + extra_cols, extra_cols)
         weight = torch.zeros(self.n_rows, self.n_cols, dtype=ref.dtype, device=ref.device)
@@ -244,7 +298,7 @@ class FusedOutputProjection(FusedGemm):
         super().__init__()
         self.name = name
         self.d_core, self.d_out = base.in_features, base.out_features
-        self.d_main = self.d_core
+        self.d_main, self.base_out = self.d_core, self.d_out
         self.extra_rows, self.extra_cols = extra_rows, extra_cols
         self.n_rows = aligned(self.d_out + extra_rows, extra_rows)
         self.n_cols = aligned(self.d_core + extra_cols, extra_cols)
@@ -275,7 +329,8 @@ class FusedOutputProjection(FusedGemm):
 
     def extra_repr(self) -> str:
         return (f"in={self.d_core}+{self.extra_cols} (padded {self.n_cols}), "
-                f"out={self.d_out}+{self.extra_rows} (padded {self.n_rows})" + (", int8" if self.int8 else ""))
+                f"out={self.d_out}+{self.extra_rows} (padded {self.n_rows})" + (", int8" if self.int8 else "")
+                + (", int4" if self.int4 else ""))
 
 
 def unwrap(module: nn.Module) -> nn.Linear:

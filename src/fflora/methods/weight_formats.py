@@ -6,6 +6,10 @@
                            scales and its columns are a small dense block, so loading or swapping an
                            adapter rewrites only them; one copy where the head and the embedding are
                            tied; activations (norms, attention, the rest) in bfloat16
+    "int4"                 every fused GEMM weight-only int4 in groups of 32 along its input, each group
+                           with its own scale and offset (`fflora.ops.int4`; the adapter's rows too, in
+                           64-row blocks of their own, its columns a dense block); the LM head and the
+                           embedding table int8 as above; needs input widths that are multiples of 32
 
 Adapter parameters (training form) keep their dtype: unfusing gives them back exactly. The base weights
 are rounded to the format: unfusing a model fused in bfloat16 or int8 gives the rounded (dequantized)
@@ -21,7 +25,7 @@ from ..ops.int8 import dequantize_rows, int8_linear, quantize_rows
 from .fingerprint import base_model_fingerprint
 from .fused_state import FusedState
 
-WEIGHT_FORMATS = ("float32", "bfloat16", "int8")
+WEIGHT_FORMATS = ("float32", "bfloat16", "int8", "int4")
 DENSE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -29,8 +33,8 @@ def check_weights(weights: str | None) -> None:
     """ValueError unless `weights` names a format (None: keep the model's dtype)."""
     if weights is not None and weights not in WEIGHT_FORMATS:
         raise ValueError(f"unknown weight format {weights!r}; fflora has {list(WEIGHT_FORMATS)}")
-    if weights == "int8" and torch.backends.cpu.get_cpu_capability() != "AVX512":
-        raise ValueError(f"int8 weights run PyTorch's AVX-512 kernel (bfloat16 activations); this CPU has "
+    if weights in ("int8", "int4") and torch.backends.cpu.get_cpu_capability() != "AVX512":
+        raise ValueError(f"{weights} weights run PyTorch's AVX-512 kernel (bfloat16 activations); this CPU has "
                          f"{torch.backends.cpu.get_cpu_capability()}, where it falls back to scalar code: use "
                          "weights='float32' or 'bfloat16'")
 
@@ -77,10 +81,13 @@ def convert(model: nn.Module, state: FusedState, weights: str | None, keep: set[
     state.weights = format_of(state.dtype)
     if weights is None or weights == state.weights:
         return
-    if weights == "int8":
+    if weights in ("int8", "int4"):
+        narrow = sorted({g.d_main for g in state.gemms if g.d_main % 32}) if weights == "int4" else []
+        if narrow:
+            raise ValueError(f"int4 weights group 32 input columns; this model's GEMMs take {narrow}: use int8")
         state.fingerprint = base_model_fingerprint(model)  # of the weights as they were
         for gemm in state.gemms:
-            gemm.quantize_int8()
+            gemm.quantize_int4() if weights == "int4" else gemm.quantize_int8()
         _quantize_embeddings(model)
     _cast(model, DENSE.get(weights, torch.bfloat16), keep)
     state.weights = weights
@@ -90,7 +97,7 @@ def restore(model: nn.Module, state: FusedState, keep: set[int]) -> None:
     """Undo `convert` before unfusing: the embeddings dense again, everything in the original dtype."""
     if state.weights == format_of(state.dtype):
         return
-    if state.weights == "int8":
+    if state.weights in ("int8", "int4"):
         _dequantize_embeddings(model)
     _cast(model, state.dtype, keep)
 
