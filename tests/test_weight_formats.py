@@ -188,3 +188,14 @@ def test_int4_refuses_input_widths_that_are_not_multiples_of_32_and_leaves_the_m
     with pytest.raises(ValueError, match=r"int4 weights group 32 input columns; this model's GEMMs take \[48\]: use int8"):
         fflora.fuse(model, weights="int4")
     assert fused_state(model) is None and type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+
+
+@int8_cpu
+def test_a_refused_format_leaves_a_carried_adapter_in_place():
+    model = _adapted(fflora.FFBAConfig(r=4))  # intermediate size 48: no int4
+    before = {k: v.clone() for k, v in fflora.methods.adapter_state_dict(model).items()}
+    with pytest.raises(ValueError, match="int4 weights group 32 input columns"):
+        fflora.fuse(model, max_adapters=2, weights="int4")
+    after = fflora.methods.adapter_state_dict(model)
+    assert fused_state(model) is None and after.keys() == before.keys()
+    assert all(torch.equal(after[k], v) for k, v in before.items())

@@ -7,6 +7,7 @@ Each checks what holds for every method, then hands the method-specific work to 
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from ..models.architectures import architecture_of
@@ -87,19 +88,19 @@ def fuse(model: nn.Module, max_adapters: int | None = None, rank_budget: int | N
     `adapter_names=` (see `fflora.methods.ffba.bank`). A model carrying one adapter in training form
     is fused with that adapter resident as "default".
 
-    `weights` puts the fused weights in another format: "float32", "bfloat16" or "int8" (see
-    `fflora.methods.weight_formats`); None keeps the model's dtype.
+    `weights` puts the fused weights in another format: "float32", "bfloat16", "int8" or "int4" (see
+    `fflora.methods.weight_formats`); None keeps the model's dtype. A format the model cannot take is
+    a ValueError that leaves the model as it was.
     """
     check_weights(weights)
     state = fused_state(model)
-    if state is not None:
-        if weights is not None and weights != state.weights:
-            raise ValueError(f"this model is fused with {state.weights} weights; call fflora.unfuse(model) before "
-                             f"fusing it with {weights} weights")
-        if max_adapters is None or state.bank is not None:
-            return model if max_adapters is None else _fuse_with_bank(model, max_adapters, rank_budget, weights)
+    if state is not None and weights is not None and weights != state.weights:
+        raise ValueError(f"this model is fused with {state.weights} weights; call fflora.unfuse(model) before "
+                         f"fusing it with {weights} weights")
     if max_adapters is not None:
         return _fuse_with_bank(model, max_adapters, rank_budget, weights)
+    if state is not None:
+        return model
     method = registry.method_of(model)
     _embedding_grad_hook(model, on=False)
     if method is None:
@@ -137,7 +138,15 @@ def _fuse_with_bank(model: nn.Module, max_adapters: int, rank_budget: int | None
     bank = bank_method.build_bank(model, max_adapters, budget)
     state = FusedState(method=bank_method, bank=bank, gemms=gemm_modules(model))
     attach(model, state)
-    _convert_or_unfuse(model, state, weights, keep=set())
+    try:
+        _convert_or_unfuse(model, state, weights, keep=set())
+    except ValueError:
+        if carried is not None:  # the model as it came: its adapter back on, in training form
+            apply_adapter(model, carried[0])
+            with torch.no_grad():
+                for key, param in adapter_parameters(model).items():
+                    param.copy_(carried[1][key])
+        raise
     if carried is not None:
         bank.add("default", *carried)
     return model
