@@ -199,3 +199,23 @@ def test_a_refused_format_leaves_a_carried_adapter_in_place():
     after = fflora.methods.adapter_state_dict(model)
     assert fused_state(model) is None and after.keys() == before.keys()
     assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_the_formats_bench_measures_a_trained_adapters_dev_loss_in_each_format(tiny_model_dir, tiny_data_dir, tmp_path):
+    from fflora.bench.formats import FormatsBenchSettings, format_formats_table, run_formats_bench
+    from fflora.recipes.evaluate import response_loss
+    from fflora.recipes.train import dev_records
+
+    base, tokenizer = fflora.load_base_model(tiny_model_dir)
+    adapted = fflora.apply_adapter(copy.deepcopy(base), fflora.FFBAConfig(r=4))
+    randomize_adapters(adapted, seed=5, std=0.05)
+    fflora.save_adapter(adapted, tmp_path / "trained")
+    settings = FormatsBenchSettings(formats=("float32", "bfloat16"), batch_sizes=(1,), prompt_len=8, new_tokens=3,
+                                    repeats=1, compile=False, adapter=str(tmp_path / "trained"), dev_size=8,
+                                    data_dir=str(tiny_data_dir))
+    result = run_formats_bench(base, tokenizer, settings)
+    records = dev_records("commonsense", 8, tiny_data_dir)
+    expected = response_loss(fflora.fuse(adapted), tokenizer, records, form="cloze")
+    assert result["dev_loss"]["float32/ffba_fused"] == pytest.approx(expected, rel=1e-5)
+    assert result["dev_loss"]["bfloat16/ffba_fused"] == pytest.approx(expected, rel=5e-2)
+    assert "dev loss |" in format_formats_table(result)

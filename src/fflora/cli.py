@@ -264,7 +264,9 @@ def cmd_bench_train(args) -> dict:
 def cmd_bench_formats(args) -> dict:
     settings = FormatsBenchSettings(formats=tuple(args.formats), batch_sizes=tuple(args.batch_sizes),
                                     prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
-                                    rank=args.r, compile=not args.no_compile, seed=args.seed)
+                                    rank=args.r, compile=not args.no_compile, seed=args.seed, adapter=args.adapter,
+                                    dev_task=args.dev_task, dev_form=args.dev_form, dev_size=args.dev_size,
+                                    data_dir=args.data_dir)
     model, tokenizer = load_base_model(args.model)
     result = run_formats_bench(model, tokenizer, settings)
     out = write_formats_bench(result, Path(args.output_dir or time.strftime("runs/bench-formats-%Y%m%d-%H%M%S")))
@@ -438,6 +440,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--repeats", type=int, default=d.repeats)
     q.add_argument("--rank", dest="r", type=int, default=d.rank, help=f"FFBA rank (default {d.rank})")
     q.add_argument("--no-compile", action="store_true", help="time the eager fused models instead")
+    q.add_argument("--adapter", default=None, help="a trained FFBA adapter for the FFBA rows (default: a random one); "
+                   "its dev loss is measured in every format")
+    q.add_argument("--dev-task", default=d.dev_task, choices=["commonsense", "math", "summary"])
+    q.add_argument("--dev-form", default=d.dev_form, choices=["instruction", "cloze"])
+    q.add_argument("--dev-size", type=int, default=d.dev_size)
+    q.add_argument("--data-dir", default=None)
     q.add_argument("--seed", type=int, default=d.seed)
     q.add_argument("--output-dir", default=None, help="default: runs/bench-formats-<time>")
     q.set_defaults(func=cmd_bench_formats)

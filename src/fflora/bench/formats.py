@@ -1,11 +1,12 @@
 """The fused weight formats side by side: decode speed, bytes read per token, and agreement with float32.
 
-For each format (`fflora.fuse(model, weights=...)`) the fused base and FFBA fused (a random adapter of
-rank `rank`), compiled for each batch size as `fflora.compile_decode` does, timed interleaved in one
+For each format (`fflora.fuse(model, weights=...)`) the fused base and FFBA fused (a trained adapter
+given as `adapter`, or a random one of rank `rank`), compiled for each batch size as `fflora.compile_decode` does, timed interleaved in one
 process (TTFT, TPOT: medians of `repeats` rounds). Bytes per token are the weights one decode step
 reads (every GEMM and the LM head; the embedding table only where the head is it); GB/s is that over
 TPOT, next to the read bandwidth of a large tensor measured in the same run. Quality: teacher-forced
-next-token agreement with the float32 model of the same kind on a fixed English text.
+next-token agreement with the float32 model of the same kind on a fixed English text, and with a
+trained adapter its dev loss (the held-out records of `dev_task`, in `dev_form`) in every format.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import torch
 from torch import nn
 
 from ..fastpath.compile import compile_decode
-from ..methods import fuse
+from ..methods import fuse, load_adapter
 from ..methods.weight_formats import WEIGHT_FORMATS, check_weights
+from ..recipes.evaluate import response_loss
+from ..recipes.train import dev_records
 from ..utils.sources import say
 from .latency import _adapted, _median_spread, _randomize, check_sizes, time_generation, write_results
 
@@ -44,6 +47,11 @@ class FormatsBenchSettings:
     rank: int = 8
     compile: bool = True
     seed: int = 0
+    adapter: str | None = None  # a trained FFBA adapter folder (None: a random adapter of rank `rank`)
+    dev_task: str = "commonsense"
+    dev_form: str = "cloze"
+    dev_size: int = 200
+    data_dir: str | None = None
 
     def __post_init__(self) -> None:
         self.formats, self.batch_sizes = tuple(self.formats), tuple(self.batch_sizes)
@@ -94,12 +102,20 @@ def run_formats_bench(base: nn.Module, tokenizer, settings: FormatsBenchSettings
     for weights in settings.formats:
         for kind in KINDS:
             model = copy.deepcopy(base)
-            if kind == "ffba_fused":
+            if kind == "ffba_fused" and settings.adapter:
+                load_adapter(model, settings.adapter, strict=True)
+            elif kind == "ffba_fused":
                 _randomize(_adapted(model, "ffba", settings.rank), settings.seed)
             models[weights, kind] = fuse(model, weights=weights).eval()
     text_ids = tokenizer(TEXT, return_tensors="pt")["input_ids"][:, :512]
     reference = {kind: models["float32", kind](text_ids).logits.argmax(-1) for kind in KINDS}
     quality = {f"{w}/{k}": agreement(m, reference[k], text_ids) for (w, k), m in models.items()}
+    dev_loss = {}
+    if settings.adapter:
+        records = dev_records(settings.dev_task, settings.dev_size, settings.data_dir)
+        for (weights, kind), model in models.items():
+            say(f"dev loss of {weights} {kind}")
+            dev_loss[f"{weights}/{kind}"] = response_loss(model, tokenizer, records, form=settings.dev_form)
     latency, compile_s = {}, {}
     vocab = base.config.get_text_config().vocab_size
     for batch in settings.batch_sizes:
@@ -122,14 +138,15 @@ def run_formats_bench(base: nn.Module, tokenizer, settings: FormatsBenchSettings
         latency[str(batch)] = {f"{w}/{k}": {m: _median_spread(v) for m, v in s.items()} for (w, k), s in samples.items()}
     return {"settings": asdict(settings), "threads": torch.get_num_threads(), "read_bandwidth_gb_s": read_bandwidth(),
             "weight_bytes": {f"{w}/{k}": weight_bytes(m) for (w, k), m in models.items()},
-            "agreement": quality, "latency": latency, "compile_s": compile_s}
+            "agreement": quality, "dev_loss": dev_loss, "latency": latency, "compile_s": compile_s}
 
 
 def format_formats_table(result: dict) -> str:
     bw = result["read_bandwidth_gb_s"]
     lines = [f"Read bandwidth of a large tensor here: {bw:.1f} GB/s ({result['threads']} threads).", "",
-             "| format | model | batch | TPOT ms | vs fp32 | bytes/token MB | GB/s (of read bw) | next-token agreement |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| format | model | batch | TPOT ms | vs fp32 | bytes/token MB | GB/s (of read bw) | next-token agreement |"
+             + (" dev loss |" if result.get("dev_loss") else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|" if result.get("dev_loss") else "")]
     for batch, cells in result["latency"].items():
         for key, cell in cells.items():
             weights, kind = key.split("/")
@@ -137,8 +154,10 @@ def format_formats_table(result: dict) -> str:
             fp32 = cells[f"float32/{kind}"]["tpot"]["median"]
             nbytes = result["weight_bytes"][key]
             gbs = nbytes / tpot / 1e9
+            loss = result.get("dev_loss", {}).get(key)
             lines.append(f"| {weights} | {kind} | {batch} | {tpot * 1e3:.2f} | {tpot / fp32:.2f}x | {nbytes / 1e6:.0f} | "
-                         f"{gbs:.1f} ({gbs / bw:.0%}) | {result['agreement'][key]:.1%} |")
+                         f"{gbs:.1f} ({gbs / bw:.0%}) | {result['agreement'][key]:.1%} |"
+                         + (f" {loss:.4f} |" if loss is not None else (" |" if result.get("dev_loss") else "")))
     return "\n".join(lines)
 
 
