@@ -12,7 +12,7 @@
                            embedding table int8 as above; needs input widths that are multiples of 32
 
 Adapter parameters (training form) keep their dtype: unfusing gives them back exactly. The base weights
-are rounded to the format: unfusing a model fused in bfloat16 or int8 gives the rounded (dequantized)
+are rounded to the format: unfusing a model fused in bfloat16, int8 or int4 gives the rounded (dequantized)
 weights in the model's original dtype, not the original ones. Rotary frequencies stay in float32.
 """
 
