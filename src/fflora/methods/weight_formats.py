@@ -105,9 +105,11 @@ def restore(model: nn.Module, state: FusedState, keep: set[int]) -> None:
 def _cast(model: nn.Module, dtype: torch.dtype, keep: set[int]) -> None:
     """Every floating parameter and buffer to `dtype`, but those in `keep` and rotary frequencies."""
     for module in model.modules():
+        own = getattr(module, "keeps_dtype", ())  # e.g. a quantized GEMM's float32 column block
         for table in (module._parameters, module._buffers):
             for name, tensor in table.items():
-                if tensor is None or id(tensor) in keep or not tensor.is_floating_point() or "inv_freq" in name:
+                if (tensor is None or id(tensor) in keep or not tensor.is_floating_point() or "inv_freq" in name
+                        or name in own):
                     continue
                 if isinstance(tensor, nn.Parameter):
                     tensor.data = tensor.data.to(dtype)
