@@ -54,11 +54,11 @@ class FusedGemm(nn.Module):
     Stored dense (`weight`, the model's dtype); after `quantize_int8` as int8 rows with a scale each for
     the main columns (`weight_int8`, `weight_scale`); after `quantize_int4` as packed int4 groups of 32
     (`weight_int4`, `weight_sz`, and `weight_tail`: the unpacked values of the 64-row blocks from the
-    first adapter row on, so that those blocks can be packed again). The extra columns are a dense
-    float32 block, stored transposed (`weight_extra_t`, columns x rows: a one-row product with it takes
-    ~1.5 us here, against ~20 us for PyTorch's bfloat16 GEMM of that shape), in both. An adapter's rows have their own scales and its columns
-    stay apart, so writing an adapter (`write_rows`, `write_cols`) never changes how the base rows
-    are quantized."""
+    first adapter row on, so that those blocks can be packed again). In both the extra columns are a
+    dense float32 block stored transposed (`weight_extra_t`, columns x rows: a one-row product with it
+    takes ~1.5 us here, PyTorch's bfloat16 GEMM of that shape ~20 us). An adapter's rows have their own
+    scales and its columns stay apart, so writing an adapter (`write_rows`, `write_cols`) never
+    changes how the base rows are quantized."""
 
     gemm_plan: GemmPlan | None = None  # how a dense GEMM runs (fflora.fastpath); None: F.linear
     int8 = False
