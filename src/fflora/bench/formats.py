@@ -22,6 +22,7 @@ from torch import nn
 from ..fastpath.compile import compile_decode
 from ..methods import fuse, load_adapter
 from ..methods.weight_formats import WEIGHT_FORMATS, check_weights
+from ..models.footprint import tensor_bytes
 from ..recipes.evaluate import response_loss
 from ..recipes.train import dev_records
 from ..utils.sources import say
@@ -65,18 +66,14 @@ class FormatsBenchSettings:
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of weights a decode step reads: everything but the embedding table (one row per token),
     unless the LM head is the table."""
-    head = model.get_output_embeddings()
-    table = model.get_input_embeddings()
-    skip = set() if head is not None and _storage(head) & _storage(table) else _storage(table)
-    seen = {}
-    for tensor in [*model.parameters(), *model.buffers()]:
-        if tensor.data_ptr() not in skip:
-            seen[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
-    return sum(seen.values())
+    head, table = model.get_output_embeddings(), model.get_input_embeddings()
+    table_tensors = _own(table)
+    tied = head is not None and {t.data_ptr() for t in _own(head)} & {t.data_ptr() for t in table_tensors}
+    return tensor_bytes(model, leave_out=() if tied else table_tensors)
 
 
-def _storage(module: nn.Module) -> set[int]:
-    return {t.data_ptr() for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]}
+def _own(module: nn.Module) -> list[torch.Tensor]:
+    return [*module.parameters(recurse=False), *module.buffers(recurse=False)]
 
 
 @torch.no_grad()

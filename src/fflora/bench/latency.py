@@ -33,6 +33,7 @@ from ..fastpath.plan import MODES, plan_gemms
 from ..methods import FFBAConfig, ZFLoRAConfig, adapter_state_dict, apply_adapter, fuse, load_adapter_state, registry
 from ..methods.ffba.method import ffba_parameter_count
 from ..methods.zflora.method import zflora_parameter_count
+from ..models.footprint import tensor_bytes
 from ..recipes.budget import LORA_TARGETS, lora_parameter_count, match_lora_rank
 from ..utils.sources import say
 
@@ -94,17 +95,6 @@ def check_sizes(settings, lists: tuple[str, ...] = (), positive: tuple[str, ...]
         value = getattr(settings, name)
         if not (value is None and name in optional) and bad(value):
             raise ValueError(f"{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
-
-
-def tensor_bytes(model: nn.Module) -> int:
-    """Bytes of the distinct parameters and buffers (tied weights once): what a decode step reads."""
-    seen, total = set(), 0
-    for t in [*model.parameters(), *model.buffers()]:
-        key = (t.untyped_storage().data_ptr(), t.data_ptr(), t.numel())
-        if key not in seen:
-            seen.add(key)
-            total += t.numel() * t.element_size()
-    return total
 
 
 def memory_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:

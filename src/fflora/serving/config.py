@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..methods.weight_formats import check_weights
+from ..models.footprint import tensor_bytes
 from .adapter_policy import adapter_name_problem
 from .http_guards import LOOPBACK_HOSTS
 
@@ -92,11 +93,7 @@ def memory_estimate(model: nn.Module, cfg: ServerConfig, runtime: int = 0) -> di
     """Bytes the server will hold, from the fused model and the settings: the weights (measured on the
     model), the paged KV cache, one engine step's largest temporaries (its logits, over every token of
     the step, and the MLP's activations), and `runtime` (what the process held before the model)."""
-    seen, weights = set(), 0
-    for tensor in [*model.parameters(), *model.buffers()]:
-        if tensor.data_ptr() not in seen:
-            seen.add(tensor.data_ptr())
-            weights += tensor.numel() * tensor.element_size()
+    weights = tensor_bytes(model)
     text = model.config.get_text_config()
     element = next(model.parameters()).element_size()
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads

@@ -1,0 +1,22 @@
+"""The bytes a model's tensors hold: what a decode step reads, what a server keeps resident."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import Tensor, nn
+
+
+def _key(t: Tensor) -> tuple:
+    return t.untyped_storage().data_ptr(), t.data_ptr(), t.numel()
+
+
+def tensor_bytes(model: nn.Module, leave_out: Iterable[Tensor] = ()) -> int:
+    """Bytes of the distinct parameters and buffers (tied weights once), but those in `leave_out`."""
+    seen, total = {_key(t) for t in leave_out}, 0
+    for t in [*model.parameters(), *model.buffers()]:
+        key = _key(t)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
