@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models.architectures import sub_blocks
-from ..ops.gemm import GemmPlan, planned_linear
 from ..ops import int4
+from ..ops.gemm import GemmPlan, planned_linear
 from ..ops.int8 import dequantize_rows, int8_linear, quantize_rows
 from .layers import WrappedProjection, refer_to
 
@@ -360,6 +360,16 @@ def unfused_projections(holder: nn.Module, spec) -> tuple[list[nn.Linear], nn.Li
     output = getattr(holder, spec.output).unfused()
     del holder.ffba_fused_inputs
     return inputs, output
+
+
+def refresh_adapters(model: nn.Module, adapter_of) -> None:
+    """Rewrite every adapted sub-block's rows/columns from its adapter (`adapter_of(layer, name)`, None
+    where a sub-block has none) after the adapter's parameters changed in a fused model."""
+    for _, layer, name, spec, holder in sub_blocks(model):
+        adapter = adapter_of(layer, name)
+        if adapter is not None:
+            holder.ffba_fused_inputs.refresh_adapter_weights(adapter)
+            getattr(holder, spec.output).refresh_adapter_weights(adapter)
 
 
 def fuse_plain(model: nn.Module) -> None:

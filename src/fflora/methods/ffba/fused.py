@@ -12,7 +12,7 @@ FFBA adapter, `fuse_ffba` builds (on `fflora.methods.fused`'s GEMMs)
             [ A_b  0       ]
 
 Adapter parameters stay where they are and the adapter rows/columns are derived from them, so
-replacing an adapter in a fused model rewrites only those rows/columns (`refresh_ffba`).
+replacing an adapter in a fused model rewrites only those rows/columns (`fused.refresh_adapters`).
 """
 
 from __future__ import annotations
@@ -111,12 +111,3 @@ def unfuse_ffba(model: nn.Module) -> None:
         for index, (p, base) in enumerate(zip(spec.inputs, inputs)):
             setattr(holder, p, AdaptedInputProjection(base, adapter, index) if adapter is not None else base)
         setattr(holder, spec.output, AdaptedOutputProjection(output, adapter) if adapter is not None else output)
-
-
-def refresh_ffba(model: nn.Module) -> None:
-    """After adapter parameters changed in a fused model, rewrite their fused rows/columns in place."""
-    for _, layer, name, spec, holder in sub_blocks(model):
-        adapter = adapter_of(layer, name)
-        if adapter is not None:
-            holder.ffba_fused_inputs.refresh_adapter_weights(adapter)
-            getattr(holder, spec.output).refresh_adapter_weights(adapter)

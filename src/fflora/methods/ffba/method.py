@@ -6,12 +6,13 @@ from __future__ import annotations
 from torch import nn
 
 from ...models.architectures import projection_dims
+from ..fused import refresh_adapters
 from ..interface import Method
 from ..layers import canonical_sub_block_key
 from .bank import build_bank, unfuse_bank
 from .config import FFBA_PEFT_TYPE, FFBAConfig
-from .fused import fuse_ffba, refresh_ffba, unfuse_ffba
-from .model import attach_ffba, ffba_parameters, detach_ffba
+from .fused import fuse_ffba, unfuse_ffba
+from .model import adapter_of, attach_ffba, detach_ffba, ffba_parameters
 
 
 def ffba_parameter_count(hf_config, cfg: FFBAConfig) -> int:
@@ -63,7 +64,7 @@ class FFBA(Method):
         unfuse_ffba(model)
 
     def refresh_fused(self, model: nn.Module) -> None:
-        refresh_ffba(model)
+        refresh_adapters(model, adapter_of)
 
     def build_bank(self, model: nn.Module, max_adapters: int, rank_budget: int):
         return build_bank(model, max_adapters, rank_budget)

@@ -49,7 +49,8 @@ class ZFusedOutputProjection(FusedOutputProjection):
         return self.gemm(c)
 
 
-def _adapter(layer: nn.Module, name: str) -> ZSubBlockAdapter | None:
+def adapter_of(layer: nn.Module, name: str) -> ZSubBlockAdapter | None:
+    """The zFLoRA adapter of sub-block `name` of a decoder layer (None: not adapted)."""
     return getattr(layer.zflora, name)
 
 
@@ -57,7 +58,7 @@ def fuse_zflora(model: nn.Module) -> None:
     """Switch a model carrying zFLoRA to the fused form, in place."""
     width = fused_state_width(model.config.hidden_size, zflora_rank(model))
     for _, layer, name, spec, holder in sub_blocks(model):
-        adapter = _adapter(layer, name)
+        adapter = adapter_of(layer, name)
         inputs = [unwrap(getattr(holder, p)) for p in spec.inputs]
         output = ZFusedOutputProjection(unwrap(getattr(holder, spec.output)), name, width)
         if adapter is None:
@@ -74,18 +75,9 @@ def unfuse_zflora(model: nn.Module) -> None:
     """Back to the training form: the original nn.Linear modules, rebuilt bit for bit."""
     r = zflora_rank(model)
     for _, layer, name, spec, holder in sub_blocks(model):
-        adapter = _adapter(layer, name)
+        adapter = adapter_of(layer, name)
         inputs, output = unfused_projections(holder, spec)
         for index, (p, base) in enumerate(zip(spec.inputs, inputs)):
             setattr(holder, p, ZInputProjection(base, adapter, index) if adapter is not None else base)
         setattr(holder, spec.output, ZOutputProjection(output, adapter, r))
         layer.zflora_state_width = r
-
-
-def refresh_zflora(model: nn.Module) -> None:
-    """After adapter parameters changed in a fused model, rewrite their fused rows/columns in place."""
-    for _, layer, name, spec, holder in sub_blocks(model):
-        adapter = _adapter(layer, name)
-        if adapter is not None:
-            holder.ffba_fused_inputs.refresh_adapter_weights(adapter)
-            getattr(holder, spec.output).refresh_adapter_weights(adapter)

@@ -6,10 +6,11 @@ from __future__ import annotations
 from torch import nn
 
 from ...models.architectures import projection_dims
+from ..fused import refresh_adapters
 from ..interface import Method
 from ..layers import canonical_sub_block_key
 from .config import ZFLORA_PEFT_TYPE, ZFLoRAConfig
-from .fused import fuse_zflora, refresh_zflora, unfuse_zflora
+from .fused import adapter_of, fuse_zflora, unfuse_zflora
 from .model import MERGE_KEY, attach_zflora, detach_zflora, unread_keys, zflora_adapter_parameters
 
 
@@ -59,4 +60,4 @@ class ZFLoRA(Method):
         unfuse_zflora(model)
 
     def refresh_fused(self, model: nn.Module) -> None:
-        refresh_zflora(model)
+        refresh_adapters(model, adapter_of)
