@@ -206,11 +206,11 @@ def cmd_eval(args) -> dict:
     return summary
 
 
-def _report_bench(args, settings, run, write, table, folder: str, stem: str) -> dict:
-    """Load the model (the settings are validated first), run a benchmark, write and print its report."""
-
-    model, _ = load_base_model(args.model)
-    result = run(model, settings)
+def _report_bench(args, run, write, table, folder: str, stem: str) -> dict:
+    """Load the model (the caller validated its settings first), run a benchmark (`run(model, tokenizer)`),
+    write and print its report."""
+    model, tokenizer = load_base_model(args.model)
+    result = run(model, tokenizer)
     out = write(result, Path(args.output_dir or time.strftime(f"runs/{folder}-%Y%m%d-%H%M%S")))
     print(table(result))
     print(f"\nresults in {out}/ ({stem}.json, {stem}.md, {stem}.png)")
@@ -224,7 +224,8 @@ def cmd_bench(args) -> dict:
         train_steps=args.train_steps, gemm_plan=args.gemm_plan, compile_freezing=args.compile_freezing,
         **({"configs": tuple(args.configs)} if args.configs else {}),
     )
-    return _report_bench(args, settings, run_bench, write_bench, format_bench_table, "bench", "bench")
+    return _report_bench(args, lambda model, _: run_bench(model, settings), write_bench, format_bench_table,
+                         "bench", "bench")
 
 
 def cmd_bench_bank(args) -> dict:
@@ -232,7 +233,8 @@ def cmd_bench_bank(args) -> dict:
         batch_sizes=tuple(args.batch_sizes), resident=tuple(args.resident), mixes=tuple(args.mixes), rank=args.r,
         lora_rank=args.lora_r, prompt_len=args.prompt_len, steps=args.steps, rounds=args.rounds, threads=args.threads,
     )
-    return _report_bench(args, settings, run_bank_bench, write_bank_bench, format_bank_table, "bench-bank", "bank")
+    return _report_bench(args, lambda model, _: run_bank_bench(model, settings), write_bank_bench, format_bank_table,
+                         "bench-bank", "bank")
 
 
 def cmd_bench_serve(args) -> dict:
@@ -241,24 +243,16 @@ def cmd_bench_serve(args) -> dict:
         requests=args.requests, prompt_len=tuple(args.prompt_len), output_len=tuple(args.output_len),
         rounds=args.rounds, rank=args.r, seed=args.seed,
     )
-    model, _ = load_base_model(args.model)
-    result = run_serve_bench(model, args.model, settings)
-    out = write_serve_bench(result, Path(args.output_dir or time.strftime("runs/bench-serve-%Y%m%d-%H%M%S")))
-    print(format_serve_table(result))
-    print(f"\nresults in {out}/ (serve.json, serve.md, serve.png)")
-    return result
+    return _report_bench(args, lambda model, _: run_serve_bench(model, args.model, settings), write_serve_bench,
+                         format_serve_table, "bench-serve", "serve")
 
 
 def cmd_bench_train(args) -> dict:
     settings = TrainBenchSettings(forms=tuple(args.forms), rank=args.r, batch_size=args.batch_size,
                                   max_length=args.max_length, steps=args.steps, curve_steps=args.curve_steps,
                                   seed=args.seed, model=args.model, data_dir=args.data_dir)
-    model, tokenizer = load_base_model(args.model)
-    result = run_train_bench(model, tokenizer, settings)
-    out = write_train_bench(result, Path(args.output_dir or time.strftime("runs/bench-train-%Y%m%d-%H%M%S")))
-    print(format_train_table(result))
-    print(f"\nresults in {out}/ (train.json, train.md, train.png)")
-    return result
+    return _report_bench(args, lambda model, tokenizer: run_train_bench(model, tokenizer, settings), write_train_bench,
+                         format_train_table, "bench-train", "train")
 
 
 def cmd_bench_formats(args) -> dict:
@@ -267,12 +261,8 @@ def cmd_bench_formats(args) -> dict:
                                     rank=args.r, compile=not args.no_compile, seed=args.seed, adapter=args.adapter,
                                     dev_task=args.dev_task, dev_form=args.dev_form, dev_size=args.dev_size,
                                     data_dir=args.data_dir)
-    model, tokenizer = load_base_model(args.model)
-    result = run_formats_bench(model, tokenizer, settings)
-    out = write_formats_bench(result, Path(args.output_dir or time.strftime("runs/bench-formats-%Y%m%d-%H%M%S")))
-    print(format_formats_table(result))
-    print(f"\nresults in {out}/ (formats.json, formats.md, formats.png)")
-    return result
+    return _report_bench(args, lambda model, tokenizer: run_formats_bench(model, tokenizer, settings),
+                         write_formats_bench, format_formats_table, "bench-formats", "formats")
 
 
 def cmd_study(args) -> dict:
