@@ -61,9 +61,9 @@ from .engine import BankEngine, sampling_generation_config
 from .errors import APIError
 from .http_guards import BodyLimit, HostAllowList, header_deadline_protocol
 from .metrics import CONTENT_TYPE, ServerMetrics
-from .request_ids import RequestIds, log_config
 from .protocol import (ChatCompletionRequest, CompletionRequest, LoadLoRAAdapterRequest, SamplingRequest,
                        UnloadLoRAAdapterRequest)
+from .request_ids import RequestIds, log_config
 from .text import TextStream
 
 
@@ -159,12 +159,13 @@ class OpenAIServing:
 
     def check_prompt_size(self, body: CompletionRequest | ChatCompletionRequest) -> None:
         """Refuse a text prompt that cannot fit the context before spending time on tokenizing it."""
-        chars = (len(body.prompt) if isinstance(body.prompt, str) else 0) if isinstance(body, CompletionRequest) \
-            else sum(len(m.text()) for m in body.messages)
+        if isinstance(body, CompletionRequest):
+            chars = len(body.prompt) if isinstance(body.prompt, str) else 0  # token ids are checked after
+        else:
+            chars = sum(len(m.text()) for m in body.messages)
         if chars > self.max_prompt_chars:
             raise APIError(400, f"the prompt has {chars} characters, more than fit this model's context of "
-                                f"{self.max_model_len} tokens", "messages" if isinstance(body, ChatCompletionRequest)
-                           else "prompt")
+                                f"{self.max_model_len} tokens", _prompt_field(body))
 
     def prompt_ids(self, body: CompletionRequest | ChatCompletionRequest) -> list[int]:
         """The prompt's token ids (tokenizing and chat templating: run it off the event loop)."""
@@ -185,12 +186,11 @@ class OpenAIServing:
 
     def max_new_tokens(self, body: SamplingRequest, limit: int | None, prompt_len: int) -> int:
         if prompt_len == 0:
-            raise APIError(400, "the prompt is empty", "messages" if isinstance(body, ChatCompletionRequest) else "prompt")
+            raise APIError(400, "the prompt is empty", _prompt_field(body))
         room = self.max_model_len - prompt_len
         if room < 1:
             raise APIError(400, f"the prompt has {prompt_len} tokens; this model takes at most "
-                           f"{self.max_model_len - 1} so that one token can be generated", "messages"
-                           if isinstance(body, ChatCompletionRequest) else "prompt")
+                           f"{self.max_model_len - 1} so that one token can be generated", _prompt_field(body))
         if limit is None:
             return min(self.default_max_tokens, room)
         if limit > room:
@@ -258,6 +258,11 @@ class OpenAIServing:
         ended = self.engine.abort_all(f"the server shut down ({timeout_s:g} s after it was asked to)")
         if ended:
             say(f"shutdown: ended {ended} running request(s) after the {timeout_s:g} s deadline")
+
+
+def _prompt_field(body: SamplingRequest) -> str:
+    """The request field that holds the prompt, for error messages."""
+    return "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
 
 
 def _as_list(value) -> list:
