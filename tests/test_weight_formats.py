@@ -130,27 +130,6 @@ def test_a_fused_model_keeps_its_format_until_unfused():
         fflora.fuse(model, weights="float32")
 
 
-def test_the_formats_bench_reports_every_format_and_kind(tmp_path):
-    from test_server import _tokenizer
-
-    from fflora.bench.formats import FormatsBenchSettings, format_formats_table, run_formats_bench, write_formats_bench
-
-    formats = ("float32", "bfloat16", "int8") if torch.backends.cpu.get_cpu_capability() == "AVX512" else ("float32", "bfloat16")
-    settings = FormatsBenchSettings(formats=formats, batch_sizes=(1, 2), prompt_len=8, new_tokens=4, repeats=1, rank=4,
-                                    compile=False)
-    result = run_formats_bench(make_model("llama"), _tokenizer(), settings)
-    keys = {f"{w}/{k}" for w in formats for k in ("fused_base", "ffba_fused")}
-    assert set(result["agreement"]) == keys and set(result["latency"]["2"]) == keys
-    assert result["agreement"]["float32/fused_base"] == 1.0
-    assert result["weight_bytes"]["bfloat16/fused_base"] < 0.55 * result["weight_bytes"]["float32/fused_base"]
-    table = format_formats_table(result)
-    assert "| bfloat16 | ffba_fused | 2 |" in table and "GB/s" in table
-    write_formats_bench(result, tmp_path)
-    assert {p.name for p in tmp_path.iterdir()} == {"formats.json", "formats.md", "formats.png"}
-    with pytest.raises(ValueError, match="must include 'float32'"):
-        FormatsBenchSettings(formats=("bfloat16",))
-
-
 def _wide(**kw):
     return make_model("llama", hidden_size=64, intermediate_size=128, **kw)  # input widths multiples of 32
 

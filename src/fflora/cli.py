@@ -14,7 +14,7 @@ import torch
 from transformers import AutoConfig
 
 from .bench.bank import MIXES, BankBenchSettings, format_bank_table, run_bank_bench, write_bank_bench
-from .bench.formats import FormatsBenchSettings, format_formats_table, run_formats_bench, write_formats_bench
+from .bench.formats import KINDS, FormatsBenchSettings, format_formats_table, run_formats_bench, write_formats_bench
 from .bench.latency import BenchSettings, format_bench_table, run_bench, write_bench
 from .bench.serve import DISTRIBUTIONS, ServeBenchSettings, format_serve_table, run_serve_bench, write_serve_bench
 from .bench.train import TrainBenchSettings, format_train_table, run_train_bench, write_train_bench
@@ -24,7 +24,7 @@ from .methods import FFBAConfig, apply_adapter, fuse, load_adapter, registry
 from .methods.ffba.method import ffba_parameter_count
 from .methods.weight_formats import WEIGHT_FORMATS
 from .methods.zflora.method import zflora_parameter_count
-from .models.base_models import default_model_dir, load_base_model
+from .models.base_models import DEFAULT_MODEL, EMBEDDED, load_base_model, model_source
 from .recipes.artifacts import load_trained
 from .recipes.budget import lora_parameter_count
 from .recipes.data import default_data_dir, prepare
@@ -38,7 +38,8 @@ from .utils.errors import FFloraError
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="Hugging Face id or local folder (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None, help="Hugging Face id, local folder or embedded model "
+                   f"({', '.join(EMBEDDED)}; default: the embedded {DEFAULT_MODEL})")
 
 
 def _add_weights(p: argparse.ArgumentParser) -> None:
@@ -67,7 +68,7 @@ def _adapter_config(args, method: str = "ffba"):
 
 
 def _model_config(name):
-    return AutoConfig.from_pretrained(default_model_dir() if name is None else name)
+    return AutoConfig.from_pretrained(model_source(name))
 
 
 def cmd_params(args) -> dict:
@@ -256,11 +257,12 @@ def cmd_bench_train(args) -> dict:
 
 
 def cmd_bench_formats(args) -> dict:
-    settings = FormatsBenchSettings(formats=tuple(args.formats), batch_sizes=tuple(args.batch_sizes),
+    settings = FormatsBenchSettings(formats=tuple(args.formats), kinds=tuple(args.kinds), batch_sizes=tuple(args.batch_sizes),
                                     prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
-                                    rank=args.r, compile=not args.no_compile, seed=args.seed, adapter=args.adapter,
-                                    dev_task=args.dev_task, dev_form=args.dev_form, dev_size=args.dev_size,
-                                    data_dir=args.data_dir)
+                                    rank=args.r, lora_rank=args.lora_r, compile=not args.no_compile, seed=args.seed,
+                                    adapter=args.adapter, dev_task=args.dev_task, dev_form=args.dev_form,
+                                    dev_size=args.dev_size, data_dir=args.data_dir, gguf=args.gguf,
+                                    llama_cpp=not args.no_llama_cpp)
     return _report_bench(args, lambda model, tokenizer: run_formats_bench(model, tokenizer, settings),
                          write_formats_bench, format_formats_table, "bench-formats", "formats")
 
@@ -372,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure only these configurations (default: all; 'base' is the reference of every ratio)")
     p.add_argument("--output-dir", default=None, help="default: runs/bench-<time>")
     p.set_defaults(func=cmd_bench)
-    suites = p.add_subparsers(dest="suite", metavar="{bank,serve,train,formats}", help="another benchmark instead of the latency one")
+    suites = p.add_subparsers(dest="suite", metavar="{bank,serve,train,formats|peers}", help="another benchmark instead of the latency one")
 
     d = BankBenchSettings()
     q = suites.add_parser("bank", help="multi-adapter decode: fused bank vs PEFT mixed batch vs gather LoRA vs fused base")
@@ -421,9 +423,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_bench_train)
 
     d = FormatsBenchSettings()
-    q = suites.add_parser("formats", help="the fused weight formats: TPOT, bytes per token, agreement with float32")
+    q = suites.add_parser("formats", aliases=["peers"], help="the fused weight formats next to the peers at their best "
+                          "(stock and LoRA compiled, llama.cpp): TPOT, bytes per token, agreement with float32")
     _add_model(q)
     q.add_argument("--formats", nargs="+", default=list(d.formats), choices=list(WEIGHT_FORMATS))
+    q.add_argument("--kinds", nargs="+", default=list(d.kinds), choices=list(KINDS),
+                   help="the models per format (default: all; the stock and LoRA peers run in float32 and bfloat16)")
+    q.add_argument("--lora-rank", dest="lora_r", type=int, default=None, help="default: matched to FFBA's budget")
+    q.add_argument("--gguf", default=None, help="the model as a GGUF file for the llama.cpp rows (default: the "
+                   "embedded model's own; needs llama-cpp-python: make bench-peers)")
+    q.add_argument("--no-llama-cpp", action="store_true", help="leave the llama.cpp rows out")
     q.add_argument("--batch-sizes", type=int, nargs="+", default=list(d.batch_sizes))
     q.add_argument("--prompt-len", type=int, default=d.prompt_len)
     q.add_argument("--new-tokens", type=int, default=d.new_tokens)

@@ -1,12 +1,18 @@
-"""The fused weight formats side by side: decode speed, bytes read per token, and agreement with float32.
+"""fflora's fused weight formats side by side, and the peers a user would run instead, at their best.
 
-For each format (`fflora.fuse(model, weights=...)`) the fused base and FFBA fused (a trained adapter
-given as `adapter`, or a random one of rank `rank`), compiled for each batch size as `fflora.compile_decode` does, timed interleaved in one
-process (TTFT, TPOT: medians of `repeats` rounds). Bytes per token are the weights one decode step
-reads (every GEMM and the LM head; the embedding table only where the head is it); GB/s is that over
-TPOT, next to the read bandwidth of a large tensor measured in the same run. Quality: teacher-forced
-next-token agreement with the float32 model of the same kind on a fixed English text, and with a
-trained adapter its dev loss (the held-out records of `dev_task`, in `dev_form`) in every format.
+For each format (`fflora.fuse(model, weights=...)`): the fused base, FFBA fused (a trained adapter given as
+`adapter`, or a random one of rank `rank`) and zFLoRA fused (random), compiled for each batch size as
+`fflora.compile_decode` does. Beside them the peers (issue 32): the stock transformers model and PEFT's
+unmerged LoRA (the rank whose trainable budget matches FFBA's), compiled as transformers compiles them
+(`compile_generation`: static cache, the same inductor settings), in float32 and bfloat16 (they have no
+int8 / int4 CPU decode); and llama.cpp (`bench.llama_cpp`, optional) on the GGUF the model comes from,
+converted to the file type nearest each format (F32, F16, Q8_0, Q4_1), at batch 1. Everything is timed
+interleaved in one process (TTFT, TPOT: medians of `repeats` rounds). Bytes per token are the weights one
+decode step reads (every GEMM and the LM head; the embedding table only where the head is it); GB/s is that
+over TPOT, next to the read bandwidth of a large tensor measured in the same run. Quality: teacher-forced
+next-token agreement on a fixed English text with the float32 model of the same kind (the stock float32
+model for the base kinds and llama.cpp), and with a trained adapter its dev loss (the held-out records of
+`dev_task`, in `dev_form`) in every format.
 """
 
 from __future__ import annotations
@@ -14,21 +20,36 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import matplotlib
 import torch
 from torch import nn
 
-from ..fastpath.compile import compile_decode
-from ..methods import fuse, load_adapter
+from ..fastpath.compile import compile_decode, compile_generation
+from ..methods import FFBAConfig, fuse, load_adapter
 from ..methods.weight_formats import WEIGHT_FORMATS, check_weights
+from ..models.base_models import embedded, embedded_gguf
 from ..models.footprint import tensor_bytes
+from ..recipes.budget import match_lora_rank
 from ..recipes.evaluate import response_loss
 from ..recipes.train import dev_records
 from ..utils.sources import say
-from .latency import _adapted, _median_spread, _randomize, check_sizes, time_generation, write_results
+from . import llama_cpp
+from .latency import _adapted, _lora, _median_spread, _randomize, check_sizes, time_generation, write_results
 
-KINDS = ("fused_base", "ffba_fused")
+FFLORA_KINDS = ("fused_base", "ffba_fused", "zflora_fused")
+PEER_KINDS = ("base_compiled", "lora_unmerged_compiled")  # stock transformers and PEFT, compiled
+KINDS = FFLORA_KINDS + PEER_KINDS
+PEER_FORMATS = ("float32", "bfloat16")  # the formats stock transformers and PEFT decode on a CPU
+BASE_KINDS = ("fused_base", "base_compiled", "llama_cpp")  # compared with the stock float32 model
+DEV_LOSS_KINDS = ("fused_base", "ffba_fused")  # with a trained FFBA adapter
+# Targets, "a / b" <= limit on median TPOT (issues 31 and 32), checked per batch size where both were measured.
+RATIO_TARGETS = (("int8/fused_base", "float32/fused_base", 0.50), ("int4/fused_base", "float32/fused_base", 0.35),
+                 *((f"{w}/ffba_fused", f"{w}/fused_base", 1.03) for w in WEIGHT_FORMATS),
+                 *((f"{w}/ffba_fused", f"{w}/lora_unmerged_compiled", 0.80) for w in PEER_FORMATS),
+                 *((f"{w}/ffba_fused", f"{w}/llama_cpp", 1.00 if w == "int4" else 1.25) for w in WEIGHT_FORMATS))
+AGREEMENT_TARGETS = {"bfloat16": 0.97, "int8": 0.95, "int4": 0.90}  # of the base and FFBA kinds
 TEXT = ("The river ran high that spring, and the mill at the bend of the valley worked from dawn until the "
         "lamps were lit. Farmers brought their grain in carts, and the miller, a patient man with flour in his "
         "beard, weighed every sack twice. Children watched the great wheel turn and counted the buckets as they "
@@ -40,12 +61,14 @@ TEXT = ("The river ran high that spring, and the mill at the bend of the valley 
 @dataclass
 class FormatsBenchSettings:
     formats: tuple[str, ...] = WEIGHT_FORMATS
+    kinds: tuple[str, ...] = KINDS
     batch_sizes: tuple[int, ...] = (1, 8)
     prompt_len: int = 128
     new_tokens: int = 32
     repeats: int = 3
     warmup: int = 1
     rank: int = 8
+    lora_rank: int | None = None  # None: the LoRA rank whose budget is closest to FFBA's
     compile: bool = True
     seed: int = 0
     adapter: str | None = None  # a trained FFBA adapter folder (None: a random adapter of rank `rank`)
@@ -53,14 +76,20 @@ class FormatsBenchSettings:
     dev_form: str = "cloze"
     dev_size: int = 200
     data_dir: str | None = None
+    llama_cpp: bool = True  # the llama.cpp rows, where llama-cpp-python is installed and the model has a GGUF
+    gguf: str | None = None  # the model as a GGUF file (None: an embedded model's own)
 
     def __post_init__(self) -> None:
-        self.formats, self.batch_sizes = tuple(self.formats), tuple(self.batch_sizes)
+        self.formats, self.kinds, self.batch_sizes = tuple(self.formats), tuple(self.kinds), tuple(self.batch_sizes)
         for weights in self.formats:
             check_weights(weights)
         if "float32" not in self.formats:
             raise ValueError("formats must include 'float32' (agreement is measured against it)")
-        check_sizes(self, lists=("batch_sizes",), positive=("prompt_len", "new_tokens", "repeats", "rank"))
+        unknown = [k for k in self.kinds if k not in KINDS]
+        if unknown or not self.kinds:
+            raise ValueError(f"kinds must be among {list(KINDS)}, got {list(self.kinds)}")
+        check_sizes(self, lists=("batch_sizes",), positive=("prompt_len", "new_tokens", "repeats", "rank"),
+                    optional=("lora_rank",))
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -93,68 +122,154 @@ def agreement(model: nn.Module, reference_argmax: torch.Tensor, ids: torch.Tenso
     return (model(ids).logits.argmax(-1) == reference_argmax).float().mean().item()
 
 
+def build_model(base: nn.Module, weights: str, kind: str, settings: FormatsBenchSettings, lora_rank: int) -> nn.Module:
+    """A deep copy of `base` as `kind` in `weights` (a peer's weights cast to that dtype)."""
+    model = copy.deepcopy(base)
+    if kind in PEER_KINDS:
+        if kind == "lora_unmerged_compiled":
+            lora = _lora(model, lora_rank)
+            _randomize(lora, settings.seed)
+            model = lora.get_base_model()  # the transformers model with PEFT's layers inside: what generate compiles
+        return model.to(getattr(torch, weights)).eval()
+    if kind == "ffba_fused" and settings.adapter:
+        load_adapter(model, settings.adapter, strict=True)
+    elif kind != "fused_base":
+        _randomize(_adapted(model, kind.removesuffix("_fused"), settings.rank), settings.seed)
+    return fuse(model, weights=weights).eval()
+
+
+def llama_cpp_peers(settings: FormatsBenchSettings, model_name: str | None, n_ctx: int) -> tuple[dict, dict]:
+    """({format: LlamaCpp} for the file type nearest each format, a report of what ran or why nothing did)."""
+    reason = "turned off (--no-llama-cpp)" if not settings.llama_cpp else llama_cpp.available()
+    spec = embedded(model_name) if model_name else None
+    if not reason and not settings.gguf and spec is None:
+        reason = f"no GGUF file of {model_name} (only the embedded models have one here: pass --gguf)"
+    if reason:
+        say(f"llama.cpp rows left out: {reason}")
+        return {}, {"skipped": reason}
+    source, extra = Path(settings.gguf) if settings.gguf else embedded_gguf(spec), llama_cpp.extra_buffers_work()
+    source_type = llama_cpp.file_type(source)
+    peers, files = {}, {}
+    for weights in settings.formats:
+        wanted = llama_cpp.NEAREST[weights]
+        path = source if wanted == source_type else llama_cpp.converted(source, wanted)
+        peers[weights] = llama_cpp.LlamaCpp(path, torch.get_num_threads(), n_ctx, extra_buffers=extra)
+        files[weights] = {"type": wanted, "file": path.name, "weight_bytes": llama_cpp.weight_bytes(path)}
+    return peers, {"skipped": None, "source": source.name, "source_type": source_type, "files": files,
+                   "extra_buffers": extra, "batch_sizes": [1]}
+
+
 def run_formats_bench(base: nn.Module, tokenizer, settings: FormatsBenchSettings) -> dict:
-    """Every (format, kind) model, timed per batch size; `base` stays untouched."""
+    """Every (format, kind) model and llama.cpp peer, timed per batch size; `base` stays untouched."""
+    lora_rank = settings.lora_rank or match_lora_rank(base.config, FFBAConfig(r=settings.rank))
     models = {}
     for weights in settings.formats:
-        for kind in KINDS:
-            model = copy.deepcopy(base)
-            if kind == "ffba_fused" and settings.adapter:
-                load_adapter(model, settings.adapter, strict=True)
-            elif kind == "ffba_fused":
-                _randomize(_adapted(model, "ffba", settings.rank), settings.seed)
-            models[weights, kind] = fuse(model, weights=weights).eval()
+        for kind in settings.kinds:
+            if kind in FFLORA_KINDS or weights in PEER_FORMATS:
+                say(f"building {weights} {kind}")
+                models[f"{weights}/{kind}"] = build_model(base, weights, kind, settings, lora_rank)
     text_ids = tokenizer(TEXT, return_tensors="pt")["input_ids"][:, :512]
-    reference = {kind: models["float32", kind](text_ids).logits.argmax(-1) for kind in KINDS}
-    quality = {f"{w}/{k}": agreement(m, reference[k], text_ids) for (w, k), m in models.items()}
+    n_ctx = max(text_ids.shape[1], settings.prompt_len + settings.new_tokens)
+    peers, llama_report = llama_cpp_peers(settings, getattr(base.config, "_name_or_path", None), n_ctx)
+    with torch.no_grad():
+        stock = base(text_ids).logits.argmax(-1)
+        reference = {key: stock if key.split("/")[1] in BASE_KINDS else models[f"float32/{key.split('/')[1]}"](text_ids).logits.argmax(-1)
+                     for key in models}
+    quality = {key: agreement(m, reference[key], text_ids) for key, m in models.items()}
+    for weights, peer in peers.items():
+        quality[f"{weights}/llama_cpp"] = (torch.from_numpy(peer.argmax(text_ids[0].tolist())) == stock[0]).float().mean().item()
     dev_loss = {}
     if settings.adapter:
         records = dev_records(settings.dev_task, settings.dev_size, settings.data_dir)
-        for (weights, kind), model in models.items():
-            say(f"dev loss of {weights} {kind}")
-            dev_loss[f"{weights}/{kind}"] = response_loss(model, tokenizer, records, form=settings.dev_form)
+        for key, model in models.items():
+            if key.split("/")[1] in DEV_LOSS_KINDS:
+                say(f"dev loss of {key}")
+                dev_loss[key] = response_loss(model, tokenizer, records, form=settings.dev_form)
     latency, compile_s = {}, {}
     vocab = base.config.get_text_config().vocab_size
     for batch in settings.batch_sizes:
         ids = torch.randint(10, vocab, (batch, settings.prompt_len), generator=torch.Generator().manual_seed(settings.seed))
         if settings.compile:
-            for (weights, kind), model in models.items():
-                say(f"compiling {weights} {kind} for batch {batch}")
+            for key, model in models.items():
+                say(f"compiling {key} for batch {batch}")
                 start = time.perf_counter()
-                compile_decode(model)
+                (compile_generation if key.split("/")[1] in PEER_KINDS else compile_decode)(model)
                 time_generation(model, ids, settings.new_tokens)
-                compile_s[f"{weights}/{kind}/{batch}"] = time.perf_counter() - start
-        samples = {key: {"ttft": [], "tpot": []} for key in models}
+                compile_s[f"{key}/{batch}"] = time.perf_counter() - start
+        runs = {key: (lambda m=model: time_generation(m, ids, settings.new_tokens)) for key, model in models.items()}
+        if batch == 1:
+            runs.update({f"{w}/llama_cpp": (lambda p=peer: p.time_generation(ids[0].tolist(), settings.new_tokens))
+                         for w, peer in peers.items()})
+        samples = {key: {"ttft": [], "tpot": []} for key in runs}
         for round_ in range(settings.warmup + settings.repeats):
             say(f"formats batch {batch}: round {round_ + 1}/{settings.warmup + settings.repeats}")
-            for key, model in models.items():
-                ttft, tpot = time_generation(model, ids, settings.new_tokens)
+            for key, run in runs.items():
+                ttft, tpot = run()
                 if round_ >= settings.warmup:
                     samples[key]["ttft"].append(ttft)
                     samples[key]["tpot"].append(tpot)
-        latency[str(batch)] = {f"{w}/{k}": {m: _median_spread(v) for m, v in s.items()} for (w, k), s in samples.items()}
-    return {"settings": asdict(settings), "threads": torch.get_num_threads(), "read_bandwidth_gb_s": read_bandwidth(),
-            "weight_bytes": {f"{w}/{k}": weight_bytes(m) for (w, k), m in models.items()},
-            "agreement": quality, "dev_loss": dev_loss, "latency": latency, "compile_s": compile_s}
+        latency[str(batch)] = {key: {m: _median_spread(v) for m, v in s.items()} for key, s in samples.items()}
+    for peer in peers.values():
+        peer.close()
+    weight_counts = {key: weight_bytes(m) for key, m in models.items()}
+    weight_counts.update({f"{w}/llama_cpp": f["weight_bytes"] for w, f in llama_report.get("files", {}).items()})
+    result = {"model": getattr(base.config, "_name_or_path", None), "settings": asdict(settings),
+              "lora_rank": lora_rank, "threads": torch.get_num_threads(), "read_bandwidth_gb_s": read_bandwidth(),
+              "weight_bytes": weight_counts, "agreement": quality, "dev_loss": dev_loss, "latency": latency,
+              "compile_s": compile_s, "llama_cpp": llama_report}
+    result["targets"] = check_targets(result)
+    return result
+
+
+def check_targets(result: dict) -> dict:
+    """Each target whose operands were measured: the TPOT ratios per batch size ("a / b @ batch"), and the
+    agreement floors ("key agreement") -> value, limit, met."""
+    targets = {}
+    for batch, cells in result["latency"].items():
+        tpot = {key: cell["tpot"]["median"] for key, cell in cells.items()}
+        for a, b, limit in RATIO_TARGETS:
+            if a in tpot and b in tpot:
+                ratio = tpot[a] / tpot[b]
+                targets[f"{a} / {b} @ batch {batch}"] = {"value": ratio, "limit": limit, "met": ratio <= limit}
+    for key, value in result["agreement"].items():
+        weights, kind = key.split("/")
+        if weights in AGREEMENT_TARGETS and kind in ("fused_base", "ffba_fused"):
+            floor = AGREEMENT_TARGETS[weights]
+            targets[f"{key} agreement"] = {"value": value, "limit": floor, "met": value >= floor}
+    return targets
 
 
 def format_formats_table(result: dict) -> str:
     bw = result["read_bandwidth_gb_s"]
-    lines = [f"Read bandwidth of a large tensor here: {bw:.1f} GB/s ({result['threads']} threads).", "",
-             "| format | model | batch | TPOT ms | vs fp32 | bytes/token MB | GB/s (of read bw) | next-token agreement |"
-             + (" dev loss |" if result.get("dev_loss") else ""),
-             "|---|---|---|---|---|---|---|---|" + ("---|" if result.get("dev_loss") else "")]
+    has_loss = bool(result.get("dev_loss"))
+    lines = [f"{result.get('model')}: read bandwidth of a large tensor here {bw:.1f} GB/s ({result['threads']} threads); "
+             f"LoRA peer rank {result.get('lora_rank')}.", "",
+             "| format | system | batch | TPOT ms | vs fp32 | bytes/token MB | GB/s (of read bw) | next-token agreement |"
+             + (" dev loss |" if has_loss else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|" if has_loss else "")]
+    files = result.get("llama_cpp", {}).get("files", {})
     for batch, cells in result["latency"].items():
         for key, cell in cells.items():
             weights, kind = key.split("/")
             tpot = cell["tpot"]["median"]
-            fp32 = cells[f"float32/{kind}"]["tpot"]["median"]
+            fp32 = cells.get(f"float32/{kind}", cell)["tpot"]["median"]
             nbytes = result["weight_bytes"][key]
             gbs = nbytes / tpot / 1e9
+            system = f"llama.cpp {files[weights]['type']}" if kind == "llama_cpp" else kind
             loss = result.get("dev_loss", {}).get(key)
-            lines.append(f"| {weights} | {kind} | {batch} | {tpot * 1e3:.2f} | {tpot / fp32:.2f}x | {nbytes / 1e6:.0f} | "
+            lines.append(f"| {weights} | {system} | {batch} | {tpot * 1e3:.2f} | {tpot / fp32:.2f}x | {nbytes / 1e6:.0f} | "
                          f"{gbs:.1f} ({gbs / bw:.0%}) | {result['agreement'][key]:.1%} |"
-                         + (f" {loss:.4f} |" if loss is not None else (" |" if result.get("dev_loss") else "")))
+                         + ((f" {loss:.4f} |" if loss is not None else " |") if has_loss else ""))
+    report = result.get("llama_cpp", {})
+    if report.get("skipped"):
+        lines += ["", f"llama.cpp rows left out: {report['skipped']}."]
+    elif report:
+        lines += ["", f"llama.cpp: batch 1 only (llama-cpp-python's Llama decodes one sequence), from {report['source']} "
+                  f"({report['source_type']}); extra weight buffers {'on' if report['extra_buffers'] else 'off (AMX CPU)'}."]
+    if result.get("targets"):
+        lines += ["", "| target | value | limit | met |", "|---|---|---|---|"]
+        lines += [f"| {name} | {t['value']:.3f} | {t['limit']:.2f} | {'yes' if t['met'] else 'NO'} |"
+                  for name, t in result["targets"].items()]
     return "\n".join(lines)
 
 
@@ -162,13 +277,13 @@ def plot_formats(result: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: E402 (after the backend is chosen)
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(9, 4))
     for batch, cells in result["latency"].items():
         keys = list(cells)
-        ax.plot(range(len(keys)), [cells[k]["tpot"]["median"] * 1e3 for k in keys], marker="o", label=f"batch {batch}")
-        ax.set_xticks(range(len(keys)), keys, rotation=30, ha="right", fontsize=8)
+        ax.plot(range(len(keys)), [cells[k]["tpot"]["median"] * 1e3 for k in keys], marker="o", ls="", label=f"batch {batch}")
+        ax.set_xticks(range(len(keys)), keys, rotation=35, ha="right", fontsize=7)
     ax.set_ylabel("TPOT (ms)")
-    ax.set_title("Fused weight formats: decode time per token")
+    ax.set_title(f"Weight formats and peers: decode time per token ({result.get('model')})")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -1,6 +1,8 @@
 """Latency benchmark: base, fused base, LoRA (unmerged, merged), FFBA and zFLoRA (unfused, fused),
 and the fused ones again on the decode fast path (`fflora.fastpath`): GEMM plan (suffix "_fast"),
-GEMM plan and compiled decode step (suffix "_compiled").
+GEMM plan and compiled decode step (suffix "_compiled"); and the peers at their best settings, the
+stock model and PEFT's unmerged LoRA compiled the way transformers compiles them (`base_compiled`,
+`lora_unmerged_compiled`: static cache, `generation_config.compile_config`, the same inductor settings).
 
 All configurations live in one process and are measured interleaved (A B C ... A B C ...) after a
 warm-up, so machine noise hits them alike; compare them by their ratios to the base model, not by
@@ -28,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..fastpath.compile import compile_decode, decode_step, is_compiled
+from ..fastpath.compile import compile_decode, compile_generation, decode_step, is_compiled
 from ..fastpath.plan import MODES, plan_gemms
 from ..methods import FFBAConfig, ZFLoRAConfig, adapter_state_dict, apply_adapter, fuse, load_adapter_state, registry
 from ..methods.ffba.method import ffba_parameter_count
@@ -37,15 +39,18 @@ from ..models.footprint import tensor_bytes
 from ..recipes.budget import LORA_TARGETS, lora_parameter_count, match_lora_rank
 from ..utils.sources import say
 
-CONFIGS = ("base", "fused_base", "fused_base_fast", "fused_base_compiled", "lora_unmerged", "lora_merged",
-           "ffba_unfused", "ffba_fused", "ffba_fused_fast", "ffba_fused_compiled",
+CONFIGS = ("base", "base_compiled", "fused_base", "fused_base_fast", "fused_base_compiled", "lora_unmerged",
+           "lora_unmerged_compiled", "lora_merged", "ffba_unfused", "ffba_fused", "ffba_fused_fast", "ffba_fused_compiled",
            "zflora_unfused", "zflora_fused", "zflora_fused_fast", "zflora_fused_compiled")
 EAGER_CONFIGS = tuple(c for c in CONFIGS if not c.endswith("_compiled"))  # no compile warm-up (tens of seconds each)
-FAST_PATH = ("_fast", "_compiled")  # suffixes of the configurations planned per batch size
+COMPILED_PEERS = ("base_compiled", "lora_unmerged_compiled")  # compiled as their users do: no fflora GEMM plan
+FAST_PATH = ("_fast", "_compiled")  # suffixes of fflora's configurations planned per batch size
 # The latency targets (issue 9): TPOT of a configuration over TPOT of another, at most `limit`.
 TARGETS = (("fused_base", "base", 1.00), ("ffba_fused", "fused_base", 1.03), ("zflora_fused", "fused_base", 1.02),
            ("ffba_fused_fast", "base", 0.85), ("ffba_fused_fast", "lora_unmerged", 0.75),
-           ("ffba_fused_compiled", "base", 0.85), ("ffba_fused_compiled", "lora_unmerged", 0.75))
+           ("ffba_fused_compiled", "base", 0.85), ("ffba_fused_compiled", "lora_unmerged", 0.75),
+           # against the peers at their best (issue 32): FFBA fused <= 0.80x PEFT LoRA unmerged, both compiled
+           ("ffba_fused_compiled", "lora_unmerged_compiled", 0.80), ("zflora_fused_compiled", "lora_unmerged_compiled", 0.80))
 
 
 @dataclass
@@ -140,7 +145,8 @@ def budget_of(hf_config, settings: BenchSettings) -> dict:
 
 def build_configs(base: nn.Module, settings: BenchSettings, lora_rank: int) -> dict[str, nn.Module]:
     """The benchmark's models, each a deep copy of `base` (which stays untouched); the "_fast" and
-    "_compiled" ones get their GEMM plan (and compiled step) per batch size in `bench_latency`."""
+    "_compiled" ones get their GEMM plan (and compiled step) per batch size in `bench_latency`. The
+    compiled LoRA is the transformers model with PEFT's layers inside (what `generate` compiles)."""
     models = {}
     for name in settings.configs:
         model = copy.deepcopy(base)
@@ -152,6 +158,8 @@ def build_configs(base: nn.Module, settings: BenchSettings, lora_rank: int) -> d
             _randomize(model, settings.seed)
             if name == "lora_merged":
                 model = model.merge_and_unload()
+            elif name == "lora_unmerged_compiled":
+                model = model.get_base_model()
         elif name.startswith(("ffba", "zflora")):
             family, form = name_.split("_")
             _randomize(_adapted(model, family, settings.rank), settings.seed)
@@ -189,24 +197,26 @@ def _median_spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def bench_latency(models: dict[str, nn.Module], settings: BenchSettings, vocab: int, plans: dict) -> dict:
-    """TTFT/TPOT per batch size and configuration, measured interleaved. Before each batch size the
+def bench_latency(models: dict[str, nn.Module], settings: BenchSettings, vocab: int, plans: dict,
+                  compile_s: dict) -> dict:
+    """TTFT/TPOT per batch size and configuration, measured interleaved. Before each batch size fflora's
     "_fast" and "_compiled" models are planned for it (`plans[name][batch]`: what `plan_gemms` chose),
-    and the "_compiled" ones compiled for it (the report's "compile_s": the warm-up cost)."""
+    and every "_compiled" one compiled for it (`compile_s[name][batch]`: the warm-up cost)."""
     results = {}
     for batch in settings.batch_sizes:
         gen = torch.Generator().manual_seed(settings.seed)
         ids = torch.randint(10, vocab, (batch, settings.prompt_len), generator=gen)
         for name, model in models.items():
-            if name.endswith(FAST_PATH):
+            if name.endswith(FAST_PATH) and name not in COMPILED_PEERS:
                 say(f"GEMM plan of {name} for batch {batch}")
-                plans.setdefault(name, {})[str(batch)] = report = plan_gemms(model, settings.gemm_plan, rows=(batch,))
+                plans.setdefault(name, {})[str(batch)] = plan_gemms(model, settings.gemm_plan, rows=(batch,))
             if name.endswith("_compiled"):
                 say(f"compiling the decode step of {name} for batch {batch}")
                 start = time.perf_counter()
-                compile_decode(model, freezing=settings.compile_freezing)
+                compile = compile_generation if name in COMPILED_PEERS else compile_decode
+                compile(model, freezing=settings.compile_freezing)
                 time_generation(model, ids, settings.new_tokens)  # compiles
-                report["compile_s"] = time.perf_counter() - start
+                compile_s.setdefault(name, {})[str(batch)] = time.perf_counter() - start
         samples = {name: {"ttft": [], "tpot": []} for name in models}
         total = settings.warmup + settings.repeats
         for round_ in range(total):
@@ -290,7 +300,8 @@ def run_bench(base: nn.Module, settings: BenchSettings) -> dict:
     say("measuring memory bandwidth (large tensor copy)")
     bandwidth = memory_bandwidth()
     plans: dict[str, dict] = {}
-    latency = bench_latency(models, settings, base.config.vocab_size, plans)
+    compile_s: dict[str, dict] = {}
+    latency = bench_latency(models, settings, base.config.vocab_size, plans, compile_s)
     weights = {name: tensor_bytes(m) for name, m in models.items()}
     for per_batch in latency.values():
         for name, r in per_batch.items():
@@ -313,6 +324,7 @@ def run_bench(base: nn.Module, settings: BenchSettings) -> dict:
         "targets": targets,
         "adapter_switch_s": switch,
         "fast_path_plans": plans,
+        "compile_s": compile_s,
         "train_step_s": training,
     }
 
@@ -353,8 +365,9 @@ def format_bench_table(result: dict) -> str:
             kinds = sorted(set(chosen))
             lines.append(f"{name}, batch {batch}: GEMM plan {report['mode']} ({report['seconds']:.1f} s to set up): "
                          + ", ".join(f"{layout} weights / {order} for {chosen.count((layout, order))}" for layout, order in kinds)
-                         + f" of {len(chosen)} weight shapes"
-                         + (f"; compiled in {report['compile_s']:.1f} s." if "compile_s" in report else "."))
+                         + f" of {len(chosen)} weight shapes.")
+    for name, per_batch in result.get("compile_s", {}).items():
+        lines.append(f"{name}: compiled in " + ", ".join(f"{s:.1f} s (batch {b})" for b, s in per_batch.items()) + ".")
     budget = result["budget"]
     lines += ["", f"FFBA r={result['settings']['rank']}: {budget['ffba_params']:,} trainable parameters; "
               f"zFLoRA r={result['settings']['rank']}: {budget['zflora_params']:,}; "

@@ -23,9 +23,26 @@ import torch
 from torch import nn
 from transformers import CompileConfig
 
-from ..methods.fused_state import drop_compiled_step, fused_state, require_fused
+from ..methods.fused_state import drop_compiled_step, require_fused
 
 RECOMPILE_LIMIT = 64
+
+
+def compile_generation(model: nn.Module, freezing: bool = False) -> nn.Module:
+    """Make `model.generate` run each decode step as one compiled graph, for any transformers causal
+    LM (a stock model, or one with PEFT LoRA layers injected): what its users do to compile it, a static
+    cache and `generation_config.compile_config`, with the settings `compile_decode` uses. In place;
+    returns the model. Nothing is restored later: `compile_decode` is the form for fused models."""
+    config = model.generation_config
+    compile_config = CompileConfig(fullgraph=True, dynamic=False, mode=None,  # inductor defaults (no CUDA graphs)
+                                   options={"freezing": True} if freezing else None)
+    compile_config._compile_all_devices = True  # transformers compiles on CUDA-like devices only, unless told
+    # One graph per (model, batch size, cache length): beyond Dynamo's default of 8 it would fall back
+    # to eager without a word.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    config.cache_implementation, config.compile_config = "static", compile_config
+    drop_compiled_step(model)  # transformers' cached compiled forward, traced before
+    return model
 
 
 def compile_decode(model: nn.Module, freezing: bool = False) -> nn.Module:
@@ -45,25 +62,20 @@ def compile_decode(model: nn.Module, freezing: bool = False) -> nn.Module:
     config = model.generation_config
     if state.compiled is None:  # the settings to restore on unfuse
         state.compiled = (config.cache_implementation, config.compile_config)
-    compile_config = CompileConfig(fullgraph=True, dynamic=False, mode=None,  # inductor defaults (no CUDA graphs)
-                                   options={"freezing": True} if freezing else None)
-    compile_config._compile_all_devices = True  # transformers compiles on CUDA-like devices only, unless told
-    # One graph per (model, batch size, cache length): beyond Dynamo's default of 8 it would fall back
-    # to eager without a word.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    config.cache_implementation, config.compile_config = "static", compile_config
-    drop_compiled_step(model)
-    return model
+    return compile_generation(model, freezing)
 
 
 def is_compiled(model: nn.Module) -> bool:
-    """Whether `compile_decode` ran on this (fused) model."""
-    state = fused_state(model)
-    return state is not None and state.compiled is not None
+    """Whether `generate` runs this model's decode steps compiled on this device (`compile_generation`
+    or `compile_decode` ran on it, or its generation config asks for the same)."""
+    config = getattr(model, "generation_config", None)
+    return (config is not None and config.cache_implementation == "static"
+            and getattr(config.compile_config, "_compile_all_devices", False))
 
 
 def decode_step(model: nn.Module) -> Callable:
     """The compiled forward that `generate` uses for decode steps (call it with a `StaticCache`)."""
     if not is_compiled(model):
-        raise ValueError("this model has no compiled decode step; call fflora.compile_decode(model) first")
+        raise ValueError("this model has no compiled decode step; call fflora.compile_decode(model) "
+                         "(fused) or fflora.fastpath.compile.compile_generation(model) first")
     return model.get_compiled_call(model.generation_config.compile_config)

