@@ -367,3 +367,22 @@ def test_the_bank_generates_through_transformers_continuous_batching(saved):
         alone = _alone("llama", saved, name)
         expected = [alone.generate(torch.tensor([p]), generation_config=config)[0, len(p):].tolist() for p in prompts]
         assert generated([name]) == expected, name
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("names", [_mix(3), [BASE_NAME] * 2, ["mlp8"] * 2], ids=["random", "base-only", "uniform"])
+def test_fixed_windows_give_the_logits_of_the_adapters_present(arch, saved, names):
+    """A compiled bank's form: every GEMM covers its whole room and the masks alone choose."""
+    ids, mask = _left_padded(len(names))
+    model = _bank(arch, saved)
+    expected = model(ids, attention_mask=mask, adapter_names=names).logits
+    bank = bank_of(model)
+    offsets = {n: dict(e.offsets) for n, e in bank.entries.items()}
+    bank.fix_windows()
+    selection = bank.selection(names)
+    assert set(selection.windows.values()) == {bank.rank_budget} and None not in selection.masks.values()
+    got = model(ids, attention_mask=mask, adapter_names=names).logits
+    assert (got - expected)[mask.bool()].abs().max().item() < TOL
+    assert {n: e.offsets for n, e in bank.entries.items()} == offsets  # nothing moves
+    assert (model(ids, attention_mask=mask).logits - _alone(arch, saved, BASE_NAME)(ids, attention_mask=mask).logits
+            )[mask.bool()].abs().max().item() < TOL  # no selection: the base

@@ -26,12 +26,14 @@ def test_every_format_and_kind_with_the_peers_in_their_formats(tmp_path, monkeyp
     # the stock float32 model is the reference of the base kinds; each adapter kind's is its own float32 model
     assert result["agreement"]["float32/base_compiled"] == 1.0 and result["agreement"]["float32/ffba_fused"] == 1.0
     assert result["agreement"]["float32/fused_base"] > 0.9 and result["agreement"]["float32/lora_unmerged_compiled"] == 1.0
+    assert result["agreement"]["float32/bank_fused"] == 1.0 and result["agreement"]["bfloat16/bank_fused"] > 0.5
     assert result["weight_bytes"]["bfloat16/base_compiled"] < 0.55 * result["weight_bytes"]["float32/base_compiled"]
     assert result["weight_bytes"]["float32/lora_unmerged_compiled"] > result["weight_bytes"]["float32/base_compiled"]
     assert result["lora_rank"] >= 1 and result["llama_cpp"] == {
         "skipped": "llama-cpp-python is not installed (`make bench-peers` installs it)"}
     targets = result["targets"]
     assert "float32/ffba_fused / float32/lora_unmerged_compiled @ batch 2" in targets
+    assert targets["float32/bank_fused / float32/fused_base @ batch 2"]["limit"] == 1.10
     assert not any("llama_cpp" in name for name in targets)
     ratio = targets["bfloat16/ffba_fused / bfloat16/fused_base @ batch 1"]
     cells = result["latency"]["1"]
@@ -59,7 +61,7 @@ def test_targets_against_llama_cpp_are_checked_at_batch_1_with_int4_held_to_1x()
 def test_bad_formats_bench_settings_are_refused():
     with pytest.raises(ValueError, match="must include 'float32'"):
         FormatsBenchSettings(formats=("bfloat16",))
-    with pytest.raises(ValueError, match=r"kinds must be among \['fused_base', 'ffba_fused', 'zflora_fused', "
+    with pytest.raises(ValueError, match=r"kinds must be among \['fused_base', 'ffba_fused', 'zflora_fused', 'bank_fused', "
                                          r"'base_compiled', 'lora_unmerged_compiled'\], got \['lora'\]"):
         FormatsBenchSettings(kinds=("lora",))
     with pytest.raises(ValueError, match="lora-rank must be an integer >= 1, got 0"):

@@ -259,7 +259,8 @@ def cmd_bench_train(args) -> dict:
 def cmd_bench_formats(args) -> dict:
     settings = FormatsBenchSettings(formats=tuple(args.formats), kinds=tuple(args.kinds), batch_sizes=tuple(args.batch_sizes),
                                     prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
-                                    rank=args.r, lora_rank=args.lora_r, compile=not args.no_compile, seed=args.seed,
+                                    rank=args.r, lora_rank=args.lora_r, compile=not args.no_compile,
+                                    gemm_plan=args.gemm_plan, seed=args.seed,
                                     adapter=args.adapter, dev_task=args.dev_task, dev_form=args.dev_form,
                                     dev_size=args.dev_size, data_dir=args.data_dir, gguf=args.gguf,
                                     llama_cpp=not args.no_llama_cpp)
@@ -439,6 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--repeats", type=int, default=d.repeats)
     q.add_argument("--rank", dest="r", type=int, default=d.rank, help=f"FFBA rank (default {d.rank})")
     q.add_argument("--no-compile", action="store_true", help="time the eager fused models instead")
+    q.add_argument("--gemm-plan", default=d.gemm_plan, choices=["auto", "standard", "transposed"],
+                   help="how fflora's float GEMMs run, planned per batch size (default auto: measured per shape)")
     q.add_argument("--adapter", default=None, help="a trained FFBA adapter for the FFBA rows (default: a random one); "
                    "its dev loss is measured in every format")
     q.add_argument("--dev-task", default=d.dev_task, choices=["commonsense", "math", "summary"])

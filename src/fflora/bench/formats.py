@@ -1,8 +1,10 @@
 """fflora's fused weight formats side by side, and the peers a user would run instead, at their best.
 
 For each format (`fflora.fuse(model, weights=...)`): the fused base, FFBA fused (a trained adapter given as
-`adapter`, or a random one of rank `rank`) and zFLoRA fused (random), compiled for each batch size as
-`fflora.compile_decode` does. Beside them the peers (issue 32): the stock transformers model and PEFT's
+`adapter`, or a random one of rank `rank`), zFLoRA fused (random) and the adapter bank with 8 random
+FFBA adapters resident (row i of a batch uses adapter i mod 8: at batch 8, eight distinct adapters),
+each planned (`fflora.plan_gemms`, "auto": the float GEMMs' layouts measured for the batch size) and
+compiled (`fflora.compile_decode`) for each batch size: fflora at its best, as the peers are at theirs. Beside them the peers (issue 32): the stock transformers model and PEFT's
 unmerged LoRA (the rank whose trainable budget matches FFBA's), compiled as transformers compiles them
 (`compile_generation`: static cache, the same inductor settings), in float32 and bfloat16 (they have no
 int8 / int4 CPU decode); and llama.cpp (`bench.llama_cpp`, optional) on the GGUF the model comes from,
@@ -17,7 +19,9 @@ model for the base kinds and llama.cpp), and with a trained adapter its dev loss
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +31,8 @@ import torch
 from torch import nn
 
 from ..fastpath.compile import compile_decode, compile_generation
-from ..methods import FFBAConfig, fuse, load_adapter
+from ..fastpath.plan import MODES, plan_gemms
+from ..methods import FFBAConfig, bank_of, fuse, load_adapter, select_adapters
 from ..methods.weight_formats import WEIGHT_FORMATS, check_weights
 from ..models.base_models import embedded, embedded_gguf
 from ..models.footprint import tensor_bytes
@@ -36,9 +41,11 @@ from ..recipes.evaluate import response_loss
 from ..recipes.train import dev_records
 from ..utils.sources import say
 from . import llama_cpp
+from .bank import ffba_states
 from .latency import _adapted, _lora, _median_spread, _randomize, check_sizes, time_generation, write_results
 
-FFLORA_KINDS = ("fused_base", "ffba_fused", "zflora_fused")
+FFLORA_KINDS = ("fused_base", "ffba_fused", "zflora_fused", "bank_fused")
+BANK_ADAPTERS = 8  # of bank_fused: rank-`rank` FFBA adapters resident, row i of a batch uses adapter i mod 8
 PEER_KINDS = ("base_compiled", "lora_unmerged_compiled")  # stock transformers and PEFT, compiled
 KINDS = FFLORA_KINDS + PEER_KINDS
 PEER_FORMATS = ("float32", "bfloat16")  # the formats stock transformers and PEFT decode on a CPU
@@ -47,6 +54,7 @@ DEV_LOSS_KINDS = ("fused_base", "ffba_fused")  # with a trained FFBA adapter
 # Targets, "a / b" <= limit on median TPOT (issues 31 and 32), checked per batch size where both were measured.
 RATIO_TARGETS = (("int8/fused_base", "float32/fused_base", 0.50), ("int4/fused_base", "float32/fused_base", 0.35),
                  *((f"{w}/ffba_fused", f"{w}/fused_base", 1.03) for w in WEIGHT_FORMATS),
+                 *((f"{w}/bank_fused", f"{w}/fused_base", 1.10) for w in WEIGHT_FORMATS),
                  *((f"{w}/ffba_fused", f"{w}/lora_unmerged_compiled", 0.80) for w in PEER_FORMATS),
                  *((f"{w}/ffba_fused", f"{w}/llama_cpp", 1.00 if w == "int4" else 1.25) for w in WEIGHT_FORMATS))
 AGREEMENT_TARGETS = {"bfloat16": 0.97, "int8": 0.95, "int4": 0.90}  # of the base and FFBA kinds
@@ -70,6 +78,7 @@ class FormatsBenchSettings:
     rank: int = 8
     lora_rank: int | None = None  # None: the LoRA rank whose budget is closest to FFBA's
     compile: bool = True
+    gemm_plan: str = "auto"  # of fflora's models, planned for each batch size (plan_gemms)
     seed: int = 0
     adapter: str | None = None  # a trained FFBA adapter folder (None: a random adapter of rank `rank`)
     dev_task: str = "commonsense"
@@ -90,6 +99,8 @@ class FormatsBenchSettings:
             raise ValueError(f"kinds must be among {list(KINDS)}, got {list(self.kinds)}")
         check_sizes(self, lists=("batch_sizes",), positive=("prompt_len", "new_tokens", "repeats", "rank"),
                     optional=("lora_rank",))
+        if self.gemm_plan not in MODES:
+            raise ValueError(f"gemm-plan must be one of {list(MODES)}, got {self.gemm_plan!r}")
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -124,6 +135,13 @@ def agreement(model: nn.Module, reference_argmax: torch.Tensor, ids: torch.Tenso
 
 def build_model(base: nn.Module, weights: str, kind: str, settings: FormatsBenchSettings, lora_rank: int) -> nn.Module:
     """A deep copy of `base` as `kind` in `weights` (a peer's weights cast to that dtype)."""
+    if kind == "bank_fused":
+        config = FFBAConfig(r=settings.rank, alpha=2 * settings.rank)
+        model = fuse(copy.deepcopy(base), max_adapters=BANK_ADAPTERS, rank_budget=BANK_ADAPTERS * settings.rank,
+                     weights=weights)
+        for k, state in enumerate(ffba_states(base, config, BANK_ADAPTERS, settings.seed)):
+            bank_of(model).add(f"ffba{k}", config, state)
+        return model.eval()
     model = copy.deepcopy(base)
     if kind in PEER_KINDS:
         if kind == "lora_unmerged_compiled":
@@ -136,6 +154,13 @@ def build_model(base: nn.Module, weights: str, kind: str, settings: FormatsBench
     elif kind != "fused_base":
         _randomize(_adapted(model, kind.removesuffix("_fused"), settings.rank), settings.seed)
     return fuse(model, weights=weights).eval()
+
+
+def rows_of(key: str, model: nn.Module, batch: int):
+    """The context the model of `key` ("format/kind") runs `batch` rows in: a bank's rows name their adapters."""
+    if not key.endswith("/bank_fused"):
+        return contextlib.nullcontext()
+    return select_adapters(model, [f"ffba{i % BANK_ADAPTERS}" for i in range(batch)])
 
 
 def llama_cpp_peers(settings: FormatsBenchSettings, model_name: str | None, n_ctx: int) -> tuple[dict, dict]:
@@ -173,9 +198,15 @@ def run_formats_bench(base: nn.Module, tokenizer, settings: FormatsBenchSettings
     peers, llama_report = llama_cpp_peers(settings, getattr(base.config, "_name_or_path", None), n_ctx)
     with torch.no_grad():
         stock = base(text_ids).logits.argmax(-1)
-        reference = {key: stock if key.split("/")[1] in BASE_KINDS else models[f"float32/{key.split('/')[1]}"](text_ids).logits.argmax(-1)
-                     for key in models}
-    quality = {key: agreement(m, reference[key], text_ids) for key, m in models.items()}
+    quality = {}
+    for key, model in models.items():
+        kind = key.split("/")[1]
+        reference = stock if kind in BASE_KINDS else None
+        if reference is None:
+            with rows_of(f"float32/{kind}", models[f"float32/{kind}"], 1):
+                reference = models[f"float32/{kind}"](text_ids).logits.argmax(-1)
+        with rows_of(key, model, 1):
+            quality[key] = agreement(model, reference, text_ids)
     for weights, peer in peers.items():
         quality[f"{weights}/llama_cpp"] = (torch.from_numpy(peer.argmax(text_ids[0].tolist())) == stock[0]).float().mean().item()
     dev_loss = {}
@@ -189,14 +220,18 @@ def run_formats_bench(base: nn.Module, tokenizer, settings: FormatsBenchSettings
     vocab = base.config.get_text_config().vocab_size
     for batch in settings.batch_sizes:
         ids = torch.randint(10, vocab, (batch, settings.prompt_len), generator=torch.Generator().manual_seed(settings.seed))
+        for key, model in models.items():
+            if key.split("/")[1] in FFLORA_KINDS:
+                plan_gemms(model, settings.gemm_plan, rows=(batch,))
         if settings.compile:
             for key, model in models.items():
                 say(f"compiling {key} for batch {batch}")
                 start = time.perf_counter()
                 (compile_generation if key.split("/")[1] in PEER_KINDS else compile_decode)(model)
-                time_generation(model, ids, settings.new_tokens)
+                with rows_of(key, model, batch):
+                    time_generation(model, ids, settings.new_tokens)
                 compile_s[f"{key}/{batch}"] = time.perf_counter() - start
-        runs = {key: (lambda m=model: time_generation(m, ids, settings.new_tokens)) for key, model in models.items()}
+        runs = {key: functools.partial(_timed, key, model, ids, settings.new_tokens) for key, model in models.items()}
         if batch == 1:
             runs.update({f"{w}/llama_cpp": (lambda p=peer: p.time_generation(ids[0].tolist(), settings.new_tokens))
                          for w, peer in peers.items()})
@@ -219,6 +254,11 @@ def run_formats_bench(base: nn.Module, tokenizer, settings: FormatsBenchSettings
               "compile_s": compile_s, "llama_cpp": llama_report}
     result["targets"] = check_targets(result)
     return result
+
+
+def _timed(key: str, model: nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    with rows_of(key, model, ids.shape[0]):
+        return time_generation(model, ids, new_tokens)
 
 
 def check_targets(result: dict) -> dict:

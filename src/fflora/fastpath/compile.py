@@ -47,7 +47,9 @@ def compile_generation(model: nn.Module, freezing: bool = False) -> nn.Module:
 
 def compile_decode(model: nn.Module, freezing: bool = False) -> nn.Module:
     """Make `model.generate` (greedy or sampling) run each decode step as one compiled graph, in place;
-    returns the model. `model` must be fused (`fflora.fuse`), with one adapter or none.
+    returns the model. `model` must be fused (`fflora.fuse`), with one adapter, none, or a bank: a
+    bank's GEMMs then cover their whole room and masks choose each row's adapter (`generate(...,
+    adapter_names=)` or a `select_adapters` block around `generate`).
 
     `freezing=True` turns on inductor's freezing pass. The graph still reads the weights at run
     time (they are inputs of the traced graph; a test loads new adapter weights into a compiled
@@ -57,8 +59,7 @@ def compile_decode(model: nn.Module, freezing: bool = False) -> nn.Module:
     state = require_fused(model, "compile_decode needs a fused model: call fflora.fuse(model) first "
                                  "(the training form is not compiled)")
     if state.bank is not None:
-        raise ValueError("a model fused with an adapter bank is not compiled (each batch selects its adapters "
-                         "in Python); fuse it with a single adapter, or serve the bank uncompiled")
+        state.bank.fix_windows()  # one graph for every mix of adapters (methods/ffba/bank.py)
     config = model.generation_config
     if state.compiled is None:  # the settings to restore on unfuse
         state.compiled = (config.cache_implementation, config.compile_config)

@@ -19,6 +19,12 @@ the columns of the token's adapter; base tokens get an all-zero mask. Each GEMM 
 *window* of its space: the adapters present in the batch are kept packed at the front (moved
 there, from the adapters' stored weights, when a batch needs it), so a step costs the base GEMMs
 plus the ranks of the adapters present, not of all resident ones.
+
+Compiled (`fflora.compile_decode` on a bank model) the windows are fixed instead: every GEMM covers
+its whole room, the per-token masks alone choose the adapters, so one graph serves every mix of
+adapters (no re-arranging, no recompiling as the mix changes). The selection then lives in the
+bank's `BankStep`, a plain object the compiled graph can read (it cannot read a context variable);
+it is set for the whole of a `generate` (or a `select_adapters` block), not per forward call.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from ...models.architectures import decoder_layers, sub_blocks
-from ..fused import ALIGN, FusedInputProjections, FusedOutputProjection, install_fused, unfuse_plain, unwrap
+from ..fused import ALIGN, FusedInputProjections, FusedOutputProjection, install_fused, unfuse_plain, unwrap, zero_padded
 from ..fused_state import fused_state
 from .adapter import PHI
 from .config import FFBAConfig
@@ -123,6 +129,19 @@ class BankSelection:
 _SELECTION: ContextVar[BankSelection | None] = ContextVar("fflora_bank_selection", default=None)
 
 
+@dataclass
+class BankStep:
+    """How the bank's GEMMs find the current selection. `fixed` (a compiled bank): from `selection`
+    here, with windows of the whole room; otherwise from the `_SELECTION` context variable (each
+    thread or task its own), with windows of the adapters present."""
+
+    fixed: bool = False
+    selection: BankSelection | None = None
+
+    def current(self) -> BankSelection | None:
+        return self.selection if self.fixed else _SELECTION.get()
+
+
 class _BankGemm:
     """One fused GEMM of a bank: its base block plus a leading window of `row_space` rows (adapter
     activations it produces) and of `col_space` columns (the activations it consumes, appended to
@@ -130,13 +149,16 @@ class _BankGemm:
 
     row_space: str
     col_space: str
+    step: BankStep  # the bank's, shared by all its GEMMs (set by build_bank)
 
     def bank_gemm(self, x: Tensor) -> tuple[BankSelection | None, Tensor, int]:
         """(the current selection, the GEMM's output, the width of its row window)."""
-        sel = _SELECTION.get()
+        sel = self.step.current()
         rows = sel.windows[self.row_space] if sel is not None and self.row_room else 0
         cols = sel.windows[self.col_space] if sel is not None and self.col_room else 0
         inp = torch.cat([x, sel.pending.pop(self.col_space)], dim=-1) if cols else x
+        if self.step.fixed:  # the whole matrix, as a compiled step traces it (no cached window views)
+            return sel, self.gemm(zero_padded([inp], self.n_cols))[..., : self.base_size[0] + rows], rows
         return sel, self.gemm(inp, self.base_size[0] + rows, self.base_size[1] + cols), rows
 
 
@@ -191,6 +213,14 @@ class AdapterBank:
         self.blocks = [(i, name, holder.ffba_fused_inputs, getattr(holder, spec.output))
                        for i, _, name, spec, holder in sub_blocks(model)]
         self.entries: dict[str, BankEntry] = {}
+        self.step = BankStep()
+        for _, _, group, out in self.blocks:
+            group.step = out.step = self.step
+
+    def fix_windows(self) -> None:
+        """From now on every GEMM covers its whole room and selections hold for a whole generate
+        (what a compiled decode step needs: one graph for every mix of adapters)."""
+        self.step.fixed = True
 
     @property
     def device(self) -> torch.device:
@@ -321,13 +351,15 @@ class AdapterBank:
         not there, so that the GEMMs cover only their ranks. Moving rewrites every adapter that
         shifts (~16 ms each on SmolLM2 on a CPU): worth it when one set of adapters serves many
         steps (`generate`), not when the set changes as requests come and go (a continuous-batching
-        engine passes False and its windows reach the furthest adapter present)."""
+        engine passes False and its windows reach the furthest adapter present). With fixed windows
+        (`fix_windows`) nothing moves: every window is the whole room and every space is masked."""
         names = [names] if isinstance(names, str) else list(names)
         for n in names:
             if n != BASE_NAME:
                 self.entry(n)
         present = list(dict.fromkeys(n for n in names if n != BASE_NAME))
-        if rearrange and any(self._reach(present, s) > sum(self.entries[n].ranks[s] for n in present) for s in SPACES):
+        fixed = self.step.fixed
+        if rearrange and not fixed and any(self._reach(present, s) > sum(self.entries[n].ranks[s] for n in present) for s in SPACES):
             self._arrange(present)
         ids = torch.tensor([present.index(n) if n != BASE_NAME else -1 for n in names], device=self.device)
         if lengths is not None:
@@ -340,11 +372,11 @@ class AdapterBank:
         uniform = len(present) == 1 and BASE_NAME not in names
         for s in SPACES:
             reach = self._reach(present, s)
-            width = min(_round_up(reach), self.rank_budget)
+            width = self.rank_budget if fixed else min(_round_up(reach), self.rank_budget)
             windows[s] = width
             if not width:
                 continue
-            if uniform and width == reach and self.entries[present[0]].offsets[s] == 0:  # it fills the window
+            if uniform and not fixed and width == reach and self.entries[present[0]].offsets[s] == 0:  # it fills the window
                 masks[s] = None
                 phi = self.entries[present[0]].config.phi
                 if s.startswith("fa.") and phi != "identity":
@@ -365,10 +397,9 @@ class AdapterBank:
 
 @functools.cache
 def _bank_model_class(base_cls: type) -> type:
-    """The bank subclass of a model class: `adapter_names=` on forward, and so on generate (which
-    hands its extra keyword arguments to every forward step). Its forward shows the base signature
-    plus `adapter_names`: generate reads the signature (e.g. to compute prefill logits for the last
-    position only)."""
+    """The bank subclass of a model class: `adapter_names=` on forward and on generate (one selection
+    for all of its steps). Its forward shows the base signature plus `adapter_names`: generate reads the
+    signature (e.g. to compute prefill logits for the last position only)."""
 
     def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
         if adapter_names is None:  # base model, or what an enclosing select_adapters chose
@@ -376,12 +407,21 @@ def _bank_model_class(base_cls: type) -> type:
         with select_adapters(self, adapter_names):
             return base_cls.forward(self, *args, **kwargs)
 
+    def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
+        """generate with one selection for all its forward passes (resolved once, not per step; a
+        compiled decode step could not resolve it)."""
+        if adapter_names is None:
+            return base_cls.generate(self, *args, **kwargs)
+        with select_adapters(self, adapter_names):
+            return base_cls.generate(self, *args, **kwargs)
+
     params = list(inspect.signature(base_cls.forward).parameters.values())
     extra = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
     cut = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
     forward.__signature__ = inspect.Signature([*params[:cut], extra, *params[cut:]])
     forward.__doc__ = base_cls.forward.__doc__
-    return type(f"FFBABank{base_cls.__name__}", (base_cls,), {"_fflora_base_class": base_cls, "forward": forward})
+    return type(f"FFBABank{base_cls.__name__}", (base_cls,),
+                {"_fflora_base_class": base_cls, "forward": forward, "generate": generate})
 
 
 def bank_of(model: nn.Module) -> AdapterBank:
@@ -436,7 +476,16 @@ def select_adapters(model: nn.Module, adapter_names: Sequence[str], lengths: Seq
     them). `model(..., adapter_names=...)` does the same for one call. `rearrange=False` leaves the
     adapters where they are (see `AdapterBank.selection`).
     """
-    token = _SELECTION.set(bank_of(model).selection(adapter_names, lengths=lengths, rearrange=rearrange))
+    bank = bank_of(model)
+    selection = bank.selection(adapter_names, lengths=lengths, rearrange=rearrange)
+    if bank.step.fixed:  # a compiled bank: the plain attribute its graph reads
+        previous, bank.step.selection = bank.step.selection, selection
+        try:
+            yield
+        finally:
+            bank.step.selection = previous
+        return
+    token = _SELECTION.set(selection)
     try:
         yield
     finally:
