@@ -27,11 +27,15 @@ demo: $(STAMP)
 
 # fflora's weight formats against the peers at their best (stock and LoRA compiled, llama.cpp), on both
 # embedded models; installs llama-cpp-python first (it builds llama.cpp from source: about 10 minutes once).
-# Needs the CPU to itself (about an hour in all).
+# Needs the CPU to itself (about 1.5 hours in all). Qwen runs in two parts: all its models of every format
+# at once would not fit in 24 GiB.
 bench-peers: $(STAMP)
 	$(BIN)/pip install --disable-pip-version-check -q -c constraints.txt llama-cpp-python
 	$(BIN)/fflora bench peers --output-dir results/peers-smollm2
-	$(BIN)/fflora bench peers --model qwen2.5-0.5b-instruct --output-dir results/peers-qwen2.5
+	$(BIN)/fflora bench peers --model qwen2.5-0.5b-instruct --formats float32 bfloat16 \
+		--kinds ffba_fused base_compiled lora_unmerged_compiled --output-dir results/peers-qwen2.5-float
+	$(BIN)/fflora bench peers --model qwen2.5-0.5b-instruct --formats float32 int8 int4 \
+		--kinds fused_base ffba_fused bank_fused --output-dir results/peers-qwen2.5-quantized
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

@@ -18,7 +18,7 @@ def test_every_format_and_kind_with_the_peers_in_their_formats(tmp_path, monkeyp
     monkeypatch.setattr(llama_cpp, "llama_cpp", None)  # as on a machine without `make bench-peers`
     formats = ("float32", "bfloat16", "int8") if AVX512 else ("float32", "bfloat16")
     settings = FormatsBenchSettings(formats=formats, batch_sizes=(1, 2), prompt_len=8, new_tokens=4, repeats=1, rank=4,
-                                    compile=False)
+                                    compile=False, gemm_plan="transposed")  # a plan that measures nothing
     base = make_model("llama")
     result = run_formats_bench(base, _tokenizer(), settings)
     keys = [f"{w}/{k}" for w in formats for k in KINDS if w in ("float32", "bfloat16") or not k.endswith("_compiled")]
@@ -66,6 +66,8 @@ def test_bad_formats_bench_settings_are_refused():
         FormatsBenchSettings(kinds=("lora",))
     with pytest.raises(ValueError, match="lora-rank must be an integer >= 1, got 0"):
         FormatsBenchSettings(lora_rank=0)
+    with pytest.raises(ValueError, match=r"gemm-plan must be one of \['standard', 'transposed', 'auto'\], got 'fast'"):
+        FormatsBenchSettings(gemm_plan="fast")
 
 
 def test_the_peers_alias_runs_the_formats_bench(capsys):

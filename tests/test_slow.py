@@ -90,3 +90,23 @@ def test_the_embedded_qwen_loads_and_fuses_with_ffba():
         p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
     unfused = model(ids).logits
     assert (fflora.fuse(model)(ids).logits - unfused).abs().max().item() < 1e-3
+
+
+@pytest.mark.slow
+def test_the_llama_cpp_peer_decodes_the_embedded_gguf():
+    """llama.cpp rows next to fflora's (needs `make bench-peers`; skipped, saying so, without it)."""
+    from fflora.bench import llama_cpp
+    from fflora.bench.formats import FormatsBenchSettings, format_formats_table, run_formats_bench
+
+    if llama_cpp.available():
+        pytest.skip(llama_cpp.available())
+    model, tokenizer = fflora.load_base_model()
+    settings = FormatsBenchSettings(formats=("float32", "int4") if torch.backends.cpu.get_cpu_capability() == "AVX512"
+                                    else ("float32",), kinds=("fused_base",), batch_sizes=(1,), prompt_len=16,
+                                    new_tokens=4, repeats=1, compile=False, gemm_plan="standard")
+    result = run_formats_bench(model, tokenizer, settings)
+    report = result["llama_cpp"]
+    assert report["skipped"] is None and report["source_type"] == "Q4_1" and report["files"]["float32"]["type"] == "F32"
+    assert result["agreement"]["float32/llama_cpp"] > 0.95  # llama.cpp's F32 file is the weights fflora dequantized
+    assert result["latency"]["1"]["float32/llama_cpp"]["tpot"]["median"] > 0
+    assert "| float32 | llama.cpp F32 | 1 |" in format_formats_table(result)

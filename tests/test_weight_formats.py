@@ -191,7 +191,7 @@ def test_the_formats_bench_measures_a_trained_adapters_dev_loss_in_each_format(t
     fflora.save_adapter(adapted, tmp_path / "trained")
     settings = FormatsBenchSettings(formats=("float32", "bfloat16"), batch_sizes=(1,), prompt_len=8, new_tokens=3,
                                     repeats=1, compile=False, adapter=str(tmp_path / "trained"), dev_size=8,
-                                    data_dir=str(tiny_data_dir))
+                                    data_dir=str(tiny_data_dir), kinds=("fused_base", "ffba_fused"), gemm_plan="standard")
     result = run_formats_bench(base, tokenizer, settings)
     records = dev_records("commonsense", 8, tiny_data_dir)
     expected = response_loss(fflora.fuse(adapted), tokenizer, records, form="cloze")

@@ -4,8 +4,9 @@ For each format (`fflora.fuse(model, weights=...)`): the fused base, FFBA fused 
 `adapter`, or a random one of rank `rank`), zFLoRA fused (random) and the adapter bank with 8 random
 FFBA adapters resident (row i of a batch uses adapter i mod 8: at batch 8, eight distinct adapters),
 each planned (`fflora.plan_gemms`, "auto": the float GEMMs' layouts measured for the batch size) and
-compiled (`fflora.compile_decode`) for each batch size: fflora at its best, as the peers are at theirs. Beside them the peers (issue 32): the stock transformers model and PEFT's
-unmerged LoRA (the rank whose trainable budget matches FFBA's), compiled as transformers compiles them
+compiled (`fflora.compile_decode`) for each batch size: fflora at its best, as the peers are at theirs.
+Beside them the peers (issue 32): the stock transformers model and PEFT's unmerged LoRA (the rank whose
+trainable budget matches FFBA's), compiled as transformers compiles them
 (`compile_generation`: static cache, the same inductor settings), in float32 and bfloat16 (they have no
 int8 / int4 CPU decode); and llama.cpp (`bench.llama_cpp`, optional) on the GGUF the model comes from,
 converted to the file type nearest each format (F32, F16, Q8_0, Q4_1), at batch 1. Everything is timed
@@ -194,7 +195,7 @@ def run_formats_bench(base: nn.Module, tokenizer, settings: FormatsBenchSettings
                 say(f"building {weights} {kind}")
                 models[f"{weights}/{kind}"] = build_model(base, weights, kind, settings, lora_rank)
     text_ids = tokenizer(TEXT, return_tensors="pt")["input_ids"][:, :512]
-    n_ctx = max(text_ids.shape[1], settings.prompt_len + settings.new_tokens)
+    n_ctx = settings.prompt_len + settings.new_tokens
     peers, llama_report = llama_cpp_peers(settings, getattr(base.config, "_name_or_path", None), n_ctx)
     with torch.no_grad():
         stock = base(text_ids).logits.argmax(-1)
@@ -208,7 +209,9 @@ def run_formats_bench(base: nn.Module, tokenizer, settings: FormatsBenchSettings
         with rows_of(key, model, 1):
             quality[key] = agreement(model, reference, text_ids)
     for weights, peer in peers.items():
-        quality[f"{weights}/llama_cpp"] = (torch.from_numpy(peer.argmax(text_ids[0].tolist())) == stock[0]).float().mean().item()
+        found = llama_cpp.teacher_forced_argmax(peer.path, text_ids[0].tolist(), torch.get_num_threads(),
+                                                llama_report["extra_buffers"])
+        quality[f"{weights}/llama_cpp"] = (torch.from_numpy(found) == stock[0]).float().mean().item()
     dev_loss = {}
     if settings.adapter:
         records = dev_records(settings.dev_task, settings.dev_size, settings.data_dir)
@@ -233,7 +236,7 @@ def run_formats_bench(base: nn.Module, tokenizer, settings: FormatsBenchSettings
                 compile_s[f"{key}/{batch}"] = time.perf_counter() - start
         runs = {key: functools.partial(_timed, key, model, ids, settings.new_tokens) for key, model in models.items()}
         if batch == 1:
-            runs.update({f"{w}/llama_cpp": (lambda p=peer: p.time_generation(ids[0].tolist(), settings.new_tokens))
+            runs.update({f"{w}/llama_cpp": functools.partial(peer.time_generation, ids[0].tolist(), settings.new_tokens)
                          for w, peer in peers.items()})
         samples = {key: {"ttft": [], "tpot": []} for key in runs}
         for round_ in range(settings.warmup + settings.repeats):
@@ -318,10 +321,12 @@ def plot_formats(result: dict, path) -> None:
     import matplotlib.pyplot as plt  # noqa: E402 (after the backend is chosen)
 
     fig, ax = plt.subplots(figsize=(9, 4))
+    keys = list(dict.fromkeys(k for cells in result["latency"].values() for k in cells))  # llama.cpp: batch 1 only
     for batch, cells in result["latency"].items():
-        keys = list(cells)
-        ax.plot(range(len(keys)), [cells[k]["tpot"]["median"] * 1e3 for k in keys], marker="o", ls="", label=f"batch {batch}")
-        ax.set_xticks(range(len(keys)), keys, rotation=35, ha="right", fontsize=7)
+        shown = [k for k in keys if k in cells]
+        ax.plot([keys.index(k) for k in shown], [cells[k]["tpot"]["median"] * 1e3 for k in shown], marker="o", ls="",
+                label=f"batch {batch}")
+    ax.set_xticks(range(len(keys)), keys, rotation=35, ha="right", fontsize=7)
     ax.set_ylabel("TPOT (ms)")
     ax.set_title(f"Weight formats and peers: decode time per token ({result.get('model')})")
     ax.legend()

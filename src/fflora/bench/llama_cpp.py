@@ -107,13 +107,14 @@ def _model_params(**fields):
 
 
 class LlamaCpp:
-    """One GGUF file loaded by llama.cpp, on `threads` threads, for contexts of up to `n_ctx` tokens."""
+    """One GGUF file loaded by llama.cpp, on `threads` threads, for contexts of up to `n_ctx` tokens;
+    `logits_all` keeps every position's logits (for `argmax`; decoding keeps only what it samples)."""
 
-    def __init__(self, path: Path, threads: int, n_ctx: int, extra_buffers: bool):
+    def __init__(self, path: Path, threads: int, n_ctx: int, extra_buffers: bool, logits_all: bool = False):
         self.path = path
         with _model_params(use_extra_bufts=extra_buffers):
             self.llm = llama_cpp.Llama(str(path), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
-                                       n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True, verbose=False)
+                                       n_batch=n_ctx, n_ubatch=n_ctx, logits_all=logits_all, verbose=False)
 
     def time_generation(self, prompt: list[int], new_tokens: int) -> tuple[float, float]:
         """(TTFT, TPOT) in seconds of greedy decoding `new_tokens` tokens after `prompt` (the prompt
@@ -128,10 +129,19 @@ class LlamaCpp:
         return ttft, (stamps[-1] - stamps[1]) / max(len(stamps) - 2, 1)
 
     def argmax(self, ids: list[int]) -> np.ndarray:
-        """The teacher-forced next-token argmax at every position of `ids`."""
+        """The teacher-forced next-token argmax at every position of `ids` (needs `logits_all`)."""
         self.llm.reset()
         self.llm.eval(ids)
         return self.llm.scores[: len(ids)].argmax(-1)
 
     def close(self) -> None:
         self.llm.close()
+
+
+def teacher_forced_argmax(path: Path, ids: list[int], threads: int, extra_buffers: bool) -> np.ndarray:
+    """`LlamaCpp.argmax` of `ids` on a context of their length, loaded for it and closed after."""
+    model = LlamaCpp(path, threads, len(ids), extra_buffers, logits_all=True)
+    try:
+        return model.argmax(ids)
+    finally:
+        model.close()
