@@ -159,3 +159,13 @@ def test_a_compiled_bank_decodes_each_row_as_its_adapter_alone_in_one_graph(tmp_
             fflora.load_adapter(alone, tmp_path / name)
         expected = fflora.fuse(alone, weights=weights).generate(ids[row : row + 1], **greedy)
         assert torch.equal(eager[1][row], expected[0]), name
+
+
+def test_the_cpp_wrapper_decodes_the_eager_tokens(fresh_dynamo):
+    model = _fused("llama", "ffba").eval()
+    ids = torch.randint(3, 128, (1, 5), generator=torch.Generator().manual_seed(0))
+    eager = model.generate(ids, max_new_tokens=4, do_sample=False)
+    fflora.compile_decode(model, cpp_wrapper=True)
+    assert model.generation_config.compile_config.options == {"cpp_wrapper": True}
+    assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False), eager)
+    assert callable(model.__dict__["_compiled_call"])  # generate went through the compiled step

@@ -142,7 +142,7 @@ def cmd_generate(args) -> dict:
         if args.gemm_plan != "standard":
             plan_gemms(model, args.gemm_plan, rows=(len(args.prompt),))
         if args.compile != "off":
-            compile_decode(model, freezing=args.compile == "freezing")
+            compile_decode(model, freezing=args.compile == "freezing", cpp_wrapper=args.compile == "cpp-wrapper")
     batch = _chat_batch(tokenizer, args.prompt)
     torch.manual_seed(args.seed)
     out = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
@@ -260,7 +260,7 @@ def cmd_bench_formats(args) -> dict:
     settings = FormatsBenchSettings(formats=tuple(args.formats), kinds=tuple(args.kinds), batch_sizes=tuple(args.batch_sizes),
                                     prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
                                     rank=args.r, lora_rank=args.lora_r, compile=not args.no_compile,
-                                    gemm_plan=args.gemm_plan, seed=args.seed,
+                                    cpp_wrapper=args.compile_cpp_wrapper, gemm_plan=args.gemm_plan, seed=args.seed,
                                     adapter=args.adapter, dev_task=args.dev_task, dev_form=args.dev_form,
                                     dev_size=args.dev_size, data_dir=args.data_dir, gguf=args.gguf,
                                     llama_cpp=not args.no_llama_cpp)
@@ -440,6 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--repeats", type=int, default=d.repeats)
     q.add_argument("--rank", dest="r", type=int, default=d.rank, help=f"FFBA rank (default {d.rank})")
     q.add_argument("--no-compile", action="store_true", help="time the eager fused models instead")
+    q.add_argument("--compile-cpp-wrapper", action="store_true",
+                   help="compile every model (fflora's and the peers) with inductor's C++ wrapper (minutes each)")
     q.add_argument("--gemm-plan", default=d.gemm_plan, choices=["auto", "standard", "transposed"],
                    help="how fflora's float GEMMs run, planned per batch size (default auto: measured per shape)")
     q.add_argument("--adapter", default=None, help="a trained FFBA adapter for the FFBA rows (default: a random one); "
@@ -496,9 +498,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unfused", action="store_true", help="run the training form instead of the fused one")
     p.add_argument("--gemm-plan", default="standard", choices=["standard", "transposed", "auto"],
                    help="how the fused GEMMs run (auto: weight layout and operand order measured per shape at start)")
-    p.add_argument("--compile", default="off", choices=["off", "on", "freezing"],
+    p.add_argument("--compile", default="off", choices=["off", "on", "freezing", "cpp-wrapper"],
                    help="run each decode step as one torch.compile graph (the first generate compiles it: tens of "
-                        "seconds), optionally with inductor's freezing pass")
+                        "seconds), optionally with inductor's freezing pass or its C++ wrapper (faster steps, "
+                        "minutes to compile)")
     p.add_argument("--prompt", action="append", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")

@@ -79,6 +79,7 @@ class FormatsBenchSettings:
     rank: int = 8
     lora_rank: int | None = None  # None: the LoRA rank whose budget is closest to FFBA's
     compile: bool = True
+    cpp_wrapper: bool = False  # inductor's C++ wrapper, for fflora's models and the compiled peers alike
     gemm_plan: str = "auto"  # of fflora's models, planned for each batch size (plan_gemms)
     seed: int = 0
     adapter: str | None = None  # a trained FFBA adapter folder (None: a random adapter of rank `rank`)
@@ -230,7 +231,8 @@ def run_formats_bench(base: nn.Module, tokenizer, settings: FormatsBenchSettings
             for key, model in models.items():
                 say(f"compiling {key} for batch {batch}")
                 start = time.perf_counter()
-                (compile_generation if key.split("/")[1] in PEER_KINDS else compile_decode)(model)
+                compile_ = compile_generation if key.split("/")[1] in PEER_KINDS else compile_decode
+                compile_(model, cpp_wrapper=settings.cpp_wrapper)
                 with rows_of(key, model, batch):
                     time_generation(model, ids, settings.new_tokens)
                 compile_s[f"{key}/{batch}"] = time.perf_counter() - start
