@@ -130,9 +130,9 @@ def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
     return x.numel() * 4 / best / 1e9
 
 
-@torch.no_grad()
-def agreement(model: nn.Module, reference_argmax: torch.Tensor, ids: torch.Tensor) -> float:
-    return (model(ids).logits.argmax(-1) == reference_argmax).float().mean().item()
+def agreement(argmax: torch.Tensor, reference: torch.Tensor) -> float:
+    """The share of positions where two next-token argmaxes agree."""
+    return (argmax == reference).float().mean().item()
 
 
 def build_model(base: nn.Module, weights: str, kind: str, settings: FormatsBenchSettings, lora_rank: int) -> nn.Module:
@@ -198,21 +198,20 @@ def run_formats_bench(base: nn.Module, tokenizer, settings: FormatsBenchSettings
     text_ids = tokenizer(TEXT, return_tensors="pt")["input_ids"][:, :512]
     n_ctx = settings.prompt_len + settings.new_tokens
     peers, llama_report = llama_cpp_peers(settings, getattr(base.config, "_name_or_path", None), n_ctx)
+    argmax = {}  # each model's teacher-forced next tokens on the text, once
     with torch.no_grad():
         stock = base(text_ids).logits.argmax(-1)
+        for key, model in models.items():
+            with rows_of(key, model, 1):
+                argmax[key] = model(text_ids).logits.argmax(-1)
     quality = {}
-    for key, model in models.items():
+    for key, found in argmax.items():
         kind = key.split("/")[1]
-        reference = stock if kind in BASE_KINDS else None
-        if reference is None:
-            with rows_of(f"float32/{kind}", models[f"float32/{kind}"], 1):
-                reference = models[f"float32/{kind}"](text_ids).logits.argmax(-1)
-        with rows_of(key, model, 1):
-            quality[key] = agreement(model, reference, text_ids)
+        quality[key] = agreement(found, stock if kind in BASE_KINDS else argmax[f"float32/{kind}"])
     for weights, peer in peers.items():
         found = llama_cpp.teacher_forced_argmax(peer.path, text_ids[0].tolist(), torch.get_num_threads(),
                                                 llama_report["extra_buffers"])
-        quality[f"{weights}/llama_cpp"] = (torch.from_numpy(found) == stock[0]).float().mean().item()
+        quality[f"{weights}/llama_cpp"] = agreement(torch.from_numpy(found), stock[0])
     dev_loss = {}
     if settings.adapter:
         records = dev_records(settings.dev_task, settings.dev_size, settings.data_dir)
