@@ -19,7 +19,6 @@ input, so the first of them runs the fused GEMM and its siblings return views of
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models.architectures import sub_blocks
@@ -121,7 +120,7 @@ class FusedGemm(nn.Module):
             self.weight[:rows, start : start + cols] = values.to(self.weight.dtype)
 
     def main_rows(self, start: int, stop: int) -> Tensor:
-        """Rows start..stop of the main columns (dequantized if int8): a view when dense."""
+        """Rows start..stop of the main columns (dequantized if int8 or int4): a view when dense."""
         if self.int8:
             return dequantize_rows(self.weight_int8[start:stop], self.weight_scale[start:stop], self.weight_scale.dtype)
         if self.int4:
@@ -185,31 +184,29 @@ class FusedGemm(nn.Module):
         main[: self.n_rows] = self.weight[:, : self.d_main].float()
         q, scales_zeros = int4.quantize_groups(main)
         tail = min(self.base_out // int4.BLOCK * int4.BLOCK, self.n_pack)
-        extra = self.weight[:, self.d_main :].t().float().contiguous() if self.n_cols > self.d_main else None
-        bias = None if self.bias is None else self.bias.to(torch.bfloat16)
-        del self.weight
-        self.register_buffer("weight_int4", int4.pack(q))
-        self.register_buffer("weight_sz", scales_zeros)
-        self.register_buffer("weight_tail", q[tail:].clone())
-        self.register_buffer("weight_extra_t", extra)
-        if bias is not None:
-            self.bias = bias
-        self.int4, self.gemm_plan = True, None
+        self._replace_dense(weight_int4=int4.pack(q), weight_sz=scales_zeros, weight_tail=q[tail:].clone())
+        self.int4 = True
 
     def quantize_int8(self) -> None:
         """Switch to int8 storage, from the dense weights (bfloat16 activations from now on)."""
         if self.quantized:
             return
         values, scale = quantize_rows(self.weight[:, : self.d_main])
+        self._replace_dense(weight_int8=values, weight_scale=scale)
+        self.int8 = True
+
+    def _replace_dense(self, **quantized: Tensor) -> None:
+        """Drop the dense weight for the `quantized` buffers; the extra columns become the float32 block
+        stored transposed, the bias bfloat16 (the activations' dtype), and no GEMM plan applies."""
         extra = self.weight[:, self.d_main :].t().float().contiguous() if self.n_cols > self.d_main else None
         bias = None if self.bias is None else self.bias.to(torch.bfloat16)
         del self.weight
-        self.register_buffer("weight_int8", values)
-        self.register_buffer("weight_scale", scale)
+        for name, tensor in quantized.items():
+            self.register_buffer(name, tensor)
         self.register_buffer("weight_extra_t", extra)
         if bias is not None:
             self.bias = bias
-        self.int8, self.gemm_plan = True, None
+        self.gemm_plan = None
 
 
 class FusedInputProjections(FusedGemm):
