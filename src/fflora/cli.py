@@ -19,7 +19,7 @@ from .bench.latency import BenchSettings, format_bench_table, run_bench, write_b
 from .bench.serve import DISTRIBUTIONS, ServeBenchSettings, format_serve_table, run_serve_bench, write_serve_bench
 from .bench.train import TrainBenchSettings, format_train_table, run_train_bench, write_train_bench
 from .fastpath.compile import compile_decode
-from .fastpath.plan import plan_gemms
+from .fastpath.plan import MODES, plan_gemms
 from .methods import FFBAConfig, apply_adapter, fuse, load_adapter, registry
 from .methods.ffba.method import ffba_parameter_count
 from .methods.weight_formats import WEIGHT_FORMATS
@@ -366,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--train-steps", type=int, default=3, help="timed training steps per method")
-    p.add_argument("--gemm-plan", default="auto", choices=["auto", "standard", "transposed"],
+    p.add_argument("--gemm-plan", default="auto", choices=list(MODES),
                    help="how the *_fast and *_compiled configurations run their GEMMs (auto: layout and order "
                         "measured per shape)")
     p.add_argument("--compile-freezing", action="store_true",
@@ -442,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-compile", action="store_true", help="time the eager fused models instead")
     q.add_argument("--compile-cpp-wrapper", action="store_true",
                    help="compile every model (fflora's and the peers) with inductor's C++ wrapper (minutes each)")
-    q.add_argument("--gemm-plan", default=d.gemm_plan, choices=["auto", "standard", "transposed"],
+    q.add_argument("--gemm-plan", default=d.gemm_plan, choices=list(MODES),
                    help="how fflora's float GEMMs run, planned per batch size (default auto: measured per shape)")
     q.add_argument("--adapter", default=None, help="a trained FFBA adapter for the FFBA rows (default: a random one); "
                    "its dev loss is measured in every format")
@@ -496,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="adapter folder")
     p.add_argument("--strict", action="store_true", help="fail if the adapter was trained on other base weights")
     p.add_argument("--unfused", action="store_true", help="run the training form instead of the fused one")
-    p.add_argument("--gemm-plan", default="standard", choices=["standard", "transposed", "auto"],
+    p.add_argument("--gemm-plan", default="standard", choices=list(MODES),
                    help="how the fused GEMMs run (auto: weight layout and operand order measured per shape at start)")
     p.add_argument("--compile", default="off", choices=["off", "on", "freezing", "cpp-wrapper"],
                    help="run each decode step as one torch.compile graph (the first generate compiles it: tens of "
