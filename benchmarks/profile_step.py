@@ -23,6 +23,7 @@ from transformers import StaticCache
 
 import fflora
 from fflora.bench.formats import weight_bytes
+from fflora.fastpath.compile import decode_step
 
 GROUPS = (("weight GEMM", ("_weight_int4pack_mm", "_weight_int8pack_mm", "aten::linear", "aten::addmm")),
           ("adapter columns (float32 mm)", ("aten::mm",)),
@@ -39,7 +40,7 @@ def group_of(name: str) -> str:
 def profile(model, ids: torch.Tensor, steps: int) -> dict:
     """Self CPU time per op name and per group, per decode step, of `steps` compiled steps after a prefill."""
     fflora.compile_decode(model)
-    step = fflora.fastpath.compile.decode_step(model)
+    step = decode_step(model)
     prompt = ids.shape[1]
 
     def decode(cache, token, start, count):
@@ -75,11 +76,11 @@ def main() -> None:
     parser.add_argument("--out", default="results/profile-step")
     args = parser.parse_args()
     inductor_config.cpp.enable_kernel_profile = True
-    base, _ = fflora.load_base_model()
-    ids = torch.randint(10, base.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
-    results = {}
+    results, ids = {}, None
     for kind in ("fused_base", "ffba_fused"):
         model, _ = fflora.load_base_model()
+        if ids is None:  # the same prompt for both
+            ids = torch.randint(10, model.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
         if kind == "ffba_fused":
             if args.adapter:
                 fflora.load_adapter(model, args.adapter, strict=True)
