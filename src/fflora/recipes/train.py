@@ -469,6 +469,10 @@ def _run_trainer(cfg: TrainConfig, model, tokenizer, dataset, collate, dtype: di
     if trainer.is_world_process_zero():
         _save_final(trainer, out / "adapter", tokenizer)
         atomic_write_text(out / RUN_FILE, json.dumps(record, indent=2) + "\n")
+    # Every process waits for the saves, then the process group is closed: a process that exits with
+    # gloo's threads still running can abort ("terminate called without an active exception").
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
     return record
 
 
