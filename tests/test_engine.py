@@ -6,7 +6,8 @@ from conftest import make_model, randomize_adapters
 from transformers import ContinuousBatchingConfig, GenerationConfig
 
 import fflora
-from fflora.methods.ffba.bank import BASE_NAME
+from fflora.fastpath.compile import compile_engine_step
+from fflora.methods.ffba.bank import BASE_NAME, bank_of
 from fflora.serving import BankEngine, sampling_generation_config
 
 CONFIGS = {"ffba": fflora.FFBAConfig(r=4, alpha=8), "ba": fflora.FFBAConfig(r=8, forward=False)}
@@ -175,3 +176,56 @@ def test_leaving_a_stream_early_cancels_the_request(saved):
         tokens = asyncio.run(two_tokens_then_leave(engine))
         assert engine.is_running()
     assert tokens == _alone(saved, "ba", [5, 6, 7], GREEDY)
+
+
+MIXES = [[([5, 6, 7, 8], "ffba"), ([9, 10, 11], BASE_NAME), ([12, 13, 14, 15, 16], "ba")],
+         [([17, 18], "ba"), ([19, 20, 21, 22, 23, 24, 25], "ffba")]]
+
+
+def _each_mix_equals_each_request_alone(engine, saved, layers):
+    for requests in MIXES:
+        ids = [engine.add_request(prompt, adapter=name) for prompt, name in requests]
+        for (prompt, name), rid in zip(requests, ids):
+            alone = make_model("llama", max_position_embeddings=512, num_hidden_layers=layers)
+            if name != BASE_NAME:
+                fflora.load_adapter(alone, saved / name)
+            expected = fflora.fuse(alone).generate(torch.tensor([prompt]), generation_config=GREEDY)
+            assert engine.wait(rid).generated_tokens == expected[0, len(prompt):].tolist(), name
+
+
+@torch.no_grad()
+def test_fixed_windows_hold_each_steps_selection(saved):
+    """What a compiled engine runs, eagerly: every GEMM covers the whole room and each step's
+    selection (its packed segments' adapters, the padding as the base) is held in the bank's step."""
+    model = _bank(saved)
+    bank_of(model).fix_windows()
+    with BankEngine(model, GREEDY) as engine:
+        _each_mix_equals_each_request_alone(engine, saved, layers=3)
+    assert bank_of(model).step.selection is None  # nothing held once stopped
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_a_compiled_engine_gives_each_request_its_adapters_tokens(tmp_path):
+    """Compiled steps (inductor, dynamic token counts, the engine's thread in the compile settings'
+    context), on one layer: tracing a step of transformers' engine takes minutes (graph breaks in
+    its paged cache), hence slow."""
+    one_layer = {"max_position_embeddings": 512, "num_hidden_layers": 1}
+    for seed, (name, config) in enumerate(CONFIGS.items(), start=1):
+        model = fflora.apply_ffba(make_model("llama", **one_layer), config)
+        randomize_adapters(model, seed=seed)
+        fflora.save_adapter(model, tmp_path / name)
+    model = fflora.fuse(make_model("llama", **one_layer), max_adapters=2)
+    for name in CONFIGS:
+        fflora.load_adapter(model, tmp_path / name, adapter_name=name)
+    cb = ContinuousBatchingConfig(max_batch_tokens=32, page_size=16)
+    with BankEngine(model, GREEDY, cb, compile=True) as engine:
+        assert engine.compile_seconds > 0 and bank_of(model).step.fixed
+        _each_mix_equals_each_request_alone(engine, tmp_path, layers=1)
+
+
+def test_compiling_the_engine_needs_a_bank():
+    with pytest.raises(ValueError, match="needs a fused bank model"):
+        compile_engine_step(make_model("llama"), ContinuousBatchingConfig())
+    with pytest.raises(ValueError, match=r"needs an adapter bank: fflora.fuse\(model, max_adapters=K\)"):
+        compile_engine_step(fflora.fuse(make_model("llama")), ContinuousBatchingConfig())

@@ -17,11 +17,12 @@ compiled step). `fflora.unfuse` restores the generation settings the model had b
 
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 import torch
 from torch import nn
-from transformers import CompileConfig
+from transformers import CompileConfig, ContinuousBatchingConfig
 
 from ..methods.fused_state import drop_compiled_step, require_fused
 
@@ -70,6 +71,43 @@ def compile_decode(model: nn.Module, freezing: bool = False, cpp_wrapper: bool =
     if state.compiled is None:  # the settings to restore on unfuse
         state.compiled = (config.cache_implementation, config.compile_config)
     return compile_generation(model, freezing, cpp_wrapper)
+
+
+# Padding of transformers' continuous-batching steps when compiled. Its defaults (64 query tokens, 8192
+# cached tokens) size CUDA graphs; a CPU pays for every padded token, and the dynamic-shape graph
+# needs no buckets: pad the queries to a multiple of 8 (one graph covers them all) and the keys and
+# values read to one KV-cache page.
+ENGINE_QUERY_PADDING = 8
+
+
+def compile_engine_step(model: nn.Module, cb_config: ContinuousBatchingConfig,
+                        backend: str = "inductor") -> ContinuousBatchingConfig:
+    """Settings under which transformers' continuous-batching engine runs each step of a fused bank
+    model compiled: a copy of `cb_config` with a compile config for its (varlen) step, dynamic in the
+    number of tokens, and the bank's windows fixed (one graph for every mix of adapters, the masks
+    read from the bank's `BankStep`, which the engine sets before each step). `backend` is
+    torch.compile's ("eager" traces with Dynamo only: a quick check that the step traces).
+
+    Not one graph per step as `compile_decode` makes: transformers wraps its paged KV-cache update in
+    `torch.compiler.disable`, so each attention layer breaks the graph.
+    """
+    state = require_fused(model, "compiling the engine's step needs a fused bank model: fflora.fuse(model, max_adapters=K)")
+    if state.bank is None:
+        raise ValueError("compiling the engine's step needs an adapter bank: fflora.fuse(model, max_adapters=K)")
+    state.bank.fix_windows()
+    config = copy.deepcopy(cb_config)
+    config.varlen_compile_config = CompileConfig(fullgraph=False, dynamic=True, backend=backend, mode=None)
+    config.q_padding_interval_size = ENGINE_QUERY_PADDING
+    config.kv_padding_interval_size = config.page_size
+    return config
+
+
+def engine_compile_settings() -> None:
+    """Set, in the current context, what the engine's compiled step needs from Dynamo: each attention
+    layer's graph break resumes in a frame of its own, which one graph serves for every layer only if
+    the layer's index is not a constant; and the recompile limit of `compile_decode`."""
+    torch._dynamo.config.allow_unspec_int_on_nn_module = True
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
 
 
 def is_compiled(model: nn.Module) -> bool:

@@ -12,17 +12,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import copy
 import functools
 import queue
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 
+import torch
 from torch import nn
 from transformers import ContinuousBatchingConfig, GenerationConfig
 
+from ..fastpath.compile import compile_engine_step, engine_compile_settings
 from ..methods import BASE_NAME, bank_of, load_adapter, select_adapters
 
 # Greedy requests keep only the top token (exact argmax) instead of switching the engine out of
@@ -73,15 +77,34 @@ class BankEngine:
     The model must have an adapter bank (`fflora.fuse(model, max_adapters=K)`). While the engine
     runs, the model's forward selects adapters from the scheduled batch; `stop` restores it.
     Prefix caching is turned off: a cached prefix holds one adapter's keys and values.
+
+    `compile=True` (or a torch.compile backend's name) runs each step through transformers' compiled
+    (varlen) path, the bank's windows fixed (`fastpath.compile.compile_engine_step`); `start` compiles
+    first and records the time in `compile_seconds`. Measured slower than eager on a CPU (README,
+    "Measured: the engine compiled"): transformers' paged KV cache breaks the graph at every layer.
     """
 
     def __init__(self, model: nn.Module, generation_config: GenerationConfig | None = None,
-                 continuous_batching_config: ContinuousBatchingConfig | None = None) -> None:
+                 continuous_batching_config: ContinuousBatchingConfig | None = None,
+                 compile: bool | str = False) -> None:
         self.bank = bank_of(model)
         self.model = model
-        cb_config = copy.deepcopy(continuous_batching_config) if continuous_batching_config else ContinuousBatchingConfig()
+        cb_config = continuous_batching_config or ContinuousBatchingConfig()
+        self.compiled = bool(compile)
+        if compile:  # True, or torch.compile's backend by name
+            backend = "inductor" if compile is True else compile
+            cb_config = compile_engine_step(model, cb_config, backend=backend)
+        else:
+            cb_config = copy.deepcopy(cb_config)
         cb_config.allow_block_sharing = False
         cb_config.per_request_processors = True
+        self.compile_seconds: float | None = None  # the warm-up's compile time, once started
+        # torch's compile settings are context variables, which a new thread does not inherit: the
+        # engine's thread (and the warm-up) run in a copy of this thread's context, holding the
+        # compiled step's settings.
+        self._context = contextvars.copy_context()
+        if compile:
+            self._context.run(engine_compile_settings)
         self.generation_config = generation_config if generation_config is not None else sampling_generation_config()
         self._per_request_sampling = bool(self.generation_config.do_sample)
         self._lock = threading.Lock()  # guards the tables below (server threads, the engine's thread)
@@ -91,18 +114,29 @@ class BankEngine:
         self._streams: dict[str, object] = {}  # request id -> the `put` of a running `stream`, for `abort_all`
         self.manager = model.init_continuous_batching(generation_config=self.generation_config,
                                                       continuous_batching_config=cb_config)
+        self.manager._run_generation_loop = functools.partial(self._context.run, self.manager._run_generation_loop)
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
     def start(self) -> BankEngine:
+        """Start the engine's thread; a compiled engine first compiles its steps (`compile_seconds`)."""
         # The engine's thread calls model(**batch): an instance attribute shadows the class's forward.
         self.model.forward = self._forward
+        warm_up = self.compiled and not self.manager.warmed_up
+        began = time.perf_counter()
+        if warm_up:  # transformers' warm-up: a step of max_batch_tokens on dummy requests (prefill shapes)
+            self._context.run(self.manager.warmup)
         self.manager.start()
+        if warm_up:  # and a short request, for the decode steps' shapes
+            self.wait(self.add_request([0] * 4, max_new_tokens=3, ignore_eos=True))
+            self.compile_seconds = time.perf_counter() - began
         return self
 
     def stop(self) -> None:
         self.manager.stop(block=True)
         self.model.__dict__.pop("forward", None)
+        if self.bank.step.fixed:
+            self.bank.hold(None)
         self._delete_retired()
 
     def __enter__(self) -> BankEngine:
@@ -316,17 +350,30 @@ class BankEngine:
             self.manager.output_router.result_handlers.pop(request_id, None)
 
     def _forward(self, *args, **kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if self.bank.step.fixed:  # fixed windows (compiled): the selection is held, made outside the graph
+            self._hold_selection(input_ids.shape[-1])
+            return type(self.model).forward(self.model, *args, **kwargs)
+        names, lengths = self._segments(input_ids.shape[-1])
+        # Adapters stay where they are: the batch's set changes as requests come and go, and moving
+        # adapters to the front of the bank rewrites every adapter that shifts (~16 ms each on SmolLM2).
+        with select_adapters(self.model, names, lengths=lengths, rearrange=False):
+            return type(self.model).forward(self.model, *args, **kwargs)
+
+    @torch.compiler.disable
+    def _hold_selection(self, tokens: int) -> None:
+        names, lengths = self._segments(tokens)
+        self.bank.hold(self.bank.selection(names, lengths=lengths, rearrange=False))
+
+    def _segments(self, tokens: int) -> tuple[list[str], list[int]]:
+        """The adapter and token count of each request in the step's packed row of `tokens` tokens."""
         batch = self.manager.batch_processor.inputs_and_outputs.requests_in_batch
         with self._lock:
             names = [self._adapter_of.get(f.state.request_id, BASE_NAME) for f in batch]
         if self._retiring:
             self._delete_retired()
         lengths = [f.query_length for f in batch]
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        padding = input_ids.shape[-1] - sum(lengths)  # static-shape engines pad the packed row
+        padding = tokens - sum(lengths)  # static-shape (compiled) engines pad the packed row
         if padding > 0:
             names, lengths = [*names, BASE_NAME], [*lengths, padding]
-        # Adapters stay where they are: the batch's set changes as requests come and go, and moving
-        # adapters to the front of the bank rewrites every adapter that shifts (~16 ms each on SmolLM2).
-        with select_adapters(self.model, names, lengths=lengths, rearrange=False):
-            return type(self.model).forward(self.model, *args, **kwargs)
+        return names, lengths

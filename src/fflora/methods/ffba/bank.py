@@ -222,6 +222,14 @@ class AdapterBank:
         (what a compiled decode step needs: one graph for every mix of adapters)."""
         self.step.fixed = True
 
+    def hold(self, selection: BankSelection | None) -> None:
+        """With fixed windows: the selection the compiled graph reads from now on (None: no adapter),
+        for a caller that sets it before each forward pass, outside the graph (a continuous-batching
+        engine, whose batch changes every step)."""
+        if not self.step.fixed:
+            raise ValueError("hold needs a bank with fixed windows (compiled); otherwise use select_adapters")
+        self.step.selection = selection
+
     @property
     def device(self) -> torch.device:
         return self.blocks[0][2].device  # read each time: the model may have moved since fusing
