@@ -196,7 +196,7 @@ def _each_mix_equals_each_request_alone(engine, saved, layers):
 @torch.no_grad()
 def test_fixed_windows_hold_each_steps_selection(saved):
     """What a compiled engine runs, eagerly: every GEMM covers the whole room and each step's
-    selection (its packed segments' adapters, the padding as the base) is held in the bank's step."""
+    selection (its packed segments' adapters) is held in the bank's step."""
     model = _bank(saved)
     bank_of(model).fix_windows()
     with BankEngine(model, GREEDY) as engine:

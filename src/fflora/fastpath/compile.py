@@ -80,13 +80,11 @@ def compile_decode(model: nn.Module, freezing: bool = False, cpp_wrapper: bool =
 ENGINE_QUERY_PADDING = 8
 
 
-def compile_engine_step(model: nn.Module, cb_config: ContinuousBatchingConfig,
-                        backend: str = "inductor") -> ContinuousBatchingConfig:
+def compile_engine_step(model: nn.Module, cb_config: ContinuousBatchingConfig) -> ContinuousBatchingConfig:
     """Settings under which transformers' continuous-batching engine runs each step of a fused bank
     model compiled: a copy of `cb_config` with a compile config for its (varlen) step, dynamic in the
     number of tokens, and the bank's windows fixed (one graph for every mix of adapters, the masks
-    read from the bank's `BankStep`, which the engine sets before each step). `backend` is
-    torch.compile's ("eager" traces with Dynamo only: a quick check that the step traces).
+    read from the bank's `BankStep`, which the engine sets before each step).
 
     Not one graph per step as `compile_decode` makes: transformers wraps its paged KV-cache update in
     `torch.compiler.disable`, so each attention layer breaks the graph.
@@ -96,7 +94,7 @@ def compile_engine_step(model: nn.Module, cb_config: ContinuousBatchingConfig,
         raise ValueError("compiling the engine's step needs an adapter bank: fflora.fuse(model, max_adapters=K)")
     state.bank.fix_windows()
     config = copy.deepcopy(cb_config)
-    config.varlen_compile_config = CompileConfig(fullgraph=False, dynamic=True, backend=backend, mode=None)
+    config.varlen_compile_config = CompileConfig(fullgraph=False, dynamic=True, mode=None)  # inductor
     config.q_padding_interval_size = ENGINE_QUERY_PADDING
     config.kv_padding_interval_size = config.page_size
     return config

@@ -78,24 +78,20 @@ class BankEngine:
     runs, the model's forward selects adapters from the scheduled batch; `stop` restores it.
     Prefix caching is turned off: a cached prefix holds one adapter's keys and values.
 
-    `compile=True` (or a torch.compile backend's name) runs each step through transformers' compiled
-    (varlen) path, the bank's windows fixed (`fastpath.compile.compile_engine_step`); `start` compiles
-    first and records the time in `compile_seconds`. Measured slower than eager on a CPU (README,
-    "Measured: the engine compiled"): transformers' paged KV cache breaks the graph at every layer.
+    `compile=True` runs each step through transformers' compiled (varlen) path, the bank's windows
+    fixed (`fastpath.compile.compile_engine_step`); `start` compiles first and records the time in
+    `compile_seconds`. Measured slower than eager on a CPU (README, "Measured: the engine
+    compiled"): transformers' paged KV cache breaks the graph at every layer.
     """
 
     def __init__(self, model: nn.Module, generation_config: GenerationConfig | None = None,
                  continuous_batching_config: ContinuousBatchingConfig | None = None,
-                 compile: bool | str = False) -> None:
+                 compile: bool = False) -> None:
         self.bank = bank_of(model)
         self.model = model
         cb_config = continuous_batching_config or ContinuousBatchingConfig()
-        self.compiled = bool(compile)
-        if compile:  # True, or torch.compile's backend by name
-            backend = "inductor" if compile is True else compile
-            cb_config = compile_engine_step(model, cb_config, backend=backend)
-        else:
-            cb_config = copy.deepcopy(cb_config)
+        cb_config = compile_engine_step(model, cb_config) if compile else copy.deepcopy(cb_config)
+        self.compiled = compile
         cb_config.allow_block_sharing = False
         cb_config.per_request_processors = True
         self.compile_seconds: float | None = None  # the warm-up's compile time, once started
