@@ -6,7 +6,7 @@ windows fixed, the adapters' selection held outside the graph) each step should 
 overhead that the compiled decode of `fflora generate` loses. This script measures whether it
 does: two engines over two copies of the same bank (the same adapters), the same requests,
 interleaved rounds; it records the compile time, the graphs and graph breaks Dynamo made, and
-the tokens per second and time per step of each engine.
+the tokens per second of each engine and whether their tokens agree.
 
     python benchmarks/serve_compiled.py [--requests 1 4 8] [--rounds 3] [--out results/serve-compiled]
 """
