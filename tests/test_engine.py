@@ -13,18 +13,25 @@ from fflora.serving import BankEngine, sampling_generation_config
 CONFIGS = {"ffba": fflora.FFBAConfig(r=4, alpha=8), "ba": fflora.FFBAConfig(r=8, forward=False)}
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    root = tmp_path_factory.mktemp("adapters")
+def _llama(layers=3):
+    return make_model("llama", max_position_embeddings=512, num_hidden_layers=layers)
+
+
+def _save_adapters(root, layers=3):
     for seed, (name, config) in enumerate(CONFIGS.items(), start=1):
-        model = fflora.apply_ffba(make_model("llama", max_position_embeddings=512), config)
+        model = fflora.apply_ffba(_llama(layers), config)
         randomize_adapters(model, seed=seed)
         fflora.save_adapter(model, root / name)
     return root
 
 
-def _bank(saved, max_adapters=2):
-    model = fflora.fuse(make_model("llama", max_position_embeddings=512), max_adapters=max_adapters)
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    return _save_adapters(tmp_path_factory.mktemp("adapters"))
+
+
+def _bank(saved, max_adapters=2, layers=3):
+    model = fflora.fuse(_llama(layers), max_adapters=max_adapters)
     for name in CONFIGS:
         fflora.load_adapter(model, saved / name, adapter_name=name)
     return model
@@ -52,11 +59,7 @@ def test_concurrent_requests_for_different_adapters_equal_each_alone(saved, monk
     assert "forward" not in model.__dict__  # the model's own forward is back
     assert max(len(set(names)) for names in steps) == 3  # ffba, base and ba requests shared steps
     for (prompt, name), output in zip(requests, outputs):
-        alone = make_model("llama", max_position_embeddings=512)
-        if name != BASE_NAME:
-            fflora.load_adapter(alone, saved / name)
-        expected = fflora.fuse(alone).generate(torch.tensor([prompt]), generation_config=config)[0, len(prompt):]
-        assert output.generated_tokens == expected.tolist(), name
+        assert output.generated_tokens == _alone(saved, name, prompt, config), name
 
 
 def test_unknown_adapter_is_refused_with_the_loaded_names(saved):
@@ -80,8 +83,8 @@ def test_streaming_yields_each_token_as_it_comes(saved):
         next(engine.results("req-nope"))
 
 
-def _alone(saved, name, prompt, config):
-    model = make_model("llama", max_position_embeddings=512)
+def _alone(saved, name, prompt, config, layers=3):
+    model = _llama(layers)
     if name != BASE_NAME:
         fflora.load_adapter(model, saved / name)
     return fflora.fuse(model).generate(torch.tensor([prompt]), generation_config=config)[0, len(prompt):].tolist()
@@ -114,7 +117,7 @@ def test_a_cached_prefix_is_never_shared_between_adapters(saved):
     with BankEngine(_bank(saved), GREEDY, cb) as engine:
         outputs = {name: engine.wait(engine.add_request(prompt, name)) for name in ("ffba", BASE_NAME, "ba")}
     for name, output in outputs.items():
-        model = make_model("llama", max_position_embeddings=512)
+        model = _llama()
         if name != BASE_NAME:
             fflora.load_adapter(model, saved / name)
         out = fflora.fuse(model).generate(torch.tensor([prompt]), generation_config=GREEDY,
@@ -186,11 +189,7 @@ def _each_mix_equals_each_request_alone(engine, saved, layers):
     for requests in MIXES:
         ids = [engine.add_request(prompt, adapter=name) for prompt, name in requests]
         for (prompt, name), rid in zip(requests, ids):
-            alone = make_model("llama", max_position_embeddings=512, num_hidden_layers=layers)
-            if name != BASE_NAME:
-                fflora.load_adapter(alone, saved / name)
-            expected = fflora.fuse(alone).generate(torch.tensor([prompt]), generation_config=GREEDY)
-            assert engine.wait(rid).generated_tokens == expected[0, len(prompt):].tolist(), name
+            assert engine.wait(rid).generated_tokens == _alone(saved, name, prompt, GREEDY, layers), name
 
 
 @torch.no_grad()
@@ -210,14 +209,7 @@ def test_a_compiled_engine_gives_each_request_its_adapters_tokens(tmp_path):
     """Compiled steps (inductor, dynamic token counts, the engine's thread in the compile settings'
     context), on one layer: tracing a step of transformers' engine takes minutes (graph breaks in
     its paged cache), hence slow."""
-    one_layer = {"max_position_embeddings": 512, "num_hidden_layers": 1}
-    for seed, (name, config) in enumerate(CONFIGS.items(), start=1):
-        model = fflora.apply_ffba(make_model("llama", **one_layer), config)
-        randomize_adapters(model, seed=seed)
-        fflora.save_adapter(model, tmp_path / name)
-    model = fflora.fuse(make_model("llama", **one_layer), max_adapters=2)
-    for name in CONFIGS:
-        fflora.load_adapter(model, tmp_path / name, adapter_name=name)
+    model = _bank(_save_adapters(tmp_path, layers=1), layers=1)
     cb = ContinuousBatchingConfig(max_batch_tokens=32, page_size=16)
     with BankEngine(model, GREEDY, cb, compile=True) as engine:
         assert engine.compile_seconds > 0 and bank_of(model).step.fixed
