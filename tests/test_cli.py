@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 
 import pytest
 from conftest import randomize_adapters
@@ -50,9 +52,59 @@ def test_generate_with_adapter_fused_equals_unfused(tiny_model_dir, tmp_path, ca
                                                "drop --unfused, or them")
 
 
+def test_generate_takes_a_run_folder_and_a_lora_adapter(tiny_model_dir, tmp_path, capsys):
+    """One rule for adapter paths: the run folder `fflora train` writes or the adapter folder in it;
+    LoRA through PEFT, merged by default (the same tokens as unmerged), with the fast-path flags refused."""
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = fflora.load_base_model(tiny_model_dir)
+    fflora.apply_ffba(model, fflora.FFBAConfig(r=4))
+    randomize_adapters(model)
+    fflora.save_adapter(model, tmp_path / "run" / "adapter")
+    args = ["generate", "--model", str(tiny_model_dir), "--prompt", "abc", "--max-new-tokens", "5", "--adapter"]
+    assert main(args + [str(tmp_path / "run" / "adapter")]) == 0
+    from_adapter = capsys.readouterr()
+    assert main(args + [str(tmp_path / "run")]) == 0
+    from_run = capsys.readouterr()
+    assert from_run.out == from_adapter.out and "ffba: " in from_run.err and " tokens/s)" in from_run.err
+
+    lora = get_peft_model(fflora.load_base_model(tiny_model_dir)[0], LoraConfig(r=2, target_modules="all-linear"))
+    for name, p in lora.named_parameters():
+        if "lora_" in name:
+            p.data.normal_(0, 0.3)
+    lora.save_pretrained(tmp_path / "lora")
+    assert main(args + [str(tmp_path / "lora")]) == 0
+    merged = capsys.readouterr()
+    assert "LoRA adapter through PEFT, merged into the base weights" in merged.err
+    assert main(args + [str(tmp_path / "lora"), "--unfused"]) == 0
+    unmerged = capsys.readouterr()
+    assert unmerged.out == merged.out and "unmerged" in unmerged.err
+    assert main(["generate", "--model", str(tiny_model_dir), "--prompt", "abc", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out != merged.out  # the adapter changed the tokens
+    assert main(args + [str(tmp_path / "lora"), "--compile", "on"]) == 2
+    assert "is a LoRA adapter: --gemm-plan, --compile and --weights apply to fflora's fused form" in capsys.readouterr().err
+
+
+def test_a_warning_on_the_command_line_is_one_line_without_python_source(tiny_model_dir, tmp_path, capsys):
+    model = fflora.apply_ffba(fflora.load_base_model(tiny_model_dir)[0], fflora.FFBAConfig(r=2))
+    fflora.save_adapter(model, tmp_path / "adapter")
+    other = tmp_path / "other-base"
+    reweighted = fflora.load_base_model(tiny_model_dir)[0]
+    reweighted.lm_head.weight.data.add_(1.0)
+    reweighted.save_pretrained(other)
+    fflora.load_base_model(tiny_model_dir)[1].save_pretrained(other)
+    done = subprocess.run([sys.executable, "-m", "fflora.cli", "generate", "--model", str(other), "--adapter",
+                           str(tmp_path / "adapter"), "--prompt", "a", "--max-new-tokens", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    warning = [line for line in done.stderr.splitlines() if "warn" in line.lower()]
+    assert len(warning) == 1 and warning[0].startswith("fflora: warning: the adapter at ")
+    assert "other weights" in warning[0]
+
+
 def test_cli_errors_are_one_clear_line(tiny_model_dir, tmp_path, capsys):
     assert main(["generate", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "nope"), "--prompt", "a"]) == 2
-    assert "fflora: error: no fflora adapter at" in capsys.readouterr().err
+    assert f"fflora: error: {tmp_path / 'nope'} holds no trained result" in capsys.readouterr().err
     assert main(["params", "--model", str(tiny_model_dir), "--rank", "0"]) == 2
     assert "FFBAConfig.r must be an integer >= 1" in capsys.readouterr().err
 
@@ -77,3 +129,43 @@ def test_serve_refuses_bad_adapters_before_listening(tiny_model_dir, tmp_path, c
     assert f"fflora: error: no fflora adapter at {tmp_path / 'none'}" in capsys.readouterr().err
     assert main(["serve", "--model", str(tiny_model_dir), "--kv-cache-tokens", "0"]) == 2
     assert "fflora: error: --kv-cache-tokens must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tiny_model_dir), "--kv-cache-tokens", "10"]) == 2
+    assert ("fflora: error: --kv-cache-tokens 10 is below one page of the KV cache (256 tokens); give at least 256"
+            in capsys.readouterr().err)
+
+
+def test_train_flags_are_checked_before_any_data_or_model_is_read(tmp_path, capsys):
+    """A bad flag names itself at once (the data folder and the model do not exist: never reached)."""
+    common = ["train", "--method", "ffba", "--task", "commonsense", "--output-dir", str(tmp_path / "out"),
+              "--data-dir", str(tmp_path / "no-data"), "--model", str(tmp_path / "no-model")]
+    for flags, message in ((["--rank", "0"], "--rank must be an integer >= 1, got 0"),
+                           (["--lr", "0"], "--lr must be > 0, got 0.0"),
+                           (["--batch-size", "-2"], "--batch-size must be an integer >= 1, got -2"),
+                           (["--max-steps", "0"], "--max-steps must be >= 1, or -1 to train for --epochs; got 0"),
+                           (["--dropout", "1.5"], "--dropout must be in [0, 1), got 1.5")):
+        assert main(common + flags) == 2
+        assert capsys.readouterr().err.strip() == f"fflora: error: {message}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_help_gives_every_option_a_description_and_default():
+    import argparse
+
+    from fflora.cli import build_parser
+
+    parser = build_parser()
+    train = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    undocumented = [a.option_strings[0] for a in train._actions if a.option_strings and not a.help]
+    assert not undocumented, undocumented
+    for flag in ("--lr", "--batch-size", "--max-steps", "--max-length", "--logging-steps"):
+        action = next(a for a in train._actions if flag in a.option_strings)
+        assert "default" in action.help, flag
+
+
+def test_version_names_fflora_and_torch(capsys):
+    from fflora.utils.version import __version__
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.startswith(f"fflora {__version__} (torch ")

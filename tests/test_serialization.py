@@ -58,7 +58,7 @@ def test_loading_onto_other_dimensions_or_architecture_fails(tmp_path):
 def test_base_with_other_weights_warns_or_fails_when_strict(tmp_path):
     _trained("llama", tmp_path)
     other = make_model("llama", seed=123)  # same shape, other weights
-    with pytest.raises(ValueError, match=r"trained on a base model with other weights.*strict=True"):
+    with pytest.raises(ValueError, match=r"a base model with other weights than this one.*strict=True"):
         fflora.load_adapter(other, tmp_path, strict=True)
     assert not hasattr(other.model.layers[0], "ffba")  # strict failure leaves the model untouched
     with pytest.warns(fflora.BaseModelMismatchWarning, match="other weights"):
@@ -66,6 +66,34 @@ def test_base_with_other_weights_warns_or_fails_when_strict(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fflora.load_adapter(make_model("llama"), tmp_path, strict=True)  # the right base: silent
+
+
+def test_mismatch_messages_name_what_differs(tmp_path):
+    """No "(None)" for an unnamed base, and no "other weights ('X') than this one ('X')"."""
+    _trained("llama", tmp_path / "unnamed")
+    other = make_model("llama", seed=123)
+    with pytest.raises(fflora.BaseModelMismatchError) as unnamed:
+        fflora.load_adapter(other, tmp_path / "unnamed", strict=True)
+    assert "trained on a base model with other weights than this one; its outputs" in str(unnamed.value)
+    named = make_model("llama")
+    named.config._name_or_path = "org/base"
+    fflora.apply_ffba(named, fflora.FFBAConfig(r=4))
+    fflora.save_adapter(named, tmp_path / "named")
+    other.config._name_or_path = "org/base"
+    with pytest.raises(ValueError, match=r"trained on other weights of 'org/base' than this model's \(same name"):
+        fflora.load_adapter(other, tmp_path / "named", strict=True)
+    other.config._name_or_path = "org/other"
+    with pytest.raises(ValueError, match=r"trained on 'org/base', a base model with other weights than this one "
+                                         r"\('org/other'\)"):
+        fflora.load_adapter(other, tmp_path / "named", strict=True)
+    wider = make_model("llama")
+    wider.config.hidden_size = 64
+    with pytest.raises(ValueError, match=r"saved for another base model, 'org/base': its shape differs from this "
+                                         r"model's \(hidden_size: adapter 32, model 64\)\. Load it onto the model it "
+                                         r"was trained on \(--model org/base\)"):
+        fflora.load_adapter(wider, tmp_path / "named")
+    with pytest.raises(ValueError, match=r"saved for another base model \(its name was not recorded\): its shape"):
+        fflora.load_adapter(wider, tmp_path / "unnamed")
 
 
 def test_fingerprint_is_the_same_in_every_form(tmp_path):

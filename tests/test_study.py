@@ -13,7 +13,8 @@ def _spec(tiny_model_dir, tiny_data_dir, **kw):
     base = dict(name="tiny", model=str(tiny_model_dir), data_dir=str(tiny_data_dir), dev_size=8, eval_limit=2,
                 sweep_steps=2, final_steps=2, learning_rates=[1e-3, 3e-2], seeds={"ffba": 2, "lora": 1},
                 methods={"ffba": {"method": "ffba", "r": 2, "alpha": 4}, "lora": {"method": "lora", "lora_r": 2}},
-                train={"batch_size": 4, "max_length": 1024, "save_steps": 1, "logging_steps": 1, "warmup_ratio": 0.0})
+                train={"batch_size": 4, "max_length": 1024, "save_steps": 1, "logging_steps": 1, "warmup_ratio": 0.0,
+                       "dtype": "float32"})
     base.update(kw)
     return StudySpec(**base)
 
@@ -76,23 +77,24 @@ def test_the_plan_runs_ready_final_cells_first_seed_by_seed(tiny_model_dir, tiny
 
     records = {**sweep("ffba", 1e-3, 0.5), **sweep("ffba", 3e-2, None), **sweep("lora", 1e-3, 0.7)}
     todo, waiting = plan(spec, records)  # FFBA's sweep is done (3e-2 diverged), LoRA's is not
-    assert [c.key for c in todo] == ["final-ffba-lr0.001-seed0", "final-ffba-lr0.001-seed1", "base-model",
-                                     "sweep-lora-lr0.03-seed0"]
+    # FFBA's first seed, the base model, LoRA's sweep (the compared pair), then FFBA's further seeds
+    assert [c.key for c in todo] == ["final-ffba-lr0.001-seed0", "base-model", "sweep-lora-lr0.03-seed0",
+                                     "final-ffba-lr0.001-seed1"]
     assert waiting == 1
     assert plan(spec, records, phase="sweep") == ([Cell("sweep", "lora", 3e-2, 0)], 0)
-    assert [c.key for c in plan(spec, records, phase="final")[0]] == ["final-ffba-lr0.001-seed0",
-                                                                      "final-ffba-lr0.001-seed1", "base-model"]
+    assert [c.key for c in plan(spec, records, phase="final")[0]] == ["final-ffba-lr0.001-seed0", "base-model",
+                                                                      "final-ffba-lr0.001-seed1"]
     with pytest.raises(ValueError, match="phase must be 'sweep' or 'final'"):
         plan(spec, records, phase="sweeps")
 
     records |= sweep("lora", 3e-2, 0.6)
     todo, waiting = plan(spec, records)
-    assert [c.key for c in todo] == ["final-ffba-lr0.001-seed0", "final-lora-lr0.03-seed0", "final-ffba-lr0.001-seed1",
-                                     "base-model"]
+    assert [c.key for c in todo] == ["final-ffba-lr0.001-seed0", "final-lora-lr0.03-seed0", "base-model",
+                                     "final-ffba-lr0.001-seed1"]
     assert waiting == 0
 
     records[todo[0].key] = {"cell": {"phase": "final", "method": "ffba", "lr": 1e-3, "seed": 0}, "train": {"dev_loss": 0.4}}
-    assert [c.key for c in plan(spec, records)[0]] == ["final-lora-lr0.03-seed0", "final-ffba-lr0.001-seed1", "base-model"]
+    assert [c.key for c in plan(spec, records)[0]] == ["final-lora-lr0.03-seed0", "base-model", "final-ffba-lr0.001-seed1"]
 
 
 def _sweep_record(method, lr, loss):
@@ -300,3 +302,156 @@ def test_evaluations_are_checked_when_the_spec_is_read(tiny_model_dir, tiny_data
         _spec(tiny_model_dir, tiny_data_dir, evaluations=[{"name": "x", "mode": "rouge"}])
     with pytest.raises(ValueError, match="share a name or a metric"):
         _spec(tiny_model_dir, tiny_data_dir, evaluations=[{"name": "a", "mode": "text"}, {"name": "b", "mode": "text"}])
+
+
+def test_a_study_trains_every_cell_in_the_dtype_its_spec_names(tiny_model_dir, tiny_data_dir):
+    for dtype in (None, "auto"):
+        train = {"batch_size": 4} | ({"dtype": dtype} if dtype else {})
+        with pytest.raises(ValueError, match=rf"train.dtype is {dtype!r}: a study trains every cell in one dtype"):
+            _spec(tiny_model_dir, tiny_data_dir, train=train)
+    spec = _spec(tiny_model_dir, tiny_data_dir, train={"dtype": "bfloat16"})
+    assert {spec.train_config(Cell("sweep", m, 1e-3, 0), Path("r")).dtype for m in spec.methods} == {"bfloat16"}
+    with pytest.raises(ValueError, match=r"primary/secondary name metrics the evaluations do not give: \['gold nlll'\]"):
+        _spec(tiny_model_dir, tiny_data_dir, primary="gold nlll")
+
+
+def test_every_spec_under_benchmarks_loads():
+    from fflora.recipes.study import StudySpec
+
+    specs = sorted((Path(__file__).resolve().parents[1] / "benchmarks").glob("study-*.toml"))
+    assert len(specs) >= 4
+    for path in specs:
+        assert StudySpec.load(path).train["dtype"] in ("float32", "bfloat16")
+
+
+def test_until_is_the_next_occurrence_of_a_time_of_day():
+    import datetime as dt
+
+    from fflora.recipes.schedule import parse_until
+
+    now = dt.datetime(2026, 12, 6, 23, 20)
+    assert parse_until("23:50", now) == dt.datetime(2026, 12, 6, 23, 50)
+    assert parse_until("01:50", now) == dt.datetime(2026, 12, 7, 1, 50)  # past midnight: tomorrow's
+    assert parse_until("2026-12-08T03:00", now) == dt.datetime(2026, 12, 8, 3, 0)
+    with pytest.raises(ValueError, match=r"--until '25:00': give a time of day as HH:MM"):
+        parse_until("25:00", now)
+
+
+def _timed(record, train_s, steps, evaluate_s=None):
+    return record | {"timing": {"train_s": train_s, "steps_run": steps}
+                     | ({"evaluate_s": evaluate_s} if evaluate_s is not None else {})}
+
+
+def test_cell_estimates_come_from_the_measured_cells():
+    from fflora.recipes.schedule import cell_seconds
+
+    ffba = _timed(_sweep_record("ffba", 1e-3, 0.5)[Cell("sweep", "ffba", 1e-3, 0).key], 200.0, 100)  # 2 s/step
+    lora = _timed(_sweep_record("lora", 1e-3, 0.5)[Cell("sweep", "lora", 1e-3, 0).key], 300.0, 100)  # 3 s/step
+    base = _timed({"cell": {"phase": "base", "method": "base"}}, 0.0, 0, evaluate_s=500.0)
+    assert cell_seconds("sweep", "ffba", 10, [ffba]) == 20.0
+    assert cell_seconds("sweep", "lora", 10, [ffba, lora]) == 30.0  # the method's own speed
+    assert cell_seconds("sweep", "fa", 10, [ffba, lora]) == 25.0    # else the median of all
+    assert cell_seconds("final", "ffba", 10, [ffba]) is None        # no evaluation measured yet
+    assert cell_seconds("final", "ffba", 10, [ffba, base]) == 520.0
+    assert cell_seconds("base", "base", 0, [base]) == 500.0
+    assert cell_seconds("sweep", "ffba", 10, []) is None
+    # records written before `timing` existed: the run's own wall time per step, unless it was resumed
+    old = {"cell": {"phase": "sweep", "method": "ffba"}, "train": {"wall_time_s": 400.0, "global_step": 100,
+                                                                   "resumed_from": None}}
+    assert cell_seconds("sweep", "ffba", 10, [old]) == 40.0
+    assert cell_seconds("sweep", "ffba", 10, [old | {"train": old["train"] | {"resumed_from": "c-50"}}]) is None
+
+
+def test_until_starts_only_cells_that_end_in_time(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
+    """With 10 minutes left, a final cell measured at ~30 minutes is not started; the sweep cells that
+    fit are, and the run then stops, saying so in the aggregate."""
+    import datetime as dt
+
+    import fflora.recipes.study as study
+
+    spec = _spec(tiny_model_dir, tiny_data_dir, seeds={"ffba": 1, "lora": 1}, learning_rates=[1e-3, 3e-2],
+                 sweep_steps=10, final_steps=10)
+    folder = tmp_path / "results" / "tiny"
+    folder.mkdir(parents=True)
+    measured = {**_sweep_record("ffba", 1e-3, 0.5), **_sweep_record("ffba", 3e-2, 0.9)}
+    measured = {k: _timed(r, 300.0, 10) for k, r in measured.items()}  # 30 s per step: a sweep cell 5 min
+    measured["base-model"] = _timed({"cell": {"phase": "base", "method": "base", "lr": None, "seed": None},
+                                     "train": {"dev_loss": 1.0}}, 0.0, 0, evaluate_s=1500.0)
+    for key, record in measured.items():
+        (folder / f"{key}.json").write_text(json.dumps(record))
+    ran, clock = [], [dt.datetime(2026, 12, 6, 23, 0)]
+
+    class Clock(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return clock[0]
+
+    def fake_run_cell(spec, cell, results_dir, runs_dir):  # each cell takes the 5 minutes measured
+        ran.append(cell.key)
+        clock[0] += dt.timedelta(minutes=5)
+        record = _timed({"cell": {"phase": cell.phase, "method": cell.method, "lr": cell.lr, "seed": cell.seed},
+                         "train": {"dev_loss": 0.7}}, 300.0, 10)
+        (results_dir / f"{cell.key}.json").write_text(json.dumps(record))
+
+    monkeypatch.setattr(study, "run_cell", fake_run_cell)
+    monkeypatch.setattr(study, "aggregate", lambda spec, records: {"cells_done": len(records)})
+    monkeypatch.setattr(study, "write_aggregate", lambda result, folder: None)
+    monkeypatch.setattr(study.dt, "datetime", Clock)
+    until = clock[0] + dt.timedelta(minutes=10)
+    result = run_study(spec, tmp_path / "results", tmp_path / "runs", until=until)
+    # the final FFBA cell (10 x 30 s + 25 min of evaluation) does not fit; one 5-minute sweep cell does,
+    # a second would end after the deadline (with the margin)
+    assert ran == ["sweep-lora-lr0.001-seed0"]
+    assert result["runner"]["next"] == "final-ffba-lr0.001-seed0" and result["runner"]["next_estimate_s"] == 1800
+    assert result["runner"]["left_s"] == 300 and result["runner"]["at"] == "2026-12-06T23:05:00"
+    assert run_study(spec, tmp_path / "results", tmp_path / "runs", max_cells=1)["runner"] is None
+
+
+def test_a_stopped_process_counts_its_pause_apart(tmp_path):
+    """`kill -STOP` / `kill -CONT` on a process that times its work: the pause is taken out of its
+    active time (the figure the study plans with)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = ("import time\nfrom fflora.recipes.schedule import PauseWatch\n"
+              "with PauseWatch(tick=0.05, gap=0.5) as w:\n    print('ready', flush=True)\n    time.sleep(3.0)\n"
+              "print(round(w.wall(), 2), round(w.paused_s, 2), flush=True)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.5)
+        os.kill(proc.pid, signal.SIGSTOP)
+        time.sleep(2.0)
+        os.kill(proc.pid, signal.SIGCONT)
+        wall, paused = map(float, proc.stdout.readline().split())
+    finally:
+        proc.kill()
+        proc.wait()
+    assert wall >= 3.0 and 1.7 <= paused <= 2.3  # the 2 s stopped, not the 3 s of sleep
+
+
+def test_decisions_follow_the_interval_and_the_margin(tiny_model_dir, tiny_data_dir):
+    from fflora.recipes.study import decide, metrics_of
+
+    spec = _spec(tiny_model_dir, tiny_data_dir, evaluations=[{"name": "text", "mode": "text"}], primary="gold nll",
+                 secondary=["text acc_norm"])
+    metrics = metrics_of(spec)
+
+    def verdict(nll_ci, acc_ci, lora_gain=-0.4):
+        comparisons = {"ffba - lora": {"gold nll": {"difference": sum(nll_ci) / 2, "ci95": nll_ci},
+                                       "text acc_norm": {"difference": sum(acc_ci) / 2, "ci95": acc_ci}},
+                       "lora - base": {"gold nll": {"difference": lora_gain}}}
+        return {m: d["verdict"] for m, d in decide(spec, metrics, comparisons).items()}
+
+    # NLL: lower is better; the margin is 5% of LoRA's gain (0.4 nats: +-0.02)
+    assert verdict([-0.05, -0.01], [0.5, 2.0]) == {"gold nll": "better", "text acc_norm": "better"}
+    assert verdict([0.01, 0.05], [-2.0, -0.5]) == {"gold nll": "worse", "text acc_norm": "worse"}
+    assert verdict([-0.015, 0.019], [-0.9, 0.9]) == {"gold nll": "equivalent", "text acc_norm": "equivalent"}
+    assert verdict([-0.03, 0.01], [-1.5, 0.5]) == {"gold nll": "undecided", "text acc_norm": "undecided"}
+    assert verdict([-0.03, 0.01], [-0.5, 0.5], lora_gain=-1.0)["gold nll"] == "equivalent"  # margin 0.05
+    decided = decide(spec, metrics, {"ffba - lora": {"gold nll": {"difference": 0.0, "ci95": [-0.01, 0.01]}}})
+    assert decided["gold nll"]["verdict"] == "undecided" and decided["gold nll"]["margin"] is None  # no LoRA - base yet
+    assert decided["gold nll"]["primary"] and "text acc_norm" not in decided

@@ -42,8 +42,29 @@ def test_adapter_training_lowers_the_loss_and_writes_the_run(method, tiny_model_
     model = fflora.load_adapter(fflora.load_base_model(tiny_model_dir)[0], out / "adapter", strict=True)
     assert model.ffba_config.r == 4
     assert type(model.ffba_config) is {"ffba": fflora.FFBAConfig, "zflora": fflora.ZFLoRAConfig}[method]
-    assert record["seconds_per_step"] > 0
+    assert record["seconds_per_step"] > 0 and record["steps_run"] == 12
     assert load_trained(out, base_model=str(tiny_model_dir))[2] == method
+    assert [point[0] for point in run["loss_curve"]] == list(range(1, 13))
+    assert [point[1] for point in run["loss_curve"]] == losses
+
+
+def test_every_steps_gradient_norm_is_kept_with_the_share_clipping_cut(tiny_model_dir, tiny_data_dir, tmp_path):
+    """grad_norms.jsonl holds the norm before clipping of every step: at the logged steps, the very
+    norm the Trainer logs; run.json counts the steps above max_grad_norm (1.0)."""
+    out = tmp_path / "run"
+    record = train(_cfg(tiny_model_dir, tiny_data_dir, out, max_steps=6, logging_steps=2, save_steps=100))
+    norms = [json.loads(line) for line in (out / "grad_norms.jsonl").read_text().splitlines()]
+    assert [n["step"] for n in norms] == [1, 2, 3, 4, 5, 6]
+    logged = {r["step"]: r["grad_norm"] for r in map(json.loads, (out / "logs.jsonl").read_text().splitlines())
+              if "grad_norm" in r}
+    assert sorted(logged) == [2, 4, 6]
+    for step, value in logged.items():
+        assert norms[step - 1]["grad_norm"] == pytest.approx(value, rel=1e-6)
+    values = sorted(n["grad_norm"] for n in norms)
+    summary = record["grad_norm"]
+    assert summary["steps"] == 6 and summary["max"] == values[-1] and summary["median"] == values[3]
+    assert summary["clipped_share"] == sum(v > 1.0 for v in values) / 6 and summary["max_grad_norm"] == 1.0
+    assert summary["first"] == norms[0]["grad_norm"] and summary["last"] == norms[-1]["grad_norm"]
 
 
 @pytest.mark.parametrize("method", ["ffba", "zflora"])
@@ -218,3 +239,18 @@ def test_resume_accepts_a_run_saved_before_a_setting_existed(tiny_model_dir, tin
     assert train(cfg, resume=True)["resumed_from"].endswith("checkpoint-1")
     with pytest.raises(ValueError, match=r"other settings.*dev_size: 0 -> 4"):
         train(_cfg(tiny_model_dir, tiny_data_dir, out, max_steps=2, save_steps=1, dev_size=4), resume=True)
+
+
+def test_examples_whose_prompt_fills_max_length_are_dropped_with_a_message_that_says_so(tiny_model_dir, capsys):
+    from fflora.recipes.train import build_dataset
+
+    tokenizer = fflora.load_base_model(tiny_model_dir)[1]
+    short = {"question": "How much is 2 + 2?", "answer": 4}
+    long = {"question": "How much is " + "2 + " * 300 + "2?", "answer": 602}
+    dataset = build_dataset(tokenizer, [short, long, long], max_length=160)
+    assert len(dataset) == 1
+    assert ("dropped 2 of 3 examples: their prompt takes all 160 tokens, leaving no room for a response token "
+            "(raise --max-length to keep them)") in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"every training example's prompt takes all of max_length=160 tokens, leaving "
+                                         r"no room for its response; raise --max-length"):
+        build_dataset(tokenizer, [long], max_length=160)

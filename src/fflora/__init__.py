@@ -22,7 +22,7 @@ from .methods.ffba.config import FFBAConfig
 from .methods.ffba.method import ffba_parameter_count
 from .methods.ffba.tuner import FFBAModel
 from .methods.registration import register
-from .methods.serialization import BaseModelMismatchWarning, load_adapter, save_adapter
+from .methods.serialization import BaseModelMismatchError, BaseModelMismatchWarning, load_adapter, save_adapter
 from .methods.zflora.config import ZFLoRAConfig
 from .methods.zflora.method import zflora_parameter_count
 from .methods.zflora.tuner import ZFLoRAModel
@@ -34,6 +34,7 @@ register()  # FFBA and ZFLORA in PEFT's registries: get_peft_model, PeftModel.fr
 
 __all__ = [
     "BASE_NAME",
+    "BaseModelMismatchError",
     "BaseModelMismatchWarning",
     "FFBAConfig",
     "FFBAModel",

@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,16 +26,21 @@ from .methods.ffba.method import ffba_parameter_count
 from .methods.weight_formats import WEIGHT_FORMATS
 from .methods.zflora.method import zflora_parameter_count
 from .models.base_models import DEFAULT_MODEL, EMBEDDED, load_base_model, model_source
-from .recipes.artifacts import load_trained
+from .recipes.artifacts import RUN_FILE, load_trained
 from .recipes.budget import lora_parameter_count
+from .recipes.compare import CompareSettings, format_compare, run_compare
 from .recipes.data import default_data_dir, prepare
 from .recipes.demo import run_demo
-from .recipes.evaluate import evaluate, format_table
+from .recipes.evaluate import evaluate, format_table, response_loss
+from .recipes.schedule import parse_until
 from .recipes.study import StudySpec, format_aggregate, run_study
 from .recipes.train import METHODS, TrainConfig, config_from_args, train
+from .recipes.user_data import held_out_user_records
 from .serving.api_server import run_server
 from .serving.config import ServerConfig
 from .utils.errors import FFloraError
+from .utils.sources import say
+from .utils.version import __version__
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -53,7 +59,8 @@ def _add_adapter_options(p: argparse.ArgumentParser) -> None:
     # Not "--r": torchrun's parser would take it for an abbreviation of its own options.
     p.add_argument("--rank", dest="r", type=int, default=d.r, help=f"adapter rank (default {d.r})")
     p.add_argument("--alpha", type=float, default=d.alpha, help=f"adapter alpha, scale = alpha / rank (default {d.alpha:g})")
-    p.add_argument("--phi", default=d.phi, choices=["identity", "relu", "silu"])
+    p.add_argument("--phi", default=d.phi, choices=["identity", "relu", "silu"],
+                   help=f"FFBA's activation between its down and up projections (default {d.phi})")
     p.add_argument("--sub-blocks", default=",".join(d.sub_blocks), help="comma-separated: attn, mlp")
     p.add_argument("--no-forward", dest="forward", action="store_false", help="no forward adapters (BA only)")
     p.add_argument("--no-backward", dest="backward", action="store_false", help="no backward adapters (FA only)")
@@ -134,23 +141,37 @@ def cmd_verify(args) -> dict:
 def cmd_generate(args) -> dict:
     if args.unfused and (args.gemm_plan != "standard" or args.compile != "off" or args.weights):
         raise ValueError("--gemm-plan, --compile and --weights apply to the fused form; drop --unfused, or them")
-    model, tokenizer = load_base_model(args.model)
-    if args.adapter:
-        load_adapter(model, args.adapter, strict=args.strict)
-    if not args.unfused:
+    if args.adapter:  # an fflora or PEFT LoRA adapter folder, or the run folder `fflora train` wrote
+        model, tokenizer, kind = load_trained(args.adapter, args.model, fused=False, strict=args.strict)
+    else:
+        (model, tokenizer), kind = load_base_model(args.model), "base"
+    if kind == "lora":
+        if args.gemm_plan != "standard" or args.compile != "off" or args.weights:
+            raise ValueError(f"{args.adapter} is a LoRA adapter: --gemm-plan, --compile and --weights apply to fflora's "
+                             "fused form; drop them (LoRA runs through PEFT)")
+        model = model if args.unfused else model.merge_and_unload()
+        say(f"LoRA adapter through PEFT, {'unmerged' if args.unfused else 'merged into the base weights'}")
+    elif not args.unfused:
         fuse(model, weights=args.weights)
         if args.gemm_plan != "standard":
             plan_gemms(model, args.gemm_plan, rows=(len(args.prompt),))
         if args.compile != "off":
+            say("compiling the decode step (the first generate pays it: tens of seconds)")
             compile_decode(model, freezing=args.compile == "freezing", cpp_wrapper=args.compile == "cpp-wrapper")
     batch = _chat_batch(tokenizer, args.prompt)
     torch.manual_seed(args.seed)
+    start = time.perf_counter()
     out = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                          **({"temperature": args.temperature} if args.temperature > 0 else {}))
-    texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    seconds = time.perf_counter() - start
+    new = out[:, batch["input_ids"].shape[1]:]
+    texts = tokenizer.batch_decode(new, skip_special_tokens=True)
     for prompt, text in zip(args.prompt, texts):
         print(f"### {prompt}\n{text.strip()}\n")
-    return {"completions": texts}
+    tokens = int((new != tokenizer.pad_token_id).sum()) if tokenizer.pad_token_id is not None else new.numel()
+    say(f"{kind}: {tokens} new tokens in {seconds:.2f} s ({tokens / seconds:.1f} tokens/s"
+        + (", compilation included" if args.compile != "off" else "") + ")")
+    return {"completions": texts, "kind": kind, "new_tokens": tokens, "seconds": seconds}
 
 
 def cmd_serve(args) -> dict:
@@ -197,6 +218,8 @@ def cmd_eval(args) -> dict:
     else:
         model, tokenizer = load_base_model(args.model)
         title = f"base ({args.model or 'SmolLM2-135M-Instruct'})"
+    if args.data:
+        return _eval_held_out(args, model, tokenizer, title)
     summary = evaluate(model, tokenizer, args.task, data_dir=args.data_dir, limit=args.limit, mode=args.mode,
                        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, output=args.output,
                        **({"form": args.form} if args.mode == "nll" else {}))
@@ -205,6 +228,22 @@ def cmd_eval(args) -> dict:
     if args.output:
         print(f"results in {args.output}")
     return summary
+
+
+def _eval_held_out(args, model, tokenizer, title: str) -> dict:
+    """The held-out NLL per response token on a user's own data: the very records `fflora train --data`
+    held out with the same --dev-size (the run's own, read from its run folder, where there is one)."""
+    dev_size = args.dev_size
+    run = Path(args.adapter or "") / RUN_FILE
+    if dev_size is None and args.adapter and run.is_file():
+        dev_size = json.loads(run.read_text())["config"].get("dev_size", 0)
+    records = held_out_user_records(args.data, dev_size or 0)
+    loss = response_loss(model, tokenizer, records, args.max_length)
+    result = {"model": title, "data": args.data, "held_out": len(records), "nll_per_token": loss}
+    print(f"### {title}\nheld-out NLL per response token on {args.data}: {loss:.4f} ({len(records)} records)")
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 def _report_bench(args, run, write, table, folder: str, stem: str) -> dict:
@@ -269,11 +308,24 @@ def cmd_bench_formats(args) -> dict:
 
 
 def cmd_study(args) -> dict:
+    until = parse_until(args.until) if args.until else None
     spec = StudySpec.load(args.spec)
     if args.device:
         spec = dataclasses.replace(spec, device=args.device)
-    result = run_study(spec, args.results_dir, args.runs_dir, max_cells=args.max_cells, phase=args.phase)
+    result = run_study(spec, args.results_dir, args.runs_dir, max_cells=args.max_cells, phase=args.phase, until=until)
     print(format_aggregate(result))
+    return result
+
+
+def cmd_compare(args) -> dict:
+    settings = CompareSettings(methods=tuple(args.methods), latency=not args.no_latency, prompt_len=args.prompt_len,
+                               new_tokens=args.new_tokens, repeats=args.repeats, compile=args.compile)
+    if args.dev_size == 0 and args.task:  # the comparison is the held-out NLL: a built-in task holds out 200
+        args.dev_size = 200
+    recipe = config_from_args(argparse.Namespace(**vars(args), method=settings.methods[0]))
+    result = run_compare(recipe, settings)
+    print(format_compare(result))
+    print(f"\nresults in {args.output_dir}/ (compare.json, compare.md; one run folder per method)")
     return result
 
 
@@ -281,35 +333,53 @@ def cmd_demo(args) -> dict:
     return run_demo(args.output_dir, quick=args.quick, model=args.model, data_dir=args.data_dir)
 
 
-def _add_train(p: argparse.ArgumentParser) -> None:
+def _add_train(p: argparse.ArgumentParser, method: bool = True) -> None:
+    """The training recipe's options (`fflora train`; `fflora compare` without --method)."""
     d = TrainConfig(method="ffba", task="commonsense", output_dir="")
-    p.add_argument("--method", required=True, choices=METHODS)
-    p.add_argument("--task", required=True, choices=["commonsense", "math", "summary"])
+    if method:
+        p.add_argument("--method", required=True, choices=METHODS, help="the adapter method, or full fine-tuning")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--task", choices=["commonsense", "math", "summary"],
+                        help="a built-in training mixture (prepared by fflora data prepare)")
+    source.add_argument("--data", metavar="FILE_OR_DIR",
+                        help="your own data: JSONL (chat messages, prompt/completion pairs or text) or a `datasets` "
+                             "folder; 5%% (at most 200 records) held out for the dev loss unless --dev-size says")
     _add_model(p)
-    p.add_argument("--output-dir", required=True)
-    p.add_argument("--data-dir", default=None)
+    p.add_argument("--output-dir", required=True, help="the run folder: checkpoints, logs, run.json and adapter/")
+    p.add_argument("--data-dir", default=None, help="prepared data (default: $FFLORA_CACHE/data)")
     _add_adapter_options(p)
-    p.add_argument("--lora-rank", dest="lora_r", type=int, default=d.lora_r)
-    p.add_argument("--lora-alpha", type=float, default=d.lora_alpha)
+    p.add_argument("--lora-rank", dest="lora_r", type=int, default=d.lora_r,
+                   help=f"LoRA's rank (--method lora; default {d.lora_r})")
+    p.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help=f"LoRA's alpha (default {d.lora_alpha:g})")
     p.add_argument("--match-params", action="store_true",
                    help="FFBA / zFLoRA rank with the parameter count closest to LoRA at --lora-rank")
-    p.add_argument("--dropout", type=float, default=d.dropout, help="adapter dropout")
-    p.add_argument("--train-limit", type=int, default=None, help="training examples, balanced across the task's datasets")
-    p.add_argument("--max-steps", type=int, default=d.max_steps)
-    p.add_argument("--epochs", type=float, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--max-length", type=int, default=d.max_length)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--save-steps", type=int, default=d.save_steps)
-    p.add_argument("--save-total-limit", type=int, default=d.save_total_limit)
-    p.add_argument("--logging-steps", type=int, default=d.logging_steps)
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--dropout", type=float, default=d.dropout, help=f"adapter dropout (default {d.dropout:g})")
+    p.add_argument("--train-limit", type=int, default=None,
+                   help="training examples, balanced across the task's datasets (default: all)")
+    p.add_argument("--max-steps", type=int, default=d.max_steps,
+                   help="optimizer steps; -1 (default) trains for --epochs instead")
+    p.add_argument("--epochs", type=float, default=d.epochs, help=f"passes over the data when --max-steps is -1 "
+                                                                  f"(default {d.epochs:g})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"examples per step (default {d.batch_size})")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum,
+                   help=f"batches accumulated into one step (default {d.grad_accum})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate, linear decay (default {d.lr:g})")
+    p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio,
+                   help=f"share of the steps that warm the rate up (default {d.warmup_ratio:g})")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"AdamW's (default {d.weight_decay:g})")
+    p.add_argument("--max-length", type=int, default=d.max_length,
+                   help=f"tokens per example, prompt and response (default {d.max_length})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"adapter initialisation and data order (default {d.seed})")
+    p.add_argument("--save-steps", type=int, default=d.save_steps,
+                   help=f"a resumable checkpoint every this many steps (default {d.save_steps})")
+    p.add_argument("--save-total-limit", type=int, default=d.save_total_limit,
+                   help=f"checkpoints kept (default {d.save_total_limit})")
+    p.add_argument("--logging-steps", type=int, default=d.logging_steps,
+                   help=f"log the loss every this many steps to logs.jsonl (default {d.logging_steps})")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="less memory, ~30%% more time per step")
     p.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16"],
-                   help="float32, bfloat16 autocast, or auto: the faster of the two, measured on this machine (default)")
+                   help="float32, bfloat16 autocast, or auto (default): the faster of the two on this machine, measured "
+                        "once by its first run and kept for every later one")
     p.add_argument("--no-packing", dest="packing", action="store_false",
                    help="padded batches instead of packed ones (the same loss, slower)")
     p.add_argument("--form", default=d.form, choices=["instruction", "cloze"],
@@ -319,11 +389,13 @@ def _add_train(p: argparse.ArgumentParser) -> None:
                    help="stop as diverged when a logged loss exceeds this multiple of the first one (default: off)")
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
     p.add_argument("--dev-size", type=int, default=d.dev_size,
-                   help="hold out this many training records as the dev split and report their loss (default 0)")
+                   help="hold out this many training records as the dev split and report their loss (default 0; "
+                        "with --data: 5%%, at most 200)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fflora", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"fflora {__version__} (torch {torch.__version__})")
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="obtain and prepare data sets").add_subparsers(dest="data_command", required=True)
@@ -341,7 +413,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="run folder or adapter folder from `fflora train` (default: the base model)")
     p.add_argument("--method", choices=["base"], help="evaluate the base model (the default without --adapter)")
     p.add_argument("--strict", action="store_true")
-    p.add_argument("--task", nargs="+", required=True, help="commonsense, math, summary and/or dataset names")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--task", nargs="+", help="commonsense, math, summary and/or dataset names")
+    source.add_argument("--data", metavar="FILE_OR_DIR",
+                        help="your own data (as fflora train --data): the held-out records' NLL per response token")
+    p.add_argument("--dev-size", type=int, default=None,
+                   help="with --data: the held-out records (default: the run's own --dev-size, else 5%%, at most 200)")
+    p.add_argument("--max-length", type=int, default=TrainConfig.max_length,
+                   help=f"with --data: tokens per record (default {TrainConfig.max_length})")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--limit", type=int, default=None, help="first N test examples of each data set")
     p.add_argument("--mode", default="generate", choices=["generate", "loglik", "text", "nll"],
@@ -464,7 +543,27 @@ def build_parser() -> argparse.ArgumentParser:
                         "final: the evaluated ones, the base model's included)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="override the spec's device (cuda: bfloat16 autocast); a study keeps one device")
+    p.add_argument("--until", metavar="HH:MM", default=None,
+                   help="start a cell only if the cells measured so far say it ends before this local time (its "
+                        "next occurrence; or an ISO date and time); the next run resumes")
     p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("compare", help="train several methods on the same data, in one dtype, at a matched budget; "
+                                       "held-out NLL and decode latency side by side")
+    p.add_argument("--methods", nargs="+", default=["ffba", "lora"], choices=["ffba", "zflora", "lora"],
+                   help="two or more (default: ffba lora); FFBA and zFLoRA take the rank closest to LoRA's budget")
+    _add_train(p, method=False)
+    p.add_argument("--no-latency", action="store_true", help="skip the decode-latency part")
+    p.add_argument("--prompt-len", type=int, default=CompareSettings.prompt_len,
+                   help=f"latency: prompt tokens (default {CompareSettings.prompt_len})")
+    p.add_argument("--new-tokens", type=int, default=CompareSettings.new_tokens,
+                   help=f"latency: new tokens (default {CompareSettings.new_tokens})")
+    p.add_argument("--repeats", type=int, default=CompareSettings.repeats,
+                   help=f"latency: timed rounds, interleaved (default {CompareSettings.repeats})")
+    p.add_argument("--compile", action="store_true",
+                   help="latency: compile every form as its users do (fflora's fast path; transformers' compile for "
+                        "LoRA); tens of seconds each")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("demo", help="the main job: train FFBA, zFLoRA and LoRA, evaluate, benchmark, report")
     _add_model(p)
@@ -493,9 +592,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate with the base model or an adapter (fused by default)")
     _add_model(p)
     _add_weights(p)
-    p.add_argument("--adapter", help="adapter folder")
+    p.add_argument("--adapter", help="what fflora train wrote: its run folder, or the adapter folder in it (FFBA, "
+                                     "zFLoRA, or LoRA through PEFT)")
     p.add_argument("--strict", action="store_true", help="fail if the adapter was trained on other base weights")
-    p.add_argument("--unfused", action="store_true", help="run the training form instead of the fused one")
+    p.add_argument("--unfused", action="store_true", help="run the training form instead of the fused one (LoRA: "
+                                                          "unmerged instead of merged)")
     p.add_argument("--gemm-plan", default="standard", choices=list(MODES),
                    help="how the fused GEMMs run (auto: weight layout and operand order measured per shape at start)")
     p.add_argument("--compile", default="off", choices=["off", "on", "freezing", "cpp-wrapper"],
@@ -569,7 +670,15 @@ DEFAULT_PROMPTS = [
 ]
 
 
+def _cli_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as one line for a command-line user: what happened, not the Python source that said
+    it; fflora's own say so, a library's keep their category."""
+    ours = f"{os.sep}fflora{os.sep}" in str(filename)
+    return f"fflora: warning: {message}\n" if ours else f"{category.__name__}: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _cli_warning
     args = build_parser().parse_args(argv)
     if getattr(args, "prompt", "unset") is None:
         args.prompt = DEFAULT_PROMPTS

@@ -43,7 +43,8 @@ CONFIGS = ("base", "base_compiled", "fused_base", "fused_base_fast", "fused_base
            "lora_unmerged_compiled", "lora_merged", "ffba_unfused", "ffba_fused", "ffba_fused_fast", "ffba_fused_compiled",
            "zflora_unfused", "zflora_fused", "zflora_fused_fast", "zflora_fused_compiled")
 EAGER_CONFIGS = tuple(c for c in CONFIGS if not c.endswith("_compiled"))  # no compile warm-up (tens of seconds each)
-COMPILED_PEERS = ("base_compiled", "lora_unmerged_compiled")  # compiled as their users do: no fflora GEMM plan
+# compiled as their users do: no fflora GEMM plan (merged LoRA: `fflora compare --compile`)
+COMPILED_PEERS = ("base_compiled", "lora_unmerged_compiled", "lora_merged_compiled")
 FAST_PATH = ("_fast", "_compiled")  # suffixes of fflora's configurations planned per batch size
 # The latency targets (issue 9): TPOT of a configuration over TPOT of another, at most `limit`.
 TARGETS = (("fused_base", "base", 1.00), ("ffba_fused", "fused_base", 1.03), ("zflora_fused", "fused_base", 1.02),

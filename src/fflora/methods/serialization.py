@@ -45,6 +45,10 @@ class BaseModelMismatchWarning(UserWarning):
     """The adapter was saved for a base of the same shape but other weights."""
 
 
+class BaseModelMismatchError(ValueError):
+    """As BaseModelMismatchWarning, raised instead where loading is strict."""
+
+
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write the model's adapter to folder `path` (created if needed) in PEFT's format; each file is
     replaced atomically. `peft.PeftModel.from_pretrained(base, path)` loads it as well."""
@@ -202,18 +206,24 @@ def _check_base(model: nn.Module, path, saved_base: dict, strict: bool) -> None:
     this_base = base_model_shape(model)
     diffs = [f"{k}: adapter {saved_base.get(k)!r}, model {this_base[k]!r}" for k in SHAPE_KEYS if saved_base.get(k) != this_base[k]]
     if diffs:
+        saved_name = saved_base.get("name_or_path")
         raise ValueError(
-            f"the adapter at {path} was saved for another base model ({saved_base.get('name_or_path')!r}); "
-            "load it onto that model. Differences: " + "; ".join(diffs)
+            f"the adapter at {path} was saved for another base model"
+            + (f", {saved_name!r}" if saved_name else " (its name was not recorded)")
+            + f": its shape differs from this model's ({'; '.join(diffs)}). Load it onto the model it was trained on"
+            + (f" (--model {saved_name})" if saved_name else "")
         )
     if saved_base.get("fingerprint") != base_model_fingerprint(model):
-        message = (
-            f"the adapter at {path} was trained on a base model with other weights "
-            f"({saved_base.get('name_or_path')!r}) than this one ({getattr(model.config, '_name_or_path', None)!r}); "
-            "its outputs will not be what was trained"
-        )
+        saved_name, this_name = saved_base.get("name_or_path"), getattr(model.config, "_name_or_path", None)
+        if saved_name and saved_name == this_name:
+            base = f"other weights of {saved_name!r} than this model's (same name: another conversion, revision or fine-tune)"
+        else:
+            base = ((f"{saved_name!r}, " if saved_name else "") + "a base model with other weights than this one"
+                    + (f" ({this_name!r})" if this_name else ""))
+        message = (f"the adapter at {path} was trained on {base}; its outputs here will not be what was trained. "
+                   "Load it onto the base it was trained on")
         if strict:
-            raise ValueError(message + " (strict=True)")
+            raise BaseModelMismatchError(message + " (strict=True)")
         warnings.warn(message, BaseModelMismatchWarning, stacklevel=4)
 
 

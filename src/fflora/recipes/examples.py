@@ -46,6 +46,14 @@ def prompt_and_response(tokenizer, record: dict, form: str = "instruction") -> t
     """The two texts of a record in a form: what the model reads, and what it learns to write."""
     if form == "cloze":
         return choice_text_pairs(record)[record["label"]]
+    if "messages" in record:  # a user's chat: the turns before the last, then the assistant's last turn
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("chat-format data needs a tokenizer with a chat template; this model has none: give "
+                             "prompt/response pairs instead")
+        prompt = tokenizer.apply_chat_template(record["messages"][:-1], add_generation_prompt=True, tokenize=False)
+        return prompt, record["messages"][-1]["content"] + response_suffix(tokenizer)
+    if "text" in record:  # a user's plain text: every token is trained on
+        return "", record["text"] + response_suffix(tokenizer)
     instruction, response = instruction_and_response(record)
     return render_prompt(tokenizer, instruction), response + response_suffix(tokenizer)
 

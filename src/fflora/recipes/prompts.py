@@ -88,6 +88,8 @@ def instruction_and_response(record: dict) -> tuple[str, str]:
         return commonsense_instruction(record), commonsense_response(record)
     if "answer" in record:
         return record["question"], math_response(record)
+    if "response" in record:  # a user's prompt/response pair (`fflora.recipes.user_data`)
+        return record["prompt"], record["response"]
     return summary_instruction(record), record["summary"]
 
 

@@ -1,6 +1,6 @@
 """The accuracy study: methods x learning rates x seeds, each cell a normal training run and evaluation.
 
-`fflora study SPEC` (a TOML or JSON file, see `benchmarks/study-commonsense.toml`) runs two phases:
+`fflora study SPEC` (a TOML or JSON file, see `benchmarks/study-cloze.toml`) runs two phases:
 
 * sweep: every method at every learning rate, one seed, shorter runs judged on the dev loss alone
   (the held-out response-token loss on a fixed slice of the training mixture, never a test set);
@@ -8,22 +8,24 @@
   trivial baseline every final cell is read against;
 * final: each method at its best sweep rate (a rate at which a final run diverges, its loss NaN or
   above `final_max_loss_ratio` x its first logged loss, is dropped, and the method's final cells
-  move to its next-best rate), with its number of seeds, longer runs, evaluated on
-  the first `eval_limit` test items of every set in two ways: log-likelihood of the label response
-  (LLM-Adapters' format, with the best constant-label baseline) and of each choice's own text
-  (acc, acc_norm).
+  move to its next-best rate), with its number of seeds, longer runs, scored by the spec's
+  evaluations (by default on the first `eval_limit` test items of every set in two ways:
+  log-likelihood of the label response, LLM-Adapters' format, with the best constant-label
+  baseline, and of each choice's own text, acc and acc_norm).
 
-A finished cell writes one JSON record under `results/<study>/` (with its per-example predictions)
-and is skipped afterwards; an interrupted cell resumes from its last checkpoint under
-`runs/<study>/`. Cells can run in any order: a method's final cells are planned once its sweep is done
-and run before the base model's cell and the sweep cells still left (see `plan`).
+Every cell trains in the one dtype its spec names. A finished cell writes one JSON record under
+`results/<study>/` (per-example predictions, loss curve, gradient norms, active seconds) and is
+skipped afterwards; an interrupted cell resumes from its last checkpoint under `runs/<study>/`.
+Cells can run in any order (see `plan` for the one chosen); `until` stops before a cell the
+measured ones say would not end in time (`schedule`). The aggregate pairs FFBA with LoRA and
+decides between them on the spec's primary metric (`decide`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +37,7 @@ from ..utils.files import atomic_write_text
 from ..utils.sources import say
 from .artifacts import RUN_FILE, load_trained
 from .evaluate import evaluate, response_loss
+from .schedule import SAFETY, PauseWatch, cell_seconds
 from .stats import mean_std, paired_bootstrap, set_average
 from .train import CONFIG_FILE, TrainConfig, TrainingDivergedError, dev_records, train
 
@@ -51,6 +54,7 @@ MODE_METRICS = {
     "generate": {"{name} exact match": (3, "accuracy", "best_constant")},
 }
 BASELINE_NAMES = {"best_constant": "best constant answer", "chance": "chance"}
+TRAIN_DTYPES = ("float32", "bfloat16")
 EVALUATION_KEYS = {"name", "mode", "tasks", "limit", "form", "batch_size", "max_new_tokens", "max_length"}
 
 
@@ -104,6 +108,10 @@ class StudySpec:
     # every item), "form", "batch_size", "max_new_tokens", "max_length"}. Default: the label format
     # (loglik) and the choices' texts (text) on the first eval_limit items of each set.
     evaluations: list[dict] | None = None
+    # The decision (`decide`): FFBA - LoRA on the primary metric (a loss, e.g. "gold nll"), then on
+    # each secondary one (accuracies); see `decide`.
+    primary: str | None = None
+    secondary: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
@@ -126,6 +134,15 @@ class StudySpec:
         if len(names) != len(set(names)) or len({e["name"] for e in self.scored()}) != len(self.scored()):
             raise ValueError("two evaluations of the study share a name or a metric (one loglik and one text "
                              "evaluation at most; name the nll and generate ones apart)")
+        if self.train.get("dtype") not in TRAIN_DTYPES:
+            raise ValueError(f"train.dtype is {self.train.get('dtype')!r}: a study trains every cell in one dtype, "
+                             f"written in its spec; set dtype to one of {list(TRAIN_DTYPES)} under [train] "
+                             "(\"auto\" measures per run and can give two methods two dtypes)")
+        known = {template.format(name=e["name"]) for e in self.scored() for template in MODE_METRICS[e["mode"]]}
+        unknown = [m for m in [self.primary, *self.secondary] if m is not None and m not in known]
+        if unknown:
+            raise ValueError(f"primary/secondary name metrics the evaluations do not give: {unknown}; "
+                             f"the study's metrics are {sorted(known)}")
         for key in ("eval_limit", "sweep_steps", "final_steps"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ValueError(f"{key} must be an integer >= 1, got {getattr(self, key)!r}")
@@ -151,6 +168,10 @@ class StudySpec:
         given = self.evaluations or [{"name": "loglik", "mode": "loglik"}, {"name": "text", "mode": "text"}]
         return [{"tasks": [self.task], "limit": self.eval_limit, **e} for e in given]
 
+    def steps(self, phase: str) -> int:
+        """Training steps of a cell of `phase` (the base model's cell trains none)."""
+        return {"sweep": self.sweep_steps, "final": self.final_steps, "base": 0}[phase]
+
     def train_config(self, cell: Cell, runs_dir: Path) -> TrainConfig:
         overrides = {**self.train, **self.methods[cell.method]}
         owned = sorted(set(overrides) & _STUDY_OWNED)
@@ -162,7 +183,7 @@ class StudySpec:
         return TrainConfig(task=self.task, output_dir=str(runs_dir / self.name / cell.key), model=self.model,
                            data_dir=self.data_dir, dev_size=self.dev_size, lr=cell.lr, seed=cell.seed,
                            max_loss_ratio=self.final_max_loss_ratio if cell.phase == "final" else None,
-                           max_steps=self.sweep_steps if cell.phase == "sweep" else self.final_steps,
+                           max_steps=self.steps(cell.phase),
                            **overrides)
 
 
@@ -179,6 +200,7 @@ class Cell:
 
 
 BASE_CELL = Cell("base", "base", 0.0, 0)  # the base model, untrained: evaluated like a final cell
+COMPARED = ("ffba", "lora")  # the pair the study decides between: their cells run first (see `plan`)
 
 
 def read_records(results_dir: Path) -> dict[str, dict]:
@@ -215,11 +237,12 @@ def plan(spec: StudySpec, records: dict[str, dict], phase: str | None = None) ->
     """(cells that can run now, in the order to run them; final cells still waiting for their
     method's sweep), of one phase only when `phase` is given.
 
-    Final cells whose sweep is done come first, seed by seed across methods (seed 0 of every ready
-    method, then seed 1, ...), so that a study stopped part way already holds a paired comparison;
-    the base model's cell and the remaining sweep cells follow, method by method. `phase="sweep"`
-    runs the short cells alone, e.g. when a session has too little time left for a final cell;
-    `phase="final"` the evaluated ones (final cells and the base model's)."""
+    The order serves the decision (FFBA against LoRA) first, so that a study stopped part way
+    already holds a paired comparison: each ready method's first final cell (seed 0), the base
+    model's cell, the sweep cells of the compared pair (COMPARED), the ready methods' further seeds
+    (seed 1 of each, then seed 2, ...), then the other methods' sweep cells. `phase="sweep"` runs the
+    short cells alone, e.g. when a session has too little time left for a final cell; `phase="final"`
+    the evaluated ones (final cells and the base model's)."""
     if phase not in (None, "sweep", "final"):
         raise ValueError(f"phase must be 'sweep' or 'final', not {phase!r}")
     best = best_rates(spec, records)
@@ -227,54 +250,75 @@ def plan(spec: StudySpec, records: dict[str, dict], phase: str | None = None) ->
     finals = [Cell("final", m, best[m], seed) for seed in range(max(spec.seeds.values(), default=0))
               for m in ready if seed < spec.seeds[m]]
     sweeps = [Cell("sweep", m, lr, 0) for m in spec.methods for lr in spec.learning_rates]
+    order = ([c for c in finals if c.seed == 0] + [BASE_CELL] + [c for c in sweeps if c.method in COMPARED]
+             + [c for c in finals if c.seed > 0] + [c for c in sweeps if c.method not in COMPARED])
     wanted = {None: ("final", "base", "sweep"), "final": ("final", "base"), "sweep": ("sweep",)}[phase]
     waiting = sum(count for method, count in spec.seeds.items() if method not in best) if "final" in wanted else 0
-    return [c for c in finals + [BASE_CELL] + sweeps if c.key not in records and c.phase in wanted], waiting
+    return [c for c in order if c.key not in records and c.phase in wanted], waiting
 
 
 def run_cell(spec: StudySpec, cell: Cell, results_dir: Path, runs_dir: Path) -> dict:
-    """Train (or resume, or reuse a finished run), evaluate a final cell, write its record atomically."""
+    """Train (or resume, or reuse a finished run), evaluate a final cell, write its record atomically.
+    The record's `timing` holds the cell's active seconds (pauses taken out, see `schedule`) for
+    training and for evaluation: what `run_study(until=...)` plans the next cells with."""
 
-    if cell.phase == "base":
-        return _run_base_cell(spec, results_dir, runs_dir)
+    with PauseWatch() as watch:
+        if cell.phase == "base":
+            record = _base_record(spec, runs_dir)
+        else:
+            record = _trained_record(spec, cell, runs_dir, watch)
+        if cell.phase in ("final", "base") and "diverged" not in record:
+            start = watch.active()
+            model, tokenizer = _cell_model(spec, cell, runs_dir)
+            record |= _evaluate_all(spec, model, tokenizer, runs_dir / spec.name / cell.key)
+            record["timing"]["evaluate_s"] = watch.active() - start
+        record["timing"] |= {"wall_s": watch.wall(), "paused_s": watch.paused_s}
+    return _write_record(results_dir, cell, record)
+
+
+def _trained_record(spec: StudySpec, cell: Cell, runs_dir: Path, watch: PauseWatch) -> dict:
+    """A sweep or final cell's record up to its evaluation: its training run (resumed from its last
+    checkpoint, or read back where it finished before), or what made it diverge."""
     cfg = spec.train_config(cell, runs_dir)
     out = Path(cfg.output_dir)
+    head = {"cell": {"phase": cell.phase, "method": cell.method, "lr": cell.lr, "seed": cell.seed},
+            "device": spec.device}
+    start = watch.active()
     if (out / RUN_FILE).is_file():
-        trained = json.loads((out / RUN_FILE).read_text())  # trained before; evaluation was interrupted
+        trained, steps_run = json.loads((out / RUN_FILE).read_text()), 0  # trained before; evaluation was cut off
     else:
         try:
             trained = train(cfg, resume=(out / CONFIG_FILE).is_file())
         except TrainingDivergedError as e:  # a result too: this rate is too high for the method
-            record = {"cell": {"phase": cell.phase, "method": cell.method, "lr": cell.lr, "seed": cell.seed},
-                      "diverged": str(e), "train": {"dev_loss": None}, "device": spec.device}
-            return _write_record(results_dir, cell, record)
-    record = {"cell": {"phase": cell.phase, "method": cell.method, "lr": cell.lr, "seed": cell.seed},
-              "train": {k: trained.get(k) for k in ("dev_loss", "train_loss", "global_step", "wall_time_s",
-                                                    "tokens", "tokens_per_s", "resumed_from")}
-              | {"dtype": (trained.get("dtype") or {}).get("dtype")},
-              "parameters": trained["parameters"]["trainable"], "config": trained["config"]}
-    record["device"] = spec.device
-    if cell.phase == "final":
-        model, tokenizer, _ = load_trained(out, spec.model)
-        model.to(spec.device)
-        record |= _evaluate_all(spec, model, tokenizer, out)
-    return _write_record(results_dir, cell, record)
+            return head | {"diverged": str(e), "train": {"dev_loss": None},
+                           "timing": {"train_s": watch.active() - start, "steps_run": 0}}
+        steps_run = trained["steps_run"]
+    keys = ("dev_loss", "train_loss", "global_step", "wall_time_s", "seconds_per_step", "tokens", "tokens_per_s",
+            "resumed_from", "loss_curve", "grad_norm")
+    return head | {"train": {k: trained.get(k) for k in keys} | {"dtype": (trained.get("dtype") or {}).get("dtype")},
+                   "parameters": trained["parameters"]["trainable"], "config": trained["config"],
+                   "timing": {"train_s": watch.active() - start, "steps_run": steps_run}}
 
 
-def _run_base_cell(spec: StudySpec, results_dir: Path, runs_dir: Path) -> dict:
-    """The untrained base model's dev loss and accuracies, scored exactly as the final cells are."""
-
+def _base_record(spec: StudySpec, runs_dir: Path) -> dict:
+    """The untrained base model's dev loss: scored as the final cells are (float32, as every trained
+    cell's dev loss, `fflora.recipes.train`), then evaluated like them."""
     model, tokenizer = load_base_model(spec.model)
-    model.to(spec.device).eval()
     max_length = spec.train.get("max_length", TrainConfig.max_length)
-    record = {"cell": {"phase": "base", "method": "base", "lr": None, "seed": None}, "parameters": 0,
-              "device": spec.device}
-    form = {**spec.train}.get("form", TrainConfig.form)
-    # float32, as every trained cell's dev loss (`fflora.recipes.train`)
-    record["train"] = {"dev_loss": response_loss(model, tokenizer, dev_records(spec.task, spec.dev_size, spec.data_dir),
-                                                 max_length, form=form)}
-    record |= _evaluate_all(spec, model, tokenizer, runs_dir / spec.name / BASE_CELL.key)
-    return _write_record(results_dir, BASE_CELL, record)
+    form = spec.train.get("form", TrainConfig.form)
+    dev = response_loss(model, tokenizer, dev_records(spec.task, spec.dev_size, spec.data_dir), max_length, form=form)
+    return {"cell": {"phase": "base", "method": "base", "lr": None, "seed": None}, "parameters": 0,
+            "device": spec.device, "train": {"dev_loss": dev}, "timing": {"train_s": 0.0, "steps_run": 0}}
+
+
+def _cell_model(spec: StudySpec, cell: Cell, runs_dir: Path):
+    """(model, tokenizer) a final cell (its trained adapter) or the base model's cell is evaluated with,
+    on the spec's device."""
+    if cell.phase == "base":
+        model, tokenizer = load_base_model(spec.model)
+    else:
+        model, tokenizer, _ = load_trained(Path(spec.train_config(cell, runs_dir).output_dir), spec.model)
+    return model.to(spec.device).eval(), tokenizer
 
 
 def _write_record(results_dir: Path, cell: Cell, record: dict) -> dict:
@@ -311,9 +355,13 @@ def _cell_value(value):
 
 
 def run_study(spec: StudySpec, results_root: str | Path = "results", runs_root: str | Path = "runs",
-              max_cells: int | None = None, phase: str | None = None) -> dict:
+              max_cells: int | None = None, phase: str | None = None, until: dt.datetime | None = None) -> dict:
     """Run every cell not yet finished (at most `max_cells`, of `phase` only if given), then write the
-    aggregate; returns it."""
+    aggregate; returns it. With `until` (a local wall-clock time), a cell starts only when the cells
+    already measured say it ends before then (`schedule.cell_seconds`, with a margin): the first
+    cell of the plan that fits runs, and where none fits the run stops and the aggregate's `runner`
+    says so. A cell no measurement covers yet (the study's first) is started: only running one
+    measures it, and a cut-off cell resumes from its last checkpoint."""
     results_dir, runs_dir = Path(results_root) / spec.name, Path(runs_root)
     if spec.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("the study asks for device 'cuda' but torch sees no CUDA device; use device = \"cpu\"")
@@ -323,24 +371,34 @@ def run_study(spec: StudySpec, results_root: str | Path = "results", runs_root: 
         raise ValueError(f"{results_dir} holds cells run on {other}, this run is on {spec.device!r}: give the "
                          "study another name so that its numbers are not mixed")
     results_dir.mkdir(parents=True, exist_ok=True)
-    durations: dict[str, list[float]] = {}
-    ran = 0
+    ran, stopped = 0, None
     while max_cells is None or ran < max_cells:
         records = read_records(results_dir)
         todo, waiting = plan(spec, records, phase)
         if not todo:
             break
+        estimates = {c: cell_seconds(c.phase, c.method, spec.steps(c.phase), list(records.values())) for c in todo}
+        waiting_s = cell_seconds("final", "", spec.final_steps, list(records.values())) if waiting else 0.0
+        known = [e for e in [*estimates.values(), waiting_s] if e is not None]
         cell = todo[0]
-        left = len(todo) + waiting
-        eta = sum(np.mean(durations.get(c.phase, [np.nan])) for c in todo) + waiting * np.mean(durations.get("final", [np.nan]))
-        say(f"study {spec.name}: {len(records)} done, running {cell.key}, {left - 1} left after it"
-            + (f", about {eta / 3600:.1f} h to go" if np.isfinite(eta) else ""))
-        start = time.time()
+        if until is not None:
+            left = (until - dt.datetime.now()).total_seconds()
+            fits = [c for c in todo if estimates[c] is None or SAFETY * estimates[c] < left]
+            if not fits:
+                stopped = {"until": until.isoformat(timespec="minutes"), "at": dt.datetime.now().isoformat(timespec="seconds"),
+                           "next": todo[0].key, "next_estimate_s": round(estimates[todo[0]]), "left_s": round(left)}
+                say(f"study {spec.name}: stopping before {todo[0].key}: it takes about {estimates[todo[0]] / 60:.0f} min "
+                    f"and {max(left, 0) / 60:.0f} min are left before {stopped['until']}; run the study again to go on")
+                break
+            cell = fits[0]
+        say(f"study {spec.name}: {len(records)} done, running {cell.key}"
+            + (f" (about {estimates[cell] / 60:.0f} min)" if estimates[cell] else " (not yet measured)")
+            + f", {len(todo) + waiting - 1} left after it"
+            + (f", about {sum(known) / 3600:.1f} h to go" if len(known) == len(todo) + 1 else ""))
         run_cell(spec, cell, results_dir, runs_dir)
-        durations.setdefault(cell.phase, []).append(time.time() - start)
         ran += 1
     records = read_records(results_dir)
-    result = aggregate(spec, records)
+    result = aggregate(spec, records) | {"runner": stopped}
     write_aggregate(result, results_dir)
     return result
 
@@ -405,6 +463,7 @@ def aggregate(spec: StudySpec, records: dict[str, dict]) -> dict:
                 # per seed, on how many sets the metric beats its baseline (strictly)
                 entry["sets_above_baseline"][name] = [
                     int(sum(v[seed] > baseline["sets"][g] for g, v in per_seed.items())) for seed in range(len(runs))]
+        entry |= _training_summary(runs)
         methods[method] = entry
     comparisons = {}
     for a, b in _comparisons(finals):
@@ -417,14 +476,61 @@ def aggregate(spec: StudySpec, records: dict[str, dict]) -> dict:
             comparisons[f"{a} - {b}"][name] = paired_bootstrap(va, vb, groups, scale=metric.scale)
     return {"study": spec.name, "cells_done": len(records), "sweep_dev_loss": sweep,
             "metrics": {name: {"kind": m.kind, "evaluation": m.evaluation} for name, m in metrics.items()},
-            "methods": methods, "comparisons": comparisons}
+            "methods": methods, "comparisons": comparisons, "decision": decide(spec, metrics, comparisons)}
+
+
+def _training_summary(runs: list[dict]) -> dict:
+    """A method's training over its seeds: the mean training loss at each logged step, and the
+    gradient norm before clipping (median over seeds of each run's median) with the share of steps
+    clipping cut (mean over seeds); empty where the records predate them (and for the base model)."""
+    out = {}
+    curves = [dict(r["train"]["loss_curve"]) for r in runs if r["train"].get("loss_curve")]
+    if curves:
+        steps = sorted(set.intersection(*(set(c) for c in curves)))
+        out["loss_curve"] = [[step, float(np.mean([c[step] for c in curves]))] for step in steps]
+    norms = [r["train"]["grad_norm"] for r in runs if r["train"].get("grad_norm")]
+    if norms:
+        out["grad_norm"] = {"median": float(np.median([n["median"] for n in norms])),
+                            "max": max(n["max"] for n in norms), "max_grad_norm": norms[0]["max_grad_norm"],
+                            "clipped_share": float(np.mean([n["clipped_share"] for n in norms]))}
+    return out
+
+
+# How FFBA - LoRA is read on a metric, from its 95% interval: "better" or "worse" where the interval
+# excludes 0; "equivalent" where it lies within +-margin; else "undecided". The margin of a loss
+# (NLL) is this share of LoRA's gain over the base model; of an accuracy, these percentage points.
+NLL_MARGIN_SHARE = 0.05
+ACCURACY_MARGIN_POINTS = 1.0
+
+
+def decide(spec: StudySpec, metrics: dict[str, Metric], comparisons: dict[str, dict]) -> dict:
+    """FFBA against LoRA on the spec's primary metric and each secondary one (see NLL_MARGIN_SHARE):
+    {metric: {"verdict", "difference", "ci95", "margin"}}, for the metrics the finals hold so far."""
+    ffba_lora = comparisons.get(" - ".join(COMPARED), {})
+    lora_base = comparisons.get(f"{COMPARED[1]} - base", {})
+    out = {}
+    for name in [spec.primary, *spec.secondary]:
+        if name not in ffba_lora or name not in metrics:
+            continue
+        low, high = ffba_lora[name]["ci95"]
+        if metrics[name].kind == "nll":  # lower is better
+            better, worse = high < 0, low > 0
+            margin = NLL_MARGIN_SHARE * abs(lora_base[name]["difference"]) if name in lora_base else None
+        else:
+            better, worse = low > 0, high < 0
+            margin = ACCURACY_MARGIN_POINTS
+        verdict = ("better" if better else "worse" if worse
+                   else "equivalent" if margin is not None and -margin <= low and high <= margin else "undecided")
+        out[name] = {"verdict": verdict, "difference": ffba_lora[name]["difference"], "ci95": [low, high],
+                     "margin": margin, "primary": name == spec.primary}
+    return out
 
 
 def _comparisons(finals: dict[str, list[dict]]) -> list[tuple[str, str]]:
     """The paired differences to report: FFBA - LoRA first (the paper's claim), then every other
     trained method against LoRA, then every trained method against the untrained base model."""
     trained = [m for m in finals if m != "base"]
-    pairs = [("ffba", "lora")] + [(m, "lora") for m in trained if m not in ("ffba", "lora")]
+    pairs = [COMPARED] + [(m, COMPARED[1]) for m in trained if m not in COMPARED]
     pairs += [(m, "base") for m in trained]
     return [(a, b) for a, b in pairs if a in finals and b in finals]
 
@@ -461,6 +567,26 @@ def format_aggregate(result: dict) -> str:
         lines.append("| baseline on the same items | | | | | " + " | ".join(cells) + " |" + " |" * len(with_baseline))
         for metric in metrics:
             lines += ["", f"{metric} per set (mean +- std over seeds):", ""] + _per_set_table(result, metric)
+    trained = {m: e for m, e in result["methods"].items() if "grad_norm" in e}
+    if trained:
+        lines += ["", "Training (gradient norm before clipping, median over each run's steps; share of steps "
+                      "clipping cut):", "", "| method | grad norm (median) | largest | clipped at | clipped steps |",
+                  "|---|---:|---:|---:|---:|"]
+        lines += [f"| {m} | {e['grad_norm']['median']:.3g} | {e['grad_norm']['max']:.3g} | "
+                  f"{e['grad_norm']['max_grad_norm']:g} | {100 * e['grad_norm']['clipped_share']:.0f}% |"
+                  for m, e in trained.items()]
+    if result.get("decision"):
+        lines += ["", "Decision, FFBA - LoRA (better/worse: the 95% interval excludes 0; equivalent: it lies within "
+                      "the margin; NLL margin 5% of LoRA's gain over the base model, accuracy 1 point):", ""]
+        lines += [f"- {metric}{' (primary)' if d['primary'] else ''}: **{d['verdict']}**, "
+                  f"{d['difference']:+.{_digits(result, metric) + 1}f} [{d['ci95'][0]:+.{_digits(result, metric) + 1}f}, "
+                  f"{d['ci95'][1]:+.{_digits(result, metric) + 1}f}]"
+                  + (f", margin +-{d['margin']:.{_digits(result, metric) + 1}f}" if d["margin"] is not None else "")
+                  for metric, d in result["decision"].items()]
+    if result.get("runner"):
+        r = result["runner"]
+        lines += ["", f"Stopped early at {r['at']}: {r['next']} (about {r['next_estimate_s'] / 60:.0f} min) would not "
+                      f"have ended before {r['until']}; the study resumes where it stopped."]
     for name, compared in result["comparisons"].items():
         lines += ["", f"Paired difference {name} (accuracy in percentage points, NLL in nats per token; 95% "
                       "bootstrap CI over items and seeds):", ""]
@@ -488,13 +614,14 @@ def _per_set_table(result: dict, metric: str) -> list[str]:
 
 def plot_aggregate(result: dict, path: Path) -> None:
     """Left: the first metric per set for every method (the study's headline: its spec's first
-    evaluation); right: the sweep's dev loss per learning rate."""
+    evaluation); middle: the sweep's dev loss per learning rate; right: each method's training loss
+    curve in its final cells (mean over seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4))
     methods = result["methods"]
     headline = next(iter(result["metrics"]), None)
     sets = list(next(iter(methods.values()))[headline]["sets"]) if methods and headline else []
@@ -511,6 +638,11 @@ def plot_aggregate(result: dict, path: Path) -> None:
             axes[1].plot([float(lr) for lr in lrs], [losses[lr] for lr in lrs], marker="o", label=method)
     axes[1].set_xscale("log")
     axes[1].set_title("dev loss after the sweep runs, per learning rate", fontsize=10)
+    for method, e in methods.items():
+        if e.get("loss_curve"):
+            axes[2].plot(*zip(*e["loss_curve"]), label=f"{method} (dev {e['dev_loss']['mean']:.3f})")
+    axes[2].set_xlabel("step")
+    axes[2].set_title("training loss of the final cells (mean over seeds)", fontsize=10)
     for ax in axes:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)

@@ -9,14 +9,16 @@ and exact resumption (optimizer, scheduler, RNG and data position). fflora adds:
     with `max_loss_ratio`, so does a loss spike (a run that blows up without reaching NaN);
   * loss on the response tokens only, with logits computed at those positions alone, on packed
     batches (no padded compute; `fflora.recipes.examples`), in float32 or bfloat16 autocast, chosen by a
-    short measurement on the machine at hand (`dtype="auto"`);
-  * JSONL logs; parameter counts and tokens/s in the run record.
+    short measurement once per machine (`dtype="auto"`, kept in the cache);
+  * JSONL logs (every step's gradient norm before clipping in grad_norms.jsonl); parameter counts,
+    tokens/s, the loss curve and how often clipping cut the gradient in the run record.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import platform
 import random
 import shutil
 import contextlib
@@ -34,16 +36,18 @@ from ..methods import has_adapter, load_adapter, parameter_summary, registry, sa
 from ..models.base_models import load_base_model
 from ..utils.errors import FFloraError
 from ..utils.files import atomic_write_text
-from ..utils.sources import say
+from ..utils.sources import cache_dir, say
 from .artifacts import RUN_FILE
 from .budget import LORA_TARGETS, adapter_parameter_count, lora_parameter_count, match_adapter_rank
 from .data import FAMILIES, load_split
 from .evaluate import response_loss
 from .examples import PACKED_ATTENTION, check_form, pack, token_nll, tokenize_example
+from .user_data import FORMATS, held_out_user_records, load_user_records
 
 METHODS = ("ffba", "zflora", "lora", "full")
 TRAIN_DATASETS = {"commonsense": FAMILIES["commonsense"], "math": ("gsm8k",), "summary": ("xsum",)}
 CONFIG_FILE = "train_config.json"
+GRAD_NORMS_FILE = "grad_norms.jsonl"  # {"step", "grad_norm"} per optimizer step, before clipping
 DTYPE_FILE = "dtype.json"  # what dtype="auto" chose, and the measurement: a resumed run keeps it
 DTYPES = ("auto", "float32", "bfloat16")
 
@@ -53,10 +57,11 @@ class TrainConfig:
     """Everything that defines a run; written to the output folder and checked on --resume."""
 
     method: str
-    task: str
+    task: str | None  # a built-in mixture (TRAIN_DATASETS), or None with `data`
     output_dir: str
     model: str | None = None
     data_dir: str | None = None
+    data: str | None = None  # a user's own data file or `datasets` folder (`fflora.recipes.user_data`)
     r: int = 8
     alpha: float = 16.0
     phi: str = "identity"
@@ -82,18 +87,41 @@ class TrainConfig:
     logging_steps: int = 5
     gradient_checkpointing: bool = False
     dev_size: int = 0  # records of the training mixture held out as the dev split (scored after training)
-    dtype: str = "auto"  # float32, bfloat16 (autocast), or auto: the faster of the two, measured
+    dtype: str = "auto"  # float32, bfloat16 (autocast), or auto: the faster of the two, measured once per machine
     packing: bool = True  # each batch as one row without padding (False: padded rows, the reference)
     form: str = "instruction"  # "cloze": multiple-choice records as the question, then the answer's text
     max_loss_ratio: float | None = None  # stop as diverged when a logged loss exceeds this x the first one
 
     def __post_init__(self) -> None:
+        # Checked here, before any data is read or model loaded: a bad flag fails in a second.
+        for name, flag in (("r", "--rank"), ("lora_r", "--lora-rank"), ("batch_size", "--batch-size"),
+                           ("grad_accum", "--grad-accum"), ("max_length", "--max-length"), ("save_steps", "--save-steps"),
+                           ("logging_steps", "--logging-steps"), ("save_total_limit", "--save-total-limit")):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{flag} must be an integer >= 1, got {value!r}")
+        if self.max_steps != -1 and self.max_steps < 1:
+            raise ValueError(f"--max-steps must be >= 1, or -1 to train for --epochs; got {self.max_steps}")
+        for name, flag, ok in (("lr", "--lr", self.lr > 0), ("alpha", "--alpha", self.alpha > 0),
+                               ("lora_alpha", "--lora-alpha", self.lora_alpha > 0), ("epochs", "--epochs", self.epochs > 0),
+                               ("dropout", "--dropout", 0 <= self.dropout < 1),
+                               ("warmup_ratio", "--warmup-ratio", 0 <= self.warmup_ratio < 1),
+                               ("weight_decay", "--weight-decay", self.weight_decay >= 0)):
+            if not ok:
+                bound = "in [0, 1)" if name in ("dropout", "warmup_ratio") else ">= 0" if name == "weight_decay" else "> 0"
+                raise ValueError(f"{flag} must be {bound}, got {getattr(self, name)!r}")
         if self.max_loss_ratio is not None and self.max_loss_ratio <= 1:
             raise ValueError(f"max_loss_ratio must be above 1 (a multiple of the first logged loss), got {self.max_loss_ratio}")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {list(METHODS)}")
-        if self.task not in TRAIN_DATASETS:
-            raise ValueError(f"unknown task {self.task!r}; choose one of {sorted(TRAIN_DATASETS)}")
+        if (self.task is None) == (self.data is None):
+            raise ValueError("give a built-in task (--task) or your own data (--data FILE_OR_DIR), one of the two")
+        if self.task is not None and self.task not in TRAIN_DATASETS:
+            raise ValueError(f"unknown task {self.task!r}; choose one of {sorted(TRAIN_DATASETS)}, or train on your own "
+                             "data with --data FILE_OR_DIR")
+        if self.data is not None and self.form != "instruction":
+            raise ValueError(f"form {self.form!r} is for the built-in multiple-choice sets; --data trains in its own "
+                             "format (chat, prompt/response or text)")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {list(DTYPES)}")
         if self.form == "cloze" and self.task != "commonsense":
@@ -119,13 +147,26 @@ def dev_records(task: str, dev_size: int, data_dir=None) -> list[dict]:
     return held
 
 
+def held_out_records(cfg: TrainConfig) -> list[dict]:
+    """The records a run holds out and scores its dev loss on: of its task's mixture (`dev_size`,
+    none by default), or of its own data (`dev_size`, by default 5% up to 200)."""
+    if cfg.data is None:
+        return dev_records(cfg.task, cfg.dev_size, cfg.data_dir)
+    return held_out_user_records(cfg.data, cfg.dev_size)
+
+
 def training_records(cfg: TrainConfig) -> list[dict]:
     """The training mixture: every train split of the task without the dev records, each capped
     at train_limit / #datasets examples drawn with the run's seed (a balanced subset), shuffled
-    together."""
-    datasets = TRAIN_DATASETS[cfg.task]
+    together. With `data`: the user's records without the held-out ones, at most train_limit."""
     rng = random.Random(cfg.seed)
-    held_out = {r["id"] for r in dev_records(cfg.task, cfg.dev_size, cfg.data_dir)}
+    held_out = {r["id"] for r in held_out_records(cfg)}
+    if cfg.data is not None:
+        records, kind = load_user_records(cfg.data)
+        records = [r for r in records if r["id"] not in held_out]
+        say(f"{cfg.data}: {FORMATS[kind]}; {len(records)} records to train on, {len(held_out)} held out")
+        return rng.sample(records, min(len(records), cfg.train_limit)) if cfg.train_limit else rng.sample(records, len(records))
+    datasets = TRAIN_DATASETS[cfg.task]
     records = []
     for name in datasets:
         split = [r for r in load_split(name, "train", cfg.data_dir) if r["id"] not in held_out]
@@ -143,9 +184,11 @@ def build_dataset(tokenizer, records: list[dict], max_length: int, form: str = "
     examples = [tokenize_example(tokenizer, r, max_length, form) for r in records]
     kept = [e for e in examples if e is not None]
     if not kept:
-        raise ValueError(f"no training example keeps a response token within max_length={max_length}; raise --max-length")
+        raise ValueError(f"every training example's prompt takes all of max_length={max_length} tokens, leaving no "
+                         "room for its response; raise --max-length")
     if len(kept) < len(examples):
-        say(f"dropped {len(examples) - len(kept)} examples whose response does not fit in {max_length} tokens")
+        say(f"dropped {len(examples) - len(kept)} of {len(examples)} examples: their prompt takes all {max_length} "
+            "tokens, leaving no room for a response token (raise --max-length to keep them)")
     return Dataset.from_list(kept)
 
 
@@ -229,6 +272,16 @@ class FFLoraTrainer(Trainer):
         # transformers' causal-LM loss is), so the Trainer must count them and not rescale it.
         self.model_accepts_loss_kwargs = True
         self.tokens_seen = 0  # real (unpadded) tokens of the training steps this process ran
+
+    def _clip_grad_norm(self, model):
+        """The Trainer's clipping, with every step's norm before it appended to grad_norms.jsonl: the
+        Trainer logs the norm of one step in `logging_steps`, and how often clipping cuts the update
+        needs them all (FFBA's norm runs 20-70x LoRA's at the same rate)."""
+        norm = super()._clip_grad_norm(model)
+        if self.is_world_process_zero():
+            with open(Path(self.args.output_dir) / GRAD_NORMS_FILE, "a") as f:
+                f.write(json.dumps({"step": self.state.global_step + 1, "grad_norm": float(norm)}) + "\n")
+        return norm
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mask = inputs.get("attention_mask")
@@ -359,12 +412,32 @@ def step_seconds(model, batch: dict, dtype: str, steps: int = 2) -> float:
     return seconds
 
 
+MACHINE_DTYPE_FILE = "machine-dtype.json"  # in the cache: what `auto` measured on each CPU, by machine_key()
+
+
+def machine_key() -> str:
+    """What decides whether bfloat16 trains faster on this CPU: its model name, the flags that give
+    bfloat16 arithmetic (avx512_bf16, amx_bf16; AVX2 alone emulates it), the threads torch uses and
+    torch's version. Two machines with one key get one dtype."""
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    fields = {key.strip(): value.strip() for key, value in
+              (line.split(":", 1) for line in cpuinfo.splitlines() if ":" in line)}
+    name = fields.get("model name") or platform.processor() or "unknown"
+    flags = set(fields.get("flags", "").split())
+    bf16 = ",".join(sorted(flags & {"avx512_bf16", "amx_bf16", "avx512f", "avx2"})) or "none"
+    return f"{name} | {bf16} | {torch.get_num_threads()} threads | torch {torch.__version__}"
+
+
 def choose_dtype(cfg: TrainConfig, model, batch: dict, out: Path, resume: bool) -> dict:
     """{"dtype": "float32" | "bfloat16", "why": ..., ["seconds_per_step": {...}]} for this run.
 
-    `auto` on a CPU measures a training step of the run's first batch in both and takes the faster:
-    with avx512_bf16, bf16 autocast trains SmolLM2 2-3x faster; on AVX2-only CPUs it was slower.
-    On CUDA, bf16 where the GPU supports it. A resumed run keeps the choice it started with."""
+    `auto` on a CPU is decided once per machine (`machine_key`): the first run there times a
+    training step of its first batch in both dtypes, interleaved, and the faster is kept in the cache
+    ($FFLORA_CACHE/machine-dtype.json; delete it to measure again); every later run, whatever its
+    method, reads it, so that two methods compared on one machine train in one dtype (a measurement
+    per run gave FFBA float32 and LoRA bfloat16 on a busy machine). With avx512_bf16, bf16 autocast
+    trains SmolLM2 2-3x faster; on AVX2-only CPUs it was slower. On CUDA, bf16 where the GPU supports
+    it. A resumed run keeps the choice it started with."""
     saved = out / DTYPE_FILE
     if resume and saved.is_file():
         return json.loads(saved.read_text())
@@ -375,12 +448,28 @@ def choose_dtype(cfg: TrainConfig, model, batch: dict, out: Path, resume: bool) 
         choice = {"dtype": "bfloat16" if fast else "float32",
                   "why": "CUDA " + ("supports" if fast else "lacks") + " bfloat16"}
     else:
-        seconds = {dtype: step_seconds(model, batch, dtype) for dtype in ("float32", "bfloat16")}
-        fastest = min(seconds, key=seconds.get)
-        choice = {"dtype": fastest, "why": "measured: the faster training step on this CPU",
-                  "seconds_per_step": seconds}
+        choice = _machine_dtype(model, batch)
     atomic_write_text(saved, json.dumps(choice, indent=2) + "\n")
     return choice
+
+
+def _machine_dtype(model, batch: dict) -> dict:
+    """This machine's dtype from the cache, or measured now (interleaved, two rounds, the faster
+    round of each) and cached."""
+    cache = cache_dir() / MACHINE_DTYPE_FILE
+    key = machine_key()
+    known = json.loads(cache.read_text()) if cache.is_file() else {}
+    if key in known:
+        return known[key] | {"why": f"measured once on this machine ({cache}; delete it to measure again)"}
+    seconds = {"float32": [], "bfloat16": []}
+    for _ in range(2):
+        for dtype in seconds:
+            seconds[dtype].append(step_seconds(model, batch, dtype))
+    best = {dtype: min(values) for dtype, values in seconds.items()}
+    choice = {"dtype": min(best, key=best.get), "seconds_per_step": best,
+              "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    atomic_write_text(cache, json.dumps(known | {key: choice}, indent=2) + "\n")
+    return choice | {"why": f"measured: the faster training step on this CPU (kept for every later run in {cache})"}
 
 
 def train(cfg: TrainConfig, resume: bool = False, model=None, tokenizer=None) -> dict:
@@ -452,6 +541,7 @@ def _run_trainer(cfg: TrainConfig, model, tokenizer, dataset, collate, dtype: di
         "global_step": trainer.state.global_step,
         "train_loss": result.training_loss,
         "wall_time_s": wall,
+        "steps_run": trainer.state.global_step - _step_of(checkpoint),  # by this process, since it (re)started
         "seconds_per_step": wall / max(trainer.state.global_step - _step_of(checkpoint), 1),
         "tokens": trainer.tokens_seen,  # real tokens trained on by this process since it (re)started
         "tokens_per_s": trainer.tokens_seen / wall,
@@ -459,13 +549,15 @@ def _run_trainer(cfg: TrainConfig, model, tokenizer, dataset, collate, dtype: di
         "world_size": args.world_size,
         "resumed_from": checkpoint,
         "adapter_dir": str(out / "adapter"),
+        "loss_curve": loss_curve(out),
+        "grad_norm": grad_norm_summary(out, args.max_grad_norm),
     }
-    if cfg.dev_size:
+    held_out = held_out_records(cfg)
+    if held_out:
         # float32, whatever the training dtype: the same figure for every run and the base model
-        record["dev_loss"] = response_loss(trainer.accelerator.unwrap_model(trainer.model), tokenizer,
-                                           dev_records(cfg.task, cfg.dev_size, cfg.data_dir), cfg.max_length,
-                                           form=cfg.form)
-        record["dev_records"] = cfg.dev_size
+        record["dev_loss"] = response_loss(trainer.accelerator.unwrap_model(trainer.model), tokenizer, held_out,
+                                           cfg.max_length, form=cfg.form)
+        record["dev_records"] = len(held_out)
     if trainer.is_world_process_zero():
         _save_final(trainer, out / "adapter", tokenizer)
         atomic_write_text(out / RUN_FILE, json.dumps(record, indent=2) + "\n")
@@ -474,6 +566,36 @@ def _run_trainer(cfg: TrainConfig, model, tokenizer, dataset, collate, dtype: di
     trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()
     return record
+
+
+def loss_curve(out: Path) -> list[list[float]]:
+    """[[step, training loss], ...] of a run, one point per `logging_steps` (from logs.jsonl; a
+    resumed run logged some steps twice: the last entry of a step wins)."""
+    points = {}
+    if (out / "logs.jsonl").is_file():
+        for line in (out / "logs.jsonl").read_text().splitlines():
+            entry = json.loads(line)
+            if "loss" in entry:
+                points[entry["step"]] = entry["loss"]
+    return [[step, points[step]] for step in sorted(points)]
+
+
+def grad_norm_summary(out: Path, max_norm: float) -> dict | None:
+    """Median, 90th percentile and largest gradient norm before clipping over a run's steps, and the
+    share of steps that clipping at `max_norm` cut (None where no norms were written)."""
+    path = out / GRAD_NORMS_FILE
+    if not path.is_file():
+        return None
+    norms = {}
+    for line in path.read_text().splitlines():
+        entry = json.loads(line)
+        norms[entry["step"]] = entry["grad_norm"]  # a resumed run wrote its redone steps again
+    values = sorted(norms.values())
+    if not values:
+        return None
+    return {"steps": len(values), "median": values[len(values) // 2], "p90": values[int(0.9 * (len(values) - 1))],
+            "max": values[-1], "first": norms[min(norms)], "last": norms[max(norms)],
+            "max_grad_norm": max_norm, "clipped_share": sum(v > max_norm for v in values) / len(values)}
 
 
 def _step_of(checkpoint: str | None) -> int:

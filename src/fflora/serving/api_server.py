@@ -52,6 +52,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import ContinuousBatchingConfig
 
 from ..methods import BASE_NAME, fuse
+from ..methods.serialization import BaseModelMismatchError
 from ..models.base_models import load_base_model
 from ..utils.sources import say
 from .adapter_policy import AdapterRoots, adapter_name_problem
@@ -137,7 +138,7 @@ class OpenAIServing:
                                         strict=not body.allow_base_mismatch)
             except (ValueError, FileNotFoundError, OSError) as e:
                 reason = self.roots.without_paths(str(e), path, body.lora_path)
-                if "other weights" in reason and not body.allow_base_mismatch:
+                if isinstance(e, BaseModelMismatchError) and not body.allow_base_mismatch:
                     reason += "; send allow_base_mismatch: true to load it anyway"
                 raise APIError(400, f"could not load adapter '{body.lora_name}' from {body.lora_path!r}: {reason}",
                                "lora_path") from e

@@ -62,6 +62,9 @@ class ServerConfig:
             value, bound = getattr(self, name), "> 0" if name.endswith("timeout_s") and name != "timeout_keep_alive_s" else ">= 1"
             if value is not None and not value > 0:
                 raise ValueError(f"--{name.removesuffix('_s').replace('_', '-')} must be {bound}, got {value}")
+        if self.kv_cache_tokens < PAGE_SIZE:
+            raise ValueError(f"--kv-cache-tokens {self.kv_cache_tokens} is below one page of the KV cache ({PAGE_SIZE} "
+                             f"tokens); give at least {PAGE_SIZE}: it bounds every request's prompt plus completion")
         check_weights(self.weights)
         if any(not key.strip() for key in self.api_keys):
             raise ValueError("--api-key must not be empty")
