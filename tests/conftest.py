@@ -97,6 +97,16 @@ def write_jsonl(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
+@pytest.fixture(autouse=True)
+def _machine_dtype_in_a_temporary_folder(tmp_path_factory, monkeypatch):
+    """`dtype="auto"` keeps its measurement per machine in the user's cache: a test's tiny model must
+    not write there (nor read what a real run kept)."""
+    import fflora.recipes.train as train_module
+
+    cache = tmp_path_factory.mktemp("machine-dtype") / "machine-dtype.json"
+    monkeypatch.setattr(train_module, "machine_dtype_file", lambda: cache)
+
+
 @pytest.fixture
 def tiny_data_dir(tmp_path):
     """Canonical splits of every task, a few records each, written as `fflora data prepare` would."""

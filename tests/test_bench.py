@@ -54,6 +54,31 @@ def test_bench_reports_every_configuration_with_sane_numbers(tmp_path):
     assert "zflora_fused / fused_base = " in table and "ffba_fused_fast, batch 2: GEMM plan auto (" in table and "| training step (median s) | ffba | zflora | lora |" in table
 
 
+@torch.no_grad()
+def test_configurations_that_never_write_the_base_weights_share_them():
+    """One copy of the base weights for the eager configurations that only read them; merged LoRA and
+    the fast path (which re-lays the LM head out) get their own; a latency run leaves the base as it was."""
+    from fflora.bench.latency import SHARES_BASE_WEIGHTS, bench_latency, build_configs
+
+    base = make_model("llama")
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    ids = torch.randint(10, base.config.vocab_size, (1, 6))
+    reference = base(ids).logits
+    settings = _settings(batch_sizes=(1,), repeats=1, configs=("base", "lora_unmerged", "lora_merged", "ffba_fused",
+                                                                "fused_base_fast"))
+    models = build_configs(base, settings, lora_rank=2)
+    head = base.lm_head.weight.data_ptr()
+    embed = base.model.embed_tokens.weight
+    for name, model in models.items():
+        shares = any(p is embed for p in model.parameters())
+        assert shares == (name in SHARES_BASE_WEIGHTS), name
+    q = models["lora_unmerged"].get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
+    assert q is base.model.layers[0].self_attn.q_proj.weight
+    bench_latency(models, settings, base.config.vocab_size, {}, {})
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+    assert base.lm_head.weight.data_ptr() == head and torch.equal(models["base"](ids).logits, reference)
+
+
 def test_bench_compiles_the_compiled_configurations_per_batch_size():
     configs = ("base", "base_compiled", "lora_unmerged_compiled", "ffba_fused_compiled")
     result = run_bench(make_model("llama"), _settings(batch_sizes=(1,), configs=configs))

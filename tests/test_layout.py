@@ -2,6 +2,7 @@
 (cli -> recipes, serving, bench -> fastpath -> methods -> models -> ops, utils)."""
 
 import ast
+import importlib.util
 import random
 import subprocess
 import sys
@@ -13,7 +14,9 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "fflora"
 # Each top-level folder's layer: a module may import from its own layer or below, never above.
 LAYERS = {"utils": 0, "ops": 0, "models": 1, "methods": 2, "fastpath": 3, "recipes": 4, "serving": 4, "bench": 4,
-          "cli": 5, "": 6}
+          "vllm": 4, "cli": 5, "": 6}
+# Modules that need an optional dependency (an extra), and it: imported only where it is installed.
+OPTIONAL = {"fflora.vllm.model": "vllm"}
 
 
 def _module_name(path: Path) -> str:
@@ -95,8 +98,15 @@ def test_only_methods_know_which_method_a_model_holds():
 def test_every_module_imports_on_its_own_in_any_order():
     """Each module in a fresh interpreter, in a shuffled order (the seed is in the failure message)."""
     seed = random.randrange(2**32)
-    order = sorted(MODULES)
+    order = sorted(name for name in MODULES if name not in OPTIONAL or importlib.util.find_spec(OPTIONAL[name]))
     random.Random(seed).shuffle(order)
     code = "import importlib\nfor name in %r:\n    importlib.import_module(name)\n" % order
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, f"seed {seed}: {run.stderr[-2000:]}"
+
+
+def test_nothing_in_fflora_imports_its_vllm_plugin():
+    """`fflora.vllm` is what vLLM loads (an optional extra): the package itself never depends on it."""
+    users = [f"{name} imports {target}" for name in MODULES if not name.startswith("fflora.vllm")
+             for target, _ in _imports(name) if target.startswith("fflora.vllm")]
+    assert not users, "; ".join(users)

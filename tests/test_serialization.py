@@ -153,3 +153,16 @@ def test_loading_weights_into_a_model_without_an_adapter_says_what_to_do_instead
 
     with pytest.raises(ValueError, match=r"carries no adapter to load weights into; use fflora.load_adapter"):
         load_adapter_state(make_model("llama"), {})
+
+
+@torch.no_grad()
+def test_a_run_folder_loads_as_its_adapter(tmp_path):
+    """The run folder `fflora train` writes holds the adapter in adapter/: load_adapter takes either."""
+    trained = _trained("llama", tmp_path / "run" / "adapter")
+    from_run = fflora.load_adapter(make_model("llama"), tmp_path / "run")
+    assert torch.equal(from_run(_ids()).logits, trained(_ids()).logits)
+    bank = fflora.fuse(make_model("llama"), max_adapters=2)
+    fflora.load_adapter(bank, tmp_path / "run", adapter_name="a")
+    assert fflora.list_adapters(bank) == ["a"]
+    with pytest.raises(FileNotFoundError, match="no fflora adapter at"):
+        fflora.load_adapter(make_model("llama"), tmp_path)

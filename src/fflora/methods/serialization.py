@@ -80,6 +80,18 @@ def peft_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {PEFT_PREFIX + names[id(p)]: p.detach().contiguous().cpu() for p in adapter_parameters(model).values()}
 
 
+RUN_ADAPTER = "adapter"  # where `fflora train` writes a run's adapter, inside the run folder
+
+
+def adapter_folder(path: str | os.PathLike) -> Path:
+    """The adapter folder `path` names: `path` itself, or the `adapter/` inside the run folder that
+    `fflora train` wrote. Everything that takes an adapter takes either (one rule for every command)."""
+    path = Path(path)
+    if not (path / CONFIG_NAME).is_file() and (path / RUN_ADAPTER / CONFIG_NAME).is_file():
+        return path / RUN_ADAPTER
+    return path
+
+
 def read_adapter_config(path: str | os.PathLike) -> dict:
     """The parsed adapter_config.json of an fflora adapter folder (PEFT's format or fflora 0.1.0's), with
     clear errors for missing or corrupt files and for adapters of other methods."""
@@ -115,7 +127,8 @@ def adapter_method(meta: dict) -> Method | None:
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = False, adapter_name: str | None = None) -> nn.Module:
-    """Load the adapter in folder `path` onto `model` and return it.
+    """Load the adapter in folder `path` (or in the run folder `path` that `fflora train` wrote) onto
+    `model` and return it.
 
     Without `adapter_name`: `model` is a base model (FFBA is applied with the saved configuration)
     or a model that already carries an adapter of the same configuration (its weights are
@@ -130,6 +143,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = False
     are corrupt, leaving the model (and its bank) unchanged. When the base weights differ from
     those the adapter was trained on, warns, or raises ValueError if `strict`.
     """
+    path = adapter_folder(path)
     if adapter_name is not None:
         return _load_into_bank(model, path, strict, adapter_name)
     state = fused_state(model)

@@ -1,7 +1,10 @@
-"""The bytes a model's tensors hold: what a decode step reads, what a server keeps resident."""
+"""The bytes a model's tensors hold: what a decode step reads, what a server keeps resident; and the
+process's peak resident memory (what the demo and the server report)."""
 
 from __future__ import annotations
 
+import resource
+import sys
 from collections.abc import Iterable
 
 from torch import Tensor, nn
@@ -20,3 +23,9 @@ def tensor_bytes(model: nn.Module, leave_out: Iterable[Tensor] = ()) -> int:
             seen.add(key)
             total += t.numel() * t.element_size()
     return total
+
+
+def peak_resident_bytes() -> int:
+    """The process's peak resident memory so far."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere

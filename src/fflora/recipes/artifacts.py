@@ -9,7 +9,7 @@ from pathlib import Path
 from peft import PeftModel
 
 from ..methods import fuse, load_adapter
-from ..methods.serialization import CONFIG_NAME, adapter_method
+from ..methods.serialization import CONFIG_NAME, RUN_ADAPTER, adapter_method
 from ..models.base_models import DEFAULT_MODEL, load_base_model
 
 RUN_FILE = "run.json"
@@ -18,9 +18,9 @@ RUN_FILE = "run.json"
 def describe(path: str | Path) -> dict:
     """{"kind": "ffba" | "zflora" | "lora" | "full", "path": folder, "base": base model or None} of a trained result."""
     path = Path(path)
-    if (path / "adapter").is_dir():
+    if (path / RUN_ADAPTER).is_dir():
         run = json.loads((path / RUN_FILE).read_text()) if (path / RUN_FILE).is_file() else {}
-        found = describe(path / "adapter")
+        found = describe(path / RUN_ADAPTER)
         return {**found, "base": found["base"] or run.get("config", {}).get("model")}
     config = path / CONFIG_NAME
     if config.is_file():

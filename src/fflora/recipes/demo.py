@@ -16,8 +16,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..bench.latency import EAGER_CONFIGS, BenchSettings, format_bench_table, run_bench, write_bench
+from ..bench.latency import BenchSettings, format_bench_table, run_bench, write_bench
 from ..models.base_models import load_base_model
+from ..models.footprint import peak_resident_bytes
 from ..utils.sources import say
 from .artifacts import load_trained
 from .data import FAMILIES, prepare
@@ -36,14 +37,20 @@ class DemoSizes:
     lr: float = 1e-3
 
 
+# The latency part times each method's inference form next to the base model and LoRA's two forms;
+# the base weights are held once for the forms that only read them (`bench.latency.SHARES_BASE_WEIGHTS`),
+# so the demo fits a laptop (its peak resident memory is in the report). `fflora bench` times every
+# form, the fast path and batch 8; `fflora bench peers` the peers compiled.
+DEMO_CONFIGS = ("base", "lora_unmerged", "lora_merged", "ffba_fused", "zflora_fused")
 # Sized for 30 minutes on 2 cores: at 640 examples / 80 steps / 100 items per set and batch sizes 1 and 8 in
 # the latency part it took 43 (17 of them the latency part, mostly the compiled configurations' warm-up).
-# `fflora bench` measures batch 8 and more; `fflora study` measures accuracy.
+# `fflora study` measures accuracy.
 FULL = DemoSizes(train_limit=480, max_steps=60, eval_limit=80,
-                 bench=dict(prompt_len=128, new_tokens=32, batch_sizes=(1,), repeats=2, train_steps=2))
+                 bench=dict(prompt_len=128, new_tokens=32, batch_sizes=(1,), repeats=2, train_steps=2,
+                            configs=DEMO_CONFIGS))
 QUICK = DemoSizes(train_limit=64, max_steps=6, eval_limit=8,
                   bench=dict(prompt_len=32, new_tokens=8, batch_sizes=(1,), repeats=1, train_steps=1,
-                             configs=EAGER_CONFIGS))  # compiling would take longer than the rest of it
+                             configs=DEMO_CONFIGS))
 
 
 def _cloze(summary: dict) -> dict:
@@ -100,6 +107,7 @@ def run_demo(out_dir: str | Path | None = None, quick: bool = False, model: str 
         "quick": quick,
         "model": model or "SmolLM2-135M-Instruct",
         "wall_time_s": time.time() - start,
+        "peak_resident_gb": peak_resident_bytes() / 1e9,
         "training": {m: {k: r[k] for k in ("global_step", "examples", "train_loss", "seconds_per_step", "tokens_per_s")}
                      | {"trainable": r["parameters"]["trainable"], "dtype": r["dtype"]["dtype"]} for m, r in runs.items()},
         "lr": sizes.lr,
@@ -131,7 +139,7 @@ def format_report(summary: dict, bench: dict) -> str:
         f"({next(iter(train_.values()))['global_step']} steps of 8, lr {summary['lr']:g}, cloze form: the question, "
         f"then the gold answer's own text), scored with the base model on the first {summary['eval_limit']} test "
         f"items of each of the eight sets (in {summary['eval_dtype']}, the dtype training chose). Wall time "
-        f"{summary['wall_time_s'] / 60:.1f} min.",
+        f"{summary['wall_time_s'] / 60:.1f} min; peak resident memory {summary['peak_resident_gb']:.2f} GB.",
         "",
         "| method | trainable | steps | dtype | tokens/s | gold answer NLL / token | vs base | acc (%) | acc_norm (%) |",
         "|---|---:|---:|---|---:|---:|---:|---:|---:|",

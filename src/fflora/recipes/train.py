@@ -33,6 +33,7 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, Train
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 from ..methods import has_adapter, load_adapter, parameter_summary, registry, save_adapter
+from ..methods.serialization import RUN_ADAPTER
 from ..models.base_models import load_base_model
 from ..utils.errors import FFloraError
 from ..utils.files import atomic_write_text
@@ -412,30 +413,36 @@ def step_seconds(model, batch: dict, dtype: str, steps: int = 2) -> float:
     return seconds
 
 
-MACHINE_DTYPE_FILE = "machine-dtype.json"  # in the cache: what `auto` measured on each CPU, by machine_key()
+def machine_dtype_file() -> Path:
+    """Where `auto` keeps what it measured, per machine and model (`machine_key`)."""
+    return cache_dir() / "machine-dtype.json"
 
 
-def machine_key() -> str:
-    """What decides whether bfloat16 trains faster on this CPU: its model name, the flags that give
-    bfloat16 arithmetic (avx512_bf16, amx_bf16; AVX2 alone emulates it), the threads torch uses and
-    torch's version. Two machines with one key get one dtype."""
+def machine_key(model: nn.Module) -> str:
+    """What decides whether bfloat16 trains faster: the CPU's model name, the flags that give bfloat16
+    arithmetic (avx512_bf16, amx_bf16; AVX2 alone emulates it), the threads torch uses, torch's version,
+    and the model (its name and size: a tiny model is all overhead, where a 135M one is all GEMMs).
+    Runs with one key, whatever their method, get one dtype."""
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     fields = {key.strip(): value.strip() for key, value in
               (line.split(":", 1) for line in cpuinfo.splitlines() if ":" in line)}
     name = fields.get("model name") or platform.processor() or "unknown"
     flags = set(fields.get("flags", "").split())
     bf16 = ",".join(sorted(flags & {"avx512_bf16", "amx_bf16", "avx512f", "avx2"})) or "none"
-    return f"{name} | {bf16} | {torch.get_num_threads()} threads | torch {torch.__version__}"
+    size = sum(p.numel() for p in model.parameters())
+    model_name = getattr(getattr(model, "config", None), "_name_or_path", "") or "unnamed model"
+    return (f"{name} | {bf16} | {torch.get_num_threads()} threads | torch {torch.__version__} | "
+            f"{model_name} ({size / 1e6:.1f}M parameters)")
 
 
 def choose_dtype(cfg: TrainConfig, model, batch: dict, out: Path, resume: bool) -> dict:
     """{"dtype": "float32" | "bfloat16", "why": ..., ["seconds_per_step": {...}]} for this run.
 
-    `auto` on a CPU is decided once per machine (`machine_key`): the first run there times a
-    training step of its first batch in both dtypes, interleaved, and the faster is kept in the cache
-    ($FFLORA_CACHE/machine-dtype.json; delete it to measure again); every later run, whatever its
-    method, reads it, so that two methods compared on one machine train in one dtype (a measurement
-    per run gave FFBA float32 and LoRA bfloat16 on a busy machine). With avx512_bf16, bf16 autocast
+    `auto` on a CPU is decided once per machine and model (`machine_key`): the first run there times
+    a training step of its first batch in both dtypes, interleaved, and the faster is kept in the
+    cache ($FFLORA_CACHE/machine-dtype.json; delete it to measure again); every later run, whatever
+    its method, reads it, so that two methods compared on one machine train in one dtype (a
+    measurement per run gave FFBA float32 and LoRA bfloat16 on a busy machine). With avx512_bf16, bf16 autocast
     trains SmolLM2 2-3x faster; on AVX2-only CPUs it was slower. On CUDA, bf16 where the GPU supports
     it. A resumed run keeps the choice it started with."""
     saved = out / DTYPE_FILE
@@ -456,8 +463,8 @@ def choose_dtype(cfg: TrainConfig, model, batch: dict, out: Path, resume: bool) 
 def _machine_dtype(model, batch: dict) -> dict:
     """This machine's dtype from the cache, or measured now (interleaved, two rounds, the faster
     round of each) and cached."""
-    cache = cache_dir() / MACHINE_DTYPE_FILE
-    key = machine_key()
+    cache = machine_dtype_file()
+    key = machine_key(model)
     known = json.loads(cache.read_text()) if cache.is_file() else {}
     if key in known:
         return known[key] | {"why": f"measured once on this machine ({cache}; delete it to measure again)"}
@@ -548,7 +555,7 @@ def _run_trainer(cfg: TrainConfig, model, tokenizer, dataset, collate, dtype: di
         "dtype": dtype,
         "world_size": args.world_size,
         "resumed_from": checkpoint,
-        "adapter_dir": str(out / "adapter"),
+        "adapter_dir": str(out / RUN_ADAPTER),
         "loss_curve": loss_curve(out),
         "grad_norm": grad_norm_summary(out, args.max_grad_norm),
     }
@@ -559,7 +566,7 @@ def _run_trainer(cfg: TrainConfig, model, tokenizer, dataset, collate, dtype: di
                                            cfg.max_length, form=cfg.form)
         record["dev_records"] = len(held_out)
     if trainer.is_world_process_zero():
-        _save_final(trainer, out / "adapter", tokenizer)
+        _save_final(trainer, out / RUN_ADAPTER, tokenizer)
         atomic_write_text(out / RUN_FILE, json.dumps(record, indent=2) + "\n")
     # Every process waits for the saves, then the process group is closed: a process that exits with
     # gloo's threads still running can abort ("terminate called without an active exception").

@@ -54,10 +54,11 @@ from transformers import ContinuousBatchingConfig
 from ..methods import BASE_NAME, fuse
 from ..methods.serialization import BaseModelMismatchError
 from ..models.base_models import load_base_model
+from ..models.footprint import peak_resident_bytes
 from ..utils.sources import say
 from .adapter_policy import AdapterRoots, adapter_name_problem
 from .admission import Admission, Overloaded
-from .config import PAGE_SIZE, ServerConfig, describe_memory, memory_estimate, resident_bytes
+from .config import PAGE_SIZE, ServerConfig, describe_memory, memory_estimate
 from .engine import BankEngine, sampling_generation_config
 from .errors import APIError
 from .http_guards import BodyLimit, HostAllowList, header_deadline_protocol
@@ -449,7 +450,7 @@ def run_server(cfg: ServerConfig) -> None:
     """Load the base model, fuse it with a bank of `cfg.max_adapters`, load `cfg.adapters`, print the memory
     the settings take, serve until stopped (or `cfg.limit_max_requests`)."""
     roots = AdapterRoots(cfg.enable_adapter_loading, cfg.adapter_roots)  # checked before the model loads
-    runtime = resident_bytes()
+    runtime = peak_resident_bytes()
     model, tokenizer = load_base_model(cfg.model, dtype=getattr(torch, cfg.dtype))
     name = cfg.served_model_name or model.config._name_or_path or "base"
     fuse(model, max_adapters=cfg.max_adapters, rank_budget=cfg.rank_budget, weights=cfg.weights)

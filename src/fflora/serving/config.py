@@ -3,8 +3,6 @@ those settings will take."""
 
 from __future__ import annotations
 
-import resource
-import sys
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -84,12 +82,6 @@ class ServerConfig:
         if self.allowed_hosts:
             return list(self.allowed_hosts)
         return list(LOOPBACK_HOSTS) if self.loopback else None
-
-
-def resident_bytes() -> int:
-    """The process's peak resident memory so far (before the model loads: the Python runtime and libraries)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
 
 
 def memory_estimate(model: nn.Module, cfg: ServerConfig, runtime: int = 0) -> dict[str, int]:

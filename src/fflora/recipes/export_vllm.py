@@ -1,0 +1,96 @@
+"""`fflora export vllm`: a model folder vLLM serves with `--model DIR`, for a base model and one FFBA
+adapter (the model class is `fflora.vllm.model.FFBALlamaForCausalLM`).
+
+The folder holds the base model's config with the architecture renamed and an `fflora` section (the
+adapter's ranks per layer and sub-block, its phi), links to the base model's weights and tokenizer
+files (copies where the filesystem has no links), and `ffba/adapter.safetensors`: per fused GEMM of
+fflora's own fused form, the columns to the right of the base block (`ffba_right`: the backward
+adapter's up-projections, or the forward adapter's, scaled) and the rows below it (`ffba_bottom`:
+the down-projections), without fflora's CPU zero padding. vLLM loads the base weights as it loads
+any Llama and concatenates these onto them: the matrices it runs are fflora's fused ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..methods import fuse, load_adapter, registry
+from ..methods.serialization import adapter_folder
+from ..models.architectures import sub_blocks
+from ..models.base_models import load_base_model, model_source
+from ..utils.files import atomic_write, atomic_write_text
+from ..utils.sources import say
+
+ADAPTER_FILE = "ffba/adapter.safetensors"  # in a subfolder: vLLM loads every top-level *.safetensors as base weights
+# vLLM's module names for each sub-block's two GEMMs
+VLLM_GEMMS = {"attn": ("self_attn.qkv_proj", "self_attn.o_proj"), "mlp": ("mlp.gate_up_proj", "mlp.down_proj")}
+SUPPORTED = {"llama": "FFBALlamaForCausalLM"}
+
+
+def _extras(gemm, base_rows: int, base_cols: int, extra_rows: int, extra_cols: int) -> dict[str, torch.Tensor]:
+    """The adapter's part of a fused GEMM (dense float32): its columns right of the base block, its rows
+    below it (zero padding left out)."""
+    weight = gemm.weight.detach().float()
+    out = {}
+    if extra_cols:
+        out["ffba_right"] = weight[:base_rows, base_cols : base_cols + extra_cols].contiguous()
+    if extra_rows:
+        out["ffba_bottom"] = weight[base_rows : base_rows + extra_rows, : base_cols + extra_cols].contiguous()
+    return out
+
+
+def export_vllm(adapter: str | os.PathLike, output: str | os.PathLike, model: str | None = None) -> Path:
+    """Write the vLLM model folder for `adapter` (an FFBA adapter or the run folder holding one) on its
+    base model (`model`, default the embedded one) to `output`; returns the folder."""
+    output = Path(output)
+    if output.exists() and any(output.iterdir()):
+        raise ValueError(f"{output} exists and is not empty; give a new --output folder")
+    source = Path(model_source(model))
+    if not (source / "config.json").is_file():
+        raise ValueError(f"--model {model!r} is not a local model folder; vLLM's folder links the base model's files: "
+                         "download it first (e.g. `hf download NAME --local-dir DIR`) and pass that folder")
+    base, _ = load_base_model(model)
+    if base.config.model_type not in SUPPORTED:
+        raise ValueError(f"fflora's vLLM model covers {sorted(SUPPORTED)} so far, not {base.config.model_type!r}")
+    load_adapter(base, adapter_folder(adapter), strict=True)
+    method = registry.method_of(base)
+    if method is None or method.name != "ffba":
+        raise ValueError(f"{adapter} is a {method.name if method else 'no'} adapter; vLLM takes FFBA adapters "
+                         "(zFLoRA: see the README's vLLM section)")
+    phi = base.ffba_config.phi
+    fuse(base)
+    tensors, layers = {}, [{} for _ in range(base.config.num_hidden_layers)]
+    for index, _, name, spec, holder in sub_blocks(base):
+        group, out = holder.ffba_fused_inputs, getattr(holder, spec.output)
+        widths = {"fa": getattr(group, "fa_rank", 0), "ba_in": getattr(group, "ba_in_rank", 0),
+                  "ba_out": getattr(out, "ba_out_rank", 0)}
+        layers[index][name] = widths
+        inputs, output_gemm = VLLM_GEMMS[name]
+        for module, part in ((inputs, _extras(group, group.base_rows, group.d_in, widths["fa"], widths["ba_in"])),
+                             (output_gemm, _extras(out, out.d_out, out.d_core, widths["ba_out"], widths["fa"]))):
+            tensors |= {f"model.layers.{index}.{module}.{key}": t for key, t in part.items()}
+    output.mkdir(parents=True, exist_ok=True)
+    atomic_write(output / ADAPTER_FILE, lambda tmp: save_file(tensors, tmp))
+    config = json.loads((source / "config.json").read_text())
+    config |= {"architectures": [SUPPORTED[base.config.model_type]],
+               "fflora": {"method": "ffba", "adapter": ADAPTER_FILE, "phi": phi, "layers": layers,
+                          "base": str(source.resolve()), "adapter_source": str(Path(adapter).resolve())}}
+    atomic_write_text(output / "config.json", json.dumps(config, indent=2) + "\n")
+    for file in source.iterdir():  # the base weights and tokenizer, linked
+        if file.name != "config.json" and file.is_file():
+            _link(file, output / file.name)
+    say(f"vLLM model folder in {output}: serve it with  python -m vllm.entrypoints.openai.api_server --model {output}")
+    return output
+
+
+def _link(source: Path, target: Path) -> None:
+    try:
+        target.symlink_to(source.resolve())
+    except OSError:  # a filesystem without links
+        shutil.copy2(source, target)
