@@ -59,6 +59,10 @@ def test_a_study_runs_every_cell_once_and_resumes(tiny_model_dir, tiny_data_dir,
     final = records[Cell("final", "ffba", best["ffba"], 1).key]
     assert len(final["predictions"]["loglik"]) == 16 and len(final["predictions"]["text"][0]) == 7
     assert all(row[6] > 0 for row in final["predictions"]["text"])  # the gold answer's NLL per token
+    timing = final["timing"]  # what --until plans with: active seconds of training and of evaluation
+    assert timing["steps_run"] == 2 and timing["train_s"] > 0 and timing["evaluate_s"] > 0 and timing["paused_s"] == 0
+    assert [step for step, _ in final["train"]["loss_curve"]] == [1, 2]
+    assert final["train"]["grad_norm"]["steps"] == 2 and 0 <= final["train"]["grad_norm"]["clipped_share"] <= 1
     assert result["methods"]["ffba"]["seeds"] == 2
     assert list(result["comparisons"]) == ["ffba - lora", "ffba - base", "lora - base"]
     assert (results / "tiny" / "aggregate.md").read_text().startswith("Study tiny (8 cells)")
@@ -115,7 +119,7 @@ def _record(method, seed, correct_label, correct_text, sets, dev_loss):
 
 
 def test_the_aggregate_on_synthetic_records_with_known_answers(tiny_model_dir, tiny_data_dir):
-    spec = _spec(tiny_model_dir, tiny_data_dir)
+    spec = _spec(tiny_model_dir, tiny_data_dir, primary="text acc_norm")
     sets = ["a", "b"]
     records = {
         "f0": _record("ffba", 0, [1, 1, 1, 1], [1, 1, 0, 1], sets, 1.0),   # label 100, text: a 100, b 50
@@ -152,6 +156,8 @@ def test_the_aggregate_on_synthetic_records_with_known_answers(tiny_model_dir, t
     assert "| ffba | 100.0 +- 0.0 | 50.0 +- 70.7 | 75.0 |" in per_set
     assert "| best constant label | 50.0 | 50.0 | 50.0 |" in per_set
     assert "| chance | 50.0 | 50.0 | 50.0 |" in table.split("text acc per set")[1]
+    assert result["decision"]["text acc_norm"]["verdict"] == "equivalent"  # a difference of 0, within 1 point
+    assert "- text acc_norm (primary): **equivalent**, +0.00 [+0.00, +0.00], margin +-1.00" in table
 
 
 def test_the_aggregate_compares_every_trained_method_with_lora_and_the_base_model(tiny_model_dir, tiny_data_dir):

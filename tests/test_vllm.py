@@ -74,3 +74,21 @@ def test_vllm_generates_what_fflora_generates(exported, eager):
     prompts = [vllm.TokensPrompt(prompt_token_ids=tokenizer(p)["input_ids"]) for p in PROMPTS]
     got = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params)]
     assert got == expected
+
+
+def test_export_refuses_what_vllm_cannot_take(tiny_model_dir, tmp_path, capsys):
+    from fflora.cli import main
+
+    zflora = fflora.apply_adapter(fflora.load_base_model(tiny_model_dir)[0], fflora.ZFLoRAConfig(r=2))
+    fflora.save_adapter(zflora, tmp_path / "zflora")
+    assert main(["export", "vllm", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "zflora"),
+                 "--output", str(tmp_path / "out")]) == 2
+    assert "is a zflora adapter; vLLM takes FFBA adapters" in capsys.readouterr().err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    assert main(["export", "vllm", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "zflora"),
+                 "--output", str(tmp_path / "full")]) == 2
+    assert "exists and is not empty; give a new --output folder" in capsys.readouterr().err
+    assert main(["export", "vllm", "--model", "org/model", "--adapter", str(tmp_path / "zflora"),
+                 "--output", str(tmp_path / "new")]) == 2
+    assert "fflora: error:" in capsys.readouterr().err

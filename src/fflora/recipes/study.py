@@ -385,8 +385,9 @@ def run_study(spec: StudySpec, results_root: str | Path = "results", runs_root: 
             left = (until - dt.datetime.now()).total_seconds()
             fits = [c for c in todo if estimates[c] is None or SAFETY * estimates[c] < left]
             if not fits:
-                stopped = {"until": until.isoformat(timespec="minutes"), "at": dt.datetime.now().isoformat(timespec="seconds"),
-                           "next": todo[0].key, "next_estimate_s": round(estimates[todo[0]]), "left_s": round(left)}
+                stopped = {"until": until.isoformat(timespec="minutes"), "next": todo[0].key,
+                           "at": dt.datetime.now().isoformat(timespec="seconds"),
+                           "next_estimate_s": round(estimates[todo[0]]), "left_s": round(left)}
                 say(f"study {spec.name}: stopping before {todo[0].key}: it takes about {estimates[todo[0]] / 60:.0f} min "
                     f"and {max(left, 0) / 60:.0f} min are left before {stopped['until']}; run the study again to go on")
                 break
@@ -578,11 +579,11 @@ def format_aggregate(result: dict) -> str:
     if result.get("decision"):
         lines += ["", "Decision, FFBA - LoRA (better/worse: the 95% interval excludes 0; equivalent: it lies within "
                       "the margin; NLL margin 5% of LoRA's gain over the base model, accuracy 1 point):", ""]
-        lines += [f"- {metric}{' (primary)' if d['primary'] else ''}: **{d['verdict']}**, "
-                  f"{d['difference']:+.{_digits(result, metric) + 1}f} [{d['ci95'][0]:+.{_digits(result, metric) + 1}f}, "
-                  f"{d['ci95'][1]:+.{_digits(result, metric) + 1}f}]"
-                  + (f", margin +-{d['margin']:.{_digits(result, metric) + 1}f}" if d["margin"] is not None else "")
-                  for metric, d in result["decision"].items()]
+        for metric, d in result["decision"].items():
+            n = _digits(result, metric) + 1
+            lines.append(f"- {metric}{' (primary)' if d['primary'] else ''}: **{d['verdict']}**, {d['difference']:+.{n}f} "
+                         f"[{d['ci95'][0]:+.{n}f}, {d['ci95'][1]:+.{n}f}]"
+                         + (f", margin +-{d['margin']:.{n}f}" if d["margin"] is not None else ""))
     if result.get("runner"):
         r = result["runner"]
         lines += ["", f"Stopped early at {r['at']}: {r['next']} (about {r['next_estimate_s'] / 60:.0f} min) would not "

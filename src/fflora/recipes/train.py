@@ -9,7 +9,7 @@ and exact resumption (optimizer, scheduler, RNG and data position). fflora adds:
     with `max_loss_ratio`, so does a loss spike (a run that blows up without reaching NaN);
   * loss on the response tokens only, with logits computed at those positions alone, on packed
     batches (no padded compute; `fflora.recipes.examples`), in float32 or bfloat16 autocast, chosen by a
-    short measurement once per machine (`dtype="auto"`, kept in the cache);
+    short measurement once per machine and model (`dtype="auto"`, kept in the cache);
   * JSONL logs (every step's gradient norm before clipping in grad_norms.jsonl); parameter counts,
     tokens/s, the loss curve and how often clipping cut the gradient in the run record.
 """
@@ -166,7 +166,7 @@ def training_records(cfg: TrainConfig) -> list[dict]:
         records, kind = load_user_records(cfg.data)
         records = [r for r in records if r["id"] not in held_out]
         say(f"{cfg.data}: {FORMATS[kind]}; {len(records)} records to train on, {len(held_out)} held out")
-        return rng.sample(records, min(len(records), cfg.train_limit)) if cfg.train_limit else rng.sample(records, len(records))
+        return rng.sample(records, min(len(records), cfg.train_limit or len(records)))  # a shuffled draw
     datasets = TRAIN_DATASETS[cfg.task]
     records = []
     for name in datasets:
@@ -442,9 +442,9 @@ def choose_dtype(cfg: TrainConfig, model, batch: dict, out: Path, resume: bool) 
     a training step of its first batch in both dtypes, interleaved, and the faster is kept in the
     cache ($FFLORA_CACHE/machine-dtype.json; delete it to measure again); every later run, whatever
     its method, reads it, so that two methods compared on one machine train in one dtype (a
-    measurement per run gave FFBA float32 and LoRA bfloat16 on a busy machine). With avx512_bf16, bf16 autocast
-    trains SmolLM2 2-3x faster; on AVX2-only CPUs it was slower. On CUDA, bf16 where the GPU supports
-    it. A resumed run keeps the choice it started with."""
+    measurement per run gave FFBA float32 and LoRA bfloat16 on a busy machine). With avx512_bf16,
+    bf16 autocast trains SmolLM2 1.5-3x faster; on AVX2-only CPUs it was slower. On CUDA, bf16 where
+    the GPU supports it. A resumed run keeps the choice it started with."""
     saved = out / DTYPE_FILE
     if resume and saved.is_file():
         return json.loads(saved.read_text())

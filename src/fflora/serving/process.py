@@ -24,16 +24,18 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """Run `fflora serve ARGS --host 127.0.0.1 --port PORT`, logging to `log_path`.
+    """Run `fflora serve ARGS --host 127.0.0.1 --port PORT` (or another OpenAI-compatible server's
+    `program`, e.g. vLLM's, that takes the same two options and answers /health), logging to `log_path`.
 
         with ServerProcess(["--model", folder, "--adapter", f"a={path}"], log) as server:
             httpx.get(f"{server.url}/v1/models")
     """
 
     def __init__(self, args: list[str], log_path: str | os.PathLike, port: int | None = None,
-                 ready_timeout_s: float = 180.0) -> None:
+                 ready_timeout_s: float = 180.0, program: list[str] | None = None) -> None:
         self.port = port  # None: a free port, chosen when starting (after earlier servers bound theirs)
         self.args, self.log_path, self.ready_timeout_s = list(args), Path(log_path), ready_timeout_s
+        self.program = program or [sys.executable, "-m", "fflora.cli", "serve"]
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -42,14 +44,14 @@ class ServerProcess:
 
     def start(self) -> ServerProcess:
         self.port = self.port or free_port()
-        cmd = [sys.executable, "-m", "fflora.cli", "serve", *self.args, "--host", "127.0.0.1", "--port", str(self.port)]
+        cmd = [*self.program, *self.args, "--host", "127.0.0.1", "--port", str(self.port)]
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + self.ready_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 self._log.close()
-                raise RuntimeError(f"fflora serve exited with code {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
+                raise RuntimeError(f"{' '.join(self.program[-2:])} exited with code {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
             try:
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200 and self.proc.poll() is None:
                     return self  # (still running: not another server that holds the port)
@@ -57,7 +59,7 @@ class ServerProcess:
                 pass
             time.sleep(0.25)
         self.stop()
-        raise TimeoutError(f"fflora serve did not answer /health within {self.ready_timeout_s:.0f} s; log: {self.log_path}")
+        raise TimeoutError(f"{' '.join(self.program[-2:])} did not answer /health within {self.ready_timeout_s:.0f} s; log: {self.log_path}")
 
     def stop(self) -> None:
         """SIGTERM (uvicorn shuts down gracefully), SIGKILL if it has not exited within 30 s."""
