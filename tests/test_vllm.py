@@ -54,7 +54,10 @@ def test_the_export_links_the_base_and_names_the_architecture(exported):
     folder, base = exported
     config = json.loads((folder / "config.json").read_text())
     assert config["architectures"] == ["FFBALlamaForCausalLM"] and config["fflora"]["adapter"] == ADAPTER_FILE
-    assert config["fflora"]["layers"][0]["attn"] == {"fa": 4, "ba_in": 0, "ba_out": 4}
+    # ranks, then each GEMM's extra rows / columns zero-padded to a multiple of 8 (q|k|v: 128 rows + 4)
+    assert config["fflora"]["layers"][0]["attn"] == {"fa": 4, "ba_in": 0, "ba_out": 4, "in_rows": 8, "in_cols": 0,
+                                                     "out_rows": 8, "out_cols": 8}
+    assert config["fflora"]["layers"][1]["attn"]["in_cols"] == 8  # the previous MLP's backward adapter arrives
     assert config["fflora"]["layers"][-1]["mlp"]["ba_out"] == 0  # the last MLP has no successor
     assert (folder / "model.safetensors").resolve() == (base / "model.safetensors").resolve()
 

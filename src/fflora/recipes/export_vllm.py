@@ -33,15 +33,16 @@ VLLM_GEMMS = {"attn": ("self_attn.qkv_proj", "self_attn.o_proj"), "mlp": ("mlp.g
 SUPPORTED = {"llama": "FFBALlamaForCausalLM"}
 
 
-def _extras(gemm, base_rows: int, base_cols: int, extra_rows: int, extra_cols: int) -> dict[str, torch.Tensor]:
-    """The adapter's part of a fused GEMM (dense float32): its columns right of the base block, its rows
-    below it (zero padding left out)."""
+def _extras(gemm, base_rows: int, base_cols: int) -> dict[str, torch.Tensor]:
+    """The adapter's part of a fused GEMM (dense float32): its columns right of the base block and its
+    rows below it, with fflora's zero padding (each widened side a multiple of 8: odd GEMM sizes ran
+    slower here, and bfloat16 kernels want the alignment most)."""
     weight = gemm.weight.detach().float()
     out = {}
-    if extra_cols:
-        out["ffba_right"] = weight[:base_rows, base_cols : base_cols + extra_cols].contiguous()
-    if extra_rows:
-        out["ffba_bottom"] = weight[base_rows : base_rows + extra_rows, : base_cols + extra_cols].contiguous()
+    if gemm.n_cols > base_cols:
+        out["ffba_right"] = weight[:base_rows, base_cols:].contiguous()
+    if gemm.n_rows > base_rows:
+        out["ffba_bottom"] = weight[base_rows:, :].contiguous()
     return out
 
 
@@ -68,12 +69,14 @@ def export_vllm(adapter: str | os.PathLike, output: str | os.PathLike, model: st
     tensors, layers = {}, [{} for _ in range(base.config.num_hidden_layers)]
     for index, _, name, spec, holder in sub_blocks(base):
         group, out = holder.ffba_fused_inputs, getattr(holder, spec.output)
-        widths = {"fa": getattr(group, "fa_rank", 0), "ba_in": getattr(group, "ba_in_rank", 0),
-                  "ba_out": getattr(out, "ba_out_rank", 0)}
-        layers[index][name] = widths
+        # the adapter's ranks, and each GEMM's extra rows and columns (the ranks, zero-padded)
+        layers[index][name] = {"fa": getattr(group, "fa_rank", 0), "ba_in": getattr(group, "ba_in_rank", 0),
+                               "ba_out": getattr(out, "ba_out_rank", 0),
+                               "in_rows": group.n_rows - group.base_rows, "in_cols": group.n_cols - group.d_in,
+                               "out_rows": out.n_rows - out.d_out, "out_cols": out.n_cols - out.d_core}
         inputs, output_gemm = VLLM_GEMMS[name]
-        for module, part in ((inputs, _extras(group, group.base_rows, group.d_in, widths["fa"], widths["ba_in"])),
-                             (output_gemm, _extras(out, out.d_out, out.d_core, widths["ba_out"], widths["fa"]))):
+        for module, part in ((inputs, _extras(group, group.base_rows, group.d_in)),
+                             (output_gemm, _extras(out, out.d_out, out.d_core))):
             tensors |= {f"model.layers.{index}.{module}.{key}": t for key, t in part.items()}
     output.mkdir(parents=True, exist_ok=True)
     atomic_write(output / ADAPTER_FILE, lambda tmp: save_file(tensors, tmp))

@@ -36,12 +36,17 @@ GEMMS = {"attn": ("self_attn", "qkv_proj", "o_proj"), "mlp": ("mlp", "gate_up_pr
 
 
 def _widths(config, layer: int, sub_block: str) -> dict:
-    """{"fa", "ba_in", "ba_out"} ranks of one sub-block's adapter (0 where it has none)."""
-    return {"fa": 0, "ba_in": 0, "ba_out": 0} | config.fflora["layers"][layer].get(sub_block, {})
+    """One sub-block's adapter ranks ("fa", "ba_in", "ba_out") and its GEMMs' extra rows and columns
+    ("in_rows", "in_cols", "out_rows", "out_cols": the ranks, zero-padded); 0 where it has none."""
+    zero = dict.fromkeys(("fa", "ba_in", "ba_out", "in_rows", "in_cols", "out_rows", "out_cols"), 0)
+    return zero | config.fflora["layers"][layer].get(sub_block, {})
 
 
-def _cat(x: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
-    return x if extra is None else torch.cat([x, extra.to(x.dtype)], dim=-1)
+def _widened(x: torch.Tensor, extra: torch.Tensor | None, width: int) -> torch.Tensor:
+    """[x | extra | 0]: `extra` (an adapter's activations) and zeros up to `width` columns after x."""
+    if not width:
+        return x
+    return torch.cat([x, nn.functional.pad(extra.to(x.dtype), (0, width - extra.shape[-1]))], dim=-1)
 
 
 class FFBALlamaDecoderLayer(LlamaDecoderLayer):
@@ -71,29 +76,30 @@ class FFBALlamaDecoderLayer(LlamaDecoderLayer):
         hidden_states, z_b = self._attention(positions, hidden_states, z_in)
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         hidden_states, z_b = self._mlp(hidden_states, z_b)
-        return _cat(hidden_states, z_b), residual
+        return (hidden_states if z_b is None else torch.cat([hidden_states, z_b], dim=-1)), residual
 
     def _attention(self, positions: torch.Tensor, u: torch.Tensor, z_in: torch.Tensor | None):
         attn, w = self.self_attn, self.attn_w
-        out, _ = attn.qkv_proj(_cat(u, z_in))
-        q, k, v, z_f = out.split([self.q_size, self.kv_size, self.kv_size, w["fa"]], dim=-1)
+        out, _ = attn.qkv_proj(_widened(u, z_in, w["in_cols"]))
+        q, k, v, extra = out.split([self.q_size, self.kv_size, self.kv_size, w["in_rows"]], dim=-1)
         q, k = attn.rotary_emb(positions, q, k)
         c = attn.attn(q, k, v)
-        out, _ = attn.o_proj(_cat(c, self.phi(z_f) if w["fa"] else None))
+        out, _ = attn.o_proj(_widened(c, self.phi(extra[..., : w["fa"]]), w["out_cols"]))
         return self._split_output(out, w["ba_out"])
 
     def _mlp(self, u: torch.Tensor, z_in: torch.Tensor | None):
         mlp, w = self.mlp, self.mlp_w
-        out, _ = mlp.gate_up_proj(_cat(u, z_in))
-        gate_up, z_f = out.split([2 * self.intermediate, w["fa"]], dim=-1)
+        out, _ = mlp.gate_up_proj(_widened(u, z_in, w["in_cols"]))
+        gate_up, extra = out.split([2 * self.intermediate, w["in_rows"]], dim=-1)
         c = mlp.act_fn(gate_up)
-        out, _ = mlp.down_proj(_cat(c, self.phi(z_f) if w["fa"] else None))
+        out, _ = mlp.down_proj(_widened(c, self.phi(extra[..., : w["fa"]]), w["out_cols"]))
         return self._split_output(out, w["ba_out"])
 
     def _split_output(self, out: torch.Tensor, ba_out: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(y, z_b): the output projection's base rows, and the backward adapter's (None where it has none)."""
         if not ba_out:
-            return out, None
-        return out[..., : self.hidden_size], out[..., self.hidden_size :]
+            return out[..., : self.hidden_size], None
+        return out[..., : self.hidden_size], out[..., self.hidden_size : self.hidden_size + ba_out]
 
 
 class FFBALlamaForCausalLM(LlamaForCausalLM):
