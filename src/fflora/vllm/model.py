@@ -32,7 +32,6 @@ from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 from vllm.model_executor.models.utils import extract_layer_index
 
 PHI = {"identity": lambda x: x, "relu": torch.relu, "silu": nn.functional.silu}
-GEMMS = {"attn": ("self_attn", "qkv_proj", "o_proj"), "mlp": ("mlp", "gate_up_proj", "down_proj")}
 
 
 def _widths(config, layer: int, sub_block: str) -> dict:
