@@ -101,10 +101,10 @@ def write_jsonl(path, records):
 def _machine_dtype_in_a_temporary_folder(tmp_path_factory, monkeypatch):
     """`dtype="auto"` keeps its measurement per machine in the user's cache: a test's tiny model must
     not write there (nor read what a real run kept)."""
-    import fflora.recipes.train as train_module
+    import fflora.recipes.dtype as dtype_module
 
     cache = tmp_path_factory.mktemp("machine-dtype") / "machine-dtype.json"
-    monkeypatch.setattr(train_module, "machine_dtype_file", lambda: cache)
+    monkeypatch.setattr(dtype_module, "machine_dtype_file", lambda: cache)
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from peft import LoraConfig, get_peft_model
 import torch
 from conftest import make_model, randomize_adapters
 from transformers import DataCollatorForSeq2Seq
@@ -10,7 +11,8 @@ from transformers import DataCollatorForSeq2Seq
 import fflora
 from fflora.recipes.examples import (PACKED_ATTENTION, check_form, example_nll, pack, prompt_and_response, token_nll,
                              tokenize_example)
-from fflora.recipes.train import TrainConfig, choose_dtype, packed_attention_while, step_seconds
+from fflora.recipes.dtype import choose_dtype, step_seconds
+from fflora.recipes.train import TrainConfig, packed_attention_while
 
 
 def _examples(lengths, vocab=128, seed=0):
@@ -96,10 +98,10 @@ def test_training_packed_and_padded_log_the_same_losses(tiny_model_dir, tiny_dat
 
 
 def test_auto_dtype_is_measured_once_per_machine_and_model_and_a_resumed_run_keeps_it(tmp_path, monkeypatch):
-    import fflora.recipes.train as train_module
+    import fflora.recipes.dtype as dtype_module
 
     cache = tmp_path / "cache" / "machine-dtype.json"
-    monkeypatch.setattr(train_module, "machine_dtype_file", lambda: cache)
+    monkeypatch.setattr(dtype_module, "machine_dtype_file", lambda: cache)
     model, other_model = make_model("llama"), make_model("llama")
     other_model.config._name_or_path = "org/other"
     cfg = TrainConfig(method="ffba", task="commonsense", output_dir=str(tmp_path))
@@ -111,29 +113,31 @@ def test_auto_dtype_is_measured_once_per_machine_and_model_and_a_resumed_run_kee
             return times[dtype]
         return step_seconds
 
-    monkeypatch.setattr(train_module, "step_seconds", timed({"float32": 3.0, "bfloat16": 1.0}))
-    choice = choose_dtype(cfg, model, {}, tmp_path, resume=False)
+    monkeypatch.setattr(dtype_module, "step_seconds", timed({"float32": 3.0, "bfloat16": 1.0}))
+    choice = choose_dtype(cfg.dtype, model, {}, tmp_path, resume=False)
     assert choice["dtype"] == "bfloat16" and choice["seconds_per_step"] == {"float32": 3.0, "bfloat16": 1.0}
     assert calls == ["float32", "bfloat16"] * 2  # interleaved, two rounds
     assert choice["why"].startswith("measured: the faster training step on this CPU (kept for every later run")
-    key = train_module.machine_key(model)
-    assert json.loads(cache.read_text())[key]["dtype"] == "bfloat16" and "parameters)" in key
+    key = dtype_module.machine_key(model)
+    assert json.loads(cache.read_text())[key]["dtype"] == "bfloat16" and "3 x 32, vocabulary 128" in key
+    lora_model = get_peft_model(make_model("llama"), LoraConfig(r=2, target_modules="all-linear"))
+    assert dtype_module.machine_key(lora_model) == key  # an adapter on the base does not change the key
     # A new run on this machine and model (another method, a busier CPU) takes the kept dtype, unmeasured.
-    monkeypatch.setattr(train_module, "step_seconds", timed({"float32": 1.0, "bfloat16": 2.0}))
+    monkeypatch.setattr(dtype_module, "step_seconds", timed({"float32": 1.0, "bfloat16": 2.0}))
     lora = TrainConfig(method="lora", task="commonsense", output_dir=str(tmp_path / "lora"))
-    again = choose_dtype(lora, model, {}, tmp_path / "lora", resume=False)
+    again = choose_dtype(lora.dtype, model, {}, tmp_path / "lora", resume=False)
     assert again["dtype"] == "bfloat16" and len(calls) == 4 and "measured once on this machine" in again["why"]
-    assert choose_dtype(cfg, model, {}, tmp_path, resume=True)["dtype"] == "bfloat16"  # kept from the start
+    assert choose_dtype(cfg.dtype, model, {}, tmp_path, resume=True)["dtype"] == "bfloat16"  # kept from the start
     # Another model (its size is in the key) or another machine measures for itself.
-    assert choose_dtype(cfg, other_model, {}, tmp_path, resume=False)["dtype"] == "float32" and len(calls) == 8
-    monkeypatch.setattr(train_module, "machine_key", lambda model: "another CPU")
-    assert choose_dtype(cfg, model, {}, tmp_path, resume=False)["dtype"] == "float32"
+    assert choose_dtype(cfg.dtype, other_model, {}, tmp_path, resume=False)["dtype"] == "float32" and len(calls) == 8
+    monkeypatch.setattr(dtype_module, "machine_key", lambda model: "another CPU")
+    assert choose_dtype(cfg.dtype, model, {}, tmp_path, resume=False)["dtype"] == "float32"
     assert len(json.loads(cache.read_text())) == 3
     fixed = TrainConfig(method="ffba", task="commonsense", output_dir=str(tmp_path), dtype="bfloat16")
-    assert choose_dtype(fixed, model, {}, tmp_path, resume=False) == {"dtype": "bfloat16", "why": "set by the run"}
+    assert choose_dtype(fixed.dtype, model, {}, tmp_path, resume=False) == {"dtype": "bfloat16", "why": "set by the run"}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    assert choose_dtype(cfg, model, {}, tmp_path, resume=False)["dtype"] == "bfloat16"
+    assert choose_dtype(cfg.dtype, model, {}, tmp_path, resume=False)["dtype"] == "bfloat16"
     with pytest.raises(ValueError, match=r"unknown dtype 'fp16'; choose one of \['auto', 'float32', 'bfloat16'\]"):
         TrainConfig(method="ffba", task="commonsense", output_dir="x", dtype="fp16")
 

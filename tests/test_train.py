@@ -182,7 +182,8 @@ def test_two_process_data_parallel_run_on_gloo(tiny_model_dir, tiny_data_dir, tm
            str(Path(sys.executable).with_name("fflora")), "train", "--method", "ffba", "--task", "commonsense", "--model", str(tiny_model_dir),
            "--data-dir", str(tiny_data_dir), "--output-dir", str(out), "--rank", "2", "--max-steps", "3",
            "--batch-size", "2", "--max-length", "1024", "--save-steps", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # the ranks measure --dtype auto: into a cache of the test's own, never the user's
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FFLORA_CACHE": str(tmp_path / "cache")}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     run = json.loads((out / "run.json").read_text())

@@ -27,8 +27,8 @@ import torch
 
 from ..methods import FFBAConfig, apply_adapter
 from ..recipes.examples import token_nll
-from ..recipes.train import (TrainConfig, build_dataset, collator, dtype_autocast, packed_attention_while, train,
-                     training_records)
+from ..recipes.dtype import dtype_autocast
+from ..recipes.train import TrainConfig, build_dataset, collator, packed_attention_while, train, training_records
 from ..utils.sources import say
 from .latency import check_sizes, write_results
 

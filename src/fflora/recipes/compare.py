@@ -2,7 +2,7 @@
 
 Every method trains on the same records with the same recipe and seed, at a matched budget (LoRA at
 `lora_r`; FFBA and zFLoRA at the rank whose trainable-parameter count is closest to it), and in one
-dtype: the first run's (`auto` is decided once per machine, `fflora.recipes.train.choose_dtype`),
+dtype: the first run's (`auto` is decided once per machine, `fflora.recipes.dtype.choose_dtype`),
 given explicitly to every later run. Then, next to the untrained base model:
 
 * the held-out NLL per response token (the records every run held out; float32);

@@ -23,7 +23,8 @@ from ..utils.sources import say
 from .artifacts import load_trained
 from .data import FAMILIES, prepare
 from .evaluate import evaluate
-from .train import TrainConfig, dtype_autocast, train
+from .dtype import dtype_autocast
+from .train import TrainConfig, train
 
 METHODS = ("ffba", "zflora", "lora")
 
@@ -84,7 +85,7 @@ def run_demo(out_dir: str | Path | None = None, quick: bool = False, model: str 
                           train_limit=sizes.train_limit, max_steps=sizes.max_steps, batch_size=8, lr=sizes.lr,
                           form="cloze", save_steps=sizes.max_steps, logging_steps=5)
         runs[method] = train(cfg, resume=(out / method / "train_config.json").exists())
-    # Every model is scored in the dtype training chose (measured, `fflora.recipes.train.choose_dtype`): the same for all.
+    # Every model is scored in the dtype training chose (measured, `fflora.recipes.dtype.choose_dtype`): the same for all.
     eval_dtype = runs["ffba"]["dtype"]["dtype"]
     scores = {}
     step()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import random
 import shutil
 import contextlib
@@ -37,10 +36,11 @@ from ..methods.serialization import RUN_ADAPTER
 from ..models.base_models import load_base_model
 from ..utils.errors import FFloraError
 from ..utils.files import atomic_write_text
-from ..utils.sources import cache_dir, say
+from ..utils.sources import say
 from .artifacts import RUN_FILE
 from .budget import LORA_TARGETS, adapter_parameter_count, lora_parameter_count, match_adapter_rank
 from .data import FAMILIES, load_split
+from .dtype import DTYPES, choose_dtype
 from .evaluate import response_loss
 from .examples import PACKED_ATTENTION, check_form, pack, token_nll, tokenize_example
 from .user_data import FORMATS, held_out_user_records, load_user_records
@@ -49,8 +49,6 @@ METHODS = ("ffba", "zflora", "lora", "full")
 TRAIN_DATASETS = {"commonsense": FAMILIES["commonsense"], "math": ("gsm8k",), "summary": ("xsum",)}
 CONFIG_FILE = "train_config.json"
 GRAD_NORMS_FILE = "grad_norms.jsonl"  # {"step", "grad_norm"} per optimizer step, before clipping
-DTYPE_FILE = "dtype.json"  # what dtype="auto" chose, and the measurement: a resumed run keeps it
-DTYPES = ("auto", "float32", "bfloat16")
 
 
 @dataclass
@@ -387,98 +385,6 @@ def packed_attention_while(model, packing: bool):
         config._attn_implementation = before
 
 
-def dtype_autocast(dtype: str, device: str):
-    """bfloat16 autocast on `device` for dtype "bfloat16"; nothing (float32) otherwise."""
-    return torch.autocast(device, dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
-
-
-def step_seconds(model, batch: dict, dtype: str, steps: int = 2) -> float:
-    """Seconds of one forward + backward of the training loss on `batch` in `dtype` (after a warm-up
-    step); gradients are dropped and the RNG state is restored, so the run itself is unchanged."""
-    device = next(model.parameters()).device
-    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-    was_training = model.training
-    model.train()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for i in range(steps + 1):
-            if i == 1:
-                start = time.perf_counter()
-            with dtype_autocast(dtype, device.type):
-                loss = token_nll(model, batch).mean()
-            loss.backward()
-        seconds = (time.perf_counter() - start) / steps
-    for p in model.parameters():
-        p.grad = None
-    model.train(was_training)
-    return seconds
-
-
-def machine_dtype_file() -> Path:
-    """Where `auto` keeps what it measured, per machine and model (`machine_key`)."""
-    return cache_dir() / "machine-dtype.json"
-
-
-def machine_key(model: nn.Module) -> str:
-    """What decides whether bfloat16 trains faster: the CPU's model name, the flags that give bfloat16
-    arithmetic (avx512_bf16, amx_bf16; AVX2 alone emulates it), the threads torch uses, torch's version,
-    and the model (its name and size: a tiny model is all overhead, where a 135M one is all GEMMs).
-    Runs with one key, whatever their method, get one dtype."""
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    fields = {key.strip(): value.strip() for key, value in
-              (line.split(":", 1) for line in cpuinfo.splitlines() if ":" in line)}
-    name = fields.get("model name") or platform.processor() or "unknown"
-    flags = set(fields.get("flags", "").split())
-    bf16 = ",".join(sorted(flags & {"avx512_bf16", "amx_bf16", "avx512f", "avx2"})) or "none"
-    size = sum(p.numel() for p in model.parameters())
-    model_name = getattr(getattr(model, "config", None), "_name_or_path", "") or "unnamed model"
-    return (f"{name} | {bf16} | {torch.get_num_threads()} threads | torch {torch.__version__} | "
-            f"{model_name} ({size / 1e6:.1f}M parameters)")
-
-
-def choose_dtype(cfg: TrainConfig, model, batch: dict, out: Path, resume: bool) -> dict:
-    """{"dtype": "float32" | "bfloat16", "why": ..., ["seconds_per_step": {...}]} for this run.
-
-    `auto` on a CPU is decided once per machine and model (`machine_key`): the first run there times
-    a training step of its first batch in both dtypes, interleaved, and the faster is kept in the
-    cache ($FFLORA_CACHE/machine-dtype.json; delete it to measure again); every later run, whatever
-    its method, reads it, so that two methods compared on one machine train in one dtype (a
-    measurement per run gave FFBA float32 and LoRA bfloat16 on a busy machine). With avx512_bf16,
-    bf16 autocast trains SmolLM2 1.5-3x faster; on AVX2-only CPUs it was slower. On CUDA, bf16 where
-    the GPU supports it. A resumed run keeps the choice it started with."""
-    saved = out / DTYPE_FILE
-    if resume and saved.is_file():
-        return json.loads(saved.read_text())
-    if cfg.dtype != "auto":
-        choice = {"dtype": cfg.dtype, "why": "set by the run"}
-    elif torch.cuda.is_available():
-        fast = torch.cuda.is_bf16_supported()
-        choice = {"dtype": "bfloat16" if fast else "float32",
-                  "why": "CUDA " + ("supports" if fast else "lacks") + " bfloat16"}
-    else:
-        choice = _machine_dtype(model, batch)
-    atomic_write_text(saved, json.dumps(choice, indent=2) + "\n")
-    return choice
-
-
-def _machine_dtype(model, batch: dict) -> dict:
-    """This machine's dtype from the cache, or measured now (interleaved, two rounds, the faster
-    round of each) and cached."""
-    cache = machine_dtype_file()
-    key = machine_key(model)
-    known = json.loads(cache.read_text()) if cache.is_file() else {}
-    if key in known:
-        return known[key] | {"why": f"measured once on this machine ({cache}; delete it to measure again)"}
-    seconds = {"float32": [], "bfloat16": []}
-    for _ in range(2):
-        for dtype in seconds:
-            seconds[dtype].append(step_seconds(model, batch, dtype))
-    best = {dtype: min(values) for dtype, values in seconds.items()}
-    choice = {"dtype": min(best, key=best.get), "seconds_per_step": best,
-              "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    atomic_write_text(cache, json.dumps(known | {key: choice}, indent=2) + "\n")
-    return choice | {"why": f"measured: the faster training step on this CPU (kept for every later run in {cache})"}
-
-
 def train(cfg: TrainConfig, resume: bool = False, model=None, tokenizer=None) -> dict:
     """Run one fine-tuning job; returns the run record (also written to OUTPUT_DIR/run.json)."""
     out = Path(cfg.output_dir)
@@ -493,7 +399,7 @@ def train(cfg: TrainConfig, resume: bool = False, model=None, tokenizer=None) ->
     collate = collator(tokenizer, cfg.packing)
     with packed_attention_while(model, cfg.packing):
         first_batch = collate([dataset[i] for i in range(min(cfg.batch_size, len(dataset)))])
-        dtype = choose_dtype(cfg, model, first_batch, out, resume)
+        dtype = choose_dtype(cfg.dtype, model, first_batch, out, resume)
         say(f"training in {dtype['dtype']} ({dtype['why']}"
             + (", s/step " + ", ".join(f"{k} {v:.2f}" for k, v in dtype["seconds_per_step"].items())
                if "seconds_per_step" in dtype else "") + ")")
