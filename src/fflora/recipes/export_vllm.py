@@ -63,7 +63,7 @@ def export_vllm(adapter: str | os.PathLike, output: str | os.PathLike, model: st
     method = registry.method_of(base)
     if method is None or method.name != "ffba":
         raise ValueError(f"{adapter} is a {method.name if method else 'no'} adapter; vLLM takes FFBA adapters "
-                         "(zFLoRA: see the README's vLLM section)")
+                         "(zFLoRA: see docs/vllm.md)")
     phi = base.ffba_config.phi
     fuse(base)
     tensors, layers = {}, [{} for _ in range(base.config.num_hidden_layers)]

@@ -15,7 +15,7 @@ a layer inside the layer, and from one layer's MLP to the next layer's attention
 states (`[h | z_b]`, the design's residual-stream route), so no state lives outside the forward
 pass and vLLM's torch.compile traces it as one graph.
 
-Runs with tensor and pipeline parallel size 1 (the README's vLLM section says what more needs).
+Runs with tensor and pipeline parallel size 1 (docs/vllm.md says what more needs).
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ class FFBALlamaForCausalLM(LlamaForCausalLM):
         config = vllm_config.model_config.hf_config
         if get_tensor_model_parallel_world_size() != 1 or get_pp_group().world_size != 1:
             raise ValueError("fflora's FFBA model runs with --tensor-parallel-size 1 and --pipeline-parallel-size 1 "
-                             "for now (README, 'FFBA inside vLLM': what more parallelism needs)")
+                             "for now (docs/vllm.md: what more parallelism needs)")
         if not isinstance(getattr(config, "fflora", None), dict):
             raise ValueError("this config names FFBALlamaForCausalLM but has no 'fflora' section: write the folder "
                              "with `fflora export vllm --adapter DIR --output DIR`")
