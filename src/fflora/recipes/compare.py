@@ -67,7 +67,7 @@ def run_compare(recipe: TrainConfig, settings: CompareSettings) -> dict:
             say(f"compare: training {method} ({dtype})")
             runs[method] = train(cfg, resume=(out / method / CONFIG_FILE).is_file())
         dtype = runs[method]["dtype"]["dtype"]  # every later method trains in the first one's dtype
-    held_out = held_out_records(dataclasses.replace(recipe, method=settings.methods[0]))
+    held_out = held_out_records(recipe)  # the same records for every method: the recipe's data and dev size
     base, tokenizer = load_base_model(recipe.model)
     base_nll = response_loss(base, tokenizer, held_out, recipe.max_length, form=recipe.form) if held_out else None
     result = {"recipe": {k: v for k, v in dataclasses.asdict(recipe).items() if k not in ("method", "output_dir")},
