@@ -263,14 +263,16 @@ def run_cell(spec: StudySpec, cell: Cell, results_dir: Path, runs_dir: Path) -> 
     training and for evaluation: what `run_study(until=...)` plans the next cells with."""
 
     with PauseWatch() as watch:
-        if cell.phase == "base":
-            record = _base_record(spec, runs_dir)
+        if cell.phase == "base":  # one load of the base model for its dev loss and its evaluation
+            model, tokenizer = load_base_model(spec.model)
+            record = _base_record(spec, model, tokenizer)
         else:
             record = _trained_record(spec, cell, runs_dir, watch)
         if cell.phase in ("final", "base") and "diverged" not in record:
             start = watch.active()
-            model, tokenizer = _cell_model(spec, cell, runs_dir)
-            record |= _evaluate_all(spec, model, tokenizer, runs_dir / spec.name / cell.key)
+            if cell.phase == "final":
+                model, tokenizer, _ = load_trained(Path(spec.train_config(cell, runs_dir).output_dir), spec.model)
+            record |= _evaluate_all(spec, model.to(spec.device).eval(), tokenizer, runs_dir / spec.name / cell.key)
             record["timing"]["evaluate_s"] = watch.active() - start
         record["timing"] |= {"wall_s": watch.wall(), "paused_s": watch.paused_s}
     return _write_record(results_dir, cell, record)
@@ -300,25 +302,14 @@ def _trained_record(spec: StudySpec, cell: Cell, runs_dir: Path, watch: PauseWat
                    "timing": {"train_s": watch.active() - start, "steps_run": steps_run}}
 
 
-def _base_record(spec: StudySpec, runs_dir: Path) -> dict:
+def _base_record(spec: StudySpec, model, tokenizer) -> dict:
     """The untrained base model's dev loss: scored as the final cells are (float32, as every trained
     cell's dev loss, `fflora.recipes.train`), then evaluated like them."""
-    model, tokenizer = load_base_model(spec.model)
     max_length = spec.train.get("max_length", TrainConfig.max_length)
     form = spec.train.get("form", TrainConfig.form)
     dev = response_loss(model, tokenizer, dev_records(spec.task, spec.dev_size, spec.data_dir), max_length, form=form)
     return {"cell": {"phase": "base", "method": "base", "lr": None, "seed": None}, "parameters": 0,
             "device": spec.device, "train": {"dev_loss": dev}, "timing": {"train_s": 0.0, "steps_run": 0}}
-
-
-def _cell_model(spec: StudySpec, cell: Cell, runs_dir: Path):
-    """(model, tokenizer) a final cell (its trained adapter) or the base model's cell is evaluated with,
-    on the spec's device."""
-    if cell.phase == "base":
-        model, tokenizer = load_base_model(spec.model)
-    else:
-        model, tokenizer, _ = load_trained(Path(spec.train_config(cell, runs_dir).output_dir), spec.model)
-    return model.to(spec.device).eval(), tokenizer
 
 
 def _write_record(results_dir: Path, cell: Cell, record: dict) -> dict:
