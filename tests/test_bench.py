@@ -4,7 +4,8 @@ import torch
 from conftest import make_model
 
 import fflora
-from fflora.bench.latency import EAGER_CONFIGS, BenchSettings, format_bench_table, run_bench, write_bench
+from fflora.bench.latency import EAGER_CONFIGS, format_bench_table, run_bench, write_bench
+from fflora.bench.settings import BenchSettings
 from fflora.models.footprint import tensor_bytes
 from fflora.methods import adapter_state_dict, load_adapter_state
 

@@ -7,8 +7,8 @@ from conftest import make_model
 from test_server import _tokenizer
 
 from fflora.bench import llama_cpp
-from fflora.bench.formats import (KINDS, FormatsBenchSettings, check_targets, format_formats_table, run_formats_bench,
-                                  write_formats_bench)
+from fflora.bench.formats import check_targets, format_formats_table, run_formats_bench, write_formats_bench
+from fflora.bench.settings import KINDS, FormatsBenchSettings
 from fflora.cli import main
 
 AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"

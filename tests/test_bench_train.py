@@ -4,7 +4,8 @@ import pytest
 
 import fflora
 from fflora.methods import has_adapter
-from fflora.bench.train import CONFIGS, TrainBenchSettings, format_train_table, run_train_bench, write_train_bench
+from fflora.bench.settings import TrainBenchSettings
+from fflora.bench.train import CONFIGS, format_train_table, run_train_bench, write_train_bench
 
 
 def test_train_bench_times_every_configuration_and_runs_both_dtypes(tiny_model_dir, tiny_data_dir, tmp_path):

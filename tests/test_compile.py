@@ -6,6 +6,7 @@ import torch
 from conftest import FAMILIES, make_model, randomize_adapters
 
 import fflora
+import fflora.fastpath.plan
 from fflora.fastpath.compile import compile_generation, decode_step, is_compiled
 
 

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from fflora.recipes import demo
-from fflora.bench.latency import CONFIGS
+from fflora.bench.settings import CONFIGS
 
 
 def test_quick_demo_on_a_tiny_model_writes_the_report(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch, capsys):

@@ -12,7 +12,8 @@ import fflora
 from fflora.recipes.examples import (PACKED_ATTENTION, check_form, example_nll, pack, prompt_and_response, token_nll,
                              tokenize_example)
 from fflora.recipes.dtype import choose_dtype, step_seconds
-from fflora.recipes.train import TrainConfig, packed_attention_while
+from fflora.recipes.settings import TrainConfig
+from fflora.recipes.train import packed_attention_while
 
 
 def _examples(lengths, vocab=128, seed=0):

@@ -2,6 +2,8 @@
 merge_and_unload, unload, on tiny models of every architecture each method supports."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import peft
@@ -13,6 +15,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import fflora
+import fflora.methods.registration
+import fflora.recipes.budget
 from fflora.methods.fused_state import fused_state
 from conftest import make_model, randomize_adapters
 
@@ -43,6 +47,20 @@ def test_import_registers_both_methods():
     assert peft.mapping.PEFT_TYPE_TO_TUNER_MAPPING["ZFLORA"] is fflora.ZFLoRAModel
     fflora.methods.registration.register()  # idempotent
     assert peft.mapping.PEFT_TYPE_TO_TUNER_MAPPING["FFBA"] is fflora.FFBAModel
+
+
+@pytest.mark.parametrize("imports", ["import fflora; import peft", "import peft; import fflora",
+                                     "import fflora; fflora.FFBAConfig",  # fflora's own modules import PEFT
+                                     "import fflora.methods.serialization"])
+def test_import_fflora_registers_with_peft_in_any_order(imports):
+    code = f"""{imports}
+import sys
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+print(PEFT_TYPE_TO_CONFIG_MAPPING["FFBA"].__name__, PEFT_TYPE_TO_TUNER_MAPPING["ZFLORA"].__name__)
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["FFBAConfig", "ZFLoRAModel"]
 
 
 def test_configs_are_peft_configs_and_round_trip(tmp_path):

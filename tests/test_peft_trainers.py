@@ -9,6 +9,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingA
 from trl import SFTConfig, SFTTrainer
 
 import fflora
+import fflora.methods
+import fflora.recipes.budget
 from conftest import make_model
 
 TEXTS = ["the cat sat on the mat.", "a dog ran in the park!", "two plus two is four.", "the sky is blue today."] * 2

@@ -12,11 +12,13 @@ import time
 
 import httpx
 import openai
+import peft
 import pytest
 import torch
 from conftest import make_model, randomize_adapters
 
 import fflora
+from fflora.recipes.budget import LORA_TARGETS
 from fflora.serving.process import ServerProcess
 
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
@@ -52,8 +54,13 @@ class Server:
             adapted = fflora.apply_ffba(make_model("llama", max_position_embeddings=256), config)
             randomize_adapters(adapted, seed=seed, std=0.3)
             fflora.save_adapter(adapted, root / name)
+        lora = peft.get_peft_model(make_model("llama", max_position_embeddings=256),
+                                   peft.LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS))
+        randomize_adapters(lora, seed=3, std=0.3)
+        lora.save_pretrained(root / "l")  # what `fflora train --method lora` writes
         args = ["--model", str(root / "base"), "--served-model-name", BASE, "--adapter", f"a={root / 'a'}",
-                "--adapter", f"b={root / 'b'}", "--max-adapters", "3", "--limit-max-requests", "300",
+                "--adapter", f"b={root / 'b'}", "--adapter", f"l={root / 'l'}", "--max-adapters", "3",
+                "--limit-max-requests", "300",
                 "--enable-adapter-loading", "--adapter-root", str(root), "--log-level", "warning"]
         self.process = ServerProcess(args, root / "server.log", ready_timeout_s=120)
 
@@ -63,9 +70,12 @@ class Server:
 
     @torch.no_grad()
     def expected(self, adapter, prompt_ids, max_new_tokens):
-        """Greedy text of the fused model carrying only `adapter` (None: the base), in this process."""
+        """Greedy text of the fused model carrying only `adapter` (None: the base; "l": the LoRA adapter,
+        merged through PEFT), in this process."""
         model = make_model("llama", max_position_embeddings=256)
-        if adapter is not None:
+        if adapter == "l":
+            model = peft.PeftModel.from_pretrained(model, self.root / "l").merge_and_unload()
+        elif adapter is not None:
             fflora.load_adapter(model, self.root / adapter)
         out = fflora.fuse(model).generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens,
                                           do_sample=False, eos_token_id=2, pad_token_id=0)
@@ -85,8 +95,20 @@ def server(tmp_path_factory):
 
 def test_models_lists_the_base_model_then_each_adapter(server):
     models = server.client.models.list().data
-    assert [m.id for m in models] == [BASE, "a", "b"]
-    assert [getattr(m, "parent", None) for m in models] == [None, BASE, BASE]
+    assert [m.id for m in models] == [BASE, "a", "b", "l"]  # the FFBA bank's adapters, then the merged LoRA
+    assert [getattr(m, "parent", None) for m in models] == [None, BASE, BASE, BASE]
+
+
+def test_a_lora_adapter_is_served_merged_as_a_model_of_its_own(server):
+    ids = server.tokenizer("Hello there")["input_ids"]
+    lora, ffba = (server.client.completions.create(model=m, prompt="Hello there", max_tokens=12, temperature=0)
+                  for m in ("l", "a"))
+    assert lora.model == "l" and lora.choices[0].text == server.expected("l", ids, 12)  # = PEFT's LoRA, merged
+    assert ffba.choices[0].text == server.expected("a", ids, 12) != lora.choices[0].text
+    response = _post(server, "/v1/load_lora_adapter", {"lora_name": "l2", "lora_path": "l"})
+    assert response.status_code == 400 and "loaded at start only" in response.json()["error"]["message"]
+    response = _post(server, "/v1/unload_lora_adapter", {"lora_name": "l"})
+    assert response.status_code == 400 and "served merged" in response.json()["error"]["message"]
 
 
 def test_concurrent_completions_for_two_adapters_and_the_base_equal_each_alone(server):
@@ -179,7 +201,7 @@ def test_bad_parameters_are_a_400_naming_the_field(server, body, field):
 
 def test_unknown_model_and_malformed_bodies(server):
     with pytest.raises(openai.NotFoundError, match=r"The model 'nope' does not exist. Available models: "
-                                                   r"\['tiny-base', 'a', 'b'\]"):
+                                                   r"\['tiny-base', 'a', 'b', 'l'\]"):
         server.client.completions.create(model="nope", prompt="Hi", max_tokens=2)
     response = httpx.post(f"{server.url}/v1/chat/completions", content=b"{not json", timeout=10,
                           headers={"content-type": "application/json"})
@@ -225,12 +247,12 @@ def test_adapters_load_and_unload_while_serving(server):
         for name, message in [("e", "bank is full"), ("c", "has already been loaded")]:
             response = post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": "a"})
             assert response.status_code == 400 and message in response.json()["error"]["message"], response.text
-        assert [m.id for m in server.client.models.list().data] == [BASE, "a", "b", "c"]
+        assert [m.id for m in server.client.models.list().data] == [BASE, "a", "b", "c", "l"]
 
         response = post("/v1/unload_lora_adapter", {"lora_name": "a"})
         assert response.status_code == 200 and response.text == "Success: LoRA adapter 'a' removed successfully."
-        assert [m.id for m in server.client.models.list().data] == [BASE, "b", "c"]
-        with pytest.raises(openai.NotFoundError, match="Available models: \\['tiny-base', 'b', 'c'\\]"):
+        assert [m.id for m in server.client.models.list().data] == [BASE, "b", "c", "l"]
+        with pytest.raises(openai.NotFoundError, match="Available models: \\['tiny-base', 'b', 'c', 'l'\\]"):
             server.client.completions.create(model="a", prompt="Hi", max_tokens=2)
         assert post("/v1/unload_lora_adapter", {"lora_name": "a"}).status_code == 404
         text = first.choices[0].text + "".join(chunk.choices[0].text for chunk in running)
@@ -239,7 +261,7 @@ def test_adapters_load_and_unload_while_serving(server):
     # The unloaded adapter's room is free again once its request is done; restore the module's set.
     assert post("/v1/unload_lora_adapter", {"lora_name": "c"}).status_code == 200
     assert post("/v1/load_lora_adapter", {"lora_name": "a", "lora_path": str(server.root / "a")}).status_code == 200
-    assert [m.id for m in server.client.models.list().data] == [BASE, "b", "a"]
+    assert [m.id for m in server.client.models.list().data] == [BASE, "b", "a", "l"]
 
 
 def test_runtime_loads_stay_below_the_adapter_root(server, tmp_path):
@@ -258,7 +280,7 @@ def test_runtime_loads_stay_below_the_adapter_root(server, tmp_path):
         response = post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": "a"})
         assert response.status_code == 400 and response.json()["error"]["param"] == "lora_name", (name, response.text)
     assert all("/" not in m.root for m in server.client.models.list().data)
-    assert {m.id for m in server.client.models.list().data} == {BASE, "a", "b"}  # nothing loaded
+    assert {m.id for m in server.client.models.list().data} == {BASE, "a", "b", "l"}  # nothing loaded
 
 
 def test_an_adapter_saved_on_other_base_weights_loads_only_when_allowed(server):

@@ -8,7 +8,9 @@ from conftest import make_model
 import fflora
 from fflora.serving.adapter_policy import MAX_NAME_LENGTH, AdapterRoots, adapter_name_problem
 from fflora.serving.admission import Admission, Overloaded
-from fflora.serving.config import PAGE_SIZE, ServerConfig, memory_estimate
+from fflora.serving.api_server import run_server
+from fflora.serving.config import PAGE_SIZE, ServerConfig
+from fflora.serving.memory import memory_estimate
 from fflora.serving.http_guards import host_of
 
 
@@ -80,7 +82,7 @@ def test_server_settings_are_checked_before_anything_loads():
     with pytest.raises(ValueError, match="--api-key must not be empty"):
         ServerConfig(api_keys=[" "])
     with pytest.raises(ValueError, match="--adapter 'a/b': an adapter name has no '/'"):
-        ServerConfig(adapters={"a/b": "x"})
+        run_server(ServerConfig(adapters={"a/b": "x"}))  # before the model loads
     assert ServerConfig().hosts() == ["127.0.0.1", "localhost", "::1"]
     assert ServerConfig(host="0.0.0.0").hosts() is None
     assert ServerConfig(host="0.0.0.0", allowed_hosts=["api.example"]).hosts() == ["api.example"]
@@ -98,3 +100,5 @@ def test_the_memory_estimate_counts_weights_cache_and_a_step():
     assert estimate["step"] == 64 * (c.vocab_size * 4 + 3 * c.intermediate_size * 4)
     assert estimate["total"] == estimate["weights"] + estimate["kv_cache"] + estimate["step"]  # runtime 0 here
     assert memory_estimate(model, cfg, runtime=10)["total"] == estimate["total"] + 10
+    with_lora = memory_estimate(model, cfg, merged=[model])  # a merged LoRA: weights, a cache and a step of its own
+    assert [with_lora[k] for k in ("weights", "kv_cache", "step")] == [2 * estimate[k] for k in ("weights", "kv_cache", "step")]

@@ -11,9 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 import fflora
+import fflora.recipes.data
 from fflora.methods.serialization import WEIGHTS_NAME
 from fflora.recipes.budget import match_adapter_rank
-from fflora.recipes.train import LossSpikeError, NonFiniteLossError, TrainConfig, train
+from fflora.recipes.settings import TrainConfig
+from fflora.recipes.train import LossSpikeError, NonFiniteLossError, train
 
 
 def _cfg(tiny_model_dir, tiny_data_dir, out, **kw):

@@ -126,5 +126,5 @@ def test_compare_trains_each_method_in_one_dtype_at_a_matched_budget(tiny_model_
     assert main(args) == 0  # finished runs are reused, not trained again
     assert "compare: training" not in capsys.readouterr().err
     with pytest.raises(ValueError, match=r"--methods takes two or more of \['ffba', 'zflora', 'lora'\], each once"):
-        from fflora.recipes.compare import CompareSettings
+        from fflora.recipes.settings import CompareSettings
         CompareSettings(methods=("ffba",))

@@ -7,6 +7,7 @@ import torch
 from conftest import make_model, randomize_adapters
 
 import fflora
+import fflora.methods
 from fflora.methods.fingerprint import base_model_fingerprint
 from fflora.methods.fused_state import fused_state
 from fflora.methods.weight_formats import Int8Embedding, Int8Head

@@ -24,7 +24,7 @@ import random
 import statistics
 import time
 from contextvars import ContextVar
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -33,33 +33,10 @@ from torch import Tensor, nn
 from ..methods import FFBAConfig, adapter_state_dict, apply_adapter, bank_of, fuse
 from ..recipes.budget import LORA_TARGETS, match_lora_rank
 from ..utils.sources import say
-from .latency import _median_spread, _randomize, check_sizes, write_results
+from .latency import _median_spread, _randomize, write_results
+from .settings import MIXES, BankBenchSettings
 
-MIXES = ("identical", "uniform", "zipf", "distinct")
 METHODS = ("fused_base", "bank", "peft_mixed", "gather_lora")
-
-
-@dataclass
-class BankBenchSettings:
-    batch_sizes: tuple[int, ...] = (1, 4, 8, 16)
-    resident: tuple[int, ...] = (1, 2, 4, 8, 16)
-    mixes: tuple[str, ...] = MIXES
-    rank: int = 8
-    lora_rank: int | None = None  # None: the LoRA rank whose budget is closest to FFBA's
-    prompt_len: int = 32
-    steps: int = 8  # timed decode steps per method and round
-    rounds: int = 3  # interleaved rounds per cell (after one untimed step per method)
-    zipf_alpha: float = 1.5
-    threads: int | None = None
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        check_sizes(self, lists=("batch_sizes", "resident"), positive=("rank", "prompt_len", "steps", "rounds"),
-                    optional=("lora_rank", "threads"))
-        self.batch_sizes, self.resident = tuple(sorted(set(self.batch_sizes))), tuple(sorted(set(self.resident)))
-        unknown = [m for m in self.mixes if m not in MIXES]
-        if unknown or not self.mixes:
-            raise ValueError(f"mixes must be among {list(MIXES)}, got {list(self.mixes)}")
 
 
 def assign_adapters(mix: str, batch: int, resident: int, rng: random.Random, zipf_alpha: float = 1.5) -> list[int]:

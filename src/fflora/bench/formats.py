@@ -24,7 +24,7 @@ import contextlib
 import copy
 import functools
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import matplotlib
@@ -32,23 +32,21 @@ import torch
 from torch import nn
 
 from ..fastpath.compile import compile_decode, compile_generation
-from ..fastpath.plan import MODES, plan_gemms
+from ..fastpath.plan import plan_gemms
 from ..methods import FFBAConfig, bank_of, fuse, load_adapter, select_adapters
-from ..methods.weight_formats import WEIGHT_FORMATS, check_weights
 from ..models.base_models import embedded, embedded_gguf
 from ..models.footprint import tensor_bytes
+from ..ops.formats import WEIGHT_FORMATS
 from ..recipes.budget import match_lora_rank
 from ..recipes.evaluate import response_loss
 from ..recipes.train import dev_records
 from ..utils.sources import say
 from . import llama_cpp
 from .bank import ffba_states
-from .latency import _adapted, _lora, _median_spread, _randomize, check_sizes, time_generation, write_results
+from .latency import _adapted, _lora, _median_spread, _randomize, time_generation, write_results
+from .settings import FFLORA_KINDS, PEER_KINDS, FormatsBenchSettings
 
-FFLORA_KINDS = ("fused_base", "ffba_fused", "zflora_fused", "bank_fused")
 BANK_ADAPTERS = 8  # of bank_fused: rank-`rank` FFBA adapters resident, row i of a batch uses adapter i mod 8
-PEER_KINDS = ("base_compiled", "lora_unmerged_compiled")  # stock transformers and PEFT, compiled
-KINDS = FFLORA_KINDS + PEER_KINDS
 PEER_FORMATS = ("float32", "bfloat16")  # the formats stock transformers and PEFT decode on a CPU
 BASE_KINDS = ("fused_base", "base_compiled", "llama_cpp")  # compared with the stock float32 model
 DEV_LOSS_KINDS = ("fused_base", "ffba_fused")  # with a trained FFBA adapter
@@ -66,43 +64,6 @@ TEXT = ("The river ran high that spring, and the mill at the bend of the valley 
         "of the prices in the market town, and of the letters that came, now and then, from those who had gone "
         "to the cities in the north. ") * 3
 
-
-@dataclass
-class FormatsBenchSettings:
-    formats: tuple[str, ...] = WEIGHT_FORMATS
-    kinds: tuple[str, ...] = KINDS
-    batch_sizes: tuple[int, ...] = (1, 8)
-    prompt_len: int = 128
-    new_tokens: int = 32
-    repeats: int = 3
-    warmup: int = 1
-    rank: int = 8
-    lora_rank: int | None = None  # None: the LoRA rank whose budget is closest to FFBA's
-    compile: bool = True
-    cpp_wrapper: bool = False  # inductor's C++ wrapper, for fflora's models and the compiled peers alike
-    gemm_plan: str = "auto"  # of fflora's models, planned for each batch size (plan_gemms)
-    seed: int = 0
-    adapter: str | None = None  # a trained FFBA adapter folder (None: a random adapter of rank `rank`)
-    dev_task: str = "commonsense"
-    dev_form: str = "cloze"
-    dev_size: int = 200
-    data_dir: str | None = None
-    llama_cpp: bool = True  # the llama.cpp rows, where llama-cpp-python is installed and the model has a GGUF
-    gguf: str | None = None  # the model as a GGUF file (None: an embedded model's own)
-
-    def __post_init__(self) -> None:
-        self.formats, self.kinds, self.batch_sizes = tuple(self.formats), tuple(self.kinds), tuple(self.batch_sizes)
-        for weights in self.formats:
-            check_weights(weights)
-        if "float32" not in self.formats:
-            raise ValueError("formats must include 'float32' (agreement is measured against it)")
-        unknown = [k for k in self.kinds if k not in KINDS]
-        if unknown or not self.kinds:
-            raise ValueError(f"kinds must be among {list(KINDS)}, got {list(self.kinds)}")
-        check_sizes(self, lists=("batch_sizes",), positive=("prompt_len", "new_tokens", "repeats", "rank"),
-                    optional=("lora_rank",))
-        if self.gemm_plan not in MODES:
-            raise ValueError(f"gemm-plan must be one of {list(MODES)}, got {self.gemm_plan!r}")
 
 
 def weight_bytes(model: nn.Module) -> int:

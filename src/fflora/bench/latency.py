@@ -24,24 +24,22 @@ import copy
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..fastpath.compile import compile_decode, compile_generation, decode_step, is_compiled
-from ..fastpath.plan import MODES, plan_gemms
+from ..fastpath.plan import plan_gemms
 from ..methods import FFBAConfig, ZFLoRAConfig, adapter_state_dict, apply_adapter, fuse, load_adapter_state, registry
 from ..methods.ffba.method import ffba_parameter_count
 from ..methods.zflora.method import zflora_parameter_count
 from ..models.footprint import tensor_bytes
 from ..recipes.budget import LORA_TARGETS, lora_parameter_count, match_lora_rank
 from ..utils.sources import say
+from .settings import CONFIGS, BenchSettings
 
-CONFIGS = ("base", "base_compiled", "fused_base", "fused_base_fast", "fused_base_compiled", "lora_unmerged",
-           "lora_unmerged_compiled", "lora_merged", "ffba_unfused", "ffba_fused", "ffba_fused_fast", "ffba_fused_compiled",
-           "zflora_unfused", "zflora_fused", "zflora_fused_fast", "zflora_fused_compiled")
 EAGER_CONFIGS = tuple(c for c in CONFIGS if not c.endswith("_compiled"))  # no compile warm-up (tens of seconds each)
 # compiled as their users do: no fflora GEMM plan (merged LoRA: `fflora compare --compile`)
 COMPILED_PEERS = ("base_compiled", "lora_unmerged_compiled", "lora_merged_compiled")
@@ -52,55 +50,6 @@ TARGETS = (("fused_base", "base", 1.00), ("ffba_fused", "fused_base", 1.03), ("z
            ("ffba_fused_compiled", "base", 0.85), ("ffba_fused_compiled", "lora_unmerged", 0.75),
            # against the peers at their best (issue 32): FFBA fused <= 0.80x PEFT LoRA unmerged, both compiled
            ("ffba_fused_compiled", "lora_unmerged_compiled", 0.80), ("zflora_fused_compiled", "lora_unmerged_compiled", 0.80))
-
-
-@dataclass
-class BenchSettings:
-    prompt_len: int = 128
-    new_tokens: int = 64
-    batch_sizes: tuple[int, ...] = (1, 8)
-    repeats: int = 5
-    warmup: int = 1
-    rank: int = 8  # of FFBA and zFLoRA
-    lora_rank: int | None = None  # None: the LoRA rank whose budget is closest to FFBA's
-    threads: int | None = None
-    train_steps: int = 3
-    train_batch: int = 4
-    train_len: int = 128
-    seed: int = 0
-    configs: tuple[str, ...] = CONFIGS
-    gemm_plan: str = "auto"  # of the "_fast" and "_compiled" configurations (plan_gemms, tuned per batch size)
-    compile_freezing: bool = False  # the "_compiled" configurations with inductor's freezing pass
-
-    def __post_init__(self) -> None:
-        check_sizes(self, lists=("batch_sizes",), positive=("prompt_len", "new_tokens", "repeats", "rank", "train_steps",
-                                                            "train_batch", "train_len"),
-                    optional=("lora_rank", "threads"))
-        if self.warmup < 0:
-            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
-        unknown = [c for c in self.configs if c not in CONFIGS]
-        if unknown or not self.configs:
-            raise ValueError(f"configs must be among {list(CONFIGS)}, got {list(self.configs)}")
-        if "base" not in self.configs:
-            raise ValueError(f"configs must include 'base' (every ratio is to it), got {list(self.configs)}")
-        if self.gemm_plan not in MODES:
-            raise ValueError(f"gemm-plan must be one of {list(MODES)}, got {self.gemm_plan!r}")
-
-
-def check_sizes(settings, lists: tuple[str, ...] = (), positive: tuple[str, ...] = (), optional: tuple[str, ...] = ()) -> None:
-    """ValueError, naming the command-line option, unless every field in `lists` is a non-empty list of
-    integers >= 1, every field in `positive` an integer >= 1 and every field in `optional` None or >= 1."""
-    def bad(v) -> bool:
-        return isinstance(v, bool) or not isinstance(v, int) or v < 1
-
-    for name in lists:
-        values = list(getattr(settings, name))
-        if not values or any(bad(v) for v in values):
-            raise ValueError(f"{name.replace('_', '-')} must be integers >= 1, got {values}")
-    for name in (*positive, *optional):
-        value = getattr(settings, name)
-        if not (value is None and name in optional) and bad(value):
-            raise ValueError(f"{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
 
 
 def memory_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:

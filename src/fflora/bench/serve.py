@@ -25,37 +25,11 @@ import httpx
 from ..methods import FFBAConfig, apply_adapter, remove_adapter, save_adapter
 from ..serving.process import ServerProcess
 from ..utils.sources import say
-from .latency import _randomize, check_sizes, write_results
+from .latency import _randomize, write_results
+from .settings import ServeBenchSettings
 
-DISTRIBUTIONS = ("uniform", "powerlaw")
 MODES = {"batched": [], "one_at_a_time": ["--max-batch-requests", "1"]}
 
-
-@dataclass
-class ServeBenchSettings:
-    adapters: tuple[int, ...] = (1, 4, 16)
-    distributions: tuple[str, ...] = DISTRIBUTIONS
-    rate: float = 2.0  # requests per second
-    requests: int = 32  # per cell and mode
-    prompt_len: tuple[int, int] = (32, 128)
-    output_len: tuple[int, int] = (16, 64)
-    rounds: int = 2
-    rank: int = 8
-    powerlaw_alpha: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        check_sizes(self, lists=("adapters", "prompt_len", "output_len"), positive=("requests", "rounds", "rank"))
-        self.adapters = tuple(sorted(set(self.adapters)))
-        for name in ("prompt_len", "output_len"):
-            low, high = getattr(self, name)
-            if low > high:
-                raise ValueError(f"{name.replace('_', '-')} takes MIN MAX with MIN <= MAX, got {low} {high}")
-        if not self.rate > 0:
-            raise ValueError(f"rate must be > 0 requests per second, got {self.rate}")
-        unknown = [d for d in self.distributions if d not in DISTRIBUTIONS]
-        if unknown or not self.distributions:
-            raise ValueError(f"distributions must be among {list(DISTRIBUTIONS)}, got {list(self.distributions)}")
 
 
 @dataclass

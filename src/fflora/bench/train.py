@@ -20,7 +20,7 @@ import copy
 import json
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -28,9 +28,11 @@ import torch
 from ..methods import FFBAConfig, apply_adapter
 from ..recipes.examples import token_nll
 from ..recipes.dtype import dtype_autocast
-from ..recipes.train import TrainConfig, build_dataset, collator, packed_attention_while, train, training_records
+from ..recipes.settings import TrainConfig
+from ..recipes.train import build_dataset, collator, packed_attention_while, train, training_records
 from ..utils.sources import say
-from .latency import check_sizes, write_results
+from .latency import write_results
+from .settings import TrainBenchSettings
 
 CONFIGS = {  # name -> (dtype, packed, logits at every position)
     "first_study": ("float32", False, True),
@@ -40,25 +42,6 @@ CONFIGS = {  # name -> (dtype, packed, logits at every position)
     "bf16_packed": ("bfloat16", True, False),
 }
 
-
-@dataclass
-class TrainBenchSettings:
-    forms: tuple[str, ...] = ("instruction", "cloze")
-    rank: int = 10  # FFBA r = 10: the first study's budget (LoRA r = 8)
-    batch_size: int = 8
-    max_length: int = 256
-    steps: int = 6  # timed batches per configuration and form (after one untimed warm-up batch)
-    curve_steps: int = 40  # steps of each of the two real runs (0: skip them)
-    curve_form: str = "cloze"
-    lr: float = 1e-3
-    seed: int = 0
-    model: str | None = None
-    data_dir: str | None = None
-
-    def __post_init__(self) -> None:
-        check_sizes(self, positive=("rank", "batch_size", "max_length", "steps"))
-        if self.curve_steps < 0:
-            raise ValueError(f"curve-steps must be >= 0, got {self.curve_steps}")
 
 
 def _step(model, batch: dict, dtype: str, full_logits: bool) -> None:

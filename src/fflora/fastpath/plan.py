@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from ..methods.fused_state import drop_compiled_step, require_fused
-from ..ops.gemm import LAYOUTS, ORDERS, GemmPlan, PlannedLinear, planned_linear, set_gemm_plan
+from ..ops.formats import LAYOUTS, MODES, ORDERS
+from ..ops.gemm import GemmPlan, PlannedLinear, planned_linear, set_gemm_plan
 
-MODES = ("standard", "transposed", "auto")
 WORKING_SET_BYTES = 256 * 2**20  # larger than the caches: weights come from memory, as in a decode step
 MAX_COPIES = 256  # of one small weight in that working set (bounds the number of timed calls)
 

@@ -11,6 +11,11 @@ or the CLI.
 The names below are the layer's public face for the layers above it.
 """
 
+# PEFT first: `import fflora` registers FFBA and ZFLORA with PEFT right after PEFT's import
+# (`fflora.utils.lazy.when_imported`); imported here, that happens before any module of this
+# package starts, so the registration finds each of them whole.
+import peft  # noqa: F401
+
 from .adapters import (
     adapter_parameters,
     adapter_state_dict,

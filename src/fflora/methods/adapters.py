@@ -11,10 +11,11 @@ import torch
 from torch import Tensor, nn
 
 from ..models.architectures import architecture_of
+from ..ops.formats import check_weights
 from . import registry
 from .fused import ALIGN, fuse_plain, gemm_modules, unfuse_plain
 from .fused_state import FusedState, attach, fused_state
-from .weight_formats import check_weights, convert, restore
+from .weight_formats import convert, restore
 
 DEFAULT_MAX_ADAPTERS = 8  # of a bank made by fflora.load_adapter(model, path, adapter_name=...)
 DEFAULT_RANK_PER_ADAPTER = 16  # default rank budget per rank space: max_adapters * this

@@ -25,18 +25,7 @@ from ..ops.int8 import dequantize_rows, int8_linear, quantize_rows
 from .fingerprint import base_model_fingerprint
 from .fused_state import FusedState
 
-WEIGHT_FORMATS = ("float32", "bfloat16", "int8", "int4")
 DENSE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def check_weights(weights: str | None) -> None:
-    """ValueError unless `weights` names a format (None: keep the model's dtype)."""
-    if weights is not None and weights not in WEIGHT_FORMATS:
-        raise ValueError(f"unknown weight format {weights!r}; fflora has {list(WEIGHT_FORMATS)}")
-    if weights in ("int8", "int4") and torch.backends.cpu.get_cpu_capability() != "AVX512":
-        raise ValueError(f"{weights} weights run PyTorch's AVX-512 kernel (bfloat16 activations); this CPU has "
-                         f"{torch.backends.cpu.get_cpu_capability()}, where it falls back to scalar code: use "
-                         "weights='float32' or 'bfloat16'")
 
 
 def format_of(dtype: torch.dtype) -> str:

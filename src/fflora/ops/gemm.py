@@ -16,9 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-LAYOUTS = ("standard", "transposed")
-ORDERS = ("xw", "wx")
-
 
 @dataclass(frozen=True)
 class GemmPlan:

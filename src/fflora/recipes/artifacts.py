@@ -10,7 +10,8 @@ from peft import PeftModel
 
 from ..methods import fuse, load_adapter
 from ..methods.serialization import CONFIG_NAME, RUN_ADAPTER, adapter_method
-from ..models.base_models import DEFAULT_MODEL, load_base_model
+from ..models.base_models import load_base_model
+from ..models.catalog import DEFAULT_MODEL
 
 RUN_FILE = "run.json"
 

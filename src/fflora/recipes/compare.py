@@ -18,39 +18,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..bench.latency import BenchSettings, bench_latency
+from ..bench.latency import bench_latency
+from ..bench.settings import BenchSettings
 from ..models.base_models import load_base_model
 from ..utils.files import atomic_write_text
 from ..utils.sources import say
 from .artifacts import load_trained
 from .evaluate import response_loss
-from .train import CONFIG_FILE, TrainConfig, held_out_records, train
-
-COMPARED_METHODS = ("ffba", "zflora", "lora")
-
-
-@dataclass(frozen=True)
-class CompareSettings:
-    methods: tuple[str, ...] = ("ffba", "lora")
-    latency: bool = True
-    prompt_len: int = 64
-    new_tokens: int = 32
-    repeats: int = 3
-    compile: bool = False
-
-    def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in COMPARED_METHODS]
-        if unknown or len(set(self.methods)) != len(self.methods) or len(self.methods) < 2:
-            raise ValueError(f"--methods takes two or more of {list(COMPARED_METHODS)}, each once; got {list(self.methods)}")
-        for name in ("prompt_len", "new_tokens", "repeats"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {getattr(self, name)!r}")
-
+from .settings import CompareSettings, TrainConfig
+from .train import CONFIG_FILE, held_out_records, train
 
 def run_compare(recipe: TrainConfig, settings: CompareSettings) -> dict:
     """Train each method of `settings` with `recipe` (its method and output_dir are replaced: one

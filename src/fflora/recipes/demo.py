@@ -16,7 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..bench.latency import BenchSettings, format_bench_table, run_bench, write_bench
+from ..bench.latency import format_bench_table, run_bench, write_bench
+from ..bench.settings import BenchSettings
 from ..models.base_models import load_base_model
 from ..models.footprint import peak_resident_bytes
 from ..utils.sources import say
@@ -24,7 +25,8 @@ from .artifacts import load_trained
 from .data import FAMILIES, prepare
 from .evaluate import evaluate
 from .dtype import dtype_autocast
-from .train import TrainConfig, train
+from .settings import TrainConfig
+from .train import train
 
 METHODS = ("ffba", "zflora", "lora")
 

@@ -21,7 +21,6 @@ from ..utils.sources import cache_dir
 from .examples import token_nll
 
 DTYPE_FILE = "dtype.json"  # what dtype="auto" chose, and the measurement: a resumed run keeps it
-DTYPES = ("auto", "float32", "bfloat16")
 
 
 def dtype_autocast(dtype: str, device: str):

@@ -28,8 +28,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .prompts import choice_text_pairs, instruction_and_response, render_prompt, response_suffix
+from .settings import FORMS
 
-FORMS = ("instruction", "cloze")
 IGNORE = -100
 
 

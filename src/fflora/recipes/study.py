@@ -39,7 +39,8 @@ from .artifacts import RUN_FILE, load_trained
 from .evaluate import evaluate, response_loss
 from .schedule import SAFETY, PauseWatch, cell_seconds
 from .stats import mean_std, paired_bootstrap, set_average
-from .train import CONFIG_FILE, TrainConfig, TrainingDivergedError, dev_records, train
+from .settings import TrainConfig
+from .train import CONFIG_FILE, TrainingDivergedError, dev_records, train
 
 # Per evaluation mode: the columns of a prediction row after [data set, id], and its metrics:
 # name -> (column of the row, kind, the baseline each set's summary names). "accuracy" columns are

@@ -1,5 +1,9 @@
-"""Serving many adapters: a continuous-batching engine over an adapter bank, and an OpenAI-compatible server."""
+"""Serving many adapters: a continuous-batching engine over an adapter bank, and an OpenAI-compatible server.
 
-from .engine import BankEngine, sampling_generation_config
+The names below load on first use (`fflora.utils.lazy`): `fflora serve --help` reads the settings
+(`config`) without the engine's PyTorch."""
 
+from ..utils.lazy import lazy_exports
+
+__getattr__, __dir__ = lazy_exports(__name__, dict.fromkeys(["BankEngine", "sampling_generation_config"], ".engine"))
 __all__ = ["BankEngine", "sampling_generation_config"]

@@ -30,6 +30,14 @@ def adapter_name_problem(name: str, base_name: str) -> str | None:
     return None
 
 
+def check_adapter_names(names, base_name: str) -> None:
+    """ValueError naming the first of `names` (given with --adapter) that cannot name an adapter."""
+    for name in names:
+        problem = adapter_name_problem(name, base_name)
+        if problem:
+            raise ValueError(f"--adapter {name!r}: {problem}")
+
+
 class AdapterRoots:
     """The folders runtime loads may read from (`enabled` False: runtime loading is off)."""
 

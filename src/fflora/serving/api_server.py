@@ -47,7 +47,7 @@ import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import ContinuousBatchingConfig
 
@@ -56,12 +56,14 @@ from ..methods.serialization import BaseModelMismatchError
 from ..models.base_models import load_base_model
 from ..models.footprint import peak_resident_bytes
 from ..utils.sources import say
-from .adapter_policy import AdapterRoots, adapter_name_problem
+from .adapter_policy import AdapterRoots, adapter_name_problem, check_adapter_names
 from .admission import Admission, Overloaded
-from .config import PAGE_SIZE, ServerConfig, describe_memory, memory_estimate
+from .config import PAGE_SIZE, ServerConfig
 from .engine import BankEngine, sampling_generation_config
 from .errors import APIError
 from .http_guards import BodyLimit, HostAllowList, header_deadline_protocol
+from .lora import is_lora, merged_lora
+from .memory import describe_memory, memory_estimate
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .protocol import (ChatCompletionRequest, CompletionRequest, LoadLoRAAdapterRequest, SamplingRequest,
                        UnloadLoRAAdapterRequest)
@@ -81,12 +83,15 @@ def _validation_error(exc: RequestValidationError) -> APIError:
 
 
 class OpenAIServing:
-    """Requests to engine calls and engine outputs to OpenAI responses, for one base model."""
+    """Requests to engine calls and engine outputs to OpenAI responses, for one base model: its FFBA
+    adapters in the bank of `engine`, and LoRA adapters merged into copies of it, one engine each
+    (`merged`: model name -> engine; `fflora.serving.lora`)."""
 
     def __init__(self, engine: BankEngine, tokenizer, model_name: str, max_model_len: int,
                  default_max_tokens: int = 256, roots: AdapterRoots | None = None,
-                 admission: Admission | None = None) -> None:
+                 admission: Admission | None = None, merged: dict[str, BankEngine] | None = None) -> None:
         self.engine, self.tokenizer = engine, tokenizer
+        self.merged = dict(merged or {})
         self.model_name, self.max_model_len, self.default_max_tokens = model_name, max_model_len, default_max_tokens
         self.eos = set(_as_list(engine.generation_config.eos_token_id))
         self.roots = roots or AdapterRoots(enabled=False, roots=[])
@@ -106,15 +111,21 @@ class OpenAIServing:
                 "root": self.model_name, "parent": None, "max_model_len": self.max_model_len}
         adapters = [{"id": name, "object": "model", "created": created, "owned_by": "fflora",
                      "root": name, "parent": self.model_name}  # no server paths
-                    for name in self.engine.adapters()]
+                    for name in [*self.engine.adapters(), *self.merged]]
         return {"object": "list", "data": [base, *adapters]}
 
-    def adapter_for(self, model: str) -> str:
+    def engines(self) -> list[BankEngine]:
+        return [self.engine, *self.merged.values()]
+
+    def route(self, model: str) -> tuple[BankEngine, str]:
+        """The engine that serves `model`, and the adapter of its bank that does."""
         if model == self.model_name:
-            return BASE_NAME
+            return self.engine, BASE_NAME
+        if model in self.merged:
+            return self.merged[model], BASE_NAME
         if model in self.engine.adapters():
-            return model
-        available = [self.model_name, *self.engine.adapters()]
+            return self.engine, model
+        available = [self.model_name, *self.engine.adapters(), *self.merged]
         raise APIError(404, f"The model '{model}' does not exist. Available models: {available}", param="model")
 
     def _runtime_loading(self) -> None:
@@ -132,9 +143,12 @@ class OpenAIServing:
         except ValueError as e:
             raise APIError(400, str(e), "lora_path") from e
         async with self._adapter_lock:
-            if body.lora_name in self.engine.adapters():
+            if body.lora_name in [*self.engine.adapters(), *self.merged]:
                 raise APIError(400, f"The lora adapter '{body.lora_name}' has already been loaded.", "lora_name")
             try:
+                if is_lora(path):
+                    raise ValueError("a PEFT LoRA adapter is served merged into a copy of the base weights, loaded "
+                                     "at start only: restart the server with --adapter NAME=PATH")
                 await run_in_threadpool(self.engine.load_adapter, path, body.lora_name,
                                         strict=not body.allow_base_mismatch)
             except (ValueError, FileNotFoundError, OSError) as e:
@@ -148,6 +162,9 @@ class OpenAIServing:
 
     async def unload(self, body: UnloadLoRAAdapterRequest) -> str:
         self._runtime_loading()
+        if body.lora_name in self.merged:
+            raise APIError(400, f"'{body.lora_name}' is a LoRA adapter served merged, from start to stop; restart "
+                                "the server without it", "lora_name")
         async with self._adapter_lock:
             try:
                 await run_in_threadpool(self.engine.unload_adapter, body.lora_name)
@@ -205,7 +222,7 @@ class OpenAIServing:
         arrived = time.monotonic()
         if self.draining:
             raise APIError(503, "the server is shutting down; retry on another instance")
-        adapter = self.adapter_for(body.model)
+        engine, adapter = self.route(body.model)
         self.check_prompt_size(body)
         ids = await run_in_threadpool(self.prompt_ids, body)
         limit = body.token_limit() if isinstance(body, ChatCompletionRequest) else body.max_tokens
@@ -215,7 +232,7 @@ class OpenAIServing:
             ticket = self.admission.admit(len(ids))
         except Overloaded as e:
             raise APIError(429, f"the server is busy: {e}; retry shortly", headers={"Retry-After": "1"}) from e
-        stream = self.engine.stream(ids, adapter, max_new_tokens=max_new, temperature=body.temperature,
+        stream = engine.stream(ids, adapter, max_new_tokens=max_new, temperature=body.temperature,
                                     top_p=body.top_p, ignore_eos=body.ignore_eos)
         seen, last, reason = 0, arrived, "abort"  # "abort" unless it finishes
         try:
@@ -233,7 +250,7 @@ class OpenAIServing:
                         reason = "stop" if tokens and tokens[-1] in self.eos else "length"
                     yield delta, reason if finished else None, len(ids), len(tokens)
         except RuntimeError as e:
-            raise APIError(503 if self.draining or not self.engine.is_running() else 500, str(e)) from e
+            raise APIError(503 if self.draining or not engine.is_running() else 500, str(e)) from e
         finally:
             ticket.started()
             self._observe_end(arrived, len(ids), reason)
@@ -255,9 +272,9 @@ class OpenAIServing:
         """Refuse new requests, give running ones `timeout_s` to finish, then end the rest with an error."""
         self.draining = True
         deadline = time.monotonic() + timeout_s
-        while self.engine.running_requests() and time.monotonic() < deadline:
+        while any(e.running_requests() for e in self.engines()) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        ended = self.engine.abort_all(f"the server shut down ({timeout_s:g} s after it was asked to)")
+        ended = sum(e.abort_all(f"the server shut down ({timeout_s:g} s after it was asked to)") for e in self.engines())
         if ended:
             say(f"shutdown: ended {ended} running request(s) after the {timeout_s:g} s deadline")
 
@@ -381,12 +398,14 @@ def build_app(serving: OpenAIServing, start_engine: bool = True, api_keys: list[
     @asynccontextmanager
     async def lifespan(app):
         if start_engine:
-            serving.engine.start()
+            for engine in serving.engines():
+                engine.start()
         try:
             yield
         finally:
             if start_engine:
-                await run_in_threadpool(serving.engine.stop)
+                for engine in serving.engines():
+                    await run_in_threadpool(engine.stop)
 
     app = FastAPI(title="fflora", lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
@@ -414,10 +433,12 @@ def build_app(serving: OpenAIServing, start_engine: bool = True, api_keys: list[
 
     @app.get("/health")
     async def health():
-        if not serving.engine.is_running():
+        engines = serving.engines()
+        if not all(e.is_running() for e in engines):
             raise APIError(503, "the engine has stopped")
-        return {"status": "ok", "running_requests": sum(serving.engine.running_requests().values()),
-                "scheduled_requests": serving.engine.scheduled_requests(), "waiting_requests": serving.admission.requests}
+        return {"status": "ok", "running_requests": sum(sum(e.running_requests().values()) for e in engines),
+                "scheduled_requests": sum(e.scheduled_requests() for e in engines),
+                "waiting_requests": serving.admission.requests}
 
     @app.get("/metrics")
     async def metrics():
@@ -447,28 +468,34 @@ def build_app(serving: OpenAIServing, start_engine: bool = True, api_keys: list[
 
 
 def run_server(cfg: ServerConfig) -> None:
-    """Load the base model, fuse it with a bank of `cfg.max_adapters`, load `cfg.adapters`, print the memory
-    the settings take, serve until stopped (or `cfg.limit_max_requests`)."""
+    """Load the base model, fuse it with a bank of `cfg.max_adapters`, load `cfg.adapters` (FFBA into the
+    bank; LoRA merged into copies of the base, each its own model), print the memory the settings take,
+    serve until stopped (or `cfg.limit_max_requests`)."""
     roots = AdapterRoots(cfg.enable_adapter_loading, cfg.adapter_roots)  # checked before the model loads
+    check_adapter_names(cfg.adapters, cfg.served_model_name or "")
+    loras = [adapter for adapter, path in cfg.adapters.items() if is_lora(path)]
     runtime = peak_resident_bytes()
     model, tokenizer = load_base_model(cfg.model, dtype=getattr(torch, cfg.dtype))
     name = cfg.served_model_name or model.config._name_or_path or "base"
+    check_adapter_names(cfg.adapters, name)  # the model's own name too, now that it is known
+    merged = {adapter: merged_lora(model, cfg.adapters[adapter], cfg.weights) for adapter in loras}  # from the plain base
     fuse(model, max_adapters=cfg.max_adapters, rank_budget=cfg.rank_budget, weights=cfg.weights)
     # transformers sizes the paged KV cache from free accelerator memory; on a CPU that is most of the
     # RAM (12 GB per server here), so the cache is sized in tokens instead.
-    engine = BankEngine(model, sampling_generation_config(model.generation_config),
-                        ContinuousBatchingConfig(max_batch_tokens=cfg.max_batch_tokens,
-                                                 max_requests_per_batch=cfg.max_batch_requests,
-                                                 num_blocks=-(-cfg.kv_cache_tokens // PAGE_SIZE), page_size=PAGE_SIZE))
+    batching = ContinuousBatchingConfig(max_batch_tokens=cfg.max_batch_tokens, max_requests_per_batch=cfg.max_batch_requests,
+                                        num_blocks=-(-cfg.kv_cache_tokens // PAGE_SIZE), page_size=PAGE_SIZE)
+    engine = BankEngine(model, sampling_generation_config(model.generation_config), batching)
     context = min(model.config.get_text_config().max_position_embeddings, cfg.kv_cache_tokens)
     serving = OpenAIServing(engine, tokenizer, name, context, cfg.default_max_tokens, roots,
-                            Admission(cfg.max_queued_requests, cfg.max_queued_tokens))
+                            Admission(cfg.max_queued_requests, cfg.max_queued_tokens),
+                            merged={adapter: BankEngine(m, sampling_generation_config(m.generation_config), batching)
+                                    for adapter, m in merged.items()})
     for adapter, path in cfg.adapters.items():
-        problem = adapter_name_problem(adapter, name)
-        if problem:
-            raise ValueError(f"--adapter {adapter!r}: {problem}")
-        engine.load_adapter(path, adapter, strict=not cfg.allow_base_mismatch)
-    say(describe_memory(memory_estimate(model, cfg, runtime), cfg))
+        if adapter not in merged:
+            engine.load_adapter(path, adapter, strict=not cfg.allow_base_mismatch)
+    if merged:
+        say(f"LoRA adapter(s) {', '.join(merged)}: merged into copies of the base weights, one engine each")
+    say(describe_memory(memory_estimate(model, cfg, runtime, list(merged.values())), cfg))
     if not cfg.api_keys and not cfg.loopback:
         say(f"WARNING: serving on {cfg.host} without an API key: anyone who reaches port {cfg.port} can generate"
             + (" and load or unload adapters" if cfg.enable_adapter_loading else "")

@@ -1,16 +1,13 @@
-"""`ServerConfig`: every setting of `fflora serve`, checked before anything loads, and the memory
-those settings will take."""
+"""`ServerConfig`: every setting of `fflora serve`, checked before anything loads.
+
+Plain data, without PyTorch: `fflora serve --help` takes its defaults from here. The adapters' names
+are checked by `run_server` (`adapter_policy`), the memory the settings take by `memory`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from torch import nn
-
-from ..methods.weight_formats import check_weights
-from ..models.footprint import tensor_bytes
-from .adapter_policy import adapter_name_problem
-from .http_guards import LOOPBACK_HOSTS
+from ..ops.formats import check_weights
 
 # Tokens per engine step. A prompt longer than this is prefilled over several steps (chunked
 # prefill), so one long prompt pauses the running streams for one step at a time. Measured on
@@ -20,6 +17,7 @@ from .http_guards import LOOPBACK_HOSTS
 # 117 tokens/s: 256 keeps the stall under a second for 4% of throughput.
 DEFAULT_MAX_BATCH_TOKENS = 256
 PAGE_SIZE = 256  # tokens per KV-cache page (transformers' default)
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 @dataclass
@@ -68,10 +66,6 @@ class ServerConfig:
             raise ValueError("--api-key must not be empty")
         if len(self.adapters) > self.max_adapters:
             raise ValueError(f"{len(self.adapters)} adapters do not fit in --max-adapters {self.max_adapters}")
-        for adapter in self.adapters:
-            problem = adapter_name_problem(adapter, self.served_model_name or "")
-            if problem:
-                raise ValueError(f"--adapter {adapter!r}: {problem}")
 
     @property
     def loopback(self) -> bool:
@@ -84,24 +78,3 @@ class ServerConfig:
         return list(LOOPBACK_HOSTS) if self.loopback else None
 
 
-def memory_estimate(model: nn.Module, cfg: ServerConfig, runtime: int = 0) -> dict[str, int]:
-    """Bytes the server will hold, from the fused model and the settings: the weights (measured on the
-    model), the paged KV cache, one engine step's largest temporaries (its logits, over every token of
-    the step, and the MLP's activations), and `runtime` (what the process held before the model)."""
-    weights = tensor_bytes(model)
-    text = model.config.get_text_config()
-    element = next(model.parameters()).element_size()
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    pages = -(-cfg.kv_cache_tokens // PAGE_SIZE)
-    kv_cache = pages * PAGE_SIZE * text.num_hidden_layers * 2 * kv_heads * head_dim * element
-    step = cfg.max_batch_tokens * (text.vocab_size * 4 + 3 * text.intermediate_size * element)  # fp32 logits
-    return {"runtime": runtime, "weights": weights, "kv_cache": kv_cache, "step": step,
-            "total": runtime + weights + kv_cache + step}
-
-
-def describe_memory(estimate: dict[str, int], cfg: ServerConfig) -> str:
-    gb = {k: v / 1e9 for k, v in estimate.items()}
-    return (f"memory: about {gb['total']:.2f} GB = runtime {gb['runtime']:.2f} + weights {gb['weights']:.2f} + KV cache "
-            f"{gb['kv_cache']:.2f} ({cfg.kv_cache_tokens} tokens, --kv-cache-tokens) + one step's work {gb['step']:.2f} "
-            f"({cfg.max_batch_tokens} tokens, --max-batch-tokens)")

@@ -15,7 +15,6 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .errors import APIError
 
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def host_of(header: str) -> str:

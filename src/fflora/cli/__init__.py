@@ -1,0 +1,34 @@
+"""The `fflora` command line: data, training, evaluation, fusing, benchmarks, generation and serving.
+
+`parser` declares the commands and their options without importing PyTorch; `commands` runs them.
+`main` reads the arguments first, so `--help`, `--version` and a mistyped flag answer at once.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+from ..utils.errors import FFloraError
+from .parser import build_parser
+
+
+def _cli_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as one line for a command-line user: what happened, not the Python source that said
+    it; fflora's own say so, a library's keep their category."""
+    ours = f"{os.sep}fflora{os.sep}" in str(filename)
+    return f"fflora: warning: {message}\n" if ours else f"{category.__name__}: {message}\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _cli_warning
+    args = build_parser().parse_args(argv)
+    from . import commands  # here, not above: PyTorch and the rest load only for a command that runs
+
+    try:
+        getattr(commands, args.handler)(args)
+    except (ValueError, FileNotFoundError, FFloraError) as e:
+        print(f"fflora: error: {e}", file=sys.stderr)
+        return 2
+    return 0
