@@ -14,11 +14,16 @@ from fflora.recipes.export_vllm import ADAPTER_FILE, export_vllm
 PROMPTS = ["hello there", "What is 2 + 2?", "abc abc abc"]
 
 
-@pytest.fixture
-def vllm_model_dir(tiny_model_dir, tmp_path):
-    """The tiny Llama with 32-wide heads (vLLM's CPU attention takes head sizes from 32 up), 64 wide."""
-    folder = tmp_path / "tiny-llama-64"
-    make_model("llama", hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+VLLM_ARCHITECTURES = {"llama": "FFBALlamaForCausalLM", "mistral": "FFBAMistralForCausalLM",
+                      "qwen2": "FFBAQwen2ForCausalLM"}
+
+
+@pytest.fixture(params=list(VLLM_ARCHITECTURES))
+def vllm_model_dir(request, tiny_model_dir, tmp_path):
+    """A tiny model of each architecture with 32-wide heads (vLLM's CPU attention takes head sizes from 32
+    up), 64 wide (Qwen2: with its q/k/v biases)."""
+    folder = tmp_path / f"tiny-{request.param}-64"
+    make_model(request.param, hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
                intermediate_size=96, max_position_embeddings=1024).save_pretrained(folder)
     fflora.load_base_model(tiny_model_dir)[1].save_pretrained(folder)
     return folder
@@ -26,7 +31,7 @@ def vllm_model_dir(tiny_model_dir, tmp_path):
 
 @pytest.fixture
 def exported(vllm_model_dir, tmp_path):
-    """A random FFBA adapter on a tiny Llama (identity phi; FA and BA on both sub-blocks), exported."""
+    """A random FFBA adapter on a tiny model (identity phi; FA and BA on both sub-blocks), exported."""
     tiny_model_dir = vllm_model_dir
     model, _ = fflora.load_base_model(tiny_model_dir)
     fflora.apply_ffba(model, fflora.FFBAConfig(r=4, alpha=8))
@@ -53,7 +58,8 @@ def _fflora_greedy(tiny_model_dir, adapter, prompts, new_tokens):
 def test_the_export_links_the_base_and_names_the_architecture(exported):
     folder, base = exported
     config = json.loads((folder / "config.json").read_text())
-    assert config["architectures"] == ["FFBALlamaForCausalLM"] and config["fflora"]["adapter"] == ADAPTER_FILE
+    model_type = json.loads((base / "config.json").read_text())["model_type"]
+    assert config["architectures"] == [VLLM_ARCHITECTURES[model_type]] and config["fflora"]["adapter"] == ADAPTER_FILE
     # ranks, then each GEMM's extra rows / columns zero-padded to a multiple of 8 (q|k|v: 128 rows + 4)
     assert config["fflora"]["layers"][0]["attn"] == {"fa": 4, "ba_in": 0, "ba_out": 4, "in_rows": 8, "in_cols": 0,
                                                      "out_rows": 8, "out_cols": 8}

@@ -1,5 +1,5 @@
 """`fflora export vllm`: a model folder vLLM serves with `--model DIR`, for a base model and one FFBA
-adapter (the model class is `fflora.vllm.model.FFBALlamaForCausalLM`).
+adapter (the model classes: `fflora.vllm.model`, for Llama, Mistral and Qwen2).
 
 The folder holds the base model's config with the architecture renamed and an `fflora` section (the
 adapter's ranks per layer and sub-block, its phi), links to the base model's weights and tokenizer
@@ -7,7 +7,7 @@ files (copies where the filesystem has no links), and `ffba/adapter.safetensors`
 fflora's own fused form, the columns to the right of the base block (`ffba_right`: the backward
 adapter's up-projections, or the forward adapter's, scaled) and the rows below it (`ffba_bottom`:
 the down-projections), without fflora's CPU zero padding. vLLM loads the base weights as it loads
-any Llama and concatenates these onto them: the matrices it runs are fflora's fused ones.
+the architecture's and concatenates these onto them: the matrices it runs are fflora's fused ones.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from ..utils.sources import say
 ADAPTER_FILE = "ffba/adapter.safetensors"  # in a subfolder: vLLM loads every top-level *.safetensors as base weights
 # vLLM's module names for each sub-block's two GEMMs
 VLLM_GEMMS = {"attn": ("self_attn.qkv_proj", "self_attn.o_proj"), "mlp": ("mlp.gate_up_proj", "mlp.down_proj")}
-SUPPORTED = {"llama": "FFBALlamaForCausalLM"}
+SUPPORTED = {"llama": "FFBALlamaForCausalLM", "mistral": "FFBAMistralForCausalLM", "qwen2": "FFBAQwen2ForCausalLM"}
 
 
 def _extras(gemm, base_rows: int, base_cols: int) -> dict[str, torch.Tensor]:

