@@ -57,8 +57,9 @@ def test_bench_reports_every_configuration_with_sane_numbers(tmp_path):
 
 @torch.no_grad()
 def test_configurations_that_never_write_the_base_weights_share_them():
-    """One copy of the base weights for the eager configurations that only read them; merged LoRA and
-    the fast path (which re-lays the LM head out) get their own; a latency run leaves the base as it was."""
+    """One copy of the base weights for the eager configurations that only read them; merged LoRA gets its
+    own seven projections (it writes them; the rest shared) and the fast path (which re-lays the LM head
+    out) its own everything; a latency run leaves the base as it was."""
     from fflora.bench.latency import SHARES_BASE_WEIGHTS, bench_latency, build_configs
 
     base = make_model("llama")
@@ -72,7 +73,10 @@ def test_configurations_that_never_write_the_base_weights_share_them():
     embed = base.model.embed_tokens.weight
     for name, model in models.items():
         shares = any(p is embed for p in model.parameters())
-        assert shares == (name in SHARES_BASE_WEIGHTS), name
+        assert shares == (name in SHARES_BASE_WEIGHTS or name == "lora_merged"), name
+    merged = models["lora_merged"].model.layers[0]
+    assert merged.self_attn.q_proj.weight is not base.model.layers[0].self_attn.q_proj.weight
+    assert merged.input_layernorm.weight is base.model.layers[0].input_layernorm.weight
     q = models["lora_unmerged"].get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
     assert q is base.model.layers[0].self_attn.q_proj.weight
     bench_latency(models, settings, base.config.vocab_size, {}, {})

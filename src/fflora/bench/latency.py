@@ -35,7 +35,7 @@ from ..fastpath.plan import plan_gemms
 from ..methods import FFBAConfig, ZFLoRAConfig, adapter_state_dict, apply_adapter, fuse, load_adapter_state, registry
 from ..methods.ffba.method import ffba_parameter_count
 from ..methods.zflora.method import zflora_parameter_count
-from ..models.footprint import tensor_bytes
+from ..models.footprint import release_memory, tensor_bytes
 from ..recipes.budget import LORA_TARGETS, lora_parameter_count, match_lora_rank
 from ..utils.sources import say
 from .settings import CONFIGS, BenchSettings
@@ -95,10 +95,19 @@ def budget_of(hf_config, settings: BenchSettings) -> dict:
 
 # Configurations that never write the base weights they hold: their copies share `base`'s tensors
 # (fusing builds new tensors; PEFT's unmerged LoRA and the training forms wrap the modules). Merged
-# LoRA adds into its weights, and the fast path re-lays tensors out (the LM head included), so those
-# get their own. SmolLM2's 538 MB then counts once for these seven, not seven times.
+# LoRA adds into its seven projections (copied, the rest shared), and the fast path re-lays tensors out
+# (the LM head included), so those get their own. SmolLM2's 538 MB then counts once for these seven,
+# not seven times.
 SHARES_BASE_WEIGHTS = ("base", "fused_base", "lora_unmerged", "ffba_unfused", "ffba_fused", "zflora_unfused",
                        "zflora_fused")
+
+
+def sharing_copy(base: nn.Module, writes: tuple[str, ...] = ()) -> nn.Module:
+    """A copy of `base` that holds `base`'s own tensors, but those of the modules whose names end with one
+    of `writes` (copies: the form writes into them, as merging LoRA does)."""
+    written = {id(t) for name, module in base.named_modules() if writes and name.endswith(tuple(writes))
+               for t in module.parameters(recurse=False)}
+    return copy.deepcopy(base, memo={id(t): t for t in [*base.parameters(), *base.buffers()] if id(t) not in written})
 
 
 def build_configs(base: nn.Module, settings: BenchSettings, lora_rank: int) -> dict[str, nn.Module]:
@@ -108,8 +117,10 @@ def build_configs(base: nn.Module, settings: BenchSettings, lora_rank: int) -> d
     layers inside (what `generate` compiles)."""
     models = {}
     for name in settings.configs:
-        shared = {id(t): t for t in [*base.parameters(), *base.buffers()]} if name in SHARES_BASE_WEIGHTS else {}
-        model = copy.deepcopy(base, memo=shared)
+        if name in SHARES_BASE_WEIGHTS or name == "lora_merged":
+            model = sharing_copy(base, writes=LORA_TARGETS if name == "lora_merged" else ())
+        else:
+            model = copy.deepcopy(base)
         name_ = name.removesuffix("_fast").removesuffix("_compiled")
         if name_ == "fused_base":
             fuse(model)
@@ -191,12 +202,13 @@ def bench_latency(models: dict[str, nn.Module], settings: BenchSettings, vocab: 
 
 
 def bench_training(base: nn.Module, settings: BenchSettings, lora_rank: int) -> dict:
-    """Median seconds per optimizer step (forward, backward, AdamW) of FFBA, zFLoRA and LoRA."""
+    """Median seconds per optimizer step (forward, backward, AdamW) of FFBA, zFLoRA and LoRA (training
+    forms: their base weights frozen, held once, `base`'s own)."""
     gen = torch.Generator().manual_seed(settings.seed)
     ids = torch.randint(10, base.config.vocab_size, (settings.train_batch, settings.train_len), generator=gen)
-    models = {"ffba": _adapted(copy.deepcopy(base), "ffba", settings.rank),
-              "zflora": _adapted(copy.deepcopy(base), "zflora", settings.rank),
-              "lora": _lora(copy.deepcopy(base), lora_rank)}
+    models = {"ffba": _adapted(sharing_copy(base), "ffba", settings.rank),
+              "zflora": _adapted(sharing_copy(base), "zflora", settings.rank),
+              "lora": _lora(sharing_copy(base), lora_rank)}
     optimizers = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) for k, m in models.items()}
     times = {k: [] for k in models}
     for step in range(settings.train_steps + 1):  # the first step warms up
@@ -212,12 +224,8 @@ def bench_training(base: nn.Module, settings: BenchSettings, lora_rank: int) -> 
 
 
 @torch.no_grad()
-def bench_adapter_switch(models: dict[str, nn.Module], settings: BenchSettings, lora_rank: int, repeats: int = 3) -> dict:
-    """Seconds to make another adapter active: FFBA / zFLoRA fused (in place) vs LoRA merged (unmerge,
-    load, merge)."""
-    from peft import set_peft_model_state_dict
-    from peft.utils import get_peft_model_state_dict
-
+def bench_fused_switch(models: dict[str, nn.Module], repeats: int = 3) -> dict:
+    """Seconds to make another adapter active in FFBA's and zFLoRA's fused forms (in place)."""
     results = {}
     for name in ("ffba_fused", "zflora_fused"):
         fused = models.get(name)
@@ -231,22 +239,29 @@ def bench_adapter_switch(models: dict[str, nn.Module], settings: BenchSettings, 
             load_adapter_state(fused, states[(i + 1) % 2])
             times.append(time.perf_counter() - start)
         results[name] = _median_spread(times)
-    base = models.get("base")
-    if base is not None:
-        lora = _lora(copy.deepcopy(base), lora_rank)
-        _randomize(lora, settings.seed)
-        states = [get_peft_model_state_dict(lora)]
-        states.append({k: torch.randn_like(v) * 0.02 for k, v in states[0].items()})
-        lora.merge_adapter()
-        times = []
-        for i in range(repeats):
-            start = time.perf_counter()
-            lora.unmerge_adapter()
-            set_peft_model_state_dict(lora, states[(i + 1) % 2])
-            lora.merge_adapter()
-            times.append(time.perf_counter() - start)
-        results["lora_merged"] = _median_spread(times)
     return results
+
+
+@torch.no_grad()
+def bench_lora_switch(base: nn.Module, settings: BenchSettings, lora_rank: int, repeats: int = 3) -> dict:
+    """Seconds to make another LoRA adapter active in its merged form (unmerge, load, merge), on a copy of
+    `base` (merging writes the weights)."""
+    from peft import set_peft_model_state_dict
+    from peft.utils import get_peft_model_state_dict
+
+    lora = _lora(sharing_copy(base, writes=LORA_TARGETS), lora_rank)
+    _randomize(lora, settings.seed)
+    states = [get_peft_model_state_dict(lora)]
+    states.append({k: torch.randn_like(v) * 0.02 for k, v in states[0].items()})
+    lora.merge_adapter()
+    times = []
+    for i in range(repeats):
+        start = time.perf_counter()
+        lora.unmerge_adapter()
+        set_peft_model_state_dict(lora, states[(i + 1) % 2])
+        lora.merge_adapter()
+        times.append(time.perf_counter() - start)
+    return {"lora_merged": _median_spread(times)}
 
 
 def run_bench(base: nn.Module, settings: BenchSettings) -> dict:
@@ -255,10 +270,11 @@ def run_bench(base: nn.Module, settings: BenchSettings) -> dict:
         torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
     budget = budget_of(base.config, settings)
+    say("measuring memory bandwidth (large tensor copy)")
+    bandwidth = memory_bandwidth()  # before the configurations: its 1 GB and theirs are never held together
     say("building the configurations")
     models = build_configs(base, settings, budget["lora_rank"])
-    say("measuring memory bandwidth (large tensor copy)")
-    bandwidth = memory_bandwidth()
+    release_memory()  # the copies' and fusing's temporaries
     plans: dict[str, dict] = {}
     compile_s: dict[str, dict] = {}
     latency = bench_latency(models, settings, base.config.vocab_size, plans, compile_s)
@@ -270,7 +286,12 @@ def run_bench(base: nn.Module, settings: BenchSettings) -> dict:
             r["fraction_of_copy_bandwidth"] = r["achieved_bytes_per_s"] / bandwidth
     targets = {batch: check_targets(per) for batch, per in latency.items()}
     say("timing adapter switches")
-    switch = bench_adapter_switch(models, settings, budget["lora_rank"])
+    switch = bench_fused_switch(models)
+    del models  # the inference forms, before LoRA's merged copy and the training forms are built
+    release_memory()
+    if "base" in settings.configs:
+        switch |= bench_lora_switch(base, settings, budget["lora_rank"])
+    release_memory()
     say("timing training steps")
     training = bench_training(base, settings, budget["lora_rank"])
     return {

@@ -1,8 +1,11 @@
-"""The bytes a model's tensors hold: what a decode step reads, what a server keeps resident; and the
-process's peak resident memory (what the demo and the server report)."""
+"""The bytes a model's tensors hold: what a decode step reads, what a server keeps resident; the
+process's peak resident memory (what the demo and the server report), and giving freed memory back."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import resource
 import sys
 from collections.abc import Iterable
@@ -29,3 +32,15 @@ def peak_resident_bytes() -> int:
     """The process's peak resident memory so far."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
+
+
+def release_memory() -> None:
+    """Collect garbage and hand the heap's free pages back to the system (glibc's malloc_trim; elsewhere
+    nothing more). Between the stages of a long job (the demo, a benchmark), so the activations of
+    one stage, freed but kept by the allocator, do not add to the next stage's resident memory."""
+    gc.collect()
+    libc = ctypes.util.find_library("c")
+    if sys.platform.startswith("linux") and libc:
+        trim = getattr(ctypes.CDLL(libc), "malloc_trim", None)
+        if trim is not None:
+            trim(0)

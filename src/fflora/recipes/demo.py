@@ -19,7 +19,7 @@ from pathlib import Path
 from ..bench.latency import format_bench_table, run_bench, write_bench
 from ..bench.settings import BenchSettings
 from ..models.base_models import load_base_model
-from ..models.footprint import peak_resident_bytes
+from ..models.footprint import peak_resident_bytes, release_memory
 from ..utils.sources import say
 from .artifacts import load_trained
 from .data import FAMILIES, prepare
@@ -42,17 +42,19 @@ class DemoSizes:
 
 # The latency part times each method's inference form next to the base model and LoRA's two forms;
 # the base weights are held once for the forms that only read them (`bench.latency.SHARES_BASE_WEIGHTS`),
-# so the demo fits a laptop (its peak resident memory is in the report). `fflora bench` times every
-# form, the fast path and batch 8; `fflora bench peers` the peers compiled.
+# one model is loaded at a time elsewhere, freed memory goes back to the system between steps, and the
+# training-step timing runs batches of 2 x 128 tokens (4 x 128 took 1.7 GB of activations on
+# SmolLM2-135M), so the demo stays within 3 GB of resident memory (measured, in its report).
+# `fflora bench` times every form, the fast path and batch 8; `fflora bench peers` the peers compiled.
 DEMO_CONFIGS = ("base", "lora_unmerged", "lora_merged", "ffba_fused", "zflora_fused")
 # Sized for 30 minutes on 2 cores: at 640 examples / 80 steps / 100 items per set and batch sizes 1 and 8 in
 # the latency part it took 43 (17 of them the latency part, mostly the compiled configurations' warm-up).
 # `fflora study` measures accuracy.
 FULL = DemoSizes(train_limit=480, max_steps=60, eval_limit=80,
-                 bench=dict(prompt_len=128, new_tokens=32, batch_sizes=(1,), repeats=2, train_steps=2,
+                 bench=dict(prompt_len=128, new_tokens=32, batch_sizes=(1,), repeats=2, train_steps=2, train_batch=2,
                             configs=DEMO_CONFIGS))
 QUICK = DemoSizes(train_limit=64, max_steps=6, eval_limit=8,
-                  bench=dict(prompt_len=32, new_tokens=8, batch_sizes=(1,), repeats=1, train_steps=1,
+                  bench=dict(prompt_len=32, new_tokens=8, batch_sizes=(1,), repeats=1, train_steps=1, train_batch=2,
                              configs=DEMO_CONFIGS))
 
 
@@ -72,9 +74,13 @@ def run_demo(out_dir: str | Path | None = None, quick: bool = False, model: str 
     start = time.time()
     steps = ["data", *(f"train {m}" for m in METHODS), "eval base", *(f"eval {m}" for m in METHODS), "bench", "report"]
     done = iter(range(len(steps)))
+    peaks: dict[str, float] = {}  # the peak resident memory (GB) at the end of each step: where it rose
 
     def step() -> None:
         i = next(done)
+        if i:
+            peaks[steps[i - 1]] = peak_resident_bytes() / 1e9
+        release_memory()  # what the last step freed goes back to the system, not into the next step's peak
         say(f"demo step {i + 1}/{len(steps)}: {steps[i]} ({time.time() - start:.0f} s so far)")
 
     step()
@@ -95,6 +101,7 @@ def run_demo(out_dir: str | Path | None = None, quick: bool = False, model: str 
     with dtype_autocast(eval_dtype, "cpu"):
         scores["base"] = evaluate(base, tokenizer, ["commonsense"], data_dir=data_dir, limit=sizes.eval_limit,
                                   mode="text", output=out / "base" / "eval.json")
+    del base  # one model at a time: each trained one is loaded on its own base
     for method in METHODS:
         step()
         trained, tokenizer, _ = load_trained(out / method, base_model=model)
@@ -103,7 +110,7 @@ def run_demo(out_dir: str | Path | None = None, quick: bool = False, model: str 
                                       mode="text", output=out / method / "eval.json")
         del trained
     step()
-    bench = run_bench(base, BenchSettings(rank=runs["ffba"]["parameters"]["ffba_r"], lora_rank=lora_rank, **sizes.bench))
+    bench = run_bench(load_base_model(model)[0], BenchSettings(rank=runs["ffba"]["parameters"]["ffba_r"], lora_rank=lora_rank, **sizes.bench))
     write_bench(bench, out)
     step()
     summary = {
@@ -111,6 +118,7 @@ def run_demo(out_dir: str | Path | None = None, quick: bool = False, model: str 
         "model": model or "SmolLM2-135M-Instruct",
         "wall_time_s": time.time() - start,
         "peak_resident_gb": peak_resident_bytes() / 1e9,
+        "peak_resident_gb_by_step": peaks,
         "training": {m: {k: r[k] for k in ("global_step", "examples", "train_loss", "seconds_per_step", "tokens_per_s")}
                      | {"trainable": r["parameters"]["trainable"], "dtype": r["dtype"]["dtype"]} for m, r in runs.items()},
         "lr": sizes.lr,
@@ -142,7 +150,8 @@ def format_report(summary: dict, bench: dict) -> str:
         f"({next(iter(train_.values()))['global_step']} steps of 8, lr {summary['lr']:g}, cloze form: the question, "
         f"then the gold answer's own text), scored with the base model on the first {summary['eval_limit']} test "
         f"items of each of the eight sets (in {summary['eval_dtype']}, the dtype training chose). Wall time "
-        f"{summary['wall_time_s'] / 60:.1f} min; peak resident memory {summary['peak_resident_gb']:.2f} GB.",
+        f"{summary['wall_time_s'] / 60:.1f} min; peak resident memory {summary['peak_resident_gb']:.2f} GB (after "
+        + ", ".join(f"{name} {gb:.2f}" for name, gb in summary["peak_resident_gb_by_step"].items()) + ").",
         "",
         "| method | trainable | steps | dtype | tokens/s | gold answer NLL / token | vs base | acc (%) | acc_norm (%) |",
         "|---|---:|---:|---|---:|---:|---:|---:|---:|",
