@@ -148,6 +148,20 @@ def test_train_flags_are_checked_before_any_data_or_model_is_read(tmp_path, caps
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--method", "ffba", "--task", "math", "--output-dir", "x", "--rank", "0"], "--rank must be an integer >= 1"),
+    (["compare", "--methods", "ffba", "--task", "math", "--output-dir", "x"], "--methods takes two or more"),
+    (["serve", "--kv-cache-tokens", "10"], "--kv-cache-tokens 10 is below one page of the KV cache"),
+    (["serve", "--adapter", "nameonly"], "--adapter takes NAME=PATH"),
+])
+def test_bad_settings_fail_before_torch_loads(argv, message):
+    """train, compare and serve check their settings before the command's modules (and PyTorch) load."""
+    code = f"import sys\nfrom fflora.cli import main\nprint(main({argv!r}), 'torch' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.stdout.split() == ["2", "False"], run.stderr[-2000:]
+    assert run.stderr.startswith("fflora: error: ") and message in run.stderr
+
+
 def test_train_help_gives_every_option_a_description_and_default():
     import argparse
 

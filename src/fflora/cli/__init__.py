@@ -24,9 +24,11 @@ def _cli_warning(message, category, filename, lineno, line=None) -> str:
 def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _cli_warning
     args = build_parser().parse_args(argv)
-    from . import commands  # here, not above: PyTorch and the rest load only for a command that runs
-
     try:
+        if hasattr(args, "check"):  # the command's settings, checked before its modules load
+            args.check(args)
+        from . import commands  # here, not above: PyTorch and the rest load only for a command that runs
+
         getattr(commands, args.handler)(args)
     except (ValueError, FileNotFoundError, FFloraError) as e:
         print(f"fflora: error: {e}", file=sys.stderr)

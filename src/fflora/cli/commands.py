@@ -3,10 +3,8 @@ calling a recipe, a benchmark or the server with the options it was given."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 
@@ -34,13 +32,12 @@ from ..recipes.demo import run_demo
 from ..recipes.evaluate import evaluate, format_table, response_loss
 from ..recipes.export_vllm import export_vllm
 from ..recipes.schedule import parse_until
-from ..recipes.settings import CompareSettings
 from ..recipes.study import StudySpec, format_aggregate, run_study
-from ..recipes.train import config_from_args, train
+from ..recipes.train import train
 from ..recipes.user_data import held_out_user_records
 from ..serving.api_server import run_server
-from ..serving.config import ServerConfig
 from ..utils.sources import say
+from .settings import compare_settings, server_config, train_config
 
 DEFAULT_PROMPTS = [
     "What is the capital of France?",
@@ -160,19 +157,7 @@ def cmd_generate(args) -> dict:
 
 
 def cmd_serve(args) -> dict:
-    adapters = {}
-    for spec in args.adapter:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            raise ValueError(f"--adapter takes NAME=PATH, got {spec!r}")
-        if name in adapters:
-            raise ValueError(f"--adapter {name!r} is given twice")
-        adapters[name] = path
-    options = {f.name for f in dataclasses.fields(ServerConfig)} - {"adapters", "api_keys", "adapter_roots", "allowed_hosts"}
-    run_server(ServerConfig(
-        adapters=adapters, api_keys=args.api_key or [k for k in [os.environ.get("FFLORA_API_KEY", "")] if k],
-        adapter_roots=args.adapter_root, allowed_hosts=args.allowed_host or None,
-        **{name: getattr(args, name) for name in options}))
+    run_server(server_config(args))
     return {}
 
 
@@ -186,7 +171,7 @@ def cmd_data_prepare(args) -> dict:
 
 
 def cmd_train(args) -> dict:
-    record = train(config_from_args(args), resume=args.resume)
+    record = train(train_config(args), resume=args.resume)
     p = record["parameters"]
     print(f"{args.method}: {p['trainable']:,} trainable parameters, {record['global_step']} steps, "
           f"train loss {record['train_loss']:.4f}, {record['seconds_per_step']:.2f} s/step")
@@ -303,12 +288,7 @@ def cmd_study(args) -> dict:
 
 
 def cmd_compare(args) -> dict:
-    settings = CompareSettings(methods=tuple(args.methods), latency=not args.no_latency, prompt_len=args.prompt_len,
-                               new_tokens=args.new_tokens, repeats=args.repeats, compile=args.compile)
-    if args.dev_size == 0 and args.task:  # the comparison is the held-out NLL: a built-in task holds out 200
-        args.dev_size = 200
-    recipe = config_from_args(argparse.Namespace(**vars(args), method=settings.methods[0]))
-    result = run_compare(recipe, settings)
+    result = run_compare(*compare_settings(args))
     print(format_compare(result))
     print(f"\nresults in {args.output_dir}/ (compare.json, compare.md; one run folder per method)")
     return result

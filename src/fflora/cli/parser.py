@@ -18,6 +18,7 @@ from ..ops.formats import MODES, WEIGHT_FORMATS
 from ..recipes.settings import METHODS, CompareSettings, TrainConfig
 from ..serving.config import ServerConfig
 from ..utils.version import __version__
+from .settings import compare_settings, server_config, train_config
 
 DESCRIPTION = "fflora: fused forward-backward adapters (FFBA): data, training, evaluation, fusing, generation, serving."
 
@@ -118,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="fine-tune with FFBA, zFLoRA, LoRA or full fine-tuning")
     _add_train(p)
-    p.set_defaults(handler="cmd_train")
+    p.set_defaults(handler="cmd_train", check=train_config)
 
     p = sub.add_parser("eval", help="evaluate a trained result or the base model")
     _add_model(p)
@@ -283,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="latency: compile every form as its users do (fflora's fast path; transformers' compile for "
                         "LoRA); tens of seconds each")
-    p.set_defaults(handler="cmd_compare")
+    p.set_defaults(handler="cmd_compare", check=compare_settings)
 
     p = sub.add_parser("demo", help="the main job: train FFBA, zFLoRA and LoRA, evaluate, benchmark, report")
     _add_model(p)
@@ -380,5 +381,5 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {d.shutdown_timeout_s:g})")
     p.add_argument("--limit-max-requests", type=int, default=None, help="exit after serving this many requests")
     p.add_argument("--log-level", default=d.log_level, choices=["critical", "error", "warning", "info", "debug"])
-    p.set_defaults(handler="cmd_serve")
+    p.set_defaults(handler="cmd_serve", check=server_config)
     return parser

@@ -444,8 +444,3 @@ def _save_final(trainer: Trainer, path: Path, tokenizer) -> None:
     else:
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
-
-
-def config_from_args(args) -> TrainConfig:
-    names = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
