@@ -3,22 +3,26 @@
     make test-vllm        # once: vLLM's CPU build in .venv-vllm
     python benchmarks/vllm_serve.py --adapter runs/ffba --out results/vllm-serve   # the CPU to itself
 
-Each server in turn (vLLM as its users start it: its OpenAI server, compiled, on 127.0.0.1): the base
-model; the FFBA adapter exported with `fflora export vllm`; the base model with `--enable-lora` and 8
-random LoRA adapters at the FFBA adapter's parameter budget (request i on adapter i mod 8); and
-`fflora serve` with the FFBA adapter. Load: the openai client, 1 / 4 / 8 concurrent streams, each
-sending `--requests-per-stream` completions of a 64-token prompt (token ids) for 64 new tokens
-(greedy, ignore_eos); output tokens per second over the wall time of a level. Writes vllm-serve.json
-and vllm-serve.md.
+Four servers per dtype, all started first (vLLM as its users start it: its OpenAI server, compiled, on
+127.0.0.1): the base model; the FFBA adapter exported with `fflora export vllm`; the base model with
+`--enable-lora` and 8 random LoRA adapters at the FFBA adapter's parameter budget (request i on adapter
+i mod 8); and `fflora serve` with the FFBA adapter. Then `--rounds` rounds, each measuring every server
+in turn (the order rotated each round; the others idle), so the ratios come from interleaved
+measurements; the table gives each level's median over the rounds. Load: the openai client, 1 / 4 / 8
+concurrent streams, each sending `--requests-per-stream` completions of a 64-token prompt (token ids)
+for 64 new tokens (greedy, ignore_eos); output tokens per second over the wall time of a level.
+Writes vllm-serve.json and vllm-serve.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
@@ -77,6 +81,7 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--requests-per-stream", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians reported)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--lora-rank", type=int, default=8)
     args = parser.parse_args()
@@ -99,21 +104,36 @@ def main() -> None:
         "fflora serve ffba": (None, ["--adapter", f"ffba={Path(args.adapter).resolve()}"], ["ffba"]),
     }
     result = {"adapter": str(args.adapter), "prompt_tokens": len(prompt), "new_tokens": args.new_tokens,
-              "requests_per_stream": args.requests_per_stream, "lora_rank": args.lora_rank, "runs": {}}
+              "requests_per_stream": args.requests_per_stream, "rounds": args.rounds, "lora_rank": args.lora_rank,
+              "runs": {}}
     for dtype in args.dtypes:
-        for name, (program, server_args, models) in servers.items():
-            log = out / f"{name.replace(' ', '-')}-{dtype}.log"
-            start = time.perf_counter()
-            with ServerProcess([*server_args, "--dtype", dtype], log, program=program, ready_timeout_s=900) as server:
-                ready_s = time.perf_counter() - start
+        with ExitStack() as stack:
+            started = {}
+            for name, (program, server_args, models) in servers.items():  # one at a time: each starts alone
+                log = out / f"{name.replace(' ', '-')}-{dtype}.log"
+                start = time.perf_counter()
+                server = stack.enter_context(ServerProcess([*server_args, "--dtype", dtype], log, program=program,
+                                                           ready_timeout_s=900))
+                started[name] = (server, models, time.perf_counter() - start)
                 measure(server.url, models, prompt, 1, 1, 8)  # warm-up
-                levels = [measure(server.url, models, prompt, s, args.requests_per_stream, args.new_tokens)
-                          for s in args.streams]
+                print(name, dtype, f"ready in {started[name][2]:.0f} s", flush=True)
+            rounds = {name: [] for name in started}
+            for r in range(args.rounds):
+                names = list(started)[r % len(started):] + list(started)[: r % len(started)]
+                for name in names:
+                    server, models, _ = started[name]
+                    rounds[name].append([measure(server.url, models, prompt, s, args.requests_per_stream,
+                                                 args.new_tokens) for s in args.streams])
+                    print(f"round {r + 1}", name, dtype, [round(x["tokens_per_s"], 1) for x in rounds[name][-1]],
+                          flush=True)
+            for name, (server, _, ready_s) in started.items():
                 httpx.get(f"{server.url}/health")
-            result["runs"][f"{name} {dtype}"] = {"server": name, "dtype": dtype, "start_s": ready_s, "levels": levels}
-            print(name, dtype, f"ready in {ready_s:.0f} s", [round(level["tokens_per_s"], 1) for level in levels],
-                  flush=True)
-            log.unlink()
+                levels = [{"streams": s, "tokens_per_s": statistics.median(rnd[i]["tokens_per_s"] for rnd in rounds[name]),
+                           "rounds": [rnd[i] for rnd in rounds[name]]} for i, s in enumerate(args.streams)]
+                result["runs"][f"{name} {dtype}"] = {"server": name, "dtype": dtype, "start_s": ready_s,
+                                                     "levels": levels}
+        for name in servers:
+            (out / f"{name.replace(' ', '-')}-{dtype}.log").unlink(missing_ok=True)
     (out / "vllm-serve.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "vllm-serve.md").write_text(format_table(result) + "\n")
     print(format_table(result))
@@ -123,7 +143,8 @@ def format_table(result: dict) -> str:
     runs = result["runs"]
     streams = [level["streams"] for level in next(iter(runs.values()))["levels"]]
     lines = [f"Output tokens/s (prompt {result['prompt_tokens']} tokens, {result['new_tokens']} new, greedy; "
-             f"{result['requests_per_stream']} requests per stream):", "",
+             f"{result['requests_per_stream']} requests per stream; median of {result.get('rounds', 1)} interleaved "
+             "rounds):", "",
              "| server | dtype | start s | " + " | ".join(f"{s} streams" for s in streams) + " |",
              "|---|---|---:|" + "---:|" * len(streams)]
     for run in runs.values():
