@@ -27,8 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if hasattr(args, "check"):  # the command's settings, checked before its modules load
             args.check(args)
-        from . import commands  # here, not above: PyTorch and the rest load only for a command that runs
-
+        try:
+            from . import commands  # here, not above: PyTorch and the rest load only for a command that runs
+        except ModuleNotFoundError as e:
+            raise FFloraError(f"{e.name} is not installed: the command line needs its extra, "
+                              "pip install 'fflora[cli]'") from e
         getattr(commands, args.handler)(args)
     except (ValueError, FileNotFoundError, FFloraError) as e:
         print(f"fflora: error: {e}", file=sys.stderr)
