@@ -270,7 +270,11 @@ def test_runtime_loads_stay_below_the_adapter_root(server, tmp_path):
     fflora.save_adapter(fflora.apply_ffba(make_model("llama", max_position_embeddings=256), fflora.FFBAConfig(r=4)),
                         outside)
     (server.root / "link").symlink_to(outside)
-    for path in (str(outside), "../" + outside.relative_to(tmp_path.parent).as_posix(), "link", "a/../../x"):
+    (server.root / "links-inside").mkdir()  # a folder inside the root whose files lead out
+    for file in outside.iterdir():
+        (server.root / "links-inside" / file.name).symlink_to(file)
+    for path in (str(outside), "../" + outside.relative_to(tmp_path.parent).as_posix(), "link", "a/../../x",
+                 "links-inside"):
         response = post("/v1/load_lora_adapter", {"lora_name": "d", "lora_path": path})
         assert response.status_code == 400, (path, response.text)
         error = response.json()["error"]
@@ -323,6 +327,9 @@ def test_api_keys_guard_every_route_but_health(tmp_path):
             "--api-key", "key-two", "--limit-max-requests", "50", "--log-level", "warning"]
     with ServerProcess(args, root / "server.log", ready_timeout_s=120) as server:  # stopped by its pid
         assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200  # no key needed
+        for route in ("/docs", "/redoc", "/openapi.json"):  # off, key or not
+            for headers in ({}, {"Authorization": "Bearer key-one"}):
+                assert httpx.get(f"{server.url}{route}", headers=headers, timeout=5).status_code == 404, route
         for key in (None, "key-on", "key-one-and-more", "Bearer"):
             headers = {"Authorization": f"Bearer {key}"} if key else {}
             for method, route, body in (("GET", "/v1/models", None),

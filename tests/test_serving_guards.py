@@ -32,11 +32,17 @@ def test_adapter_roots_resolve_inside_and_refuse_escapes(tmp_path):
     (root / "a").mkdir(parents=True)
     outside.mkdir()
     (root / "link").symlink_to(outside)
+    (outside / "adapter_model.safetensors").write_bytes(b"")
+    (root / "b" / "adapter").mkdir(parents=True)  # a run folder whose adapter's weights lead out
+    (root / "b" / "adapter" / "adapter_model.safetensors").symlink_to(outside / "adapter_model.safetensors")
+    (root / "c").mkdir()  # a folder whose file links stay inside
+    (root / "c" / "adapter_model.safetensors").symlink_to(root / "a")
     roots = AdapterRoots(enabled=True, roots=[root])
     assert roots.resolve("a") == (root / "a").resolve()
+    assert roots.resolve("c") == (root / "c").resolve()
     assert roots.resolve(str(root / "a")) == (root / "a").resolve()
     assert roots.resolve("not-yet") == (root / "not-yet").resolve()  # inside: the load then says it is missing
-    for given in ("../outside", str(outside), "link", "a/../../outside"):
+    for given in ("../outside", str(outside), "link", "a/../../outside", "b"):
         with pytest.raises(ValueError, match="outside the folders this server loads adapters from") as e:
             roots.resolve(given)
         assert str(tmp_path) not in str(e.value).replace(given, "")

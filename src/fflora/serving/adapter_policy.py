@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from ..methods import BASE_NAME
+from ..methods.serialization import RUN_ADAPTER
 
 MAX_NAME_LENGTH = 128
 
@@ -52,15 +53,21 @@ class AdapterRoots:
         self.roots = [Path(os.path.realpath(r)) for r in roots]
 
     def resolve(self, given: str) -> Path:
-        """The real folder `given` names, inside a root; ValueError (naming only `given`) otherwise."""
+        """The real folder `given` names, inside a root, with every file in it (and in the `adapter/` of a
+        run folder: what the loader may open) inside a root too; ValueError (naming only `given`) otherwise."""
         path = Path(given)
         candidates = [path] if path.is_absolute() else [root / path for root in self.roots]
         existing = [c for c in candidates if c.exists()] or candidates
         real = Path(os.path.realpath(existing[0]))
-        if not any(real == root or root in real.parents for root in self.roots):
-            raise ValueError(f"lora_path {given!r} is outside the folders this server loads adapters from "
-                             "(a relative path is taken below an --adapter-root; '..' and links that lead out are refused)")
+        files = [f for folder in (real, real / RUN_ADAPTER) if folder.is_dir() for f in folder.iterdir()]
+        if not all(self._inside(Path(os.path.realpath(p))) for p in (real, *files)):
+            raise ValueError(f"lora_path {given!r} is outside the folders this server loads adapters from, or holds "
+                             "files that are (a relative path is taken below an --adapter-root; '..' and links that "
+                             "lead out are refused)")
         return real
+
+    def _inside(self, real: Path) -> bool:
+        return any(real == root or root in real.parents for root in self.roots)
 
     def without_paths(self, message: str, real: Path, given: str) -> str:
         """`message` with the resolved folder written as the client gave it and the roots hidden."""

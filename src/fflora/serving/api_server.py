@@ -407,7 +407,9 @@ def build_app(serving: OpenAIServing, start_engine: bool = True, api_keys: list[
                 for engine in serving.engines():
                     await run_in_threadpool(engine.stop)
 
-    app = FastAPI(title="fflora", lifespan=lifespan)
+    # With keys, no route answers without one: FastAPI's /docs, /redoc and /openapi.json are off.
+    docs = {} if not api_keys else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="fflora", lifespan=lifespan, **docs)
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
     app.add_middleware(HostAllowList, hosts=allowed_hosts)
     app.add_middleware(RequestIds)  # the outermost (added last): every answer carries its id
