@@ -97,6 +97,8 @@ def test_models_lists_the_base_model_then_each_adapter(server):
     models = server.client.models.list().data
     assert [m.id for m in models] == [BASE, "a", "b", "l"]  # the FFBA bank's adapters, then the merged LoRA
     assert [getattr(m, "parent", None) for m in models] == [None, BASE, BASE, BASE]
+    metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+    assert "\nfflora:adapter_loads_total 3.0\n" in metrics  # counted from start: the three --adapter ones
 
 
 def test_a_lora_adapter_is_served_merged_as_a_model_of_its_own(server):
@@ -239,6 +241,8 @@ def test_adapters_load_and_unload_while_serving(server):
             assert response.status_code == 400, (name, path, response.text)
             assert message in response.json()["error"]["message"], response.text
             assert str(server.root) not in response.text.replace(path, "")
+        log = (server.root / "server.log").read_text()  # the server's log says why, too
+        assert "adapter 'd' from 'missing' not loaded: no fflora adapter at missing" in log
         response = post("/v1/load_lora_adapter", {"lora_name": "c", "lora_path": "b"})  # below the adapter root
         assert response.status_code == 200 and response.text == "Success: LoRA adapter 'c' added successfully."
         c = server.client.completions.create(model="c", prompt="Hi", max_tokens=6, temperature=0)

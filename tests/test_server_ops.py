@@ -62,6 +62,8 @@ def test_metrics_count_what_was_sent(server):
     assert delta["fflora:time_to_first_token_seconds_count"] == 4
     assert delta["fflora:e2e_request_latency_seconds_count"] == 4
     assert delta["fflora:inter_token_latency_seconds_count"] == 3 * 4 + 3  # every token after the first
+    assert delta[f"fflora:model_requests_total{{model={BASE}}}"] == 4
+    assert delta[f"fflora:model_generation_tokens_total{{model={BASE}}}"] == 3 * 5 + 4
     assert after["fflora:num_requests_running"] == 0 and after["fflora:num_requests_waiting"] == 0
     assert after["fflora:adapters_resident"] == 0 and after["fflora:bank_rank_used{space=fa.attn}"] == 0
     assert after["fflora:bank_rank_budget"] == 16

@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import signal
 import time
 import uuid
@@ -69,6 +70,8 @@ from .protocol import (ChatCompletionRequest, CompletionRequest, LoadLoRAAdapter
                        UnloadLoRAAdapterRequest)
 from .request_ids import RequestIds, log_config
 from .text import TextStream
+
+LOG = logging.getLogger("uvicorn.error")  # uvicorn's own log, with the request id on every line
 
 
 def _validation_error(exc: RequestValidationError) -> APIError:
@@ -155,6 +158,7 @@ class OpenAIServing:
                 reason = self.roots.without_paths(str(e), path, body.lora_path)
                 if isinstance(e, BaseModelMismatchError) and not body.allow_base_mismatch:
                     reason += "; send allow_base_mismatch: true to load it anyway"
+                LOG.warning("adapter %r from %r not loaded: %s", body.lora_name, body.lora_path, reason)
                 raise APIError(400, f"could not load adapter '{body.lora_name}' from {body.lora_path!r}: {reason}",
                                "lora_path") from e
         self.metrics.loads.inc()
@@ -240,7 +244,8 @@ class OpenAIServing:
                 async for output in stream:
                     ticket.started()  # running: its place in the line is free
                     tokens, finished = output.generated_tokens, output.is_finished()
-                    last, seen = self._observe_tokens(len(tokens) - seen, arrived, last, first=not seen), len(tokens)
+                    last, seen = (self._observe_tokens(body.model, len(tokens) - seen, arrived, last, first=not seen),
+                                  len(tokens))
                     delta = text.update(tokens, final=finished)
                     if text.stopped:
                         reason = "stop"
@@ -253,20 +258,22 @@ class OpenAIServing:
             raise APIError(503 if self.draining or not engine.is_running() else 500, str(e)) from e
         finally:
             ticket.started()
-            self._observe_end(arrived, len(ids), reason)
+            self._observe_end(body.model, arrived, len(ids), reason)
 
-    def _observe_tokens(self, new: int, arrived: float, last: float, first: bool) -> float:
-        """Record `new` tokens arriving now; returns now."""
+    def _observe_tokens(self, model: str, new: int, arrived: float, last: float, first: bool) -> float:
+        """Record `new` tokens of a request for `model` arriving now; returns now."""
         now = time.monotonic()
         if new > 0:
             (self.metrics.ttft if first else self.metrics.itl).observe((now - arrived) if first else (now - last) / new)
             self.metrics.generation_tokens.inc(new)
+            self.metrics.model_tokens.labels(model=model).inc(new)
         return now if new > 0 else last
 
-    def _observe_end(self, arrived: float, prompt_tokens: int, reason: str) -> None:
+    def _observe_end(self, model: str, arrived: float, prompt_tokens: int, reason: str) -> None:
         self.metrics.e2e.observe(time.monotonic() - arrived)
         self.metrics.prompt_tokens.inc(prompt_tokens)
         self.metrics.success.labels(finished_reason=reason).inc()
+        self.metrics.model_requests.labels(model=model).inc()
 
     async def drain(self, timeout_s: float) -> None:
         """Refuse new requests, give running ones `timeout_s` to finish, then end the rest with an error."""
@@ -495,6 +502,7 @@ def run_server(cfg: ServerConfig) -> None:
     for adapter, path in cfg.adapters.items():
         if adapter not in merged:
             engine.load_adapter(path, adapter, strict=not cfg.allow_base_mismatch)
+        serving.metrics.loads.inc()  # counted from start: the --adapter ones too
     if merged:
         say(f"LoRA adapter(s) {', '.join(merged)}: merged into copies of the base weights, one engine each")
     say(describe_memory(memory_estimate(model, cfg, runtime, list(merged.values())), cfg))

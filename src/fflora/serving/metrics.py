@@ -8,8 +8,10 @@ vLLM's OpenAI server need only the prefix changed:
     fflora:e2e_request_latency_seconds                                   histograms
     fflora:prompt_tokens_total, fflora:generation_tokens_total            counters
     fflora:request_success_total{finished_reason="stop"|"length"|"abort"}
-and the bank's: fflora:adapters_resident, fflora:bank_rank_used{space}, fflora:bank_rank_budget,
-fflora:adapter_loads_total, fflora:adapter_unloads_total.
+and fflora's own: fflora:model_requests_total{model}, fflora:model_generation_tokens_total{model}
+(per requested model: the base model, an adapter, a merged LoRA), and the bank's:
+fflora:adapters_resident, fflora:bank_rank_used{space}, fflora:bank_rank_budget,
+fflora:adapter_loads_total (from start: the --adapter ones too), fflora:adapter_unloads_total.
 """
 
 from __future__ import annotations
@@ -66,7 +68,10 @@ class ServerMetrics:
         self.generation_tokens = Counter("fflora:generation_tokens", "Tokens generated.", **kw)
         self.success = Counter("fflora:request_success", "Finished requests, by finish reason.",
                                ["finished_reason"], **kw)
-        self.loads = Counter("fflora:adapter_loads", "Adapters loaded at run time.", **kw)
+        self.model_requests = Counter("fflora:model_requests", "Finished requests, per requested model.", ["model"], **kw)
+        self.model_tokens = Counter("fflora:model_generation_tokens", "Tokens generated, per requested model.",
+                                    ["model"], **kw)
+        self.loads = Counter("fflora:adapter_loads", "Adapters loaded, from start (the --adapter ones too).", **kw)
         self.unloads = Counter("fflora:adapter_unloads", "Adapters unloaded at run time.", **kw)
 
     def render(self) -> bytes:
