@@ -126,7 +126,7 @@ def test_shutdown_drains_then_ends_long_streams_with_an_error_and_done(tmp_path)
         if process.proc.poll() is None:
             process.stop()
     assert code == 0
-    assert elapsed < 1 + 2 + 1, elapsed  # the deadline, uvicorn's backstop, slack
+    assert elapsed < 1 + 1 + 0.5, elapsed  # the deadline, one second to stop (measured 1.7 s), slack for a busy CI
     for lines in events:
         assert lines[-1] == "data: [DONE]"
         error = json.loads(lines[-2][6:])["error"]
