@@ -51,7 +51,9 @@ def test_import_registers_both_methods():
 
 @pytest.mark.parametrize("imports", ["import fflora; import peft", "import peft; import fflora",
                                      "import fflora; fflora.FFBAConfig",  # fflora's own modules import PEFT
-                                     "import fflora.methods.serialization"])
+                                     "import fflora.methods.serialization",
+                                     # an availability check first (transformers makes one) imports nothing
+                                     "import fflora, importlib.util; importlib.util.find_spec('peft'); import peft"])
 def test_import_fflora_registers_with_peft_in_any_order(imports):
     code = f"""{imports}
 import sys

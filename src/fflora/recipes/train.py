@@ -44,7 +44,7 @@ from .dtype import choose_dtype
 from .evaluate import response_loss
 from .examples import PACKED_ATTENTION, check_form, pack, token_nll, tokenize_example
 from .settings import TRAIN_DATASETS, TrainConfig
-from .user_data import FORMATS, held_out_user_records, load_user_records
+from .user_data import FORMATS, held_out_user_records, split_user_data
 
 CONFIG_FILE = "train_config.json"
 GRAD_NORMS_FILE = "grad_norms.jsonl"  # {"step", "grad_norm"} per optimizer step, before clipping
@@ -80,12 +80,11 @@ def training_records(cfg: TrainConfig) -> list[dict]:
     at train_limit / #datasets examples drawn with the run's seed (a balanced subset), shuffled
     together. With `data`: the user's records without the held-out ones, at most train_limit."""
     rng = random.Random(cfg.seed)
-    held_out = {r["id"] for r in held_out_records(cfg)}
-    if cfg.data is not None:
-        records, kind = load_user_records(cfg.data)
-        records = [r for r in records if r["id"] not in held_out]
+    if cfg.data is not None:  # one read of the user's file: the split held_out_records makes too
+        records, held_out, kind = split_user_data(cfg.data, cfg.dev_size)
         say(f"{cfg.data}: {FORMATS[kind]}; {len(records)} records to train on, {len(held_out)} held out")
         return rng.sample(records, min(len(records), cfg.train_limit or len(records)))  # a shuffled draw
+    held_out = {r["id"] for r in held_out_records(cfg)}
     datasets = TRAIN_DATASETS[cfg.task]
     records = []
     for name in datasets:

@@ -129,7 +129,13 @@ def split_user_records(records: list[dict], dev_size: int) -> tuple[list[dict], 
     return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
 
 
+def split_user_data(path: str | Path, dev_size: int = 0) -> tuple[list[dict], list[dict], str]:
+    """(training records, held-out records, their format) of a run on `path`: `dev_size` held out, or by
+    default 5% (at most 200)."""
+    records, kind = load_user_records(path)
+    return (*split_user_records(records, dev_size or default_dev_size(len(records))), kind)
+
+
 def held_out_user_records(path: str | Path, dev_size: int = 0) -> list[dict]:
-    """The records a run on `path` holds out: `dev_size` of them, or by default 5% (at most 200)."""
-    records, _ = load_user_records(path)
-    return split_user_records(records, dev_size or default_dev_size(len(records)))[1]
+    """The records a run on `path` holds out (`split_user_data`)."""
+    return split_user_data(path, dev_size)[1]

@@ -34,16 +34,21 @@ def lazy_exports(package: str, exports: dict[str, str]):
 
 
 class _AfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """A finder that steps aside for `name`'s real loader and calls `callback` once it has run."""
+    """A finder that hands `name`'s real spec on with itself as the loader, runs the real loader and then
+    `callback`. It stays until the module is really imported: `importlib.util.find_spec(name)` alone (an
+    availability check, as transformers makes for PEFT) imports nothing and must not use it up."""
 
     def __init__(self, name: str, callback: Callable[[], None]) -> None:
-        self.name, self.callback, self.loader = name, callback, None
+        self.name, self.callback, self.loader, self._finding = name, callback, None, False
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != self.name:
+        if fullname != self.name or self._finding:
             return None
-        sys.meta_path.remove(self)  # once: the real finders answer from here on
-        spec = importlib.util.find_spec(fullname)
+        self._finding = True  # the real finders, not this one, answer the lookup below
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self._finding = False
         if spec is not None and spec.loader is not None:
             self.loader, spec.loader = spec.loader, self
         return spec
@@ -52,6 +57,8 @@ class _AfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return self.loader.create_module(spec)
 
     def exec_module(self, module) -> None:
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)  # imported now: once is enough
         self.loader.exec_module(module)
         self.callback()
 
