@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from fflora.recipes import demo
+from fflora.jobs import demo
 from fflora.bench.settings import CONFIGS
 
 

@@ -1,5 +1,5 @@
 """The package's layering: module-level imports only, no import circle, and imports that only point down
-(cli -> recipes, serving, bench -> fastpath -> methods -> models -> ops, utils)."""
+(cli -> jobs -> bench -> recipes, serving -> fastpath -> methods -> models -> ops, utils)."""
 
 import ast
 import importlib.util
@@ -13,8 +13,8 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "fflora"
 # Each top-level folder's layer: a module may import from its own layer or below, never above.
-LAYERS = {"utils": 0, "ops": 0, "models": 1, "methods": 2, "fastpath": 3, "recipes": 4, "serving": 4, "bench": 4,
-          "vllm": 4, "cli": 5, "": 6}
+LAYERS = {"utils": 0, "ops": 0, "models": 1, "methods": 2, "fastpath": 3, "recipes": 4, "serving": 4, "bench": 5,
+          "vllm": 4, "jobs": 6, "cli": 7, "": 8}
 # Imports deferred on purpose, (module, what it imports): why.
 DEFERRED = {("fflora.cli", "fflora.cli.commands"): "the commands load once the arguments are read: --help without torch"}
 # Modules that need an optional dependency (an extra), and it: imported only where it is installed.

@@ -28,9 +28,9 @@ from ..models.base_models import load_base_model, model_source
 from ..models.catalog import DEFAULT_MODEL
 from ..recipes.artifacts import RUN_FILE, load_trained
 from ..recipes.budget import lora_parameter_count
-from ..recipes.compare import format_compare, run_compare
+from ..jobs.compare import format_compare, run_compare
 from ..recipes.data import default_data_dir, prepare
-from ..recipes.demo import run_demo
+from ..jobs.demo import run_demo
 from ..recipes.evaluate import evaluate, format_table, response_loss
 from ..recipes.export_vllm import export_vllm
 from ..recipes.schedule import parse_until

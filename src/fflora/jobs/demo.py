@@ -20,13 +20,13 @@ from ..bench.latency import format_bench_table, run_bench, write_bench
 from ..bench.settings import BenchSettings
 from ..models.base_models import load_base_model
 from ..models.footprint import peak_resident_bytes, release_memory
+from ..recipes.artifacts import load_trained
+from ..recipes.data import FAMILIES, prepare
+from ..recipes.dtype import dtype_autocast
+from ..recipes.evaluate import evaluate
+from ..recipes.settings import TrainConfig
+from ..recipes.train import train
 from ..utils.sources import say
-from .artifacts import load_trained
-from .data import FAMILIES, prepare
-from .evaluate import evaluate
-from .dtype import dtype_autocast
-from .settings import TrainConfig
-from .train import train
 
 METHODS = ("ffba", "zflora", "lora")
 

@@ -25,12 +25,12 @@ import torch
 from ..bench.latency import bench_latency
 from ..bench.settings import BenchSettings
 from ..models.base_models import load_base_model
+from ..recipes.artifacts import load_trained
+from ..recipes.evaluate import response_loss
+from ..recipes.settings import CompareSettings, TrainConfig
+from ..recipes.train import CONFIG_FILE, held_out_records, train
 from ..utils.files import atomic_write_text
 from ..utils.sources import say
-from .artifacts import load_trained
-from .evaluate import response_loss
-from .settings import CompareSettings, TrainConfig
-from .train import CONFIG_FILE, held_out_records, train
 
 def run_compare(recipe: TrainConfig, settings: CompareSettings) -> dict:
     """Train each method of `settings` with `recipe` (its method and output_dir are replaced: one
