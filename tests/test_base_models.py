@@ -95,7 +95,7 @@ def test_a_hub_id_passes_through_when_the_hub_knows_it(monkeypatch):
     import httpx
     from huggingface_hub.errors import RepositoryNotFoundError
 
-    import fflora.models.base_models as base_models
+    import huggingface_hub
 
     class Hub:
         def model_info(self, name, timeout):
@@ -103,7 +103,7 @@ def test_a_hub_id_passes_through_when_the_hub_knows_it(monkeypatch):
                 raise RepositoryNotFoundError("404", response=httpx.Response(404, request=httpx.Request("GET", "x")))
             return object()
 
-    monkeypatch.setattr(base_models, "HfApi", Hub)
+    monkeypatch.setattr(huggingface_hub, "HfApi", Hub)
     assert model_source("org/real") == "org/real"
     with pytest.raises(FileNotFoundError, match=r"not a Hugging Face model fflora can reach: the hub has no model of "
                                                 r"that name \(or it is private"):

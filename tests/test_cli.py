@@ -153,6 +153,9 @@ def test_train_flags_are_checked_before_any_data_or_model_is_read(tmp_path, caps
     (["compare", "--methods", "ffba", "--task", "math", "--output-dir", "x"], "--methods takes two or more"),
     (["serve", "--kv-cache-tokens", "10"], "--kv-cache-tokens 10 is below one page of the KV cache"),
     (["serve", "--adapter", "nameonly"], "--adapter takes NAME=PATH"),
+    (["train", "--method", "ffba", "--task", "math", "--output-dir", "x", "--model", "./no-such-folder"],
+     "no model folder at './no-such-folder'"),
+    (["generate", "--model", "./no-such-folder", "--prompt", "hi"], "is not a folder here, not one of the embedded models"),
 ])
 def test_bad_settings_fail_before_torch_loads(argv, message):
     """train, compare and serve check their settings before the command's modules (and PyTorch) load."""

@@ -34,7 +34,8 @@ from torch import nn
 from ..fastpath.compile import compile_decode, compile_generation
 from ..fastpath.plan import plan_gemms
 from ..methods import FFBAConfig, bank_of, fuse, load_adapter, select_adapters
-from ..models.base_models import embedded, embedded_gguf
+from ..models.base_models import embedded_gguf
+from ..models.catalog import embedded
 from ..models.footprint import tensor_bytes
 from ..ops.formats import WEIGHT_FORMATS
 from ..recipes.budget import match_lora_rank

@@ -10,6 +10,7 @@ import os
 import sys
 import warnings
 
+from ..models.catalog import check_model
 from ..utils.errors import FFloraError
 from .parser import build_parser
 
@@ -27,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if hasattr(args, "check"):  # the command's settings, checked before its modules load
             args.check(args)
+        check_model(getattr(args, "model", None))  # a --model that names nothing loadable fails now
         try:
             from . import commands  # here, not above: PyTorch and the rest load only for a command that runs
         except ModuleNotFoundError as e:

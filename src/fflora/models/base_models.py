@@ -19,22 +19,11 @@ from pathlib import Path
 
 import torch
 from filelock import FileLock
-from huggingface_hub import HfApi, try_to_load_from_cache
-from huggingface_hub.errors import RepositoryNotFoundError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..utils.errors import FFloraError
 from ..utils.sources import cache_dir, fetch, say, sha256_of
-from .catalog import EMBEDDED, EmbeddedModel
-
-
-def embedded(name: str | os.PathLike | None) -> EmbeddedModel | None:
-    """The embedded model `name` calls for (None: the default), matched case-insensitively by its key or
-    its own name; None when `name` is anything else (a Hugging Face id or a folder)."""
-    if name is None:
-        return EMBEDDED["smollm2-135m-instruct"]
-    key = str(name).lower()
-    return next((m for k, m in EMBEDDED.items() if key in (k, m.name.lower())), None)
+from .catalog import EMBEDDED, EmbeddedModel, check_hub_model, embedded
 
 
 def embedded_gguf(model: EmbeddedModel) -> Path:
@@ -108,29 +97,6 @@ def model_source(name_or_path: str | os.PathLike | None) -> str | os.PathLike:
         return embedded_model_dir(spec)
     check_hub_model(str(name_or_path))
     return name_or_path
-
-
-def _choices(name: str) -> str:
-    return (f"--model {name!r} is not a folder here, not one of the embedded models {sorted(EMBEDDED)}, and not a "
-            "Hugging Face model fflora can reach")
-
-
-def check_hub_model(name: str, timeout_s: float = 5.0) -> None:
-    """Fail fast, with the three choices, for a model that is neither a local folder nor an embedded
-    model nor on the Hugging Face hub (in its local cache, or answered by one short request)."""
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise FileNotFoundError(f"no model folder at {name!r}: {_choices(name)}; check the path")
-    if isinstance(try_to_load_from_cache(name, "config.json"), str):  # in the local hub cache
-        return
-    try:
-        HfApi().model_info(name, timeout=timeout_s)
-    except RepositoryNotFoundError as e:
-        raise FileNotFoundError(f"{_choices(name)}: the hub has no model of that name (or it is private: log in "
-                                "with `hf auth login`)") from e
-    except Exception as e:  # offline, DNS, proxy, timeout: the hub client's own retries take a minute
-        raise FileNotFoundError(f"{_choices(name)}: the hub did not answer ({type(e).__name__}: "
-                                f"{str(e).splitlines()[0] if str(e) else 'no detail'}). Pass a local folder with "
-                                "config.json, an embedded model's name, or omit --model for the embedded default") from e
 
 
 def load_base_model(name_or_path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32, **kwargs):
