@@ -237,7 +237,7 @@ class OpenAIServing:
         except Overloaded as e:
             raise APIError(429, f"the server is busy: {e}; retry shortly", headers={"Retry-After": "1"}) from e
         stream = engine.stream(ids, adapter, max_new_tokens=max_new, temperature=body.temperature,
-                                    top_p=body.top_p, ignore_eos=body.ignore_eos)
+                               top_p=body.top_p, ignore_eos=body.ignore_eos)
         seen, last, reason = 0, arrived, "abort"  # "abort" unless it finishes
         try:
             async with aclosing(stream):  # leaving early (stop string, client gone) cancels the request
