@@ -1,0 +1,91 @@
+"""Static KV-cache slots: the core of the serving engine of issue 43 (not yet under `fflora serve`).
+
+A fixed number of slots, each a row of one preallocated KV cache of `max_len` positions per layer.
+A request takes a slot for its life; each step runs some slots together, each at its own position:
+prefill (a chunk of one request's prompt) or decode (one token of every busy slot). The model runs
+unchanged (fused or not, any weight format, a bank choosing each row's adapter) with its attention
+implementation set to `SLOT_ATTENTION`: transformers hands each attention layer the step's queries,
+keys and values after the rotary embedding (the positions are each row's own), and `slot_attention`
+writes the keys and values into the rows' slots and attends over each row's prefix. Shapes depend
+only on (rows, tokens per row): the step a bucketed, compiled decode can run.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+SLOT_ATTENTION = "fflora_slots"
+
+
+class SlotCache:
+    """Keys and values of `slots` requests, `max_len` positions each, for every layer of `config`'s
+    model; `lengths[s]`: the positions slot s holds. `rows` and `starts` describe the step in flight
+    (which slot each batch row writes, and the position of its first token)."""
+
+    def __init__(self, config, slots: int, max_len: int, dtype: torch.dtype = torch.float32) -> None:
+        text = config.get_text_config()
+        heads = text.num_attention_heads
+        kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        shape = (text.num_hidden_layers, slots, kv_heads, max_len, head_dim)
+        self.keys, self.values = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+        self.lengths = torch.zeros(slots, dtype=torch.long)
+        self.max_len = max_len
+        self.rows = self.starts = None
+
+    def free(self, slot: int) -> None:
+        """Make `slot` empty for its next request (its old keys are never read: lengths bound every read)."""
+        self.lengths[slot] = 0
+
+
+def slot_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask, scaling=None,
+                   dropout: float = 0.0, slot_cache: SlotCache | None = None, **kwargs) -> tuple[Tensor, None]:
+    """Write this step's keys and values into the rows' slots, then attend over each row's prefix (its
+    earlier positions and this step's up to the query's own). query: rows x heads x tokens x dim;
+    key, value: rows x kv_heads x tokens x dim. Returns rows x tokens x heads x dim, as transformers'
+    attention functions do."""
+    cache, layer = slot_cache, module.layer_idx
+    tokens = query.shape[2]
+    positions = cache.starts[:, None] + torch.arange(tokens)  # rows x tokens
+    slots = cache.rows[:, None]
+    cache.keys[layer][slots, :, positions] = key.transpose(1, 2).to(cache.keys.dtype)
+    cache.values[layer][slots, :, positions] = value.transpose(1, 2).to(cache.values.dtype)
+    span = int(positions.max()) + 1  # the furthest position any row reads
+    keys = cache.keys[layer][cache.rows, :, :span].to(query.dtype)
+    values = cache.values[layer][cache.rows, :, :span].to(query.dtype)
+    visible = torch.arange(span)[None, None, :] <= positions[:, :, None]  # rows x tokens x span: causal, own prefix
+    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=visible[:, None], scale=scaling,
+                                         enable_gqa=keys.shape[1] != query.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(SLOT_ATTENTION, slot_attention)
+AttentionMaskInterface.register(SLOT_ATTENTION, lambda *args, **kwargs: None)  # slot_attention masks itself
+
+
+def use_slots(model: nn.Module) -> nn.Module:
+    """Run `model`'s attention through `slot_attention` (in place; returns the model)."""
+    model.config._attn_implementation = SLOT_ATTENTION
+    return model
+
+
+@torch.no_grad()
+def slot_step(model: nn.Module, cache: SlotCache, slots: Tensor, input_ids: Tensor, **model_kwargs) -> Tensor:
+    """Run one step: row i of `input_ids` (rows x tokens) continues slot `slots[i]` from the position it
+    holds. Returns the logits of each row's last token (rows x vocab); the slots now hold the tokens too.
+    `model_kwargs` go to the model (e.g. `adapter_names=` for a bank)."""
+    tokens = input_ids.shape[1]
+    starts = cache.lengths[slots]
+    if int(starts.max()) + tokens > cache.max_len:
+        raise ValueError(f"a slot holds at most {cache.max_len} positions; this step would reach "
+                         f"{int(starts.max()) + tokens}")
+    cache.rows, cache.starts = slots, starts
+    position_ids = starts[:, None] + torch.arange(tokens)
+    logits = model(input_ids=input_ids, position_ids=position_ids, slot_cache=cache, use_cache=False,
+                   logits_to_keep=1, **model_kwargs).logits[:, -1]
+    cache.lengths[slots] = starts + tokens
+    return logits

@@ -1,0 +1,88 @@
+"""Static KV-cache slots (`fflora.serving.slots`): requests at their own positions in one step, joining
+and leaving, give each request the logits a plain forward over its own tokens gives, at every step
+(tiny models; a random tiny model's greedy tokens barely depend on context, its logits do)."""
+
+import pytest
+import torch
+from conftest import make_model, randomize_adapters
+
+import fflora
+from fflora.serving.slots import SlotCache, slot_step, use_slots
+
+PROMPTS = [[5, 9, 3, 17, 42], [7, 7, 1, 30, 64, 12, 5, 9, 11], [3, 4]]
+
+
+@torch.no_grad()
+def _alone(model, prompt, new_tokens, **kwargs):
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+                         min_new_tokens=new_tokens, pad_token_id=0, **kwargs)
+    return out[0, len(prompt):].tolist()
+
+
+def _run(model, schedule, new_tokens, slots=4, adapters=None):
+    """Greedy decoding through slots: (tokens, logits) per request. `schedule[k]`: the step at which
+    request k (PROMPTS[k]) joins, in slot `k + 1` (slot 0 stays empty); each leaves after `new_tokens`."""
+    cache = SlotCache(model.config, slots, max_len=64)
+    generated, logits_of = {k: [] for k in schedule}, {k: [] for k in schedule}
+    for step in range(max(schedule.values()) + new_tokens + 1):
+        for k, at in schedule.items():  # joins: the prompt in one prefill step, its first token from it
+            if at == step:
+                kwargs = {"adapter_names": [adapters[k]]} if adapters else {}
+                logits = slot_step(model, cache, torch.tensor([k + 1]), torch.tensor([PROMPTS[k]]), **kwargs)
+                generated[k].append(int(logits.argmax(-1)))
+                logits_of[k].append(logits[0])
+        running = [k for k, at in schedule.items() if at < step and len(generated[k]) < new_tokens]
+        if running:  # one decode step for every running request together
+            kwargs = {"adapter_names": [adapters[k] for k in running]} if adapters else {}
+            logits = slot_step(model, cache, torch.tensor([k + 1 for k in running]),
+                               torch.tensor([[generated[k][-1]] for k in running]), **kwargs)
+            for k, token, row in zip(running, logits.argmax(-1).tolist(), logits):
+                generated[k].append(token)
+                logits_of[k].append(row)
+    return generated, logits_of
+
+
+@torch.no_grad()
+def _check(model, generated, logits_of, kwargs_of):
+    """Each request's step logits equal a plain forward's over its prompt and generated tokens."""
+    for k, tokens in generated.items():
+        ids = torch.tensor([PROMPTS[k] + tokens[:-1]])
+        reference = model(input_ids=ids, **kwargs_of(k)).logits[0, len(PROMPTS[k]) - 1:]
+        assert torch.stack(logits_of[k]).sub(reference).abs().max() < 1e-4, k
+        assert tokens == reference.argmax(-1).tolist(), k
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_requests_joining_at_different_steps_get_what_each_gets_alone(arch):
+    generated, logits_of = _run(use_slots(make_model(arch, max_position_embeddings=128)), {0: 0, 1: 2, 2: 3}, 6)
+    _check(make_model(arch, max_position_embeddings=128), generated, logits_of, lambda k: {})
+    if arch == "qwen2":  # greedy generate agrees too (llama's random tiny model repeats its last token)
+        assert generated == {k: _alone(make_model(arch, max_position_embeddings=128), PROMPTS[k], 6) for k in range(3)}
+
+
+def test_a_fused_bank_serves_each_slot_its_own_adapter(tmp_path):
+    folders = {}
+    for seed, name in enumerate(("a", "b"), start=1):
+        adapted = fflora.apply_ffba(make_model("llama", max_position_embeddings=128), fflora.FFBAConfig(r=4))
+        randomize_adapters(adapted, seed=seed, std=0.3)
+        folders[name] = adapted
+    expected = {0: _alone(fflora.fuse(folders["a"]), PROMPTS[0], 5), 1: _alone(fflora.fuse(folders["b"]), PROMPTS[1], 5),
+                2: _alone(make_model("llama", max_position_embeddings=128), PROMPTS[2], 5)}
+    bank = fflora.fuse(make_model("llama", max_position_embeddings=128), max_adapters=2)
+    for name, adapted in folders.items():
+        fflora.save_adapter(fflora.unfuse(adapted), tmp_path / name)
+        fflora.load_adapter(bank, tmp_path / name, adapter_name=name)
+    names = {0: "a", 1: "b", 2: "__base__"}
+    generated, logits_of = _run(use_slots(bank), {0: 0, 1: 1, 2: 1}, 5, adapters=names)
+    assert generated == expected
+    bank.config._attn_implementation = "sdpa"
+    _check(bank, generated, logits_of, lambda k: {"adapter_names": [names[k]]})
+
+
+def test_a_step_beyond_a_slot_is_refused():
+    model = use_slots(make_model("llama", max_position_embeddings=128))
+    cache = SlotCache(model.config, 2, max_len=8)
+    slot_step(model, cache, torch.tensor([0]), torch.tensor([[1, 2, 3, 4, 5, 6]]))
+    with pytest.raises(ValueError, match="a slot holds at most 8 positions; this step would reach 9"):
+        slot_step(model, cache, torch.tensor([0]), torch.tensor([[1, 2, 3]]))
