@@ -6,11 +6,10 @@ import sys
 import tomllib
 from pathlib import Path
 
+from fflora.cli import EXTRA_MODULES
+
 PYPROJECT = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
-# the import names of the extras' packages
-EXTRAS_MODULES = {"fastapi": "fastapi", "uvicorn": "uvicorn", "prometheus-client": "prometheus_client",
-                  "httpx": "httpx", "datasets": "datasets", "rouge-score": "rouge_score", "matplotlib": "matplotlib"}
-BLOCK = "import sys\nfor name in %r:\n    sys.modules[name] = None  # as if not installed\n" % sorted(EXTRAS_MODULES.values())
+BLOCK = "import sys\nfor name in %r:\n    sys.modules[name] = None  # as if not installed\n" % sorted(EXTRA_MODULES.values())
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
@@ -21,7 +20,7 @@ def test_the_extras_are_what_the_core_leaves_out():
     core = {d.split(">")[0].split("<")[0].split("=")[0].strip() for d in PYPROJECT["project"]["dependencies"]}
     extras = PYPROJECT["project"]["optional-dependencies"]
     named = {d for group in ("serve", "cli") for d in extras[group] if not d.startswith("fflora[")}
-    assert named == set(EXTRAS_MODULES) and not core & named
+    assert named == set(EXTRA_MODULES) and not core & named
 
 
 def test_the_methods_and_the_fused_form_work_without_the_extras():

@@ -14,6 +14,10 @@ from ..models.catalog import check_model
 from ..utils.errors import FFloraError
 from .parser import build_parser
 
+# The packages of the `serve` and `cli` extras (pyproject.toml), by their import names.
+EXTRA_MODULES = {"fastapi": "fastapi", "uvicorn": "uvicorn", "prometheus-client": "prometheus_client", "httpx": "httpx",
+                 "datasets": "datasets", "rouge-score": "rouge_score", "matplotlib": "matplotlib"}
+
 
 def _cli_warning(message, category, filename, lineno, line=None) -> str:
     """A warning as one line for a command-line user: what happened, not the Python source that said
@@ -32,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             from . import commands  # here, not above: PyTorch and the rest load only for a command that runs
         except ModuleNotFoundError as e:
+            if (e.name or "").partition(".")[0] not in EXTRA_MODULES.values():
+                raise
             raise FFloraError(f"{e.name} is not installed: the command line needs its extra, "
                               "pip install 'fflora[cli]'") from e
         getattr(commands, args.handler)(args)
