@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 import resource
 import sys
@@ -34,13 +35,19 @@ def peak_resident_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
 
 
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None (another C library, another system); looked up once (find_library
+    runs a subprocess)."""
+    libc = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
+    return getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
+
+
 def release_memory() -> None:
     """Collect garbage and hand the heap's free pages back to the system (glibc's malloc_trim; elsewhere
     nothing more). Between the stages of a long job (the demo, a benchmark), so the activations of
     one stage, freed but kept by the allocator, do not add to the next stage's resident memory."""
     gc.collect()
-    libc = ctypes.util.find_library("c")
-    if sys.platform.startswith("linux") and libc:
-        trim = getattr(ctypes.CDLL(libc), "malloc_trim", None)
-        if trim is not None:
-            trim(0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
