@@ -1,7 +1,7 @@
 """The serving engine compiled against the engine eager, on the embedded model (a script: the machine to itself).
 
 `fflora serve` runs transformers' continuous-batching engine (`fflora.serving.BankEngine`) eagerly.
-Compiled (`BankEngine(model, ..., compile=True)`: transformers' compiled varlen step, the bank's
+Compiled (`BankEngine(fused, ..., compile=True)`: transformers' compiled varlen step, the bank's
 windows fixed, the adapters' selection held outside the graph) each step should lose the Python
 overhead that the compiled decode of `fflora generate` loses. This script measures whether it
 does: two engines over two copies of the same bank (the same adapters), the same requests,
@@ -33,10 +33,10 @@ ADAPTERS = 4
 
 def engine_for(adapters: list[Path], compile: bool, args) -> BankEngine:
     model, _ = load_base_model(None)
-    fflora.fuse(model, max_adapters=8, rank_budget=args.rank_budget)
+    fused = fflora.FusedModel.build(model, max_adapters=8, rank_budget=args.rank_budget)
     config = GenerationConfig(max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
     cb = ContinuousBatchingConfig(max_batch_tokens=256, num_blocks=32, page_size=256)
-    engine = BankEngine(model, config, cb, compile=compile)
+    engine = BankEngine(fused, config, cb, compile=compile)
     for i, path in enumerate(adapters):
         engine.load_adapter(path, f"a{i}")
     return engine

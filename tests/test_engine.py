@@ -6,8 +6,7 @@ from conftest import make_model, randomize_adapters
 from transformers import ContinuousBatchingConfig, GenerationConfig
 
 import fflora
-from fflora.fastpath.compile import compile_engine_step
-from fflora.methods.ffba.bank import BASE_NAME, bank_of
+from fflora.methods.ffba.bank import BASE_NAME, AdapterBank
 from fflora.serving import BankEngine, sampling_generation_config
 
 CONFIGS = {"ffba": fflora.FFBAConfig(r=4, alpha=8), "ba": fflora.FFBAConfig(r=8, forward=False)}
@@ -31,32 +30,31 @@ def saved(tmp_path_factory):
 
 
 def _bank(saved, max_adapters=2, layers=3):
-    model = fflora.fuse(_llama(layers), max_adapters=max_adapters)
+    fused = fflora.FusedModel.build(_llama(layers), max_adapters=max_adapters)
     for name in CONFIGS:
-        fflora.load_adapter(model, saved / name, adapter_name=name)
-    return model
+        fused.load(name, saved / name)
+    return fused
 
 
 @torch.no_grad()
 def test_concurrent_requests_for_different_adapters_equal_each_alone(saved, monkeypatch):
-    import fflora.serving.engine as engine_module
-
     steps = []  # the adapters of each packed step's segments
+    selected = AdapterBank.selected
 
-    def recording(model, names, lengths, rearrange):
+    def recording(bank, names, lengths, rearrange):
         assert rearrange is False  # the engine never moves adapters between steps
         steps.append(list(names))
-        return fflora.select_adapters(model, names, lengths=lengths, rearrange=rearrange)
+        return selected(bank, names, lengths=lengths, rearrange=rearrange)
 
-    monkeypatch.setattr(engine_module, "select_adapters", recording)
+    monkeypatch.setattr(AdapterBank, "selected", recording)
     config = GenerationConfig(max_new_tokens=5, do_sample=False, eos_token_id=-1, pad_token_id=0)
     requests = [([5, 6, 7, 8], "ffba"), ([9, 10, 11], BASE_NAME), ([12, 13, 14, 15, 16], "ba"), ([17, 18], "ffba")]
-    model = _bank(saved)
-    engine = BankEngine(model, config)
+    fused = _bank(saved)
+    engine = BankEngine(fused, config)
     ids = [engine.add_request(prompt, adapter=name) for prompt, name in requests]  # queued before the first step
     with engine:
         outputs = [engine.wait(rid) for rid in ids]
-    assert "forward" not in model.__dict__  # the model's own forward is back
+    assert "forward" not in fused.model.__dict__  # the model's own forward is back
     assert max(len(set(names)) for names in steps) == 3  # ffba, base and ba requests shared steps
     for (prompt, name), output in zip(requests, outputs):
         assert output.generated_tokens == _alone(saved, name, prompt, config), name
@@ -67,8 +65,11 @@ def test_unknown_adapter_is_refused_with_the_loaded_names(saved):
     with pytest.raises(ValueError, match=r"no adapter named 'nope' is loaded; loaded adapters: \['ffba', 'ba'\]"):
         engine.add_request([1, 2, 3], adapter="nope")
     assert engine.manager.output_router.result_handlers == {} and engine.running_requests() == {}  # nothing left behind
-    with pytest.raises(ValueError, match="has no adapter bank"):
+    with pytest.raises(TypeError, match=r"serves a FusedModel with an adapter bank, got a LlamaForCausalLM: pass "
+                                        r"fflora.FusedModel.build\(model, max_adapters=K\)"):
         BankEngine(make_model("llama"))
+    with pytest.raises(ValueError, match="needs an adapter bank: build the FusedModel with max_adapters=K"):
+        BankEngine(fflora.FusedModel.build(make_model("llama")))
 
 
 @torch.no_grad()
@@ -196,11 +197,11 @@ def _each_mix_equals_each_request_alone(engine, saved, layers):
 def test_fixed_windows_hold_each_steps_selection(saved):
     """What a compiled engine runs, eagerly: every GEMM covers the whole room and each step's
     selection (its packed segments' adapters) is held in the bank's step."""
-    model = _bank(saved)
-    bank_of(model).fix_windows()
-    with BankEngine(model, GREEDY) as engine:
+    fused = _bank(saved)
+    fused.bank.fix_windows()
+    with BankEngine(fused, GREEDY) as engine:
         _each_mix_equals_each_request_alone(engine, saved, layers=3)
-    assert bank_of(model).step.selection is None  # nothing held once stopped
+    assert fused.bank.step.selection is None  # nothing held once stopped
 
 
 @pytest.mark.slow
@@ -209,15 +210,13 @@ def test_a_compiled_engine_gives_each_request_its_adapters_tokens(tmp_path):
     """Compiled steps (inductor, dynamic token counts, the engine's thread in the compile settings'
     context), on one layer: tracing a step of transformers' engine takes minutes (graph breaks in
     its paged cache), hence slow."""
-    model = _bank(_save_adapters(tmp_path, layers=1), layers=1)
+    fused = _bank(_save_adapters(tmp_path, layers=1), layers=1)
     cb = ContinuousBatchingConfig(max_batch_tokens=32, page_size=16)
-    with BankEngine(model, GREEDY, cb, compile=True) as engine:
-        assert engine.compile_seconds > 0 and bank_of(model).step.fixed
+    with BankEngine(fused, GREEDY, cb, compile=True) as engine:
+        assert engine.compile_seconds > 0 and fused.bank.step.fixed
         _each_mix_equals_each_request_alone(engine, tmp_path, layers=1)
 
 
 def test_compiling_the_engine_needs_a_bank():
-    with pytest.raises(ValueError, match="needs a fused bank model"):
-        compile_engine_step(make_model("llama"), ContinuousBatchingConfig())
-    with pytest.raises(ValueError, match=r"needs an adapter bank: fflora.fuse\(model, max_adapters=K\)"):
-        compile_engine_step(fflora.fuse(make_model("llama")), ContinuousBatchingConfig())
+    with pytest.raises(ValueError, match=r"has no adapter bank; create one with fflora.fuse\(model, max_adapters=K\)"):
+        fflora.FusedModel.build(make_model("llama")).compile_engine(ContinuousBatchingConfig())

@@ -8,7 +8,8 @@ from conftest import FAMILIES, make_model, randomize_adapters
 
 import fflora
 import fflora.fastpath.plan
-from fflora.fastpath.plan import PlannedLinear, choose_plan, plan_gemms, planned_modules
+from fflora.fastpath.plan import PlannedLinear, choose_plan, planned_modules
+from fflora.methods import FusedModel, plan_gemms
 from fflora.ops.gemm import GemmPlan, laid_out, layout_of, planned_linear
 
 TOL = 1e-4
@@ -72,18 +73,18 @@ def test_every_plan_keeps_the_fused_model_equal_to_the_training_form(arch, famil
     fflora.fuse(model)
     if mode == "forced wx":  # both layouts, the swapped operand order at every decode row count
         report = plan_gemms(model, "transposed")
-        for i, module in enumerate(planned_modules(model)):
+        for i, module in enumerate(planned_modules(model, FusedModel.of(model).gemms)):
             module.gemm_plan = GemmPlan(layout_of(module.weight), ((1, "wx"), (3, "wx"), (30, "wx")))
             if i % 2:
                 module.weight = laid_out(module.weight, "standard") if module is not model.lm_head else module.weight
     else:
         report = plan_gemms(model, mode, rows=(1, 3))
-        shapes = {f"{m.weight.shape[0]}x{m.weight.shape[1]} float32" for m in planned_modules(model)}
+        shapes = {f"{m.weight.shape[0]}x{m.weight.shape[1]} float32" for m in planned_modules(model, FusedModel.of(model).gemms)}
         assert set(report["plans"]) == shapes
         if mode == "auto":
             assert set(report["measured"]) == shapes and all(len(t) == 8 for t in report["measured"].values())
         else:
-            assert all(layout_of(m.weight) == "transposed" for m in planned_modules(model))
+            assert all(layout_of(m.weight) == "transposed" for m in planned_modules(model, FusedModel.of(model).gemms))
     assert type(model.lm_head) is PlannedLinear and (model.lm_head.weight is model.model.embed_tokens.weight) == tied
     assert (model(ids, attention_mask=mask).logits - reference)[mask.bool()].abs().max().item() < TOL
     assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0),
@@ -106,7 +107,7 @@ def test_adapters_load_into_a_planned_fused_model_and_bank(tmp_path):
     assert (single(ids, attention_mask=mask).logits - expected)[mask.bool()].abs().max().item() < TOL
     bank = fflora.fuse(make_model("llama"), max_adapters=2)
     plan_gemms(bank, "transposed")
-    for module in planned_modules(bank):
+    for module in planned_modules(bank, FusedModel.of(bank).gemms):
         module.gemm_plan = GemmPlan("transposed", ((3, "wx"),))
     fflora.load_adapter(bank, tmp_path / "a", adapter_name="a")
     rows = bank(ids, attention_mask=mask, adapter_names=["a", "__base__", "a"]).logits

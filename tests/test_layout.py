@@ -1,5 +1,5 @@
 """The package's layering: module-level imports only, no import circle, and imports that only point down
-(cli -> jobs -> bench -> recipes, serving -> fastpath -> methods -> models -> ops, utils)."""
+(cli -> jobs -> bench -> recipes, serving -> methods -> fastpath -> models -> ops, utils)."""
 
 import ast
 import importlib.util
@@ -13,7 +13,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "fflora"
 # Each top-level folder's layer: a module may import from its own layer or below, never above.
-LAYERS = {"utils": 0, "ops": 0, "models": 1, "methods": 2, "fastpath": 3, "recipes": 4, "serving": 4, "bench": 5,
+LAYERS = {"utils": 0, "ops": 0, "models": 1, "fastpath": 2, "methods": 3, "recipes": 4, "serving": 4, "bench": 5,
           "vllm": 4, "jobs": 6, "cli": 7, "": 8}
 # Imports deferred on purpose, (module, what it imports): why.
 DEFERRED = {("fflora.cli", "fflora.cli.commands"): "the commands load once the arguments are read: --help without torch"}
@@ -96,6 +96,16 @@ def test_only_methods_know_which_method_a_model_holds():
                  ("is_zflora", "isinstance(config, ZFLoRAConfig)", "isinstance(config, FFBAConfig)")
                  if needle in p.read_text()]
     assert not offenders
+
+
+def test_only_utils_classes_swaps_a_modules_class():
+    """A module's class changes in one place (`fflora.utils.classes`: extend, restore), where each swap
+    records the class it returns to; nowhere else assigns `__class__`."""
+    swaps = [f"{p.relative_to(SRC)}:{node.lineno}" for name, p in MODULES.items() if name != "fflora.utils.classes"
+             for node in ast.walk(ast.parse(p.read_text())) if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign))
+             for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+             if isinstance(target, ast.Attribute) and target.attr == "__class__"]
+    assert not swaps, "__class__ assigned outside fflora.utils.classes: " + ", ".join(swaps)
 
 
 def test_every_module_imports_on_its_own_in_any_order():

@@ -15,9 +15,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import fflora
+import fflora.methods
 import fflora.methods.registration
 import fflora.recipes.budget
-from fflora.methods.fused_state import fused_state
+from fflora.methods.fused_model import FusedModel
 from conftest import make_model, randomize_adapters
 
 IDS = torch.tensor([[5, 9, 3, 17, 42, 8, 11, 2], [7, 7, 1, 30, 64, 12, 5, 9]])
@@ -116,15 +117,23 @@ def test_merge_and_unload_is_the_fused_form(arch, adapter_config):
     want = logits(model)
     merged = model.merge_and_unload()
     assert not isinstance(merged, PeftModel) and not hasattr(merged, "peft_config")
-    assert fused_state(merged) is not None
+    assert FusedModel.of(merged) is not None
+    assert not any(isinstance(m, BaseTunerLayer) for m in merged.modules())  # PEFT's own test of an unloaded model
+    assert fflora.methods.adapter_parameters(merged) == {} and not fflora.methods.has_adapter(merged)
+    assert not any(p.requires_grad for p in merged.parameters())
     torch.testing.assert_close(logits(merged), want, rtol=1e-4, atol=1e-4)
+    fflora.unfuse(merged)  # the adapter lived only in the fused rows: the plain base model, as loaded
+    base = make_model(arch)
+    assert dict(merged.named_parameters()).keys() == dict(base.named_parameters()).keys()
+    assert type(merged.model.layers[0]) is type(base.model.layers[0])
+    torch.testing.assert_close(logits(merged), logits(base), rtol=0, atol=1e-6)
 
 
 def test_merge_adapter_fuses_in_place_and_unmerge_restores(arch, adapter_config):
     model = peft_model(arch, adapter_config)
     want = logits(model)
     model.merge_adapter()
-    assert fused_state(model.get_base_model()) is not None
+    assert FusedModel.of(model.get_base_model()) is not None
     torch.testing.assert_close(logits(model), want, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match=r"call unmerge_adapter\(\) before switching it off"):
         with model.disable_adapter():

@@ -9,7 +9,7 @@ from conftest import make_model, randomize_adapters
 import fflora
 import fflora.methods
 from fflora.methods.fingerprint import base_model_fingerprint
-from fflora.methods.fused_state import fused_state
+from fflora.methods.fused_model import FusedModel
 from fflora.methods.weight_formats import Int8Embedding, Int8Head
 from fflora.ops.int8 import dequantize_rows, int8_linear, quantize_rows
 
@@ -54,7 +54,7 @@ def test_bfloat16_fused_matches_the_bfloat16_training_form(config):
     model = _adapted(config)
     reference = _logits(_adapted(config).to(torch.bfloat16))
     fused = fflora.fuse(model, weights="bfloat16")
-    assert fused_state(fused).weights == "bfloat16" and fused.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert FusedModel.of(fused).weights == "bfloat16" and fused.get_input_embeddings().weight.dtype == torch.bfloat16
     assert _relative(_logits(fused), reference) < 2e-2
     assert (_logits(fused).argmax(-1) == reference.argmax(-1)).float().mean() >= 0.9
 
@@ -69,7 +69,7 @@ def test_int8_fused_stays_close_to_float32_and_unfuses_to_its_adapter(config):
     head, embedding = fused.get_output_embeddings(), fused.get_input_embeddings()
     assert isinstance(head, Int8Head) and isinstance(embedding, Int8Embedding)
     assert head.values is embedding.values  # tied: one int8 copy
-    assert all(g.int8 for g in fused_state(fused).gemms)
+    assert all(g.int8 for g in FusedModel.of(fused).gemms)
     assert _relative(_logits(fused), reference) < 5e-2
     assert (_logits(fused).argmax(-1) == reference.argmax(-1)).float().mean() >= 0.9
     fflora.unfuse(fused)
@@ -145,7 +145,7 @@ def test_int4_groups_of_32_and_an_adapter_swap_keeps_the_base_blocks(tmp_path):
     randomize_adapters(first, seed=2, std=0.1)
     reference = _logits(fflora.fuse(copy.deepcopy(first)))
     model = fflora.fuse(first, weights="int4")
-    assert all(g.int4 for g in fused_state(model).gemms) and isinstance(model.get_output_embeddings(), Int8Head)
+    assert all(g.int4 for g in FusedModel.of(model).gemms) and isinstance(model.get_output_embeddings(), Int8Head)
     assert _relative(_logits(model), reference) < 0.3  # 4 bits on random weights
     group = model.model.layers[1].self_attn.ffba_fused_inputs
     tail = group.n_pack - group.weight_tail.shape[0]
@@ -167,7 +167,7 @@ def test_int4_refuses_input_widths_that_are_not_multiples_of_32_and_leaves_the_m
     model = make_model("llama")  # intermediate size 48
     with pytest.raises(ValueError, match=r"int4 weights group 32 input columns; this model's GEMMs take \[48\]: use int8"):
         fflora.fuse(model, weights="int4")
-    assert fused_state(model) is None and type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert FusedModel.of(model) is None and type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
 
 
 @int8_cpu
@@ -177,7 +177,7 @@ def test_a_refused_format_leaves_a_carried_adapter_in_place():
     with pytest.raises(ValueError, match="int4 weights group 32 input columns"):
         fflora.fuse(model, max_adapters=2, weights="int4")
     after = fflora.methods.adapter_state_dict(model)
-    assert fused_state(model) is None and after.keys() == before.keys()
+    assert FusedModel.of(model) is None and after.keys() == before.keys()
     assert all(torch.equal(after[k], v) for k, v in before.items())
 
 

@@ -31,9 +31,8 @@ import matplotlib
 import torch
 from torch import nn
 
-from ..fastpath.compile import compile_decode, compile_generation
-from ..fastpath.plan import plan_gemms
-from ..methods import FFBAConfig, bank_of, fuse, load_adapter, select_adapters
+from ..fastpath.compile import compile_generation
+from ..methods import FFBAConfig, bank_of, compile_decode, fuse, load_adapter, plan_gemms, select_adapters
 from ..models.base_models import embedded_gguf
 from ..models.catalog import embedded
 from ..models.footprint import tensor_bytes

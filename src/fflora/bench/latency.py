@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..fastpath.compile import compile_decode, compile_generation, decode_step, is_compiled
-from ..fastpath.plan import plan_gemms
-from ..methods import FFBAConfig, ZFLoRAConfig, adapter_state_dict, apply_adapter, fuse, load_adapter_state, registry
+from ..fastpath.compile import compile_generation, decode_step, is_compiled
+from ..methods import (FFBAConfig, ZFLoRAConfig, adapter_state_dict, apply_adapter, compile_decode, fuse, load_adapter_state,
+                       plan_gemms, registry)
 from ..methods.ffba.method import ffba_parameter_count
 from ..methods.zflora.method import zflora_parameter_count
 from ..models.footprint import release_memory, tensor_bytes

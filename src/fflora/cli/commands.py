@@ -19,9 +19,7 @@ from ..bench.latency import format_bench_table, run_bench, write_bench
 from ..bench.serve import format_serve_table, run_serve_bench, write_serve_bench
 from ..bench.settings import BankBenchSettings, BenchSettings, FormatsBenchSettings, ServeBenchSettings, TrainBenchSettings
 from ..bench.train import format_train_table, run_train_bench, write_train_bench
-from ..fastpath.compile import compile_decode
-from ..fastpath.plan import plan_gemms
-from ..methods import apply_adapter, fuse, load_adapter, registry
+from ..methods import apply_adapter, compile_decode, fuse, load_adapter, plan_gemms, registry
 from ..methods.ffba.method import ffba_parameter_count
 from ..methods.zflora.method import zflora_parameter_count
 from ..models.base_models import load_base_model, model_source

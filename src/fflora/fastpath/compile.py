@@ -13,6 +13,9 @@ tens of seconds per shape on SmolLM2-135M on 2 CPU cores, is paid at the first `
 
 Compile after `fflora.plan_gemms` (the graph runs the planned layouts; planning again drops the
 compiled step). `fflora.unfuse` restores the generation settings the model had before.
+
+This module knows nothing of adapters or fused models: `FusedModel.compile` (what `fflora.compile_decode`
+calls) keeps the settings to restore and fixes a bank's windows before it compiles here.
 """
 
 from __future__ import annotations
@@ -23,8 +26,6 @@ from typing import Callable
 import torch
 from torch import nn
 from transformers import CompileConfig, ContinuousBatchingConfig
-
-from ..methods.fused_state import drop_compiled_step, require_fused
 
 RECOMPILE_LIMIT = 64
 
@@ -47,32 +48,6 @@ def compile_generation(model: nn.Module, freezing: bool = False, cpp_wrapper: bo
     return model
 
 
-def compile_decode(model: nn.Module, freezing: bool = False, cpp_wrapper: bool = False) -> nn.Module:
-    """Make `model.generate` (greedy or sampling) run each decode step as one compiled graph, in place;
-    returns the model. `model` must be fused (`fflora.fuse`), with one adapter, none, or a bank: a
-    bank's GEMMs then cover their whole room and masks choose each row's adapter (`generate(...,
-    adapter_names=)` or a `select_adapters` block around `generate`).
-
-    `freezing=True` turns on inductor's freezing pass. The graph still reads the weights at run
-    time (they are inputs of the traced graph; a test loads new adapter weights into a compiled
-    model, frozen or not, and checks the tokens follow them), so it is safe; on SmolLM2 here it was no
-    faster than without it (`fflora bench --compile-freezing`, README).
-
-    `cpp_wrapper=True` has inductor call the graph's kernels from generated C++ instead of Python,
-    which cuts the per-step overhead that dominates small models on a CPU: on SmolLM2 here, int4 base
-    8.5 -> 7.5 ms per token and FFBA int4 9.5 -> 9.0 ms, at 80-270 s of compile time (C++ builds)
-    instead of 9-12 s; off by default for that cost.
-    """
-    state = require_fused(model, "compile_decode needs a fused model: call fflora.fuse(model) first "
-                                 "(the training form is not compiled)")
-    if state.bank is not None:
-        state.bank.fix_windows()  # one graph for every mix of adapters (methods/ffba/bank.py)
-    config = model.generation_config
-    if state.compiled is None:  # the settings to restore on unfuse
-        state.compiled = (config.cache_implementation, config.compile_config)
-    return compile_generation(model, freezing, cpp_wrapper)
-
-
 # Padding of transformers' continuous-batching steps when compiled. Its defaults (64 query tokens, 8192
 # cached tokens) bucket shapes for CUDA graphs; a CPU pays for every padded token, and a dynamic-shape
 # graph needs no buckets: queries are padded to a multiple of 8 only (no padding measured no faster on
@@ -80,19 +55,14 @@ def compile_decode(model: nn.Module, freezing: bool = False, cpp_wrapper: bool =
 ENGINE_QUERY_PADDING = 8
 
 
-def compile_engine_step(model: nn.Module, cb_config: ContinuousBatchingConfig) -> ContinuousBatchingConfig:
-    """Settings under which transformers' continuous-batching engine runs each step of a fused bank
-    model compiled: a copy of `cb_config` with a compile config for its (varlen) step, dynamic in the
-    number of tokens, and the bank's windows fixed (one graph for every mix of adapters, the masks
-    read from the bank's `BankStep`, which the engine sets before each step).
+def engine_step_config(cb_config: ContinuousBatchingConfig) -> ContinuousBatchingConfig:
+    """Settings under which transformers' continuous-batching engine runs each step compiled: a copy of
+    `cb_config` with a compile config for its (varlen) step, dynamic in the number of tokens
+    (`FusedModel.compile_engine` fixes a bank's windows first, so one graph serves every mix of adapters).
 
     Not one graph per step as `compile_decode` makes: transformers wraps its paged KV-cache update in
     `torch.compiler.disable`, so each attention layer breaks the graph.
     """
-    state = require_fused(model, "compiling the engine's step needs a fused bank model: fflora.fuse(model, max_adapters=K)")
-    if state.bank is None:
-        raise ValueError("compiling the engine's step needs an adapter bank: fflora.fuse(model, max_adapters=K)")
-    state.bank.fix_windows()
     config = copy.deepcopy(cb_config)
     config.varlen_compile_config = CompileConfig(fullgraph=False, dynamic=True, mode=None)  # inductor
     config.q_padding_interval_size = ENGINE_QUERY_PADDING
@@ -122,3 +92,10 @@ def decode_step(model: nn.Module) -> Callable:
         raise ValueError("this model has no compiled decode step; call fflora.compile_decode(model) "
                          "(fused) or fflora.fastpath.compile.compile_generation(model) first")
     return model.get_compiled_call(model.generation_config.compile_config)
+
+
+def drop_compiled_step(model: nn.Module) -> None:
+    """Forget transformers' cached compiled forward (it is built again, from the current model, when next
+    needed): after the GEMMs changed layout, or when the compile settings changed."""
+    model.__dict__.pop("_compiled_call", None)
+    model.__dict__.pop("_last_compile_config", None)

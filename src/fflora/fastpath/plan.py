@@ -17,7 +17,10 @@ a few seconds (`report["seconds"]`): a warm-up cost paid once, at fuse time or w
 
 Values never change, only their order in memory and the kernel that reads them: every plan stays
 within float tolerance of the training form (tests run the equivalence checks under each mode),
-and `fflora.unfuse` returns row-major nn.Linear weights and a plain LM head (`FusedState.undo_fast_path`).
+and `fflora.unfuse` returns row-major nn.Linear weights and a plain LM head (`FusedModel.unfuse`).
+
+This module knows nothing of adapters or of fused models: `FusedModel.plan` hands it the modules to
+plan (`planned_modules`) and keeps the result.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ import time
 import torch
 from torch import nn
 
-from ..methods.fused_state import drop_compiled_step, require_fused
 from ..ops.formats import LAYOUTS, MODES, ORDERS
 from ..ops.gemm import GemmPlan, PlannedLinear, planned_linear, set_gemm_plan
 
@@ -35,10 +37,10 @@ WORKING_SET_BYTES = 256 * 2**20  # larger than the caches: weights come from mem
 MAX_COPIES = 256  # of one small weight in that working set (bounds the number of timed calls)
 
 
-def planned_modules(model: nn.Module) -> list[nn.Module]:
-    """The modules whose GEMMs a plan covers: every fused GEMM and a plain nn.Linear LM head."""
-    state = require_fused(model, "GEMM plans are part of the fused form; call fflora.fuse(model) first")
-    modules = [m for m in state.gemms if not m.quantized]  # int8 and int4 GEMMs have one kernel: nothing to choose
+def planned_modules(model: nn.Module, gemms: list[nn.Module]) -> list[nn.Module]:
+    """The modules whose GEMMs a plan covers: the fused GEMMs `gemms` of `model` stored dense and a plain
+    nn.Linear LM head."""
+    modules = [m for m in gemms if not m.quantized]  # int8 and int4 GEMMs have one kernel: nothing to choose
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if type(head) in (nn.Linear, PlannedLinear):
         modules.append(head)
@@ -90,20 +92,18 @@ def choose_plan(times: dict, rows: tuple[int, ...]) -> GemmPlan:
 
 
 @torch.no_grad()
-def plan_gemms(model: nn.Module, mode: str = "auto", rows: tuple[int, ...] = (1, 8)) -> dict:
-    """Set how every GEMM of a fused model runs (see the module docstring); returns a report.
+def plan_modules(modules: list[nn.Module], mode: str = "auto", rows: tuple[int, ...] = (1, 8)) -> dict:
+    """Set how each of `modules` (`planned_modules`) runs; returns a report (see the module docstring).
 
     mode "standard": row-major weights, F.linear (what `fflora.fuse` gives); "transposed":
     column-major weights, F.linear; "auto": measured per weight shape at `rows` input rows (the
-    decode batch sizes to serve). The model must be fused (`fflora.fuse`).
+    decode batch sizes to serve).
     """
     if mode not in MODES:
         raise ValueError(f"gemm plan must be one of {list(MODES)}, got {mode!r}")
     if not rows or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in rows):
         raise ValueError(f"rows must be integers >= 1 (the decode batch sizes to tune for), got {list(rows)}")
-    state = require_fused(model, "GEMM plans are part of the fused form; call fflora.fuse(model) first")
     start = time.perf_counter()
-    modules = planned_modules(model)
     measured, plans = {}, {}
     for module in modules:
         key = (tuple(module.weight.shape), module.weight.dtype)
@@ -116,8 +116,6 @@ def plan_gemms(model: nn.Module, mode: str = "auto", rows: tuple[int, ...] = (1,
             plans[key] = GemmPlan(mode)
     for module in modules:
         set_gemm_plan(module, None if mode == "standard" else plans[(tuple(module.weight.shape), module.weight.dtype)])
-    state.gemm_mode, state.planned = mode, [] if mode == "standard" else modules
-    drop_compiled_step(model)  # a compiled step was traced for the old layouts
     return {
         "mode": mode, "rows": list(rows), "seconds": time.perf_counter() - start,
         "plans": {_name(key): {"layout": p.layout, "orders": dict(p.orders)} for key, p in plans.items()},

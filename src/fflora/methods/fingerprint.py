@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .fused import base_projection_weights
-from .fused_state import fused_state
+from .fused_state import fused_model_of
 
 SHAPE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim")
@@ -26,7 +26,7 @@ def base_model_fingerprint(model: nn.Module, samples: int = 4096) -> str:
     Values are rounded to bfloat16 first, so the same base loaded in fp32 or bf16 matches. A model fused
     in a quantized format answers with the fingerprint its weights had before they were quantized.
     """
-    state = fused_state(model)
+    state = fused_model_of(model)
     if state is not None and state.fingerprint is not None:
         return state.fingerprint
     digest = hashlib.sha256()

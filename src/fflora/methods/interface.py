@@ -69,6 +69,12 @@ class Method(ABC):
     def refresh_fused(self, model: nn.Module) -> None:
         """After the adapter's parameters changed in a fused model, rewrite its rows/columns in place."""
 
+    @abstractmethod
+    def unload_fused(self, model: nn.Module) -> None:
+        """PEFT's merge_and_unload: take the adapter's training-form modules (PEFT's tuner layers) out of a
+        fused model, keeping what its fused form runs; `remove` still takes the method's remains off once
+        the model is unfused (the adapter is gone then: the plain base)."""
+
     def build_bank(self, model: nn.Module, max_adapters: int, rank_budget: int):
         """Fuse a plain base model with room for a bank of this method's adapters; returns the bank
         (only where `supports_bank`)."""

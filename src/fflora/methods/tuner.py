@@ -17,8 +17,8 @@ from __future__ import annotations
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from .adapters import adapter_parameters, apply_adapter, fuse, remove_adapter, unfuse
-from .fused_state import fused_state
+from .adapters import adapter_parameters, apply_adapter, remove_adapter
+from .fused_model import FusedModel, fuse, unfuse
 from .layers import AdapterSwitch
 
 
@@ -64,7 +64,7 @@ class AdapterTuner(BaseTuner):
             _set_trainable(model, False)
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
-        if fused_state(self.model) is not None:
+        if FusedModel.of(self.model) is not None:
             raise ValueError("the adapter is fused into the base projections (merge_adapter); call "
                              "unmerge_adapter() before switching it off or on")
         super()._enable_adapter_layers(enabled)
@@ -92,8 +92,9 @@ class AdapterTuner(BaseTuner):
         unfuse(self.model)
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:
-        """The fused model without PEFT's wrapper: same logits, the adapter inside the base GEMMs."""
-        fuse(self.model)
+        """The fused model without PEFT's wrapper or tuner layers: same logits, the adapter inside the base
+        GEMMs and nowhere else (`FusedModel.unload_adapter`)."""
+        FusedModel.build(self.model).unload_adapter()
         return self._without_peft_config()
 
     def unload(self) -> nn.Module:

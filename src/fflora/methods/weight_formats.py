@@ -23,7 +23,6 @@ from torch import Tensor, nn
 
 from ..ops.int8 import dequantize_rows, int8_linear, quantize_rows
 from .fingerprint import base_model_fingerprint
-from .fused_state import FusedState
 
 DENSE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -63,9 +62,10 @@ class Int8Head(nn.Module):
         return out if self.bias is None else out + self.bias
 
 
-def convert(model: nn.Module, state: FusedState, weights: str | None, keep: set[int]) -> None:
-    """Put a just-fused model's weights in format `weights` (None: as they are); `keep`: ids of tensors
-    that keep their dtype (the adapter's parameters)."""
+def convert(model: nn.Module, state, weights: str | None, keep: set[int]) -> None:
+    """Put a just-fused model's weights in format `weights` (None: as they are) and record it, its dtype
+    and the fingerprint from before quantizing in `state` (the model's `FusedModel`); `keep`: ids of
+    tensors that keep their dtype (the adapter's parameters)."""
     state.dtype = model.get_input_embeddings().weight.dtype
     state.weights = format_of(state.dtype)
     if weights is None or weights == state.weights:
@@ -82,8 +82,8 @@ def convert(model: nn.Module, state: FusedState, weights: str | None, keep: set[
     state.weights = weights
 
 
-def restore(model: nn.Module, state: FusedState, keep: set[int]) -> None:
-    """Undo `convert` before unfusing: the embeddings dense again, everything in the original dtype."""
+def restore(model: nn.Module, state, keep: set[int]) -> None:
+    """Undo `convert` (`state`: the model's `FusedModel`) before unfusing: the embeddings dense again, everything in the original dtype."""
     if state.weights == format_of(state.dtype):
         return
     if state.weights in ("int8", "int4"):

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..utils.classes import extend, restore
+
 
 @dataclass(frozen=True)
 class GemmPlan:
@@ -57,9 +59,11 @@ def planned_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, plan: 
 
 
 class PlannedLinear(nn.Linear):
-    """An nn.Linear (the LM head) that follows `gemm_plan`. Set by swapping the module's class, so the
-    module, its parameters and their ties (the LM head is often the embedding matrix) stay the same."""
+    """An nn.Linear (the LM head) that follows `gemm_plan`. Set by swapping the module's class
+    (`fflora.utils.classes`), so the module, its parameters and their ties (the LM head is often the
+    embedding matrix) stay the same."""
 
+    _fflora_base_class = nn.Linear  # utils.classes.BASE
     gemm_plan: GemmPlan | None = None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -76,7 +80,10 @@ def set_gemm_plan(module: nn.Module, plan: GemmPlan | None) -> None:
         else:
             module.weight = laid_out(module.weight, layout)
     if isinstance(module, nn.Linear):  # the LM head
-        module.__class__ = nn.Linear if plan is None else PlannedLinear
+        if plan is None:
+            restore(module)
+        elif type(module) is nn.Linear:
+            extend(module, PlannedLinear)
         if plan is None:
             module.__dict__.pop("gemm_plan", None)
             return

@@ -9,7 +9,7 @@ from pathlib import Path
 from peft import PeftModel
 
 from ..methods import fuse, load_adapter
-from ..methods.serialization import CONFIG_NAME, RUN_ADAPTER, adapter_method
+from ..methods.adapter_files import CONFIG_NAME, RUN_ADAPTER, adapter_method
 from ..models.base_models import load_base_model
 from ..models.catalog import DEFAULT_MODEL
 

@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..methods import fuse, load_adapter, registry
-from ..methods.serialization import adapter_folder
+from ..methods import adapter_folder, fuse, load_adapter, registry
 from ..models.architectures import sub_blocks
 from ..models.base_models import load_base_model, model_source
 from ..utils.files import atomic_write, atomic_write_text

@@ -32,7 +32,7 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, Train
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 from ..methods import has_adapter, load_adapter, parameter_summary, registry, save_adapter
-from ..methods.serialization import RUN_ADAPTER
+from ..methods.adapter_files import RUN_ADAPTER
 from ..models.base_models import load_base_model
 from ..utils.errors import FFloraError
 from ..utils.files import atomic_write_text

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from ..methods import BASE_NAME
-from ..methods.serialization import RUN_ADAPTER
+from ..methods.adapter_files import RUN_ADAPTER
 
 MAX_NAME_LENGTH = 128
 

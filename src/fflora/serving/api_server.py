@@ -52,8 +52,8 @@ from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import ContinuousBatchingConfig
 
-from ..methods import BASE_NAME, fuse
-from ..methods.serialization import BaseModelMismatchError
+from ..methods import BASE_NAME, FusedModel
+from ..methods.adapter_files import BaseModelMismatchError
 from ..models.base_models import load_base_model
 from ..models.footprint import peak_resident_bytes
 from ..utils.sources import say
@@ -488,16 +488,16 @@ def run_server(cfg: ServerConfig) -> None:
     name = cfg.served_model_name or model.config._name_or_path or "base"
     check_adapter_names(cfg.adapters, name)  # the model's own name too, now that it is known
     merged = {adapter: merged_lora(model, cfg.adapters[adapter], cfg.weights) for adapter in loras}  # from the plain base
-    fuse(model, max_adapters=cfg.max_adapters, rank_budget=cfg.rank_budget, weights=cfg.weights)
+    fused = FusedModel.build(model, max_adapters=cfg.max_adapters, rank_budget=cfg.rank_budget, weights=cfg.weights)
     # transformers sizes the paged KV cache from free accelerator memory; on a CPU that is most of the
     # RAM (12 GB per server here), so the cache is sized in tokens instead.
     batching = ContinuousBatchingConfig(max_batch_tokens=cfg.max_batch_tokens, max_requests_per_batch=cfg.max_batch_requests,
                                         num_blocks=-(-cfg.kv_cache_tokens // PAGE_SIZE), page_size=PAGE_SIZE)
-    engine = BankEngine(model, sampling_generation_config(model.generation_config), batching)
+    engine = BankEngine(fused, sampling_generation_config(model.generation_config), batching)
     context = min(model.config.get_text_config().max_position_embeddings, cfg.kv_cache_tokens)
     serving = OpenAIServing(engine, tokenizer, name, context, cfg.default_max_tokens, roots,
                             Admission(cfg.max_queued_requests, cfg.max_queued_tokens),
-                            merged={adapter: BankEngine(m, sampling_generation_config(m.generation_config), batching)
+                            merged={adapter: BankEngine(m, sampling_generation_config(m.model.generation_config), batching)
                                     for adapter, m in merged.items()})
     for adapter, path in cfg.adapters.items():
         if adapter not in merged:
@@ -505,7 +505,7 @@ def run_server(cfg: ServerConfig) -> None:
         serving.metrics.loads.inc()  # counted from start: the --adapter ones too
     if merged:
         say(f"LoRA adapter(s) {', '.join(merged)}: merged into copies of the base weights, one engine each")
-    say(describe_memory(memory_estimate(model, cfg, runtime, list(merged.values())), cfg))
+    say(describe_memory(memory_estimate(model, cfg, runtime, [m.model for m in merged.values()]), cfg))
     if not cfg.api_keys and not cfg.loopback:
         say(f"WARNING: serving on {cfg.host} without an API key: anyone who reaches port {cfg.port} can generate"
             + (" and load or unload adapters" if cfg.enable_adapter_loading else "")

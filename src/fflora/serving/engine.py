@@ -23,11 +23,10 @@ from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 
 import torch
-from torch import nn
 from transformers import ContinuousBatchingConfig, GenerationConfig
 
-from ..fastpath.compile import compile_engine_step, engine_compile_settings
-from ..methods import BASE_NAME, bank_of, load_adapter, select_adapters
+from ..fastpath.compile import engine_compile_settings
+from ..methods import BASE_NAME, FusedModel
 
 # Greedy requests keep only the top token (exact argmax) instead of switching the engine out of
 # sampling mode, which transformers' engine sets once for all requests.
@@ -70,27 +69,33 @@ def sampling_generation_config(base: GenerationConfig | None = None, **overrides
 class BankEngine:
     """Requests for different adapters of one fused bank model, batched continuously.
 
-        with BankEngine(model, sampling_generation_config(max_new_tokens=64)) as engine:
+        fused = FusedModel.build(model, max_adapters=8)
+        with BankEngine(fused, sampling_generation_config(max_new_tokens=64)) as engine:
             rid = engine.add_request(prompt_ids, adapter="math", temperature=0.0)
             output = engine.wait(rid)            # transformers' GenerationOutput
 
-    The model must have an adapter bank (`fflora.fuse(model, max_adapters=K)`). While the engine
-    runs, the model's forward selects adapters from the scheduled batch; `stop` restores it.
-    Prefix caching is turned off: a cached prefix holds one adapter's keys and values.
+    The `FusedModel` must have an adapter bank (`max_adapters`). While the engine runs, the model's
+    forward selects adapters from the scheduled batch; `stop` restores it. Prefix caching is turned
+    off: a cached prefix holds one adapter's keys and values.
 
     `compile=True` runs each step through transformers' compiled (varlen) path, the bank's windows
-    fixed (`fastpath.compile.compile_engine_step`); `start` compiles first and records the time in
+    fixed (`FusedModel.compile_engine`); `start` compiles first and records the time in
     `compile_seconds`. Measured slower than eager on a CPU (README, "Measured: the engine
     compiled"): transformers' paged KV cache breaks the graph at every layer.
     """
 
-    def __init__(self, model: nn.Module, generation_config: GenerationConfig | None = None,
+    def __init__(self, fused: FusedModel, generation_config: GenerationConfig | None = None,
                  continuous_batching_config: ContinuousBatchingConfig | None = None,
                  compile: bool = False) -> None:
-        self.bank = bank_of(model)
-        self.model = model
+        if not isinstance(fused, FusedModel):
+            raise TypeError(f"BankEngine serves a FusedModel with an adapter bank, got a {type(fused).__name__}: "
+                            "pass fflora.FusedModel.build(model, max_adapters=K)")
+        self.fused, self.model = fused, fused.model
+        self.bank = fused.bank
+        if self.bank is None:
+            raise ValueError("BankEngine needs an adapter bank: build the FusedModel with max_adapters=K")
         cb_config = continuous_batching_config or ContinuousBatchingConfig()
-        cb_config = compile_engine_step(model, cb_config) if compile else copy.deepcopy(cb_config)
+        cb_config = fused.compile_engine(cb_config) if compile else copy.deepcopy(cb_config)
         self.compiled = compile
         cb_config.allow_block_sharing = False
         cb_config.per_request_processors = True
@@ -108,7 +113,7 @@ class BankEngine:
         self._retiring: set[str] = set()  # unloaded adapters that still have requests running
         self._outputs: dict[str, queue.SimpleQueue] = {}  # request id -> its outputs, for `results`
         self._streams: dict[str, object] = {}  # request id -> the `put` of a running `stream`, for `abort_all`
-        self.manager = model.init_continuous_batching(generation_config=self.generation_config,
+        self.manager = self.model.init_continuous_batching(generation_config=self.generation_config,
                                                       continuous_batching_config=cb_config)
         self.manager._run_generation_loop = functools.partial(self._context.run, self.manager._run_generation_loop)
 
@@ -159,14 +164,14 @@ class BankEngine:
         """Load the adapter saved in `path` as `name`; running requests pause for the write (milliseconds).
 
         Raises ValueError (bank unchanged) for a bad name, a full bank, or a missing, corrupt or
-        mismatched adapter, as `fflora.load_adapter` does.
+        mismatched adapter, as `FusedModel.load` does.
         """
         with self._paused():
             self._delete_retired()  # unloaded adapters whose requests are done free their room first
             if name in self._retiring:
                 raise ValueError(f"adapter {name!r} was unloaded and still has requests running; load it again "
                                  "once they finish, or under another name")
-            load_adapter(self.model, path, strict=strict, adapter_name=name)
+            self.fused.load(name, path, strict=strict)
 
     def unload_adapter(self, name: str) -> None:
         """Stop taking requests for `name`; its rows are freed once its running requests finish.
@@ -353,7 +358,7 @@ class BankEngine:
         names, lengths = self._segments(input_ids.shape[-1])
         # Adapters stay where they are: the batch's set changes as requests come and go, and moving
         # adapters to the front of the bank rewrites every adapter that shifts (~16 ms each on SmolLM2).
-        with select_adapters(self.model, names, lengths=lengths, rearrange=False):
+        with self.bank.selected(names, lengths=lengths, rearrange=False):
             return type(self.model).forward(self.model, *args, **kwargs)
 
     @torch.compiler.disable

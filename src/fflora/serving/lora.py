@@ -15,7 +15,7 @@ import os
 from peft import PeftModel
 from torch import nn
 
-from ..methods import fuse
+from ..methods import FusedModel
 from ..recipes.artifacts import describe
 
 
@@ -28,8 +28,8 @@ def is_lora(path: str | os.PathLike) -> bool:
         return False
 
 
-def merged_lora(base: nn.Module, path: str | os.PathLike, weights: str | None = None) -> nn.Module:
+def merged_lora(base: nn.Module, path: str | os.PathLike, weights: str | None = None) -> FusedModel:
     """A fused copy of the plain (unfused) `base` with the LoRA adapter at `path` merged into its weights,
     with a bank of one empty slot (what the engine serves from)."""
     model = PeftModel.from_pretrained(copy.deepcopy(base), describe(path)["path"]).merge_and_unload()
-    return fuse(model.eval(), max_adapters=1, weights=weights)
+    return FusedModel.build(model.eval(), max_adapters=1, weights=weights)

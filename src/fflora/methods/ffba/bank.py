@@ -40,8 +40,9 @@ import torch
 from torch import Tensor, nn
 
 from ...models.architectures import decoder_layers, sub_blocks
+from ...utils.classes import BASE, extend, restore
 from ..fused import ALIGN, FusedInputProjections, FusedOutputProjection, install_fused, unfuse_plain, unwrap, zero_padded
-from ..fused_state import fused_state
+from ..fused_state import fused_model_of
 from .adapter import PHI
 from .config import FFBAConfig
 from .model import sub_block_ranks
@@ -198,7 +199,7 @@ class BankOutputProjection(_BankGemm, FusedOutputProjection):
 
 
 class AdapterBank:
-    """The resident adapters of a fused model and their layout (its `FusedState.bank`).
+    """The resident adapters of a fused model and their layout (its `FusedModel.bank`).
 
     Not an nn.Module: the fused GEMM modules it writes into are registered where the projections
     were, once. Use it through `fflora.load_adapter(..., adapter_name=)`, `delete_adapter`,
@@ -229,6 +230,28 @@ class AdapterBank:
         if not self.step.fixed:
             raise ValueError("hold needs a bank with fixed windows (compiled); otherwise use select_adapters")
         self.step.selection = selection
+
+    @contextlib.contextmanager
+    def selected(self, adapter_names: Sequence[str], lengths: Sequence[int] | None = None, rearrange: bool = True):
+        """Use `adapter_names` for the forward passes inside the block.
+
+        One name per batch row, or, for a packed (varlen) batch of one row holding several requests,
+        one name per request with `lengths` its token counts (as a continuous-batching engine builds
+        them). `rearrange=False` leaves the adapters where they are (see `selection`).
+        """
+        selection = self.selection(adapter_names, lengths=lengths, rearrange=rearrange)
+        if self.step.fixed:  # a compiled bank: the plain attribute its graph reads
+            previous, self.step.selection = self.step.selection, selection
+            try:
+                yield
+            finally:
+                self.step.selection = previous
+            return
+        token = _SELECTION.set(selection)
+        try:
+            yield
+        finally:
+            _SELECTION.reset(token)
 
     @property
     def device(self) -> torch.device:
@@ -412,7 +435,7 @@ def _bank_model_class(base_cls: type) -> type:
     def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
         if adapter_names is None:  # base model, or what an enclosing select_adapters chose
             return base_cls.forward(self, *args, **kwargs)
-        with select_adapters(self, adapter_names):
+        with fused_model_of(self).bank.selected(adapter_names):
             return base_cls.forward(self, *args, **kwargs)
 
     def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
@@ -420,7 +443,7 @@ def _bank_model_class(base_cls: type) -> type:
         compiled decode step could not resolve it)."""
         if adapter_names is None:
             return base_cls.generate(self, *args, **kwargs)
-        with select_adapters(self, adapter_names):
+        with fused_model_of(self).bank.selected(adapter_names):
             return base_cls.generate(self, *args, **kwargs)
 
     params = list(inspect.signature(base_cls.forward).parameters.values())
@@ -428,17 +451,7 @@ def _bank_model_class(base_cls: type) -> type:
     cut = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
     forward.__signature__ = inspect.Signature([*params[:cut], extra, *params[cut:]])
     forward.__doc__ = base_cls.forward.__doc__
-    return type(f"FFBABank{base_cls.__name__}", (base_cls,),
-                {"_fflora_base_class": base_cls, "forward": forward, "generate": generate})
-
-
-def bank_of(model: nn.Module) -> AdapterBank:
-    """The model's adapter bank; a ValueError saying how to make one if it has none."""
-    state = fused_state(model)
-    if state is None or state.bank is None:
-        raise ValueError("this model has no adapter bank; create one with fflora.fuse(model, max_adapters=K) "
-                         "or load an adapter with fflora.load_adapter(model, path, adapter_name=...)")
-    return state.bank
+    return type(f"FFBABank{base_cls.__name__}", (base_cls,), {BASE: base_cls, "forward": forward, "generate": generate})
 
 
 def build_bank(model: nn.Module, max_adapters: int, rank_budget: int) -> AdapterBank:
@@ -453,49 +466,11 @@ def build_bank(model: nn.Module, max_adapters: int, rank_budget: int) -> Adapter
                                      extra_rows=rank_budget, extra_cols=ba_in_room)
         output = BankOutputProjection(unwrap(getattr(holder, spec.output)), name, extra_rows=ba_out_room, extra_cols=rank_budget)
         install_fused(holder, spec, group, output)
-    model.__class__ = _bank_model_class(type(model))
+    extend(model, _bank_model_class(type(model)))
     return AdapterBank(model, max_adapters, rank_budget)
 
 
 def unfuse_bank(model: nn.Module) -> None:
     """Drop the bank's GEMMs and class (its adapters with them): the plain base projections again."""
-    model.__class__ = model._fflora_base_class
+    restore(model)
     unfuse_plain(model)
-
-
-def delete_adapter(model: nn.Module, adapter_name: str) -> None:
-    """Unload `adapter_name` from the model's adapter bank (its rows/columns are zeroed in place)."""
-    bank_of(model).delete(adapter_name)
-
-
-def list_adapters(model: nn.Module) -> list[str]:
-    """Names of the adapters resident in the model's bank, in load order ([] without a bank)."""
-    state = fused_state(model)
-    return [] if state is None or state.bank is None else state.bank.names()
-
-
-@contextlib.contextmanager
-def select_adapters(model: nn.Module, adapter_names: Sequence[str], lengths: Sequence[int] | None = None,
-                    rearrange: bool = True):
-    """Use `adapter_names` for the forward passes inside the block.
-
-    One name per batch row, or, for a packed (varlen) batch of one row holding several requests,
-    one name per request with `lengths` its token counts (as a continuous-batching engine builds
-    them). `model(..., adapter_names=...)` does the same for one call. `rearrange=False` leaves the
-    adapters where they are (see `AdapterBank.selection`).
-    """
-    bank = bank_of(model)
-    selection = bank.selection(adapter_names, lengths=lengths, rearrange=rearrange)
-    if bank.step.fixed:  # a compiled bank: the plain attribute its graph reads
-        previous, bank.step.selection = bank.step.selection, selection
-        try:
-            yield
-        finally:
-            bank.step.selection = previous
-        return
-    token = _SELECTION.set(selection)
-    try:
-        yield
-    finally:
-        _SELECTION.reset(token)
-

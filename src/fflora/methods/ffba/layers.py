@@ -6,11 +6,11 @@ the form to train in. `fflora.methods.ffba.fused` replaces these modules for inf
 
 from __future__ import annotations
 
-import functools
 
 import torch
 from torch import Tensor, nn
 
+from ...utils.classes import subclass
 from ..layers import WrappedProjection, refer_to
 from .adapter import NEXT_SUB_BLOCK, LayerState, SubBlockAdapter
 
@@ -108,7 +108,6 @@ class FFBADecoderLayerMixin:
         return h, carried_out
 
 
-@functools.cache
 def ffba_layer_class(base_cls: type) -> type:
     """The FFBA subclass of a decoder layer class (transformers wraps its `forward` for checkpointing)."""
-    return type(f"FFBA{base_cls.__name__}", (FFBADecoderLayerMixin, base_cls), {"_fflora_base_class": base_cls})
+    return subclass(base_cls, FFBADecoderLayerMixin, "FFBA")

@@ -12,7 +12,7 @@ from ..layers import canonical_sub_block_key
 from .bank import build_bank, unfuse_bank
 from .config import FFBA_PEFT_TYPE, FFBAConfig
 from .fused import fuse_ffba, unfuse_ffba
-from .model import adapter_of, attach_ffba, detach_ffba, ffba_parameters
+from .model import adapter_of, attach_ffba, detach_ffba, ffba_parameters, unload_fused_ffba
 
 
 def ffba_parameter_count(hf_config, cfg: FFBAConfig) -> int:
@@ -65,6 +65,9 @@ class FFBA(Method):
 
     def refresh_fused(self, model: nn.Module) -> None:
         refresh_adapters(model, adapter_of)
+
+    def unload_fused(self, model: nn.Module) -> None:
+        unload_fused_ffba(model)
 
     def build_bank(self, model: nn.Module, max_adapters: int, rank_budget: int):
         return build_bank(model, max_adapters, rank_budget)

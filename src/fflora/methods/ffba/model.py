@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from ...models.architectures import decoder_layers, sub_blocks
+from ...utils.classes import extend, restore
 from ..layers import require_linear
 from .adapter import SubBlockAdapter
 from .config import FFBAConfig
@@ -70,7 +71,7 @@ def attach_ffba(model: nn.Module, config: FFBAConfig) -> None:
         attn, mlp = adapters[i, "attn"], adapters[i, "mlp"]
         layer.ffba = LayerAdapters(attn, mlp, carried_width=mlp.ba_out_rank if mlp is not None else 0)
         layer.ffba_carried_in_width, carried_in = carried_in, layer.ffba.carried_width
-        layer.__class__ = ffba_layer_class(type(layer))
+        extend(layer, ffba_layer_class(type(layer)))
     for i, _, name, block, holder in sub_blocks(model):
         adapter = adapters[i, name]
         if adapter is not None:
@@ -88,7 +89,14 @@ def detach_ffba(model: nn.Module) -> None:
     for layer in decoder_layers(model):
         del layer.ffba
         del layer.ffba_carried_in_width
-        layer.__class__ = layer._fflora_base_class
+        restore(layer)
+
+
+def unload_fused_ffba(model: nn.Module) -> None:
+    """Drop every sub-block's adapter module from a fused model: its fused GEMMs hold the adapter's rows
+    and columns and the layer keeps the state they share (`LayerAdapters.state`)."""
+    for layer in decoder_layers(model):
+        layer.ffba.attn = layer.ffba.mlp = None
 
 
 def sub_block_adapters(model: nn.Module):

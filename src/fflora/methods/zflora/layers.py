@@ -20,12 +20,12 @@ rows. Both forms share the norms, the head merge and the decoder-layer class bel
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...utils.classes import subclass
 from ..layers import AdapterSwitch, WrappedProjection, adapter_linear, kaiming, refer_to, row_slices, zeros
 
 
@@ -95,24 +95,41 @@ class ZNorm(nn.Module):
         return f"d={self.d}, keep_state={self.keep_state}"
 
 
-class ZHeadMerge(nn.Module, AdapterSwitch):
-    """Stands where the final norm stood: norm_f(h + s * B_m z), the one merge back to width d.
-    `z_merge` = B_m (d x r), zero at init."""
+class ZMergedHead(nn.Module):
+    """Stands where the final norm stood: norm_f(h + s * B_m z), the one merge back to width d, with B_m
+    (`z_merge`, d x r) fixed: what a merged and unloaded model keeps (no PEFT switch)."""
 
-    def __init__(self, norm: nn.Module, d: int, r: int, scale: float, dtype, device) -> None:
+    def __init__(self, norm: nn.Module, d: int, scale: float, z_merge: Tensor) -> None:
         super().__init__()
         self.norm = norm
         self.d = d
         self.scale = scale
-        self.z_merge = zeros(d, r, dtype, device)
+        if isinstance(z_merge, nn.Parameter):
+            self.z_merge = z_merge
+        else:
+            self.register_buffer("z_merge", z_merge)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(h, z) of the widened stream."""
         if x.shape[-1] == self.d:
             raise RuntimeError("the zFLoRA head merge got a stream without adapter state; call the whole model")
-        h, z = x[..., : self.d], x[..., self.d : self.d + self.z_merge.shape[1]]
-        if self.disable_adapters:
-            return self.norm(h)
+        return x[..., : self.d], x[..., self.d : self.d + self.z_merge.shape[1]]
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, z = self.split(x)
         return self.norm(h + (self.scale * adapter_linear(z, self.z_merge)).to(h.dtype))
+
+
+class ZHeadMerge(ZMergedHead, AdapterSwitch):
+    """The head merge in training form: B_m a parameter, zero at init, and PEFT's on/off switch."""
+
+    def __init__(self, norm: nn.Module, d: int, r: int, scale: float, dtype, device) -> None:
+        super().__init__(norm, d, scale, zeros(d, r, dtype, device))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.disable_adapters:
+            return self.norm(self.split(x)[0])
+        return super().forward(x)
 
 
 class ZInputProjection(WrappedProjection):
@@ -172,7 +189,6 @@ class ZFLoRADecoderLayerMixin:
         return stream[..., : self.zflora_d], stream
 
 
-@functools.cache
 def zflora_layer_class(base_cls: type) -> type:
     """The zFLoRA subclass of a decoder layer class."""
-    return type(f"ZFLoRA{base_cls.__name__}", (ZFLoRADecoderLayerMixin, base_cls), {"_fflora_base_class": base_cls})
+    return subclass(base_cls, ZFLoRADecoderLayerMixin, "ZFLoRA")

@@ -11,7 +11,7 @@ from ..interface import Method
 from ..layers import canonical_sub_block_key
 from .config import ZFLORA_PEFT_TYPE, ZFLoRAConfig
 from .fused import adapter_of, fuse_zflora, unfuse_zflora
-from .model import MERGE_KEY, attach_zflora, detach_zflora, unread_keys, zflora_adapter_parameters
+from .model import MERGE_KEY, attach_zflora, detach_zflora, unload_fused_zflora, unread_keys, zflora_adapter_parameters
 
 
 def zflora_parameter_count(hf_config, cfg: ZFLoRAConfig) -> int:
@@ -61,3 +61,6 @@ class ZFLoRA(Method):
 
     def refresh_fused(self, model: nn.Module) -> None:
         refresh_adapters(model, adapter_of)
+
+    def unload_fused(self, model: nn.Module) -> None:
+        unload_fused_zflora(model)

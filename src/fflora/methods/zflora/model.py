@@ -9,9 +9,11 @@ from __future__ import annotations
 from torch import nn
 
 from ...models.architectures import architecture_of, decoder_layers, sub_blocks
+from ...utils.classes import extend, restore
 from ..layers import require_linear
 from .config import ZFLoRAConfig
-from .layers import ZHeadMerge, ZInputProjection, ZLayerAdapters, ZNorm, ZOutputProjection, ZSubBlockAdapter, zflora_layer_class
+from .layers import (ZHeadMerge, ZInputProjection, ZLayerAdapters, ZMergedHead, ZNorm, ZOutputProjection, ZSubBlockAdapter,
+                     zflora_layer_class)
 
 PARAMS = ("z_in", "z_out")
 MERGE_KEY = "head.z_merge"
@@ -53,7 +55,7 @@ def attach_zflora(model: nn.Module, config: ZFLoRAConfig) -> None:
     for i, layer in enumerate(decoder_layers(model)):
         layer.zflora = ZLayerAdapters(adapters.get((i, "attn")), adapters.get((i, "mlp")))
         layer.zflora_d, layer.zflora_state_width = d, config.r
-        layer.__class__ = zflora_layer_class(type(layer))
+        extend(layer, zflora_layer_class(type(layer)))
     for i, layer, name, spec, holder in sub_blocks(model):
         adapter = adapters.get((i, name))
         setattr(layer, spec.norm, ZNorm(getattr(layer, spec.norm), d, keep_state=adapter is not None))
@@ -74,8 +76,17 @@ def detach_zflora(model: nn.Module) -> None:
         setattr(layer, spec.norm, getattr(layer, spec.norm).norm)
     for layer in decoder_layers(model):
         del layer.zflora, layer.zflora_d, layer.zflora_state_width
-        layer.__class__ = layer._fflora_base_class
+        restore(layer)
     _replace_final_norm(model, model.get_submodule(arch.final_norm).norm)
+
+
+def unload_fused_zflora(model: nn.Module) -> None:
+    """Drop the adapter modules from a fused model: the fused GEMMs hold the sub-blocks' rows and columns,
+    and the head merge keeps B_m as a fixed buffer (`ZMergedHead`)."""
+    for layer in decoder_layers(model):
+        layer.zflora.attn = layer.zflora.mlp = None
+    merge = model.get_submodule(architecture_of(model).final_norm)
+    _replace_final_norm(model, ZMergedHead(merge.norm, merge.d, merge.scale, merge.z_merge.detach()))
 
 
 def _replace_final_norm(model: nn.Module, module: nn.Module) -> None:
