@@ -153,15 +153,15 @@ def test_delete_then_load_restores_the_same_outputs(arch, saved):
 def test_the_bank_writes_only_adapter_rows_and_columns(arch, saved):
     model = fflora.fuse(make_model(arch), max_adapters=3)
     group, out = model.model.layers[1].self_attn.ffba_fused_inputs, model.model.layers[1].mlp.down_proj
-    pointers = (group.weight.data_ptr(), out.weight.data_ptr())
-    base = (group.weight[: group.base_rows, : group.d_in].clone(), out.weight[: out.d_out, : out.d_core].clone())
+    pointers = (group.storage.weight.data_ptr(), out.storage.weight.data_ptr())
+    base = (group.storage.weight[: group.base_rows, : group.d_in].clone(), out.storage.weight[: out.d_out, : out.d_core].clone())
     for name in ("ffba4", "fa16", "ba2"):
         fflora.load_adapter(model, saved / name, adapter_name=name)
     model(torch.tensor([[5, 6, 7]] * 3), adapter_names=["ba2", "fa16", "ba2"])  # moves adapters to the front
     fflora.delete_adapter(model, "fa16")
-    assert (group.weight.data_ptr(), out.weight.data_ptr()) == pointers
-    assert torch.equal(group.weight[: group.base_rows, : group.d_in], base[0])
-    assert torch.equal(out.weight[: out.d_out, : out.d_core], base[1])
+    assert (group.storage.weight.data_ptr(), out.storage.weight.data_ptr()) == pointers
+    assert torch.equal(group.storage.weight[: group.base_rows, : group.d_in], base[0])
+    assert torch.equal(out.storage.weight[: out.d_out, : out.d_core], base[1])
 
 
 @torch.no_grad()
@@ -260,7 +260,7 @@ def test_unfuse_drops_the_bank_and_restores_the_plain_base(arch, saved):
 
 def _bank_snapshot(model):
     bank = bank_of(model)
-    weights = [t.clone() for _, _, g, o in bank.blocks for t in (g.weight, o.weight)]
+    weights = [t.clone() for _, _, g, o in bank.blocks for t in (g.storage.weight, o.storage.weight)]
     return bank.names(), {n: dict(e.offsets) for n, e in bank.entries.items()}, weights
 
 

@@ -120,7 +120,7 @@ def test_swapping_an_adapter_in_place_matches_loading_it_fresh(tmp_path):
     for name, module in model.named_modules():
         if hasattr(module, "widths"):  # fused input group: the base block is untouched
             rows, cols = sum(module.widths), module.d_in
-            assert torch.equal(module.weight[:rows, :cols], base_blocks[f"{name}.weight"][:rows, :cols])
+            assert torch.equal(module.storage.weight[:rows, :cols], base_blocks[f"{name}.storage.weight"][:rows, :cols])
     fresh = fflora.apply_ffba(make_model("gemma3_text"), fflora.FFBAConfig(r=2))
     load_adapter_state(fresh, new)
     ids = torch.randint(3, 128, (2, 7), generator=gen)

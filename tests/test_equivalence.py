@@ -217,7 +217,7 @@ def test_fused_gemms_widened_by_adapters_have_aligned_sizes():
     model = fflora.apply_ffba(make_model("qwen2"), fflora.FFBAConfig(r=3, r_backward=5))
     fflora.fuse(model)
     attn = model.model.layers[1].self_attn
-    assert attn.ffba_fused_inputs.weight.shape == (64 + ALIGN, 32 + ALIGN)  # q|k|v = 64 rows + 3; d = 32 + 5
-    assert attn.o_proj.weight.shape == (32 + ALIGN, 32 + ALIGN)
+    assert attn.ffba_fused_inputs.storage.weight.shape == (64 + ALIGN, 32 + ALIGN)  # q|k|v = 64 rows + 3; d = 32 + 5
+    assert attn.o_proj.storage.weight.shape == (32 + ALIGN, 32 + ALIGN)
     plain = fflora.fuse(make_model("qwen2")).model.layers[1].self_attn
-    assert plain.ffba_fused_inputs.weight.shape == (64, 32)  # no adapter, no padding
+    assert plain.ffba_fused_inputs.storage.weight.shape == (64, 32)  # no adapter, no padding

@@ -56,6 +56,10 @@ def test_the_chosen_layout_has_the_least_total_time_and_each_row_count_its_faste
     assert choose_plan(times, (1,)) == GemmPlan("transposed", ((1, "xw"),))
 
 
+def _storages(model):
+    return [g.storage for g in FusedModel.of(model).gemms]
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # tied LM head and embeddings; biases on q/k/v
 @pytest.mark.parametrize("family", [None, "ffba", "zflora"])
@@ -73,18 +77,18 @@ def test_every_plan_keeps_the_fused_model_equal_to_the_training_form(arch, famil
     fflora.fuse(model)
     if mode == "forced wx":  # both layouts, the swapped operand order at every decode row count
         report = plan_gemms(model, "transposed")
-        for i, module in enumerate(planned_modules(model, FusedModel.of(model).gemms)):
+        for i, module in enumerate(planned_modules(model, _storages(model))):
             module.gemm_plan = GemmPlan(layout_of(module.weight), ((1, "wx"), (3, "wx"), (30, "wx")))
             if i % 2:
                 module.weight = laid_out(module.weight, "standard") if module is not model.lm_head else module.weight
     else:
         report = plan_gemms(model, mode, rows=(1, 3))
-        shapes = {f"{m.weight.shape[0]}x{m.weight.shape[1]} float32" for m in planned_modules(model, FusedModel.of(model).gemms)}
+        shapes = {f"{m.weight.shape[0]}x{m.weight.shape[1]} float32" for m in planned_modules(model, _storages(model))}
         assert set(report["plans"]) == shapes
         if mode == "auto":
             assert set(report["measured"]) == shapes and all(len(t) == 8 for t in report["measured"].values())
         else:
-            assert all(layout_of(m.weight) == "transposed" for m in planned_modules(model, FusedModel.of(model).gemms))
+            assert all(layout_of(m.weight) == "transposed" for m in planned_modules(model, _storages(model)))
     assert type(model.lm_head) is PlannedLinear and (model.lm_head.weight is model.model.embed_tokens.weight) == tied
     assert (model(ids, attention_mask=mask).logits - reference)[mask.bool()].abs().max().item() < TOL
     assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0),
@@ -107,7 +111,7 @@ def test_adapters_load_into_a_planned_fused_model_and_bank(tmp_path):
     assert (single(ids, attention_mask=mask).logits - expected)[mask.bool()].abs().max().item() < TOL
     bank = fflora.fuse(make_model("llama"), max_adapters=2)
     plan_gemms(bank, "transposed")
-    for module in planned_modules(bank, FusedModel.of(bank).gemms):
+    for module in planned_modules(bank, _storages(bank)):
         module.gemm_plan = GemmPlan("transposed", ((3, "wx"),))
     fflora.load_adapter(bank, tmp_path / "a", adapter_name="a")
     rows = bank(ids, attention_mask=mask, adapter_names=["a", "__base__", "a"]).logits

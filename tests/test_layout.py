@@ -98,6 +98,46 @@ def test_only_methods_know_which_method_a_model_holds():
     assert not offenders
 
 
+# Outside `methods/`, where a method's name may still appear: the package's public face (`fflora.FFBAConfig`,
+# ...), the torch-free list of the method folders and the default method.
+NAMES_METHODS = {"fflora": "the public API names each method's configuration and tuner",
+                 "fflora.utils.method_names": "finds the method folders; names the default method"}
+
+
+def _method_names() -> set[str]:
+    return {p.parent.name for p in (PACKAGE / "methods").glob("*/method.py")}
+
+
+def test_no_module_outside_methods_lists_or_branches_on_methods():
+    """A method is its folder: the CLI's choices, the recipes' and benches' method lists and kinds are
+    derived from the registry (`utils.method_names`), so a new method touches no module outside its folder.
+    Outside `methods/`, no literal tuple, list or set holds a method's name, no comparison or startswith
+    tests a name against one, and no module imports a method folder's modules (`NAMES_METHODS` aside)."""
+    names = _method_names()
+    assert names >= {"ffba", "zflora"}
+
+    def is_name(node) -> bool:
+        return isinstance(node, ast.Constant) and node.value in names
+
+    offenders = []
+    for module, path in MODULES.items():
+        if module.startswith("fflora.methods") or module in NAMES_METHODS:
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            where = f"{path.relative_to(SRC)}:{getattr(node, 'lineno', '?')}"
+            if isinstance(node, (ast.Tuple, ast.List, ast.Set)) and any(map(is_name, node.elts)):
+                offenders.append(f"{where}: a list of methods")
+            elif isinstance(node, ast.Compare) and any(map(is_name, [node.left, *node.comparators])):
+                offenders.append(f"{where}: a comparison with a method's name")
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "startswith"
+                  and any(map(is_name, node.args))):
+                offenders.append(f"{where}: startswith a method's name")
+        offenders += [f"{path.relative_to(SRC)}: imports {target}" for target, _ in _imports(module)
+                      if any(target.startswith(f"fflora.methods.{name}") for name in names)]
+    assert not offenders, "; ".join(offenders)
+
+
 def test_only_utils_classes_swaps_a_modules_class():
     """A module's class changes in one place (`fflora.utils.classes`: extend, restore), where each swap
     records the class it returns to; nowhere else assigns `__class__`."""

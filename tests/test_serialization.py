@@ -38,10 +38,10 @@ def test_swapping_adapters_in_a_fused_model_rewrites_only_adapter_weights(tmp_pa
     fflora.apply_ffba(model, fflora.FFBAConfig(r=4, alpha=8))
     fflora.fuse(model)
     group = model.model.layers[0].self_attn.ffba_fused_inputs
-    storage, base_block = group.weight.data_ptr(), group.weight[: sum(group.widths), : group.d_in].clone()
+    storage, base_block = group.storage.weight.data_ptr(), group.storage.weight[: sum(group.widths), : group.d_in].clone()
     fflora.load_adapter(model, tmp_path / "a")
-    assert group.weight.data_ptr() == storage
-    assert torch.equal(group.weight[: sum(group.widths), : group.d_in], base_block)
+    assert group.storage.weight.data_ptr() == storage
+    assert torch.equal(group.storage.weight[: sum(group.widths), : group.d_in], base_block)
     assert (model(_ids()).logits - first(_ids()).logits).abs().max().item() < 1e-4
 
 

@@ -12,6 +12,7 @@ from fflora.methods.fingerprint import base_model_fingerprint
 from fflora.methods.fused_model import FusedModel
 from fflora.methods.weight_formats import Int8Embedding, Int8Head
 from fflora.ops.int8 import dequantize_rows, int8_linear, quantize_rows
+from fflora.ops.storage import Int4Storage, Int8Storage
 
 int8_cpu = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512",
                               reason="int8 weights need PyTorch's AVX-512 kernel")
@@ -69,7 +70,7 @@ def test_int8_fused_stays_close_to_float32_and_unfuses_to_its_adapter(config):
     head, embedding = fused.get_output_embeddings(), fused.get_input_embeddings()
     assert isinstance(head, Int8Head) and isinstance(embedding, Int8Embedding)
     assert head.values is embedding.values  # tied: one int8 copy
-    assert all(g.int8 for g in FusedModel.of(fused).gemms)
+    assert all(isinstance(g.storage, Int8Storage) for g in FusedModel.of(fused).gemms)
     assert _relative(_logits(fused), reference) < 5e-2
     assert (_logits(fused).argmax(-1) == reference.argmax(-1)).float().mean() >= 0.9
     fflora.unfuse(fused)
@@ -93,9 +94,9 @@ def test_swapping_the_adapter_of_an_int8_model_rewrites_only_its_rows_and_column
     fflora.save_adapter(_adapted(fflora.FFBAConfig(r=4), seed=2), tmp_path / "b")
     model = fflora.fuse(_adapted(fflora.FFBAConfig(r=4), seed=1), weights="int8")
     group = model.model.layers[0].self_attn.ffba_fused_inputs
-    base_rows = group.weight_int8[: group.base_rows].clone()
+    base_rows = group.storage.weight_int8[: group.base_rows].clone()
     fflora.load_adapter(model, tmp_path / "b", strict=True)  # the fingerprint is the unquantized base's
-    assert torch.equal(group.weight_int8[: group.base_rows], base_rows)
+    assert torch.equal(group.storage.weight_int8[: group.base_rows], base_rows)  # each row has its own scale
     direct = fflora.fuse(fflora.load_adapter(make_model("llama"), tmp_path / "b"), weights="int8")
     assert torch.equal(_logits(model), _logits(direct))
 
@@ -145,13 +146,15 @@ def test_int4_groups_of_32_and_an_adapter_swap_keeps_the_base_blocks(tmp_path):
     randomize_adapters(first, seed=2, std=0.1)
     reference = _logits(fflora.fuse(copy.deepcopy(first)))
     model = fflora.fuse(first, weights="int4")
-    assert all(g.int4 for g in FusedModel.of(model).gemms) and isinstance(model.get_output_embeddings(), Int8Head)
+    assert all(isinstance(g.storage, Int4Storage) for g in FusedModel.of(model).gemms)
+    assert isinstance(model.get_output_embeddings(), Int8Head)
     assert _relative(_logits(model), reference) < 0.3  # 4 bits on random weights
     group = model.model.layers[1].self_attn.ffba_fused_inputs
-    tail = group.n_pack - group.weight_tail.shape[0]
-    base_blocks = group.weight_int4[:tail].clone()
+    base_blocks = group.storage.weight_int4.clone()
     fflora.load_adapter(model, tmp_path / "b", strict=True)
-    assert torch.equal(group.weight_int4[:tail], base_blocks)  # only the adapter's blocks were packed again
+    assert torch.equal(group.storage.weight_int4, base_blocks)  # the adapter's rows live apart, in float32
+    fa_down = fflora.methods.adapter_parameters(model)["layers.1.attn.fa_down"]
+    assert torch.equal(group.storage.rows_t[:, :4].t(), fa_down.float())  # written exactly
     direct = fflora.fuse(fflora.load_adapter(_wide(), tmp_path / "b"), weights="int4")
     assert torch.equal(_logits(model), _logits(direct))
     bank = fflora.fuse(_wide(), max_adapters=2, weights="int4")

@@ -60,10 +60,10 @@ def test_fused_form_runs_only_widened_base_gemms():
     assert w == 8  # 32 + 4 rounded up to a multiple of 8
     layer = model.model.layers[1]
     assert isinstance(layer.self_attn.ffba_fused_inputs, ZFusedInputProjections)
-    assert layer.self_attn.ffba_fused_inputs.weight.shape == (64, 32 + w)  # q|k|v rows, d + w columns
-    assert isinstance(layer.self_attn.o_proj, ZFusedOutputProjection) and layer.self_attn.o_proj.weight.shape == (32 + w, 32)
-    assert layer.mlp.ffba_fused_inputs.weight.shape == (96, 32)  # no zFLoRA on the MLP: it reads norm(h) alone
-    assert layer.mlp.down_proj.weight.shape == (32 + w, 48) and not layer.mlp.down_proj.weight[32:].any()
+    assert layer.self_attn.ffba_fused_inputs.storage.weight.shape == (64, 32 + w)  # q|k|v rows, d + w columns
+    assert isinstance(layer.self_attn.o_proj, ZFusedOutputProjection) and layer.self_attn.o_proj.storage.weight.shape == (32 + w, 32)
+    assert layer.mlp.ffba_fused_inputs.storage.weight.shape == (96, 32)  # no zFLoRA on the MLP: it reads norm(h) alone
+    assert layer.mlp.down_proj.storage.weight.shape == (32 + w, 48) and not layer.mlp.down_proj.storage.weight[32:].any()
     assert isinstance(layer.input_layernorm, ZNorm) and layer.input_layernorm.keep_state
     assert not layer.post_attention_layernorm.keep_state
     assert isinstance(model.model.norm, ZHeadMerge)

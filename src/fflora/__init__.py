@@ -17,7 +17,7 @@ _EXPORTS = {
                      "remove_adapter", "remove_ffba"], ".methods.adapters"),
     **dict.fromkeys(["FusedModel", "compile_decode", "delete_adapter", "fuse", "list_adapters", "plan_gemms",
                      "select_adapters", "unfuse"], ".methods.fused_model"),
-    "BASE_NAME": ".methods.ffba.bank",
+    "BASE_NAME": ".methods.layers",
     "FFBAConfig": ".methods.ffba.config",
     "ffba_parameter_count": ".methods.ffba.method",
     "FFBAModel": ".methods.ffba.tuner",

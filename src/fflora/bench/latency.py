@@ -31,12 +31,10 @@ import torch
 from torch import nn
 
 from ..fastpath.compile import compile_generation, decode_step, is_compiled
-from ..methods import (FFBAConfig, ZFLoRAConfig, adapter_state_dict, apply_adapter, compile_decode, fuse, load_adapter_state,
-                       plan_gemms, registry)
-from ..methods.ffba.method import ffba_parameter_count
-from ..methods.zflora.method import zflora_parameter_count
+from ..methods import adapter_state_dict, apply_adapter, compile_decode, fuse, load_adapter_state, plan_gemms, registry
 from ..models.footprint import release_memory, tensor_bytes
 from ..recipes.budget import LORA_TARGETS, lora_parameter_count, match_lora_rank
+from ..utils.method_names import DEFAULT_METHOD, method_names
 from ..utils.sources import say
 from .settings import CONFIGS, BenchSettings
 
@@ -74,7 +72,7 @@ def _randomize(model: nn.Module, seed: int, std: float = 0.02) -> None:
 
 
 def _adapted(model: nn.Module, family: str, rank: int) -> nn.Module:
-    """`model` with a fresh FFBA ("ffba") or zFLoRA ("zflora") adapter of rank `rank`."""
+    """`model` with a fresh adapter of method `family` ("ffba", "zflora") of rank `rank`."""
     return apply_adapter(model, registry.make_config(family, r=rank, alpha=2 * rank))
 
 
@@ -85,11 +83,12 @@ def _lora(model: nn.Module, rank: int) -> nn.Module:
 
 
 def budget_of(hf_config, settings: BenchSettings) -> dict:
-    """FFBA, zFLoRA and LoRA ranks and trainable-parameter counts of the benchmark."""
-    ffba = FFBAConfig(r=settings.rank)
-    lora_rank = settings.lora_rank or match_lora_rank(hf_config, ffba)
-    return {"ffba_rank": settings.rank, "ffba_params": ffba_parameter_count(hf_config, ffba),
-            "zflora_params": zflora_parameter_count(hf_config, ZFLoRAConfig(r=settings.rank)),
+    """Every fflora method's trainable-parameter count at the benchmark's rank ("<method>_params"), next to
+    LoRA's at the rank whose budget is closest to the default method's ("ffba_rank": that rank)."""
+    configs = {m.name: registry.make_config(m.name, r=settings.rank) for m in registry.METHODS}
+    lora_rank = settings.lora_rank or match_lora_rank(hf_config, configs[DEFAULT_METHOD])
+    return {f"{DEFAULT_METHOD}_rank": settings.rank,
+            **{f"{m.name}_params": m.parameter_count(hf_config, configs[m.name]) for m in registry.METHODS},
             "lora_rank": lora_rank, "lora_params": lora_parameter_count(hf_config, lora_rank)}
 
 
@@ -98,8 +97,8 @@ def budget_of(hf_config, settings: BenchSettings) -> dict:
 # LoRA adds into its seven projections (copied, the rest shared), and the fast path re-lays tensors out
 # (the LM head included), so those get their own. SmolLM2's 538 MB then counts once for these seven,
 # not seven times.
-SHARES_BASE_WEIGHTS = ("base", "fused_base", "lora_unmerged", "ffba_unfused", "ffba_fused", "zflora_unfused",
-                       "zflora_fused")
+SHARES_BASE_WEIGHTS = ("base", "fused_base", "lora_unmerged", *(f"{m}_{form}" for m in method_names()
+                                                                 for form in ("unfused", "fused")))
 
 
 def sharing_copy(base: nn.Module, writes: tuple[str, ...] = ()) -> nn.Module:
@@ -131,7 +130,7 @@ def build_configs(base: nn.Module, settings: BenchSettings, lora_rank: int) -> d
                 model = model.merge_and_unload()
             elif name == "lora_unmerged_compiled":
                 model = model.get_base_model()
-        elif name.startswith(("ffba", "zflora")):
+        elif name_.split("_")[0] in method_names():
             family, form = name_.split("_")
             _randomize(_adapted(model, family, settings.rank), settings.seed)
             if form == "fused":
@@ -202,12 +201,11 @@ def bench_latency(models: dict[str, nn.Module], settings: BenchSettings, vocab: 
 
 
 def bench_training(base: nn.Module, settings: BenchSettings, lora_rank: int) -> dict:
-    """Median seconds per optimizer step (forward, backward, AdamW) of FFBA, zFLoRA and LoRA (training
-    forms: their base weights frozen, held once, `base`'s own)."""
+    """Median seconds per optimizer step (forward, backward, AdamW) of every fflora method and LoRA
+    (training forms: their base weights frozen, held once, `base`'s own)."""
     gen = torch.Generator().manual_seed(settings.seed)
     ids = torch.randint(10, base.config.vocab_size, (settings.train_batch, settings.train_len), generator=gen)
-    models = {"ffba": _adapted(sharing_copy(base), "ffba", settings.rank),
-              "zflora": _adapted(sharing_copy(base), "zflora", settings.rank),
+    models = {**{m: _adapted(sharing_copy(base), m, settings.rank) for m in method_names()},
               "lora": _lora(sharing_copy(base), lora_rank)}
     optimizers = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) for k, m in models.items()}
     times = {k: [] for k in models}
@@ -225,9 +223,9 @@ def bench_training(base: nn.Module, settings: BenchSettings, lora_rank: int) -> 
 
 @torch.no_grad()
 def bench_fused_switch(models: dict[str, nn.Module], repeats: int = 3) -> dict:
-    """Seconds to make another adapter active in FFBA's and zFLoRA's fused forms (in place)."""
+    """Seconds to make another adapter active in each fflora method's fused form (in place)."""
     results = {}
-    for name in ("ffba_fused", "zflora_fused"):
+    for name in (f"{m}_fused" for m in method_names()):
         fused = models.get(name)
         if fused is None:
             continue
@@ -350,17 +348,17 @@ def format_bench_table(result: dict) -> str:
     for name, per_batch in result.get("compile_s", {}).items():
         lines.append(f"{name}: compiled in " + ", ".join(f"{s:.1f} s (batch {b})" for b, s in per_batch.items()) + ".")
     budget = result["budget"]
-    lines += ["", f"FFBA r={result['settings']['rank']}: {budget['ffba_params']:,} trainable parameters; "
-              f"zFLoRA r={result['settings']['rank']}: {budget['zflora_params']:,}; "
-              f"LoRA r={budget['lora_rank']}: {budget['lora_params']:,}. "
+    lines += ["", "".join(f"{m.title} r={result['settings']['rank']}: {budget[m.name + '_params']:,} trainable parameters; "
+                          for m in registry.METHODS)
+              + f"LoRA r={budget['lora_rank']}: {budget['lora_params']:,}. "
               f"Copy bandwidth {result['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s.", ""]
     train = result["train_step_s"]
-    lines += ["| training step (median s) | " + " | ".join(train) + " | FFBA / LoRA | zFLoRA / LoRA |",
-              "|---|" + "---:|" * (len(train) + 2),
+    lines += ["| training step (median s) | " + " | ".join(train) + " | "
+              + " | ".join(f"{m.title} / LoRA" for m in registry.METHODS) + " |",
+              "|---|" + "---:|" * (len(train) + len(registry.METHODS)),
               f"| batch {result['settings']['train_batch']} x {result['settings']['train_len']} | "
               + " | ".join(f"{t['median']:.3f}" for t in train.values())
-              + f" | {train['ffba']['median'] / train['lora']['median']:.3f}"
-              f" | {train['zflora']['median'] / train['lora']['median']:.3f} |", ""]
+              + "".join(f" | {train[m.name]['median'] / train['lora']['median']:.3f}" for m in registry.METHODS) + " |", ""]
     switch = result["adapter_switch_s"]
     if switch:
         lines += ["| adapter switch (median ms) | " + " | ".join(switch) + " |",

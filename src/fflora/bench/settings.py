@@ -10,10 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..ops.formats import MODES, WEIGHT_FORMATS, check_weights
+from ..utils.method_names import method_names
 
+# Every configuration `fflora bench` times: the base model and LoRA (the peers) and each fflora method's
+# forms: "<method>_unfused" (training form), "_fused", "_fused_fast" (GEMM plan), "_fused_compiled".
+METHOD_FORMS = ("unfused", "fused", "fused_fast", "fused_compiled")
 CONFIGS = ("base", "base_compiled", "fused_base", "fused_base_fast", "fused_base_compiled", "lora_unmerged",
-           "lora_unmerged_compiled", "lora_merged", "ffba_unfused", "ffba_fused", "ffba_fused_fast", "ffba_fused_compiled",
-           "zflora_unfused", "zflora_fused", "zflora_fused_fast", "zflora_fused_compiled")
+           "lora_unmerged_compiled", "lora_merged", *(f"{m}_{form}" for m in method_names() for form in METHOD_FORMS))
 
 
 @dataclass
@@ -141,7 +144,7 @@ class TrainBenchSettings:
             raise ValueError(f"curve-steps must be >= 0, got {self.curve_steps}")
 
 
-FFLORA_KINDS = ("fused_base", "ffba_fused", "zflora_fused", "bank_fused")
+FFLORA_KINDS = ("fused_base", *(f"{m}_fused" for m in method_names()), "bank_fused")
 PEER_KINDS = ("base_compiled", "lora_unmerged_compiled")  # stock transformers and PEFT, compiled
 KINDS = FFLORA_KINDS + PEER_KINDS
 

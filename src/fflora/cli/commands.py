@@ -20,8 +20,6 @@ from ..bench.serve import format_serve_table, run_serve_bench, write_serve_bench
 from ..bench.settings import BankBenchSettings, BenchSettings, FormatsBenchSettings, ServeBenchSettings, TrainBenchSettings
 from ..bench.train import format_train_table, run_train_bench, write_train_bench
 from ..methods import apply_adapter, compile_decode, fuse, load_adapter, plan_gemms, registry
-from ..methods.ffba.method import ffba_parameter_count
-from ..methods.zflora.method import zflora_parameter_count
 from ..models.base_models import load_base_model, model_source
 from ..models.catalog import DEFAULT_MODEL
 from ..recipes.artifacts import RUN_FILE, load_trained
@@ -36,6 +34,7 @@ from ..recipes.study import StudySpec, format_aggregate, run_study
 from ..recipes.train import train
 from ..recipes.user_data import held_out_user_records
 from ..serving.api_server import run_server
+from ..utils.method_names import DEFAULT_METHOD
 from ..utils.sources import say
 from .settings import compare_settings, server_config, train_config
 
@@ -47,7 +46,7 @@ DEFAULT_PROMPTS = [
 ]
 
 
-def _adapter_config(args, method: str = "ffba"):
+def _adapter_config(args, method: str = DEFAULT_METHOD):
     """The configuration of `method` the options describe (each method takes the options it has: zFLoRA
     rank, alpha and sub-blocks)."""
     sub_blocks = tuple(s for s in args.sub_blocks.split(",") if s)
@@ -60,17 +59,17 @@ def _model_config(name):
 
 
 def cmd_params(args) -> dict:
-    """Trainable parameters of FFBA and zFLoRA at rank r next to LoRA on all seven projections."""
+    """Trainable parameters of every fflora method at rank r next to LoRA on all seven projections."""
     config = _model_config(args.model)
-    ffba = ffba_parameter_count(config, _adapter_config(args))
-    zflora = zflora_parameter_count(config, _adapter_config(args, "zflora"))
     lora = lora_parameter_count(config, args.lora_r)
-    result = {"model": args.model or DEFAULT_MODEL, "ffba_r": args.r, "ffba_params": ffba,
-              "zflora_params": zflora, "lora_r": args.lora_r, "lora_params": lora, "ffba_over_lora": ffba / lora,
-              "zflora_over_lora": zflora / lora}
+    counts = {m.name: m.parameter_count(config, _adapter_config(args, m.name)) for m in registry.METHODS}
+    result = {"model": args.model or DEFAULT_MODEL, f"{DEFAULT_METHOD}_r": args.r,  # the key of 0.1.0: every method's r
+              **{f"{name}_params": n for name, n in counts.items()}, "lora_r": args.lora_r, "lora_params": lora,
+              **{f"{name}_over_lora": n / lora for name, n in counts.items()}}
     print(f"{'method':<8} {'rank':>4} {'trainable params':>17} {'/ LoRA':>7}")
-    print(f"{'FFBA':<8} {args.r:>4} {ffba:>17,} {ffba / lora:>7.3f}")
-    print(f"{'zFLoRA':<8} {args.r:>4} {zflora:>17,} {zflora / lora:>7.3f}   (sub-blocks {args.sub_blocks})")
+    for method in registry.METHODS:
+        n = counts[method.name]
+        print(f"{method.title:<8} {args.r:>4} {n:>17,} {n / lora:>7.3f}   (sub-blocks {args.sub_blocks})")
     print(f"{'LoRA':<8} {args.lora_r:>4} {lora:>17,} {1:>7.3f}   (q,k,v,o,gate,up,down)")
     return result
 

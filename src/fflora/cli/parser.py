@@ -15,8 +15,9 @@ from ..bench.settings import (DISTRIBUTIONS, KINDS, MIXES, BankBenchSettings, Fo
                               ServeBenchSettings, TrainBenchSettings)
 from ..models.catalog import DEFAULT_MODEL, EMBEDDED
 from ..ops.formats import MODES, WEIGHT_FORMATS
-from ..recipes.settings import METHODS, CompareSettings, TrainConfig
+from ..recipes.settings import COMPARED_METHODS, METHODS, CompareSettings, TrainConfig
 from ..serving.config import ServerConfig
+from ..utils.method_names import DEFAULT_METHOD, method_names
 from ..utils.version import __version__
 from .settings import compare_settings, server_config, train_config
 
@@ -271,8 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="train several methods on the same data, in one dtype, at a matched budget; "
                                        "held-out NLL and decode latency side by side")
-    p.add_argument("--methods", nargs="+", default=["ffba", "lora"], choices=["ffba", "zflora", "lora"],
-                   help="two or more (default: ffba lora); FFBA and zFLoRA take the rank closest to LoRA's budget")
+    p.add_argument("--methods", nargs="+", default=list(CompareSettings.methods), choices=COMPARED_METHODS,
+                   help=f"two or more (default: {' '.join(CompareSettings.methods)}); fflora's methods take the rank "
+                        "closest to LoRA's budget")
     _add_train(p, method=False)
     p.add_argument("--no-latency", action="store_true", help="skip the decode-latency part")
     p.add_argument("--prompt-len", type=int, default=CompareSettings.prompt_len,
@@ -303,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     _add_adapter_options(p)
     p.add_argument("--adapter", help="adapter folder (default: a random adapter of --method)")
-    p.add_argument("--method", choices=["ffba", "zflora"], default="ffba", help="family of the random adapter")
+    p.add_argument("--method", choices=method_names(), default=DEFAULT_METHOD, help="family of the random adapter")
     p.add_argument("--init-std", type=float, default=0.01, help="std of the random adapter weights")
     p.add_argument("--prompt", action="append", default=None)
     p.add_argument("--max-new-tokens", type=int, default=32)

@@ -37,10 +37,10 @@ WORKING_SET_BYTES = 256 * 2**20  # larger than the caches: weights come from mem
 MAX_COPIES = 256  # of one small weight in that working set (bounds the number of timed calls)
 
 
-def planned_modules(model: nn.Module, gemms: list[nn.Module]) -> list[nn.Module]:
-    """The modules whose GEMMs a plan covers: the fused GEMMs `gemms` of `model` stored dense and a plain
-    nn.Linear LM head."""
-    modules = [m for m in gemms if not m.quantized]  # int8 and int4 GEMMs have one kernel: nothing to choose
+def planned_modules(model: nn.Module, storages: list[nn.Module]) -> list[nn.Module]:
+    """The modules whose GEMMs a plan covers: the dense ones of `model`'s fused GEMM storages
+    (`fflora.ops.storage`) and a plain nn.Linear LM head."""
+    modules = [m for m in storages if not m.quantized]  # int8 and int4 GEMMs have one kernel: nothing to choose
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if type(head) in (nn.Linear, PlannedLinear):
         modules.append(head)

@@ -26,9 +26,10 @@ from ..recipes.dtype import dtype_autocast
 from ..recipes.evaluate import evaluate
 from ..recipes.settings import TrainConfig
 from ..recipes.train import train
+from ..utils.method_names import DEFAULT_METHOD, method_names
 from ..utils.sources import say
 
-METHODS = ("ffba", "zflora", "lora")
+METHODS = (*method_names(), "lora")  # every fflora method, and LoRA as the peer
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class DemoSizes:
 # training-step timing runs batches of 2 x 128 tokens (4 x 128 took 1.7 GB of activations on
 # SmolLM2-135M), so the demo stays within 3 GB of resident memory (measured, in its report).
 # `fflora bench` times every form, the fast path and batch 8; `fflora bench peers` the peers compiled.
-DEMO_CONFIGS = ("base", "lora_unmerged", "lora_merged", "ffba_fused", "zflora_fused")
+DEMO_CONFIGS = ("base", "lora_unmerged", "lora_merged", *(f"{m}_fused" for m in method_names()))
 # Sized for 30 minutes on 2 cores: at 640 examples / 80 steps / 100 items per set and batch sizes 1 and 8 in
 # the latency part it took 43 (17 of them the latency part, mostly the compiled configurations' warm-up).
 # `fflora study` measures accuracy.
@@ -94,7 +95,7 @@ def run_demo(out_dir: str | Path | None = None, quick: bool = False, model: str 
                           form="cloze", save_steps=sizes.max_steps, logging_steps=5)
         runs[method] = train(cfg, resume=(out / method / "train_config.json").exists())
     # Every model is scored in the dtype training chose (measured, `fflora.recipes.dtype.choose_dtype`): the same for all.
-    eval_dtype = runs["ffba"]["dtype"]["dtype"]
+    eval_dtype = runs[DEFAULT_METHOD]["dtype"]["dtype"]
     scores = {}
     step()
     base, tokenizer = load_base_model(model)
@@ -110,7 +111,7 @@ def run_demo(out_dir: str | Path | None = None, quick: bool = False, model: str 
                                       mode="text", output=out / method / "eval.json")
         del trained
     step()
-    bench = run_bench(load_base_model(model)[0], BenchSettings(rank=runs["ffba"]["parameters"]["ffba_r"], lora_rank=lora_rank, **sizes.bench))
+    bench = run_bench(load_base_model(model)[0], BenchSettings(rank=runs[DEFAULT_METHOD]["parameters"]["ffba_r"], lora_rank=lora_rank, **sizes.bench))
     write_bench(bench, out)
     step()
     summary = {

@@ -19,9 +19,9 @@ import peft  # noqa: F401
 
 from .adapter_files import BaseModelMismatchError, adapter_folder
 from .adapters import adapter_parameters, adapter_state_dict, apply_adapter, has_adapter, parameter_summary, remove_adapter
-from .ffba.bank import BASE_NAME
 from .ffba.config import FFBAConfig
 from .fused_model import FusedModel, bank_of, compile_decode, fuse, plan_gemms, select_adapters, unfuse
+from .layers import BASE_NAME
 from .serialization import load_adapter, load_adapter_state, save_adapter
 from .zflora.config import ZFLoRAConfig
 

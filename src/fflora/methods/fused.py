@@ -22,9 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..models.architectures import sub_blocks
-from ..ops import int4
-from ..ops.gemm import GemmPlan, planned_linear
-from ..ops.int8 import dequantize_rows, int8_linear, quantize_rows
+from ..ops.storage import FORMATS, DenseStorage, GemmStorage
 from .layers import WrappedProjection, refer_to
 
 # Every fused GEMM dimension an adapter widens is padded with zeros to a multiple of ALIGN. CPU GEMM
@@ -47,166 +45,64 @@ def zero_padded(parts: list[Tensor], width: int) -> Tensor:
 
 
 class FusedGemm(nn.Module):
-    """One fused GEMM's weights and how it runs: `n_rows` x `n_cols`, of which the first `d_main` columns
-    take the base input (the base rows and any adapter rows) and the rest an adapter's activations.
+    """One fused GEMM: `n_rows` x `n_cols`, of which the first `base_out` rows are the base model's and
+    the first `d_main` columns take the base input (the rest: an adapter's rows and columns). Its weights
+    and how they run are its `storage` (`fflora.ops.storage`: dense, int8 or int4 behind one interface);
+    `to_format` swaps it, and writing an adapter (`write_rows`, `write_cols`) never changes how the base
+    rows are stored."""
 
-    Stored dense (`weight`, the model's dtype); after `quantize_int8` as int8 rows with a scale each for
-    the main columns (`weight_int8`, `weight_scale`); after `quantize_int4` as packed int4 groups of 32
-    (`weight_int4`, `weight_sz`, and `weight_tail`: the unpacked values of the 64-row blocks from the
-    first adapter row on, so that those blocks can be packed again). In both the extra columns are a
-    dense float32 block stored transposed (`weight_extra_t`, columns x rows: a one-row product with it
-    takes ~1.5 us here, PyTorch's bfloat16 GEMM of that shape ~20 us). An adapter's rows have their own
-    scales and its columns stay apart, so writing an adapter (`write_rows`, `write_cols`) never
-    changes how the base rows are quantized."""
-
-    gemm_plan: GemmPlan | None = None  # how a dense GEMM runs (fflora.fastpath); None: F.linear
-    int8 = False
-    int4 = False
-    keeps_dtype = ("weight_extra_t",)  # when the model is cast (fflora.methods.weight_formats)
     n_rows: int
     base_out: int  # rows before the first adapter row
     n_cols: int
     d_main: int
+    storage: GemmStorage
 
     @property
     def quantized(self) -> bool:
-        return self.int8 or self.int4
+        return self.storage.quantized
 
     @property
     def activation_dtype(self) -> torch.dtype:
         """The dtype the GEMM takes and gives (bfloat16 for quantized storage)."""
-        return torch.bfloat16 if self.quantized else self.weight.dtype
+        return self.storage.activation_dtype
 
     @property
     def storage_dtype(self) -> torch.dtype:
         """The dtype to keep values in before they are written (float32 when quantized: from full precision)."""
-        return torch.float32 if self.quantized else self.weight.dtype
+        return self.storage.write_dtype
 
     @property
     def device(self) -> torch.device:
-        return self._first().device
+        return self.storage.device
 
-    def _first(self) -> Tensor:
-        return self.weight_int8 if self.int8 else self.weight_int4 if self.int4 else self.weight
+    @property
+    def bias(self) -> Tensor | None:
+        return self.storage.bias
 
     def _store(self, weight: Tensor, bias: Tensor | None) -> None:
-        self.register_buffer("weight", weight)
-        if bias is not None:
-            self.register_buffer("bias", bias)
-        else:
-            self.bias = None
+        self.storage = DenseStorage(weight, bias, self.base_out, self.d_main)
 
     def write_rows(self, start: int, values: Tensor) -> None:
-        """Set rows start.. of the main columns (values: rows x d_main)."""
-        stop = start + values.shape[0]
-        if self.int8:
-            self.weight_int8[start:stop], self.weight_scale[start:stop] = quantize_rows(values)
-        elif self.int4:
-            tail = self.n_pack - self.weight_tail.shape[0]
-            if start < tail:
-                raise ValueError(f"rows {start}.. are base rows; an int4 GEMM rewrites adapter rows only")
-            q, self.weight_sz[:, start:stop] = int4.quantize_groups(values)
-            self.weight_tail[start - tail : stop - tail] = q
-            self.weight_int4[tail:] = int4.pack(self.weight_tail)
-        else:
-            self.weight[start:stop, : self.d_main] = values.to(self.weight.dtype)
+        """Set rows start.. (adapter rows) of the main columns (values: rows x d_main)."""
+        self.storage.write_rows(start, values)
 
     def write_cols(self, start: int, values: Tensor) -> None:
         """Set columns start.. (start >= d_main) of the leading values.shape[0] rows."""
-        rows, cols = values.shape
-        if self.quantized:
-            self.weight_extra_t[start - self.d_main : start - self.d_main + cols, :rows] = values.t().float()
-        else:
-            self.weight[:rows, start : start + cols] = values.to(self.weight.dtype)
+        self.storage.write_cols(start, values)
 
     def main_rows(self, start: int, stop: int) -> Tensor:
-        """Rows start..stop of the main columns (dequantized if int8 or int4): a view when dense."""
-        if self.int8:
-            return dequantize_rows(self.weight_int8[start:stop], self.weight_scale[start:stop], self.weight_scale.dtype)
-        if self.int4:
-            return int4.dequantize(self.weight_int4, self.weight_sz, self.d_main)[start:stop]
-        return self.weight[start:stop, : self.d_main]
+        """Base rows start..stop of the main columns (dequantized if quantized): a view when dense."""
+        return self.storage.base_rows(start, stop)
 
     def gemm(self, x: Tensor, rows: int | None = None, cols: int | None = None) -> Tensor:
         """x @ W[:rows, :cols].T + bias[:rows] (x is `cols` wide); the whole matrix by default."""
-        if rows is None and cols is None:  # the whole matrix: no view cache (a compiled step traces this)
-            rows, cols = self.n_rows, self.n_cols
-            views = ((self.weight_int8, self.weight_scale, self.weight_extra_t, self.bias) if self.int8 else
-                     (self.weight_int4, self.weight_sz, self.weight_extra_t, self.bias) if self.int4 else
-                     (self.weight, self.bias))
-        else:
-            rows, cols = rows or self.n_rows, cols or self.n_cols
-            views = self._window(rows, cols)
-        if not self.quantized:
-            return planned_linear(x, views[0], views[1], self.gemm_plan)
-        values, scale, extra, bias = views
-        main = x[..., : self.d_main] if cols > self.d_main else x
-        if self.int8:
-            out = int8_linear(main, values, scale)
-        else:  # the packed rows run in whole blocks: drop the padding rows after
-            out = int4.int4_linear(main, values, scale)
-            if out.shape[-1] != rows:
-                out = out[..., :rows]
-        if extra is not None:
-            z = x[..., self.d_main : cols].reshape(-1, cols - self.d_main).float()
-            out = out + torch.mm(z, extra).to(out.dtype).view(out.shape)
-        return out if bias is None else out + bias
+        return self.storage.gemm(x, rows, cols)
 
-    def _window(self, rows: int, cols: int) -> tuple:
-        """Cached views of the leading rows/columns (slicing on every call costs more than the small GEMM
-        columns it selects, for the bank's windows); rebuilt when the storage moves or is rewritten."""
-        first = self._first()
-        cache = self.__dict__.get("_views")
-        if cache is None or cache[0] != (first.data_ptr(), self.int8, self.int4):
-            cache = self.__dict__["_views"] = ((first.data_ptr(), self.int8, self.int4), {})
-        views = cache[1].get((rows, cols))
-        if views is None:
-            bias = None if self.bias is None else self.bias[:rows]
-            extra = self.weight_extra_t[: cols - self.d_main, :rows] if self.quantized and cols > self.d_main else None
-            if self.int8:
-                views = (self.weight_int8[:rows], self.weight_scale[:rows], extra, bias)
-            elif self.int4:  # every packed row (the layout interleaves blocks of rows): the output is cut
-                views = (self.weight_int4, self.weight_sz, extra, bias)
-            else:
-                views = (self.weight[:rows, :cols], bias)
-            cache[1][rows, cols] = views
-        return views
-
-    def quantize_int4(self) -> None:
-        """Switch to int4 storage (groups of 32 along the input), from the dense weights; ValueError when
-        the main columns are not a multiple of 32."""
-        if self.quantized:
-            return
-        if self.d_main % int4.GROUP:
-            raise ValueError(f"int4 groups {int4.GROUP} input columns; this GEMM has {self.d_main}: use int8")
-        self.n_pack = int4.round_rows(self.n_rows)
-        main = torch.zeros(self.n_pack, self.d_main, dtype=torch.float32, device=self.weight.device)
-        main[: self.n_rows] = self.weight[:, : self.d_main].float()
-        q, scales_zeros = int4.quantize_groups(main)
-        tail = min(self.base_out // int4.BLOCK * int4.BLOCK, self.n_pack)
-        self._replace_dense(weight_int4=int4.pack(q), weight_sz=scales_zeros, weight_tail=q[tail:].clone())
-        self.int4 = True
-
-    def quantize_int8(self) -> None:
-        """Switch to int8 storage, from the dense weights (bfloat16 activations from now on)."""
-        if self.quantized:
-            return
-        values, scale = quantize_rows(self.weight[:, : self.d_main])
-        self._replace_dense(weight_int8=values, weight_scale=scale)
-        self.int8 = True
-
-    def _replace_dense(self, **quantized: Tensor) -> None:
-        """Drop the dense weight for the `quantized` buffers; the extra columns become the float32 block
-        stored transposed, the bias bfloat16 (the activations' dtype), and no GEMM plan applies."""
-        extra = self.weight[:, self.d_main :].t().float().contiguous() if self.n_cols > self.d_main else None
-        bias = None if self.bias is None else self.bias.to(torch.bfloat16)
-        del self.weight
-        for name, tensor in quantized.items():
-            self.register_buffer(name, tensor)
-        self.register_buffer("weight_extra_t", extra)
-        if bias is not None:
-            self.bias = bias
-        self.gemm_plan = None
+    def to_format(self, weights: str) -> None:
+        """Store the weights in quantized format `weights` ("int8", "int4"; `ops.storage.FORMATS`), from the
+        dense storage; ValueError when the GEMM cannot take it (int4: input columns not a multiple of 32)."""
+        if not self.storage.quantized:
+            self.storage = FORMATS[weights](self.storage)
 
 
 class FusedInputProjections(FusedGemm):
@@ -329,8 +225,7 @@ class FusedOutputProjection(FusedGemm):
 
     def extra_repr(self) -> str:
         return (f"in={self.d_core}+{self.extra_cols} (padded {self.n_cols}), "
-                f"out={self.d_out}+{self.extra_rows} (padded {self.n_rows})" + (", int8" if self.int8 else "")
-                + (", int4" if self.int4 else ""))
+                f"out={self.d_out}+{self.extra_rows} (padded {self.n_rows})")
 
 
 def unwrap(module: nn.Module) -> nn.Linear:

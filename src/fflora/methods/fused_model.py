@@ -225,7 +225,7 @@ class FusedModel:
     def plan(self, mode: str = "auto", rows: tuple[int, ...] = (1, 8)) -> dict:
         """Choose how every fused GEMM and the LM head run (`fflora.fastpath.plan`); returns its report.
         A compiled step is dropped (it is traced again, for the new layouts, when next needed)."""
-        modules = planned_modules(self.model, self.gemms)
+        modules = planned_modules(self.model, [g.storage for g in self.gemms])
         report = plan_modules(modules, mode, rows)
         self.gemm_mode, self.planned = mode, [] if mode == "standard" else modules
         drop_compiled_step(self.model)

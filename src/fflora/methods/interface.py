@@ -4,7 +4,7 @@ The rest of fflora (the generic operations in `adapters`, serialization, the PEF
 serving, recipes, the CLI and the benches) reaches a method only through this interface, found in
 `registry` from a configuration, a PEFT type or the model itself; it never asks which method it
 holds. A new method is a folder under `methods/` with its configuration, layers, fused form and a
-`Method`, plus one line in `registry.METHODS`.
+`Method` (`METHOD` in its `method.py`), found there by the registry.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ class Method(ABC):
     peft_type: str  # PEFT's peft_type in adapter_config.json
     config_class: type  # its PeftConfig subclass
     legacy_format: str  # the "format" of fflora 0.1.0's adapter_config.json
+    tuner_prefix: str  # PEFT's prefix of its parameter names (its tuner's `prefix`)
     supports_bank: bool = False  # whether its adapters can join an adapter bank
+    exports_to_vllm: bool = False  # whether `fflora export vllm` writes its fused form for fflora's vLLM plugin
 
     # --- training form ---
 

@@ -19,6 +19,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 
 ADAPTER_NAME = "default"  # PEFT's name for the one adapter a model holds in training form
+BASE_NAME = "__base__"  # PEFT's name for "no adapter" in a mixed batch (`adapter_names=`)
 
 
 class AdapterSwitch(BaseTunerLayer):

@@ -12,15 +12,13 @@ import warnings
 from peft import mapping
 from peft.utils import register_peft_method
 
-from .ffba.tuner import FFBAModel
-from .zflora.tuner import ZFLoRAModel
-
-TUNERS = (FFBAModel, ZFLoRAModel)  # each method's PEFT tuner (its config_cls names the method's configuration)
+from . import registry
+from .tuner import tuner_for
 
 
 def register() -> None:
-    """Make FFBA and zFLoRA PEFT methods (idempotent)."""
-    for model_cls in TUNERS:
+    """Make every registered method (FFBA, zFLoRA) a PEFT method (idempotent)."""
+    for model_cls in map(tuner_for, registry.METHODS):
         config_cls = model_cls.config_cls
         peft_type = config_cls.PEFT_TYPE
         if mapping.PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type) is model_cls:

@@ -1,17 +1,21 @@
 """The adapter methods fflora knows, and how the rest of the package finds the one it needs: from a
-configuration, a PEFT type, fflora 0.1.0's format name, a name, or the model that carries it."""
+configuration, a PEFT type, fflora 0.1.0's format name, a name, or the model that carries it.
+
+A method is its folder: every `methods/<name>/method.py` (`fflora.utils.method_names`) is imported here
+and its `METHOD` registered; nothing else lists the methods.
+"""
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import fields
 
 from torch import nn
 
-from .ffba.method import FFBA
+from ..utils.method_names import method_names
 from .interface import Method
-from .zflora.method import ZFLoRA
 
-METHODS: tuple[Method, ...] = (FFBA(), ZFLoRA())
+METHODS: tuple[Method, ...] = tuple(importlib.import_module(f"{__package__}.{name}.method").METHOD for name in method_names())
 ATTRIBUTE = "ffba_config"  # on a model in training form (or fused from it): the configuration of its adapter
 
 

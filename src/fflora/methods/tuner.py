@@ -8,17 +8,20 @@ adapter name: a model holds one adapter in training form), the on/off switch (`t
 merging as fusing (`fflora.fuse`: the forward adapter bypasses the attention core and the MLP, so
 FFBA cannot be folded into the base weights; its merged form is the fused one), and unloading.
 
-Each method's tuner is a small subclass in its folder (`ffba.tuner.FFBAModel`,
-`zflora.tuner.ZFLoRAModel`); `registration.register()` puts them in PEFT's registries.
+Each method's tuner is `tuner_for(method)`, made from its `Method` (`ffba.tuner.FFBAModel`,
+`zflora.tuner.ZFLoRAModel` name them); `registration.register()` puts them in PEFT's registries.
 """
 
 from __future__ import annotations
+
+import functools
 
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from .adapters import adapter_parameters, apply_adapter, remove_adapter
 from .fused_model import FusedModel, fuse, unfuse
+from .interface import Method
 from .layers import AdapterSwitch
 
 
@@ -117,3 +120,13 @@ class AdapterTuner(BaseTuner):
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
         return key  # the parameter names carry no adapter name
+
+
+@functools.cache
+def tuner_for(method: Method) -> type[AdapterTuner]:
+    """The PEFT tuner of `method` (peft_type `method.peft_type`), made once: `get_peft_model(model,
+    config)` builds the method's adapter through it."""
+    return type(method.config_class.__name__.removesuffix("Config") + "Model", (AdapterTuner,), {
+        "__doc__": f"PEFT's tuner for {method.title} (peft_type {method.peft_type!r}).",
+        "__module__": f"fflora.methods.{method.name}.tuner",
+        "prefix": method.tuner_prefix, "config_cls": method.config_class})

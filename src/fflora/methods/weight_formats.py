@@ -1,15 +1,15 @@
 """The formats a fused model's weights can take: `fflora.fuse(model, weights=...)`.
 
     "float32", "bfloat16"  dense, the whole model in that dtype
-    "int8"                 every fused GEMM, the LM head and the embedding table weight-only int8, one
-                           scale per output row (`fflora.ops.int8`); an adapter's rows have their own
-                           scales and its columns are a small dense block, so loading or swapping an
-                           adapter rewrites only them; one copy where the head and the embedding are
-                           tied; activations (norms, attention, the rest) in bfloat16
-    "int4"                 every fused GEMM weight-only int4 in groups of 32 along its input, each group
-                           with its own scale and offset (`fflora.ops.int4`; the adapter's rows too, in
-                           64-row blocks of their own, its columns a dense block); the LM head and the
-                           embedding table int8 as above; needs input widths that are multiples of 32
+    "int8"                 every fused GEMM's base rows, the LM head and the embedding table weight-only
+                           int8, one scale per output row (`fflora.ops.int8`); one copy where the head
+                           and the embedding are tied; activations (norms, attention, the rest) in bfloat16
+    "int4"                 every fused GEMM's base rows weight-only int4 in groups of 32 along its input,
+                           each group with its own scale and offset (`fflora.ops.int4`); the LM head and
+                           the embedding table int8 as above; needs input widths that are multiples of 32
+
+In both, an adapter's rows and columns stay float32 beside the quantized base rows (`fflora.ops.storage`):
+loading or swapping an adapter rewrites only them, and the adapter is not rounded at all.
 
 Adapter parameters (training form) keep their dtype: unfusing gives them back exactly. The base weights
 are rounded to the format: unfusing a model fused in bfloat16, int8 or int4 gives the rounded (dequantized)
@@ -76,7 +76,7 @@ def convert(model: nn.Module, state, weights: str | None, keep: set[int]) -> Non
             raise ValueError(f"int4 weights group 32 input columns; this model's GEMMs take {narrow}: use int8")
         state.fingerprint = base_model_fingerprint(model)  # of the weights as they were
         for gemm in state.gemms:
-            gemm.quantize_int4() if weights == "int4" else gemm.quantize_int8()
+            gemm.to_format(weights)
         _quantize_embeddings(model)
     _cast(model, DENSE.get(weights, torch.bfloat16), keep)
     state.weights = weights

@@ -2,9 +2,7 @@
 scale and offset (asymmetric, `w ~= (q - 8) * scale + zero`), run by PyTorch's CPU kernel
 `aten._weight_int4pack_mm_for_cpu` on bfloat16 activations.
 
-The kernel's packed layout interleaves the rows of each block of 64 (and needs a multiple of 16 rows),
-so rows are packed in blocks: a tail starting at a multiple of 64 packs to exactly the bytes it has in
-the whole matrix, which is what lets an adapter's rows be rewritten without repacking the base's.
+The kernel's packed layout needs a multiple of 16 rows (`round_rows`).
 """
 
 from __future__ import annotations
@@ -13,7 +11,6 @@ import torch
 from torch import Tensor
 
 GROUP = 32
-BLOCK = 64  # rows the packed layout interleaves
 ROWS_MULTIPLE = 16  # the packer's requirement
 
 

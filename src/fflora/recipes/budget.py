@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from ..methods import registry
 from ..models.architectures import projection_dims
+from ..utils.method_names import DEFAULT_METHOD
 
 # The seven projections of a Llama-family decoder layer: LoRA's targets in every comparison.
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -31,7 +32,7 @@ def _closest_rank(count, target: int) -> int:
     return min((max(1, r - 1), r), key=lambda k: (abs(count(k) - target), k))
 
 
-def match_adapter_rank(hf_config, lora_r: int, method: str = "ffba", **options) -> int:
+def match_adapter_rank(hf_config, lora_r: int, method: str = DEFAULT_METHOD, **options) -> int:
     """The rank of method `method` ("ffba", "zflora"; with `options` for the rest of its configuration)
     whose trainable-parameter count is closest to LoRA's at rank `lora_r`."""
     target = lora_parameter_count(hf_config, lora_r)

@@ -36,7 +36,7 @@ def _extras(gemm, base_rows: int, base_cols: int) -> dict[str, torch.Tensor]:
     """The adapter's part of a fused GEMM (dense float32): its columns right of the base block and its
     rows below it, with fflora's zero padding (each widened side a multiple of 8: odd GEMM sizes ran
     slower here, and bfloat16 kernels want the alignment most)."""
-    weight = gemm.weight.detach().float()
+    weight = gemm.storage.weight.detach().float()  # fused dense (export fuses in the model's dtype)
     out = {}
     if gemm.n_cols > base_cols:
         out["ffba_right"] = weight[:base_rows, base_cols:].contiguous()
@@ -60,10 +60,10 @@ def export_vllm(adapter: str | os.PathLike, output: str | os.PathLike, model: st
         raise ValueError(f"fflora's vLLM model covers {sorted(SUPPORTED)} so far, not {base.config.model_type!r}")
     load_adapter(base, adapter_folder(adapter), strict=True)
     method = registry.method_of(base)
-    if method is None or method.name != "ffba":
+    if method is None or not method.exports_to_vllm:
         raise ValueError(f"{adapter} is a {method.name if method else 'no'} adapter; vLLM takes FFBA adapters "
                          "(zFLoRA: see docs/vllm.md)")
-    phi = base.ffba_config.phi
+    phi = registry.adapter_config(base).phi
     fuse(base)
     tensors, layers = {}, [{} for _ in range(base.config.num_hidden_layers)]
     for index, _, name, spec, holder in sub_blocks(base):
@@ -81,7 +81,7 @@ def export_vllm(adapter: str | os.PathLike, output: str | os.PathLike, model: st
     atomic_write(output / ADAPTER_FILE, lambda tmp: save_file(tensors, tmp))
     config = json.loads((source / "config.json").read_text())
     config |= {"architectures": [SUPPORTED[base.config.model_type]],
-               "fflora": {"method": "ffba", "adapter": ADAPTER_FILE, "phi": phi, "layers": layers,
+               "fflora": {"method": method.name, "adapter": ADAPTER_FILE, "phi": phi, "layers": layers,
                           "base": str(source.resolve()), "adapter_source": str(Path(adapter).resolve())}}
     atomic_write_text(output / "config.json", json.dumps(config, indent=2) + "\n")
     for file in source.iterdir():  # the base weights and tokenizer, linked

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..utils.method_names import DEFAULT_METHOD, method_names
 from .data import FAMILIES
 
-METHODS = ("ffba", "zflora", "lora", "full")
+PEERS = ("lora", "full")  # what fflora's methods are trained next to: PEFT's LoRA, full fine-tuning
+METHODS = (*method_names(), *PEERS)
 TRAIN_DATASETS = {"commonsense": FAMILIES["commonsense"], "math": ("gsm8k",), "summary": ("xsum",)}
 DTYPES = ("auto", "float32", "bfloat16")  # of training: `dtype.choose_dtype` resolves auto, once per machine
 FORMS = ("instruction", "cloze")  # how a record becomes a prompt and a response (`examples`)
@@ -96,12 +98,12 @@ class TrainConfig:
             raise ValueError(f"unknown data form {self.form!r}; choose one of {list(FORMS)}")
 
 
-COMPARED_METHODS = ("ffba", "zflora", "lora")
+COMPARED_METHODS = (*method_names(), "lora")
 
 
 @dataclass(frozen=True)
 class CompareSettings:
-    methods: tuple[str, ...] = ("ffba", "lora")
+    methods: tuple[str, ...] = (DEFAULT_METHOD, "lora")
     latency: bool = True
     prompt_len: int = 64
     new_tokens: int = 32

@@ -34,6 +34,7 @@ import torch
 
 from ..models.base_models import load_base_model
 from ..utils.files import atomic_write_text
+from ..utils.method_names import DEFAULT_METHOD
 from ..utils.sources import say
 from .artifacts import RUN_FILE, load_trained
 from .evaluate import evaluate, response_loss
@@ -201,7 +202,7 @@ class Cell:
 
 
 BASE_CELL = Cell("base", "base", 0.0, 0)  # the base model, untrained: evaluated like a final cell
-COMPARED = ("ffba", "lora")  # the pair the study decides between: their cells run first (see `plan`)
+COMPARED = (DEFAULT_METHOD, "lora")  # the pair the study decides between: FFBA against LoRA: their cells run first (see `plan`)
 
 
 def read_records(results_dir: Path) -> dict[str, dict]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from ..methods.ffba.bank import SPACES
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -43,8 +42,8 @@ class _StateCollector:
         resident.add_metric([], len(bank.names()))
         used = GaugeMetricFamily("fflora:bank_rank_used", "Rank taken by resident adapters, per rank space.",
                                  labels=["space"])
-        for space in SPACES:
-            used.add_metric([space], sum(entry.ranks[space] for entry in bank.entries.values()))
+        for space, rank in bank.rank_used().items():
+            used.add_metric([space], rank)
         budget = GaugeMetricFamily("fflora:bank_rank_budget", "Rank room per rank space.")
         budget.add_metric([], bank.rank_budget)
         yield from (running, queued, resident, used, budget)

@@ -43,11 +43,11 @@ from ...models.architectures import decoder_layers, sub_blocks
 from ...utils.classes import BASE, extend, restore
 from ..fused import ALIGN, FusedInputProjections, FusedOutputProjection, install_fused, unfuse_plain, unwrap, zero_padded
 from ..fused_state import fused_model_of
+from ..layers import BASE_NAME
 from .adapter import PHI
 from .config import FFBAConfig
 from .model import sub_block_ranks
 
-BASE_NAME = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 DEFAULT_MAX_ADAPTERS = 8
 DEFAULT_RANK_PER_ADAPTER = 16  # default rank budget per space: max_adapters * this
 SPACES = ("fa.attn", "fa.mlp", "ba.attn", "ba.mlp")
@@ -252,6 +252,10 @@ class AdapterBank:
             yield
         finally:
             _SELECTION.reset(token)
+
+    def rank_used(self) -> dict[str, int]:
+        """The rank resident adapters take in each rank space (what `/metrics` reports)."""
+        return {s: sum(e.ranks[s] for e in self.entries.values()) for s in SPACES}
 
     @property
     def device(self) -> torch.device:

@@ -40,7 +40,9 @@ class FFBA(Method):
     peft_type = FFBA_PEFT_TYPE
     config_class = FFBAConfig
     legacy_format = "fflora-ffba/1"
+    tuner_prefix = "ffba"
     supports_bank = True
+    exports_to_vllm = True
 
     def apply(self, model: nn.Module, config: FFBAConfig) -> None:
         attach_ffba(model, config)
@@ -74,3 +76,6 @@ class FFBA(Method):
 
     def unfuse_bank(self, model: nn.Module) -> None:
         unfuse_bank(model)
+
+
+METHOD = FFBA()  # what the registry finds in this folder

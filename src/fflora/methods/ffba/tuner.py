@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-from ..tuner import AdapterTuner
-from .config import FFBAConfig
+from ..tuner import tuner_for
+from .method import METHOD
 
-
-class FFBAModel(AdapterTuner):
-    """PEFT's tuner for FFBA (peft_type "FFBA")."""
-
-    prefix = "ffba"
-    config_cls = FFBAConfig
+FFBAModel = tuner_for(METHOD)

@@ -32,6 +32,7 @@ class ZFLoRA(Method):
     peft_type = ZFLORA_PEFT_TYPE
     config_class = ZFLoRAConfig
     legacy_format = "fflora-zflora/1"
+    tuner_prefix = "z_"  # its parameters: z_in, z_out, and the head's z_merge
 
     def apply(self, model: nn.Module, config: ZFLoRAConfig) -> None:
         attach_zflora(model, config)
@@ -64,3 +65,6 @@ class ZFLoRA(Method):
 
     def unload_fused(self, model: nn.Module) -> None:
         unload_fused_zflora(model)
+
+
+METHOD = ZFLoRA()  # what the registry finds in this folder

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-from ..tuner import AdapterTuner
-from .config import ZFLoRAConfig
+from ..tuner import tuner_for
+from .method import METHOD
 
-
-class ZFLoRAModel(AdapterTuner):
-    """PEFT's tuner for zFLoRA (peft_type "ZFLORA")."""
-
-    prefix = "z_"  # its parameters: z_in, z_out, and the head's z_merge
-    config_cls = ZFLoRAConfig
+ZFLoRAModel = tuner_for(METHOD)

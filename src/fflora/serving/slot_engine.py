@@ -1,0 +1,374 @@
+"""fflora's own serving engine: a fixed number of static KV-cache slots over a `FusedModel` (issue 43).
+
+Each request takes a slot (`serving.slots`: its own rows of one preallocated KV cache) for its life.
+A thread runs steps, and between two steps requests join free slots and leave finished ones
+(continuous batching). A step is one prefill chunk of at most `max_batch_tokens` prompt tokens of one
+request, then one decode step of every running request together, each at its own position, each row
+with its adapter (the bank's per-row selection): so a long prompt never holds running streams up by
+more than one chunk. Adapters load and unload between steps. Greedy rows take the argmax; sampled rows
+their own temperature and top-p.
+
+It offers what the API server uses of an engine (`stream`, `adapters`, `load_adapter`, `unload_adapter`,
+`running_requests`, `scheduled_requests`, `abort_all`, `start`, `stop`, `is_running`) and `add_request` /
+`results` / `wait` for code of one's own, and knows nothing of HTTP. This first version runs its steps
+eagerly; compiled decode steps per batch-size bucket are the next step of issue 43.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import queue
+import threading
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..methods import BASE_NAME, FusedModel
+from .slots import SLOT_ATTENTION, SlotCache, slot_step
+
+DEFAULT_SLOTS = 8
+DEFAULT_MAX_BATCH_TOKENS = 256
+
+
+@dataclass
+class SlotOutput:
+    """What a request has generated so far; `status` "running", "finished" or "failed" (`error` says why)."""
+
+    request_id: str
+    generated_tokens: list[int]
+    status: str = "running"
+    error: str | None = None
+
+    def is_finished(self) -> bool:
+        return self.status != "running"
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: list[int]
+    adapter: str
+    max_new_tokens: int
+    temperature: float | None
+    top_p: float | None
+    eos: frozenset[int]
+    put: Callable[[SlotOutput], None]
+    streaming: bool
+    slot: int | None = None
+    prefilled: int = 0
+    generated: list[int] = field(default_factory=list)
+    cancelled: bool = False
+
+
+class SlotEngine:
+    """Requests for the adapters of one `FusedModel`, in `slots` static KV-cache slots of `max_len`
+    positions each (prompt and generated tokens), batched continuously (see the module docstring).
+
+        with SlotEngine(fflora.FusedModel.build(model, max_adapters=8), slots=8, max_len=1024) as engine:
+            rid = engine.add_request(prompt_ids, adapter="math", max_new_tokens=64)
+            tokens = engine.wait(rid).generated_tokens
+    """
+
+    def __init__(self, fused: FusedModel, slots: int = DEFAULT_SLOTS, max_len: int | None = None,
+                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, max_new_tokens: int = 256,
+                 eos_token_id: int | Sequence[int] | None = None) -> None:
+        if not isinstance(fused, FusedModel):
+            raise TypeError(f"SlotEngine serves a FusedModel, got a {type(fused).__name__}: pass fflora.FusedModel.build(model)")
+        for name, value in (("slots", slots), ("max_batch_tokens", max_batch_tokens), ("max_new_tokens", max_new_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        self.fused, self.model, self.bank = fused, fused.model, fused.bank
+        config = self.model.config.get_text_config()
+        self.max_len = max_len or config.max_position_embeddings
+        if self.max_len > config.max_position_embeddings:
+            raise ValueError(f"max_len {self.max_len} is past the model's {config.max_position_embeddings} positions")
+        dtype = fused.gemms[0].activation_dtype if fused.gemms else torch.float32
+        self.cache = SlotCache(self.model.config, slots, self.max_len, dtype=dtype)
+        self.slots, self.max_batch_tokens, self.max_new_tokens = slots, max_batch_tokens, max_new_tokens
+        eos = eos_token_id if eos_token_id is not None else self.model.generation_config.eos_token_id
+        self.eos = frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
+        self._lock = threading.Lock()  # guards the request tables (callers' threads, the engine's thread)
+        self._step_lock = threading.RLock()  # held for each step: adapter loads (and `paused`) wait for it to end
+        self._waiting: deque[_Request] = deque()
+        self._active: dict[int, _Request] = {}  # slot -> its request
+        self._outputs: dict[str, queue.SimpleQueue] = {}
+        self._retiring: set[str] = set()  # unloaded adapters that still have requests running
+        self._ids = itertools.count()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.error: str | None = None  # why the engine's thread stopped, if a step failed
+        self._attention = None  # the model's attention implementation, restored on stop
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def start(self) -> SlotEngine:
+        """Route the model's attention through the slots and start the engine's thread."""
+        if self._thread is not None:
+            return self
+        self._attention = self.model.config._attn_implementation
+        self.model.config._attn_implementation = SLOT_ATTENTION
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._loop, name="fflora-slot-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop the thread (requests still running end failed) and give the model its attention back."""
+        if self._thread is None:
+            return
+        self._stopping.set()
+        self._wake.set()
+        self._thread.join()
+        self._thread = None
+        self.model.config._attn_implementation = self._attention
+        self.abort_all("the engine stopped")
+
+    def __enter__(self) -> SlotEngine:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def paused(self) -> threading.RLock:
+        """Hold the engine between two steps for the `with` block (what adapter loads do; re-entrant)."""
+        return self._step_lock
+
+    # -- adapters ----------------------------------------------------------------------------------
+
+    def adapters(self) -> list[str]:
+        """The adapters new requests can use, in load order."""
+        return [] if self.bank is None else [n for n in self.bank.names() if n not in self._retiring]
+
+    def load_adapter(self, path, name: str, strict: bool = False) -> None:
+        """Load the adapter at `path` into the bank as `name`, between two steps (`FusedModel.load`)."""
+        with self._step_lock:
+            self._delete_retired()  # unloaded adapters whose requests are done free their room first
+            if name in self._retiring:
+                raise ValueError(f"adapter {name!r} was unloaded and still has requests running; load it again "
+                                 "once they finish, or under another name")
+            self.fused.load(name, path, strict=strict)
+
+    def unload_adapter(self, name: str) -> None:
+        """Stop taking requests for `name`; its rows are freed once its running requests finish. KeyError
+        (listing the loaded adapters) when no adapter `name` is loaded."""
+        with self._step_lock:
+            if name not in self.adapters():
+                raise KeyError(f"no adapter named {name!r} is loaded; loaded adapters: {self.adapters()}")
+            self._retiring.add(name)
+            self._delete_retired()
+
+    def _delete_retired(self) -> None:
+        """Delete the unloaded adapters no unfinished request uses (the caller holds the step lock)."""
+        busy = self.running_requests()
+        for name in [n for n in self._retiring if not busy.get(n)]:
+            self.fused.unload(name)
+            self._retiring.discard(name)
+
+    # -- requests ----------------------------------------------------------------------------------
+
+    def add_request(self, input_ids: Sequence[int], adapter: str = BASE_NAME, max_new_tokens: int | None = None,
+                    streaming: bool = False, temperature: float | None = None, top_p: float | None = None,
+                    ignore_eos: bool = False) -> str:
+        """Queue a request; returns its id (read its outputs with `results` or `wait`)."""
+        outputs = queue.SimpleQueue()
+        request = self._request(input_ids, adapter, max_new_tokens, temperature, top_p, ignore_eos, outputs.put, streaming)
+        with self._lock:
+            self._outputs[request.request_id] = outputs
+        self._queue(request)
+        return request.request_id
+
+    def _request(self, input_ids, adapter, max_new_tokens, temperature, top_p, ignore_eos, put, streaming) -> _Request:
+        """A checked request (ValueError naming what is wrong)."""
+        prompt = [int(t) for t in input_ids]
+        if not prompt:
+            raise ValueError("the prompt is empty: give at least one token")
+        # by default as many as the engine's max_new_tokens and the slot's room allow
+        max_new = min(self.max_new_tokens, max(self.max_len - len(prompt), 1)) if max_new_tokens is None else max_new_tokens
+        if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new!r}")
+        if len(prompt) + max_new > self.max_len:
+            raise ValueError(f"the prompt ({len(prompt)} tokens) and max_new_tokens ({max_new}) take "
+                             f"{len(prompt) + max_new} positions; a slot holds {self.max_len} (--max-model-len)")
+        if adapter != BASE_NAME and adapter not in self.adapters():  # unloaded ones included
+            raise ValueError(f"no adapter named {adapter!r} is loaded; loaded adapters: {self.adapters()} "
+                             f"(and {BASE_NAME!r} for the base model)")
+        return _Request(f"req-{next(self._ids)}", prompt, adapter, max_new, temperature or None, top_p,
+                        frozenset() if ignore_eos else self.eos, put, streaming)
+
+    def _queue(self, request: _Request) -> None:
+        if not self.is_running():
+            raise RuntimeError("the engine does not accept requests (stopped" + (f": {self.error})" if self.error else ")"))
+        with self._lock:
+            self._waiting.append(request)
+        self._wake.set()
+
+    def results(self, request_id: str, timeout_s: float = 0.5):
+        """The outputs of one request as they come (one per token when streaming), the last finished."""
+        with self._lock:
+            outputs = self._outputs.get(request_id)
+        if outputs is None:
+            raise KeyError(f"no request {request_id!r} to read: unknown, or already read to the end")
+        try:
+            while True:
+                try:
+                    output = outputs.get(timeout=timeout_s)
+                except queue.Empty:
+                    if self.is_running():
+                        continue
+                    return
+                yield output
+                if output.is_finished():
+                    return
+        finally:
+            with self._lock:
+                self._outputs.pop(request_id, None)
+
+    def wait(self, request_id: str) -> SlotOutput:
+        """The finished output of one request (RuntimeError if it failed or the engine stopped)."""
+        output = None
+        for output in self.results(request_id):
+            pass
+        if output is None or output.status != "finished":
+            raise RuntimeError(f"request {request_id} did not finish: {output.error if output else 'the engine stopped'}")
+        return output
+
+    async def stream(self, input_ids: Sequence[int], adapter: str = BASE_NAME, max_new_tokens: int | None = None,
+                     temperature: float | None = None, top_p: float | None = None,
+                     ignore_eos: bool = False) -> AsyncIterator[SlotOutput]:
+        """One request from asyncio code: an output per new token, the last finished. Leaving early cancels
+        it (its slot frees at the next step); a failed request raises RuntimeError."""
+        outputs: asyncio.Queue = asyncio.Queue()
+        put = functools.partial(asyncio.get_running_loop().call_soon_threadsafe, outputs.put_nowait)
+        request = self._request(input_ids, adapter, max_new_tokens, temperature, top_p, ignore_eos, put, True)
+        self._queue(request)
+        try:
+            while True:
+                output = await outputs.get()
+                if output.status == "failed":
+                    raise RuntimeError(output.error)
+                yield output
+                if output.is_finished():
+                    return
+        finally:
+            request.cancelled = True
+            self._wake.set()
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request; its slot frees at the next step."""
+        with self._lock:
+            for request in (*self._waiting, *self._active.values()):
+                if request.request_id == request_id:
+                    request.cancelled = True
+        self._wake.set()
+
+    def running_requests(self) -> Counter:
+        """Unfinished requests per adapter (waiting or in a slot)."""
+        with self._lock:
+            return Counter(r.adapter for r in (*self._waiting, *self._active.values()) if not r.cancelled)
+
+    def scheduled_requests(self) -> int:
+        """Requests waiting for a slot or holding one."""
+        with self._lock:
+            return len(self._waiting) + len(self._active)
+
+    def abort_all(self, message: str) -> int:
+        """End every unfinished request with `message` as its error; returns how many."""
+        with self._lock:
+            requests = [*self._waiting, *self._active.values()]
+            self._waiting.clear()
+            self._active.clear()
+        for request in requests:
+            request.cancelled = True
+            request.put(SlotOutput(request.request_id, list(request.generated), "failed", message))
+        return len(requests)
+
+    # -- the engine's thread -----------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                with self._step_lock, torch.no_grad():
+                    worked = self._step()
+                if not worked:
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+        except Exception as e:  # a failed step ends every request with the reason, and the engine
+            self.error = f"{type(e).__name__}: {e}"
+            self.abort_all(f"generation failed: {self.error}")
+
+    def _step(self) -> bool:
+        """Admit, one prefill chunk, one decode step of every running request; False if there was nothing to do."""
+        if self._retiring:
+            self._delete_retired()
+        with self._lock:
+            for slot, request in list(self._active.items()):
+                if request.cancelled:
+                    del self._active[slot]
+            self._waiting = deque(r for r in self._waiting if not r.cancelled)
+            free = [s for s in range(self.slots) if s not in self._active]
+            while free and self._waiting:
+                request = self._waiting.popleft()
+                request.slot = free.pop(0)
+                self.cache.free(request.slot)
+                self._active[request.slot] = request
+            active = list(self._active.values())
+        prefilling = next((r for r in active if r.prefilled < len(r.prompt)), None)
+        if prefilling is not None:
+            self._prefill(prefilling)
+        decoding = [r for r in active if r.generated and r is not prefilling and not r.cancelled]
+        if decoding:
+            self._decode(decoding)
+        return prefilling is not None or bool(decoding)
+
+    def _prefill(self, request: _Request) -> None:
+        chunk = request.prompt[request.prefilled : request.prefilled + self.max_batch_tokens]
+        logits = self._run([request], torch.tensor([chunk]))
+        request.prefilled += len(chunk)
+        if request.prefilled == len(request.prompt):  # the prompt's last chunk: its first token
+            self._emit([request], logits)
+
+    def _decode(self, requests: list[_Request]) -> None:
+        logits = self._run(requests, torch.tensor([[r.generated[-1]] for r in requests]))
+        self._emit(requests, logits)
+
+    def _run(self, requests: list[_Request], input_ids: Tensor) -> Tensor:
+        slots = torch.tensor([r.slot for r in requests])
+        if self.bank is None:
+            return slot_step(self.model, self.cache, slots, input_ids)
+        with self.bank.selected([r.adapter for r in requests], rearrange=False):
+            return slot_step(self.model, self.cache, slots, input_ids)
+
+    def _emit(self, requests: list[_Request], logits: Tensor) -> None:
+        """Choose each row's next token, hand each request its output, free the slots of finished ones."""
+        for request, token in zip(requests, self._sample(requests, logits)):
+            request.generated.append(token)
+            done = token in request.eos or len(request.generated) >= request.max_new_tokens
+            if done:
+                with self._lock:
+                    self._active.pop(request.slot, None)
+            if done or request.streaming:
+                request.put(SlotOutput(request.request_id, list(request.generated), "finished" if done else "running"))
+
+    @staticmethod
+    def _sample(requests: list[_Request], logits: Tensor) -> list[int]:
+        """Greedy rows: the argmax (no sort); sampled rows: softmax(logits / temperature) within top_p."""
+        tokens = logits.argmax(-1).tolist()
+        for i, request in enumerate(requests):
+            if not request.temperature:
+                continue
+            probs = torch.softmax(logits[i].float() / request.temperature, -1)
+            if request.top_p is not None and request.top_p < 1.0:
+                sorted_probs, order = probs.sort(descending=True)
+                keep = sorted_probs.cumsum(-1) - sorted_probs < request.top_p  # the smallest set reaching top_p
+                probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
+            tokens[i] = int(torch.multinomial(probs, 1))
+        return tokens

@@ -1,0 +1,149 @@
+"""fflora's slot engine (`fflora.serving.slot_engine`): requests for different adapters in static KV-cache
+slots, joining and leaving between steps, prompts in chunks, each generating what it generates alone."""
+
+import asyncio
+import contextlib
+
+import pytest
+import torch
+from conftest import make_model, randomize_adapters
+from transformers import GenerationConfig
+
+import fflora
+from fflora import BASE_NAME
+from fflora.serving.slot_engine import SlotEngine
+
+CONFIGS = {"ffba": fflora.FFBAConfig(r=4, alpha=8), "ba": fflora.FFBAConfig(r=8, forward=False)}
+GREEDY = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0)
+PROMPTS = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16, 17, 18], [19, 20], [21, 22, 23, 24, 25]]
+
+
+def _llama():
+    return make_model("llama", max_position_embeddings=128, num_hidden_layers=3)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    for seed, (name, config) in enumerate(CONFIGS.items(), start=1):
+        model = fflora.apply_ffba(_llama(), config)
+        randomize_adapters(model, seed=seed)
+        fflora.save_adapter(model, root / name)
+    return root
+
+
+def _bank(saved, max_adapters=3):
+    fused = fflora.FusedModel.build(_llama(), max_adapters=max_adapters)
+    for name in CONFIGS:
+        fused.load(name, saved / name)
+    return fused
+
+
+@torch.no_grad()
+def _alone(saved, adapter, prompt, new_tokens):
+    model = _llama()
+    if adapter != BASE_NAME:
+        fflora.load_adapter(model, saved / adapter)
+    out = fflora.fuse(model).generate(torch.tensor([prompt]), generation_config=GREEDY, max_new_tokens=new_tokens)
+    return out[0, len(prompt):].tolist()
+
+
+def test_more_requests_than_slots_in_chunks_each_equal_its_adapter_alone(saved):
+    """Three slots for five requests (two wait, then join as others leave), prompts in chunks of 3 tokens."""
+    adapters = ["ffba", BASE_NAME, "ba", "ffba", "ba"]
+    lengths = [6, 3, 5, 4, 2]
+    with SlotEngine(_bank(saved), slots=3, max_len=64, max_batch_tokens=3, eos_token_id=[]) as engine:
+        with engine.paused():  # all five queued before the first step
+            ids = [engine.add_request(p, a, max_new_tokens=n) for p, a, n in zip(PROMPTS, adapters, lengths)]
+            assert engine.scheduled_requests() == 5 and engine.running_requests()["ffba"] == 2
+        outputs = [engine.wait(i) for i in ids]
+        assert engine.scheduled_requests() == 0 and engine.running_requests() == {}
+    for output, prompt, adapter, n in zip(outputs, PROMPTS, adapters, lengths):
+        assert output.is_finished() and output.generated_tokens == _alone(saved, adapter, prompt, n), adapter
+
+
+def test_a_request_that_joins_while_others_decode_and_eos_ends_a_request(saved):
+    with SlotEngine(_bank(saved), slots=2, max_len=64, eos_token_id=[]) as engine:
+        long = engine.add_request(PROMPTS[2], "ba", max_new_tokens=12, streaming=True)
+        stream = engine.results(long)
+        next(stream)  # decoding
+        late = engine.add_request(PROMPTS[0], "ffba", max_new_tokens=5)
+        assert engine.wait(late).generated_tokens == _alone(saved, "ffba", PROMPTS[0], 5)
+        *_, last = stream
+        assert last.generated_tokens == _alone(saved, "ba", PROMPTS[2], 12)
+    first = _alone(saved, "ffba", PROMPTS[1], 6)
+    with SlotEngine(_bank(saved), slots=1, max_len=64, eos_token_id=first[0]) as engine:  # ends at its first token
+        assert engine.wait(engine.add_request(PROMPTS[1], "ffba", max_new_tokens=6)).generated_tokens == first[:1]
+        ignoring = engine.add_request(PROMPTS[1], "ffba", max_new_tokens=6, ignore_eos=True)
+        assert engine.wait(ignoring).generated_tokens == first
+
+
+def test_sampling_rows_and_greedy_rows_share_a_step(saved):
+    with SlotEngine(_bank(saved), slots=3, max_len=64, eos_token_id=[]) as engine:
+        nucleus = engine.add_request(PROMPTS[0], "ba", max_new_tokens=5, temperature=0.7, top_p=1e-6)  # the top token only
+        sampled = engine.add_request(PROMPTS[1], BASE_NAME, max_new_tokens=5, temperature=1.5)
+        greedy = engine.add_request(PROMPTS[3], "ffba", max_new_tokens=5)
+        tokens = [engine.wait(i).generated_tokens for i in (nucleus, sampled, greedy)]
+    assert tokens[0] == _alone(saved, "ba", PROMPTS[0], 5) and len(tokens[1]) == 5
+    assert tokens[2] == _alone(saved, "ffba", PROMPTS[3], 5)
+
+
+def test_leaving_a_stream_early_frees_its_slot(saved):
+    async def two_tokens_then_leave(engine):
+        async with contextlib.aclosing(engine.stream(PROMPTS[0], "ffba", max_new_tokens=40)) as stream:
+            async for output in stream:
+                if len(output.generated_tokens) == 2:
+                    break
+        for _ in range(100):  # the slot frees at the next step
+            if engine.scheduled_requests() == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert engine.scheduled_requests() == 0
+        return [o.generated_tokens async for o in engine.stream(PROMPTS[1], "ba", max_new_tokens=4)][-1]
+
+    with SlotEngine(_bank(saved), slots=1, max_len=64, eos_token_id=[]) as engine:
+        assert asyncio.run(two_tokens_then_leave(engine)) == _alone(saved, "ba", PROMPTS[1], 4)
+
+
+def test_adapters_load_between_steps_and_an_unloaded_one_leaves_once_its_requests_finish(saved):
+    with SlotEngine(_bank(saved), slots=2, max_len=128, eos_token_id=[]) as engine:
+        running = engine.add_request(PROMPTS[3], "ffba", max_new_tokens=120, streaming=True)
+        stream = engine.results(running)
+        next(stream)
+        with engine.paused():  # between two steps of the running request
+            engine.unload_adapter("ffba")  # new requests are refused; the running one finishes on it
+            assert engine.adapters() == ["ba"] and "ffba" in engine.bank.names()
+            with pytest.raises(ValueError, match=r"no adapter named 'ffba' is loaded; loaded adapters: \['ba'\]"):
+                engine.add_request(PROMPTS[0], "ffba")
+            with pytest.raises(ValueError, match="was unloaded and still has requests running"):
+                engine.load_adapter(saved / "ffba", "ffba")
+            engine.load_adapter(saved / "ba", "ba2")
+        assert engine.wait(engine.add_request(PROMPTS[0], "ba2", max_new_tokens=4)).generated_tokens == \
+            _alone(saved, "ba", PROMPTS[0], 4)
+        *_, last = stream
+        assert last.generated_tokens == _alone(saved, "ffba", PROMPTS[3], 120)
+        engine.load_adapter(saved / "ffba", "ffba")  # its old rows were freed: the name is free again
+        assert engine.adapters() == ["ba", "ba2", "ffba"]
+        with pytest.raises(KeyError, match="no adapter named 'nope' is loaded"):
+            engine.unload_adapter("nope")
+
+
+def test_bad_requests_are_refused_with_what_to_change(saved):
+    with pytest.raises(TypeError, match="SlotEngine serves a FusedModel, got a LlamaForCausalLM"):
+        SlotEngine(_llama())
+    with pytest.raises(ValueError, match="slots must be an integer >= 1, got 0"):
+        SlotEngine(_bank(saved), slots=0)
+    engine = SlotEngine(_bank(saved), slots=1, max_len=16)
+    with pytest.raises(RuntimeError, match=r"the engine does not accept requests \(stopped\)"):
+        engine.add_request([1, 2])
+    with engine:
+        with pytest.raises(ValueError, match=r"the prompt \(12 tokens\) and max_new_tokens \(8\) take 20 positions; "
+                                             r"a slot holds 16 \(--max-model-len\)"):
+            engine.add_request(list(range(3, 15)), max_new_tokens=8)
+        with pytest.raises(ValueError, match=r"no adapter named 'nope' is loaded; loaded adapters: \['ffba', 'ba'\]"):
+            engine.add_request([1, 2], "nope")
+        room = engine.add_request(list(range(3, 15)), ignore_eos=True)  # max_new_tokens: the slot's room left
+        assert len(engine.wait(room).generated_tokens) == 4
+        with pytest.raises(ValueError, match="the prompt is empty"):
+            engine.add_request([])
+    assert engine.model.config._attn_implementation != "fflora_slots"  # the model's own attention is back
