@@ -42,8 +42,8 @@ def _tokenizer():
 
 
 class Server:
-    def __init__(self, root):
-        self.root = root
+    def __init__(self, root, engine="transformers"):
+        self.root, self.engine = root, engine
         self.tokenizer = _tokenizer()
         model = make_model("llama", max_position_embeddings=256)
         model.generation_config.eos_token_id = 2
@@ -61,7 +61,7 @@ class Server:
         args = ["--model", str(root / "base"), "--served-model-name", BASE, "--adapter", f"a={root / 'a'}",
                 "--adapter", f"b={root / 'b'}", "--adapter", f"l={root / 'l'}", "--max-adapters", "3",
                 "--limit-max-requests", "300",
-                "--enable-adapter-loading", "--adapter-root", str(root), "--log-level", "warning"]
+                "--enable-adapter-loading", "--adapter-root", str(root), "--log-level", "warning", "--engine", engine]
         self.process = ServerProcess(args, root / "server.log", ready_timeout_s=120)
 
     def connect(self):
@@ -85,9 +85,10 @@ class Server:
         return httpx.get(f"{self.url}/health", timeout=5).json()
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    server = Server(tmp_path_factory.mktemp("serve"))
+@pytest.fixture(scope="module", params=["transformers", "slots"])
+def server(tmp_path_factory, request):
+    """The server under each engine: transformers' continuous batching, fflora's slots."""
+    server = Server(tmp_path_factory.mktemp("serve"), request.param)
     with server.process:  # stopped by its process id when the module's tests are done
         server.connect()
         yield server

@@ -10,7 +10,7 @@ from fflora.serving.adapter_policy import MAX_NAME_LENGTH, AdapterRoots, adapter
 from fflora.serving.admission import Admission, Overloaded
 from fflora.serving.api_server import run_server
 from fflora.serving.config import PAGE_SIZE, ServerConfig
-from fflora.serving.memory import memory_estimate
+from fflora.serving.memory import describe_memory, memory_estimate
 from fflora.serving.http_guards import host_of
 
 
@@ -108,3 +108,11 @@ def test_the_memory_estimate_counts_weights_cache_and_a_step():
     assert memory_estimate(model, cfg, runtime=10)["total"] == estimate["total"] + 10
     with_lora = memory_estimate(model, cfg, merged=[model])  # a merged LoRA: weights, a cache and a step of its own
     assert [with_lora[k] for k in ("weights", "kv_cache", "step")] == [2 * estimate[k] for k in ("weights", "kv_cache", "step")]
+    slots = ServerConfig(engine="slots", max_num_seqs=3, max_model_len=100, max_batch_tokens=64)
+    assert memory_estimate(model, slots)["kv_cache"] == 3 * 100 * c.num_hidden_layers * 2 * kv_heads * head_dim * 4
+    assert "3 slots x 100 positions, --max-num-seqs x --max-model-len" in describe_memory(memory_estimate(model, slots),
+                                                                                         slots, model)
+    with pytest.raises(ValueError, match=r"--engine must be one of \['transformers', 'slots'\], got 'vllm'"):
+        ServerConfig(engine="vllm")
+    with pytest.raises(ValueError, match="--max-num-seqs must be >= 1, got 0"):
+        ServerConfig(max_num_seqs=0)

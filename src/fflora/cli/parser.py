@@ -16,7 +16,7 @@ from ..bench.settings import (DISTRIBUTIONS, KINDS, MIXES, BankBenchSettings, Fo
 from ..models.catalog import DEFAULT_MODEL, EMBEDDED
 from ..ops.formats import MODES, WEIGHT_FORMATS
 from ..recipes.settings import COMPARED_METHODS, METHODS, CompareSettings, TrainConfig
-from ..serving.config import ServerConfig
+from ..serving.config import ENGINES, SLOT_LEN_CAP, ServerConfig
 from ..utils.method_names import DEFAULT_METHOD, method_names
 from ..utils.version import __version__
 from .settings import compare_settings, server_config, train_config
@@ -353,6 +353,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests per engine step (default: transformers'; 1 serves one request at a time)")
     p.add_argument("--kv-cache-tokens", type=int, default=d.kv_cache_tokens,
                    help=f"tokens the paged KV cache holds for all running requests (default {d.kv_cache_tokens})")
+    p.add_argument("--engine", default=d.engine, choices=ENGINES,
+                   help="the engine under the server: transformers' continuous batching over a paged KV cache "
+                        "(default), or fflora's own over static KV slots (--max-num-seqs, --max-model-len)")
+    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs,
+                   help=f"--engine slots: requests decoding at once, one KV slot each (default {d.max_num_seqs})")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="--engine slots: positions per slot, prompt and completion (default: the model's, at most "
+                        f"{SLOT_LEN_CAP})")
     p.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens,
                    help=f"new tokens for a chat request that sets no max_tokens (default {d.default_max_tokens})")
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",

@@ -5,5 +5,6 @@ The names below load on first use (`fflora.utils.lazy`): `fflora serve --help` r
 
 from ..utils.lazy import lazy_exports
 
-__getattr__, __dir__ = lazy_exports(__name__, dict.fromkeys(["BankEngine", "sampling_generation_config"], ".engine"))
-__all__ = ["BankEngine", "sampling_generation_config"]
+__getattr__, __dir__ = lazy_exports(__name__, {**dict.fromkeys(["BankEngine", "sampling_generation_config"], ".engine"),
+                                               "SlotEngine": ".slot_engine"})
+__all__ = ["BankEngine", "SlotEngine", "sampling_generation_config"]

@@ -59,7 +59,7 @@ from ..models.footprint import peak_resident_bytes
 from ..utils.sources import say
 from .adapter_policy import AdapterRoots, adapter_name_problem, check_adapter_names
 from .admission import Admission, Overloaded
-from .config import PAGE_SIZE, ServerConfig
+from .config import PAGE_SIZE, SLOT_LEN_CAP, ServerConfig
 from .engine import BankEngine, sampling_generation_config
 from .errors import APIError
 from .http_guards import BodyLimit, HostAllowList, header_deadline_protocol
@@ -69,6 +69,7 @@ from .metrics import CONTENT_TYPE, ServerMetrics
 from .protocol import (ChatCompletionRequest, CompletionRequest, LoadLoRAAdapterRequest, SamplingRequest,
                        UnloadLoRAAdapterRequest)
 from .request_ids import RequestIds, log_config
+from .slot_engine import SlotEngine
 from .text import TextStream
 
 LOG = logging.getLogger("uvicorn.error")  # uvicorn's own log, with the request id on every line
@@ -96,7 +97,7 @@ class OpenAIServing:
         self.engine, self.tokenizer = engine, tokenizer
         self.merged = dict(merged or {})
         self.model_name, self.max_model_len, self.default_max_tokens = model_name, max_model_len, default_max_tokens
-        self.eos = set(_as_list(engine.generation_config.eos_token_id))
+        self.eos = engine.eos_token_ids()
         self.roots = roots or AdapterRoots(enabled=False, roots=[])
         self.admission = admission or Admission(max_requests=128, max_tokens=65536)
         # No token is longer than this many characters, so a text longer than max_model_len times it has
@@ -291,10 +292,6 @@ def _prompt_field(body: SamplingRequest) -> str:
     return "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
 
 
-def _as_list(value) -> list:
-    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
-
-
 def _chunk(body, rid: str, created: int, model: str, delta: str, reason, first: bool) -> dict:
     if isinstance(body, CompletionRequest):
         choice = {"index": 0, "text": delta, "logprobs": None, "finish_reason": reason}
@@ -476,6 +473,21 @@ def build_app(serving: OpenAIServing, start_engine: bool = True, api_keys: list[
     return app
 
 
+def serving_engine(fused: FusedModel, cfg: ServerConfig) -> tuple[BankEngine | SlotEngine, int]:
+    """The engine `cfg.engine` names over `fused`, and the context (prompt plus completion tokens) it serves."""
+    positions = fused.model.config.get_text_config().max_position_embeddings
+    if cfg.engine == "slots":
+        max_len = cfg.max_model_len or min(positions, SLOT_LEN_CAP)
+        return SlotEngine(fused, slots=cfg.max_num_seqs, max_len=max_len, max_batch_tokens=cfg.max_batch_tokens,
+                          max_new_tokens=cfg.default_max_tokens), max_len
+    # transformers sizes the paged KV cache from free accelerator memory; on a CPU that is most of the
+    # RAM (12 GB per server here), so the cache is sized in tokens instead.
+    batching = ContinuousBatchingConfig(max_batch_tokens=cfg.max_batch_tokens, max_requests_per_batch=cfg.max_batch_requests,
+                                        num_blocks=-(-cfg.kv_cache_tokens // PAGE_SIZE), page_size=PAGE_SIZE)
+    engine = BankEngine(fused, sampling_generation_config(fused.model.generation_config), batching)
+    return engine, min(positions, cfg.kv_cache_tokens)
+
+
 def run_server(cfg: ServerConfig) -> None:
     """Load the base model, fuse it with a bank of `cfg.max_adapters`, load `cfg.adapters` (FFBA into the
     bank; LoRA merged into copies of the base, each its own model), print the memory the settings take,
@@ -489,23 +501,17 @@ def run_server(cfg: ServerConfig) -> None:
     check_adapter_names(cfg.adapters, name)  # the model's own name too, now that it is known
     merged = {adapter: merged_lora(model, cfg.adapters[adapter], cfg.weights) for adapter in loras}  # from the plain base
     fused = FusedModel.build(model, max_adapters=cfg.max_adapters, rank_budget=cfg.rank_budget, weights=cfg.weights)
-    # transformers sizes the paged KV cache from free accelerator memory; on a CPU that is most of the
-    # RAM (12 GB per server here), so the cache is sized in tokens instead.
-    batching = ContinuousBatchingConfig(max_batch_tokens=cfg.max_batch_tokens, max_requests_per_batch=cfg.max_batch_requests,
-                                        num_blocks=-(-cfg.kv_cache_tokens // PAGE_SIZE), page_size=PAGE_SIZE)
-    engine = BankEngine(fused, sampling_generation_config(model.generation_config), batching)
-    context = min(model.config.get_text_config().max_position_embeddings, cfg.kv_cache_tokens)
+    engine, context = serving_engine(fused, cfg)
     serving = OpenAIServing(engine, tokenizer, name, context, cfg.default_max_tokens, roots,
                             Admission(cfg.max_queued_requests, cfg.max_queued_tokens),
-                            merged={adapter: BankEngine(m, sampling_generation_config(m.model.generation_config), batching)
-                                    for adapter, m in merged.items()})
+                            merged={adapter: serving_engine(m, cfg)[0] for adapter, m in merged.items()})
     for adapter, path in cfg.adapters.items():
         if adapter not in merged:
             engine.load_adapter(path, adapter, strict=not cfg.allow_base_mismatch)
         serving.metrics.loads.inc()  # counted from start: the --adapter ones too
     if merged:
         say(f"LoRA adapter(s) {', '.join(merged)}: merged into copies of the base weights, one engine each")
-    say(describe_memory(memory_estimate(model, cfg, runtime, [m.model for m in merged.values()]), cfg))
+    say(describe_memory(memory_estimate(model, cfg, runtime, [m.model for m in merged.values()]), cfg, model))
     if not cfg.api_keys and not cfg.loopback:
         say(f"WARNING: serving on {cfg.host} without an API key: anyone who reaches port {cfg.port} can generate"
             + (" and load or unload adapters" if cfg.enable_adapter_loading else "")

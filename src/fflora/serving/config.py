@@ -18,6 +18,10 @@ from ..ops.formats import check_weights
 DEFAULT_MAX_BATCH_TOKENS = 256
 PAGE_SIZE = 256  # tokens per KV-cache page (transformers' default)
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+# The engines under the server: transformers' continuous batching over a paged cache (the default while
+# fflora's own, over static KV slots, is not yet compiled), and fflora's `SlotEngine` (issue 43).
+ENGINES = ("transformers", "slots")
+SLOT_LEN_CAP = 4096  # the slot engine's default positions per slot, where the model takes more
 
 
 @dataclass
@@ -36,6 +40,9 @@ class ServerConfig:
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
     max_batch_requests: int | None = None
     kv_cache_tokens: int = 32768
+    engine: str = "transformers"
+    max_num_seqs: int = 8  # the slot engine's slots: requests decoding at once
+    max_model_len: int | None = None  # the slot engine's positions per slot (None: the model's, at most SLOT_LEN_CAP)
     default_max_tokens: int = 256
     limit_max_requests: int | None = None
     log_level: str = "info"
@@ -53,7 +60,8 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_adapters", "kv_cache_tokens", "default_max_tokens", "max_batch_tokens", "max_batch_requests",
-                     "limit_max_requests", "rank_budget", "max_request_bytes", "max_queued_requests",
+                     "limit_max_requests", "rank_budget", "max_request_bytes", "max_queued_requests", "max_num_seqs",
+                     "max_model_len",
                      "max_queued_tokens", "timeout_keep_alive_s", "header_timeout_s", "shutdown_timeout_s"):
             value, bound = getattr(self, name), "> 0" if name.endswith("timeout_s") and name != "timeout_keep_alive_s" else ">= 1"
             if value is not None and not value > 0:
@@ -61,6 +69,8 @@ class ServerConfig:
         if self.kv_cache_tokens < PAGE_SIZE:
             raise ValueError(f"--kv-cache-tokens {self.kv_cache_tokens} is below one page of the KV cache ({PAGE_SIZE} "
                              f"tokens); give at least {PAGE_SIZE}: it bounds every request's prompt plus completion")
+        if self.engine not in ENGINES:
+            raise ValueError(f"--engine must be one of {list(ENGINES)}, got {self.engine!r}")
         check_weights(self.weights)
         if any(not key.strip() for key in self.api_keys):
             raise ValueError("--api-key must not be empty")

@@ -146,6 +146,11 @@ class BankEngine:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    def eos_token_ids(self) -> set[int]:
+        """The tokens that end a request (its generation config's)."""
+        eos = self.generation_config.eos_token_id
+        return set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+
     def is_running(self) -> bool:
         """True while the generation thread runs (False once stopped, or after an error killed it)."""
         return self.manager.is_running()

@@ -138,6 +138,10 @@ class SlotEngine:
     def is_running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def eos_token_ids(self) -> set[int]:
+        """The tokens that end a request (unless it asks `ignore_eos`)."""
+        return set(self.eos)
+
     def paused(self) -> threading.RLock:
         """Hold the engine between two steps for the `with` block (what adapter loads do; re-entrant)."""
         return self._step_lock
