@@ -1,0 +1,104 @@
+"""The two engines under `fflora serve`, side by side without HTTP (issue 43): transformers' continuous
+batching (`BankEngine`, the default) and fflora's own over static KV slots (`SlotEngine`, eager so far),
+next to `generate` on the same bank model (eager and compiled: the speed the server should reach).
+
+SmolLM2-135M (embedded), float32, a bank of 8 random FFBA r = 8 adapters; 64-token prompts, 64 new
+tokens, greedy, ignore_eos. One stream (adapter a0), then eight streams at once, each on its own adapter.
+Rounds interleave the engines; medians over rounds. Run it with the CPU to itself:
+
+    python benchmarks/serve_engines.py --rounds 3 --out results/serve-engines
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import fflora
+from fflora.bench.serve import make_adapters
+from fflora.serving import BankEngine, SlotEngine
+from fflora.serving.engine import sampling_generation_config
+
+PROMPT, NEW = 64, 64
+
+
+def prompts(count: int, vocab: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randint(10, vocab, (PROMPT,), generator=gen).tolist() for _ in range(count)]
+
+
+def run_engine(engine, streams: int, vocab: int) -> float:
+    """Output tokens per second of `streams` requests at once, each on its own adapter."""
+    ids = prompts(streams, vocab)
+    start = time.perf_counter()
+    rids = [engine.add_request(p, adapter=f"a{i}", max_new_tokens=NEW, ignore_eos=True) for i, p in enumerate(ids)]
+    tokens = sum(len(engine.wait(r).generated_tokens) for r in rids)
+    return tokens / (time.perf_counter() - start)
+
+
+@torch.no_grad()
+def run_generate(fused, streams: int, vocab: int) -> float:
+    ids = torch.tensor(prompts(streams, vocab))
+    start = time.perf_counter()
+    out = fused.generate(ids, attention_mask=torch.ones_like(ids), adapter_names=[f"a{i}" for i in range(streams)],
+                         max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    return streams * (out.shape[1] - PROMPT) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("results/serve-engines"))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    base, _ = fflora.load_base_model()
+    vocab = base.config.vocab_size
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = make_adapters(base, Path(tmp), 8, 8, 0)
+
+        def bank():
+            fused = fflora.FusedModel.build(copy.deepcopy(base), max_adapters=8)
+            for i, path in enumerate(paths):
+                fused.load(f"a{i}", path)
+            return fused
+
+        engines = {"transformers": BankEngine(bank(), sampling_generation_config(base.generation_config)).start(),
+                   "slots": SlotEngine(bank(), slots=8, max_len=256).start()}
+        eager, compiled = bank(), bank()
+        compiled.compile()
+        systems = {**{f"engine {k}": (lambda n, e=e: run_engine(e, n, vocab)) for k, e in engines.items()},
+                   "generate eager": lambda n: run_generate(eager, n, vocab),
+                   "generate compiled": lambda n: run_generate(compiled, n, vocab)}
+        for run in systems.values():  # warm-up (compiles the compiled one for both batch sizes)
+            run(1), run(8)
+        samples = {(name, n): [] for name in systems for n in (1, 8)}
+        for round_ in range(args.rounds):
+            for n in (1, 8):
+                for name, run in systems.items():
+                    samples[name, n].append(run(n))
+                    print(f"round {round_ + 1}: {name}, {n} streams: {samples[name, n][-1]:.1f} tokens/s", flush=True)
+        for engine in engines.values():
+            engine.stop()
+    rows = [{"system": name, "streams": n, "tokens_per_s": statistics.median(v), "rounds": v}
+            for (name, n), v in samples.items()]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "serve-engines.json").write_text(json.dumps({"prompt": PROMPT, "new_tokens": NEW, "rows": rows}, indent=2) + "\n")
+    compiled_one = next(r["tokens_per_s"] for r in rows if r["system"] == "generate compiled" and r["streams"] == 1)
+    lines = ["| system | streams | tokens/s (median) | ms per token per stream | vs generate compiled, 1 stream |",
+             "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['system']} | {r['streams']} | {r['tokens_per_s']:.1f} | {1e3 * r['streams'] / r['tokens_per_s']:.1f} "
+                     f"| {r['tokens_per_s'] / compiled_one:.2f}x |")
+    (args.out / "serve-engines.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
