@@ -23,8 +23,7 @@ SLOT_ATTENTION = "fflora_slots"
 
 class SlotCache:
     """Keys and values of `slots` requests, `max_len` positions each, for every layer of `config`'s
-    model; `lengths[s]`: the positions slot s holds. `rows` and `starts` describe the step in flight
-    (which slot each batch row writes, and the position of its first token)."""
+    model; `lengths[s]`: the positions slot s holds."""
 
     def __init__(self, config, slots: int, max_len: int, dtype: torch.dtype = torch.float32) -> None:
         text = config.get_text_config()
@@ -35,7 +34,6 @@ class SlotCache:
         self.keys, self.values = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
         self.lengths = torch.zeros(slots, dtype=torch.long)
         self.max_len = max_len
-        self.rows = self.starts = None
 
     def free(self, slot: int) -> None:
         """Make `slot` empty for its next request (its old keys are never read: lengths bound every read)."""
@@ -43,21 +41,23 @@ class SlotCache:
 
 
 def slot_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask, scaling=None,
-                   dropout: float = 0.0, slot_cache: SlotCache | None = None, **kwargs) -> tuple[Tensor, None]:
-    """Write this step's keys and values into the rows' slots, then attend over each row's prefix (its
-    earlier positions and this step's up to the query's own). query: rows x heads x tokens x dim;
-    key, value: rows x kv_heads x tokens x dim. Returns rows x tokens x heads x dim, as transformers'
-    attention functions do."""
+                   dropout: float = 0.0, slot_cache: SlotCache | None = None, slot_rows: Tensor | None = None,
+                   slot_starts: Tensor | None = None, **kwargs) -> tuple[Tensor, None]:
+    """Write this step's keys and values into the rows' slots (`slot_rows`, from positions `slot_starts`),
+    then attend over each row's prefix (its earlier positions and this step's up to the query's own).
+    query: rows x heads x tokens x dim; key, value: rows x kv_heads x tokens x dim. Returns rows x tokens
+    x heads x dim, as transformers' attention functions do."""
     cache, layer = slot_cache, module.layer_idx
     tokens = query.shape[2]
-    positions = cache.starts[:, None] + torch.arange(tokens)  # rows x tokens
-    slots = cache.rows[:, None]
+    positions = slot_starts[:, None] + torch.arange(tokens, device=query.device)  # rows x tokens
+    slots = slot_rows[:, None]
     cache.keys[layer][slots, :, positions] = key.transpose(1, 2).to(cache.keys.dtype)
     cache.values[layer][slots, :, positions] = value.transpose(1, 2).to(cache.values.dtype)
     span = int(positions.max()) + 1  # the furthest position any row reads
-    keys = cache.keys[layer][cache.rows, :, :span].to(query.dtype)
-    values = cache.values[layer][cache.rows, :, :span].to(query.dtype)
-    visible = torch.arange(span)[None, None, :] <= positions[:, :, None]  # rows x tokens x span: causal, own prefix
+    window = torch.arange(span, device=query.device)
+    keys = cache.keys[layer][slot_rows, :, :span].to(query.dtype)
+    values = cache.values[layer][slot_rows, :, :span].to(query.dtype)
+    visible = window[None, None, :] <= positions[:, :, None]  # rows x tokens x span: causal, own prefix
     out = F.scaled_dot_product_attention(query, keys, values, attn_mask=visible[:, None], scale=scaling,
                                          enable_gqa=keys.shape[1] != query.shape[1])
     return out.transpose(1, 2).contiguous(), None
@@ -73,6 +73,16 @@ def use_slots(model: nn.Module) -> nn.Module:
     return model
 
 
+def slot_forward(model: nn.Module, cache: SlotCache, rows: Tensor, starts: Tensor, input_ids: Tensor,
+                 **model_kwargs) -> Tensor:
+    """The model over `input_ids` (rows x tokens), row i continuing slot `rows[i]` from position `starts[i]`
+    (its keys and values are written there); the logits of each row's last token (rows x vocab). Reads
+    and sets no Python state (`slot_step` keeps the slots' lengths)."""
+    position_ids = starts[:, None] + torch.arange(input_ids.shape[1], device=input_ids.device)
+    return model(input_ids=input_ids, position_ids=position_ids, slot_cache=cache, slot_rows=rows, slot_starts=starts,
+                 use_cache=False, logits_to_keep=1, **model_kwargs).logits[:, -1]
+
+
 @torch.no_grad()
 def slot_step(model: nn.Module, cache: SlotCache, slots: Tensor, input_ids: Tensor, **model_kwargs) -> Tensor:
     """Run one step: row i of `input_ids` (rows x tokens) continues slot `slots[i]` from the position it
@@ -83,9 +93,6 @@ def slot_step(model: nn.Module, cache: SlotCache, slots: Tensor, input_ids: Tens
     if int(starts.max()) + tokens > cache.max_len:
         raise ValueError(f"a slot holds at most {cache.max_len} positions; this step would reach "
                          f"{int(starts.max()) + tokens}")
-    cache.rows, cache.starts = slots, starts
-    position_ids = starts[:, None] + torch.arange(tokens)
-    logits = model(input_ids=input_ids, position_ids=position_ids, slot_cache=cache, use_cache=False,
-                   logits_to_keep=1, **model_kwargs).logits[:, -1]
+    logits = slot_forward(model, cache, slots, starts, input_ids, **model_kwargs)
     cache.lengths[slots] = starts + tokens
     return logits
