@@ -65,6 +65,10 @@ def test_building_again_returns_the_same_object_or_names_the_fix():
         single.load("a", "anywhere")
     with pytest.raises(ValueError, match="max_adapters must be an integer >= 1, got 0"):
         FusedModel.build(make_model("llama"), max_adapters=0)
+    with pytest.raises(ValueError, match="takes a single fused adapter's modules out; this model has an adapter bank"):
+        fused.drop_training_form()
+    with pytest.raises(ValueError, match="takes a single fused adapter's modules out; this model has no adapter"):
+        single.drop_training_form()
 
 
 @torch.no_grad()

@@ -161,7 +161,7 @@ class FusedModel:
             unfuse_plain(model)
         else:
             self.method.unfuse(model)
-            if registry.adapter_config(model) is None:  # merged and unloaded (`unload_adapter`): the base
+            if registry.adapter_config(model) is None:  # merged and unloaded (`drop_training_form`): the base
                 self.method.remove(model)
         attach(model, None)
         self.bank, self.gemms = None, []
@@ -198,12 +198,12 @@ class FusedModel:
         """The adapters resident in the bank, in load order ([] without a bank)."""
         return [] if self.bank is None else self.bank.names()
 
-    def unload_adapter(self) -> nn.Module:
+    def drop_training_form(self) -> nn.Module:
         """PEFT's merge_and_unload: the fused adapter stays in the GEMMs, its training-form modules (PEFT's
         tuner layers) and parameters leave the model, which no longer carries an adapter (nothing to save
         or train; unfusing gives the plain base model). Returns the model."""
         if self.bank is not None or self.method is None:
-            raise ValueError("unload_adapter takes a single fused adapter's modules out; this model has "
+            raise ValueError("drop_training_form takes a single fused adapter's modules out; this model has "
                              + ("an adapter bank" if self.bank is not None else "no adapter"))
         if registry.adapter_config(self.model) is not None:
             self.method.unload_fused(self.model)

@@ -96,8 +96,8 @@ class AdapterTuner(BaseTuner):
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:
         """The fused model without PEFT's wrapper or tuner layers: same logits, the adapter inside the base
-        GEMMs and nowhere else (`FusedModel.unload_adapter`)."""
-        FusedModel.build(self.model).unload_adapter()
+        GEMMs and nowhere else (`FusedModel.drop_training_form`)."""
+        FusedModel.build(self.model).drop_training_form()
         return self._without_peft_config()
 
     def unload(self) -> nn.Module:
