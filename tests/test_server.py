@@ -100,6 +100,10 @@ def test_models_lists_the_base_model_then_each_adapter(server):
     assert [getattr(m, "parent", None) for m in models] == [None, BASE, BASE, BASE]
     metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
     assert "\nfflora:adapter_loads_total 3.0\n" in metrics  # counted from start: the three --adapter ones
+    if server.engine == "slots":  # idle: all 8 slots free (--max-num-seqs default)
+        assert "\nfflora:kv_slots_used 0.0\n" in metrics and "\nfflora:kv_slots_free 8.0\n" in metrics
+    else:
+        assert "fflora:kv_slots" not in metrics
 
 
 def test_a_lora_adapter_is_served_merged_as_a_model_of_its_own(server):

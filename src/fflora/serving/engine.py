@@ -146,6 +146,10 @@ class BankEngine:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    def kv_usage(self) -> dict[str, int]:
+        """KV-cache usage for `/metrics`: none reported (transformers' paged cache keeps its own books)."""
+        return {}
+
     def eos_token_ids(self) -> set[int]:
         """The tokens that end a request (its generation config's)."""
         eos = self.generation_config.eos_token_id

@@ -284,6 +284,12 @@ class SlotEngine:
         with self._lock:
             return len(self._waiting) + len(self._active)
 
+    def kv_usage(self) -> dict[str, int]:
+        """KV-cache slots in use and free (what `/metrics` reports)."""
+        with self._lock:
+            used = len(self._active)
+        return {"slots_used": used, "slots_free": self.slots - used}
+
     def abort_all(self, message: str) -> int:
         """End every unfinished request with `message` as its error; returns how many."""
         with self._lock:
