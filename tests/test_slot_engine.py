@@ -147,3 +147,16 @@ def test_bad_requests_are_refused_with_what_to_change(saved):
         with pytest.raises(ValueError, match="the prompt is empty"):
             engine.add_request([])
     assert engine.model.config._attn_implementation != "fflora_slots"  # the model's own attention is back
+
+
+@pytest.mark.slow
+def test_compiled_decode_steps_give_each_request_its_adapters_tokens(saved):
+    """Decode steps compiled per bucket (1, 2 and 4 rows here: padding rows in the scratch slot), prompts
+    eager in chunks: the same tokens as each request alone."""
+    adapters = ["ffba", BASE_NAME, "ba"]
+    with SlotEngine(_bank(saved), slots=3, max_len=64, max_batch_tokens=3, eos_token_id=[], compile=True) as engine:
+        ids = [engine.add_request(p, a, max_new_tokens=6) for p, a in zip(PROMPTS, adapters)]
+        outputs = [engine.wait(i).generated_tokens for i in ids]
+        assert engine.bank.step.fixed  # compiled over the bank's whole room
+    for tokens, prompt, adapter in zip(outputs, PROMPTS, adapters):
+        assert tokens == _alone(saved, adapter, prompt, 6), adapter

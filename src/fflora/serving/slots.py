@@ -7,7 +7,10 @@ unchanged (fused or not, any weight format, a bank choosing each row's adapter) 
 implementation set to `SLOT_ATTENTION`: transformers hands each attention layer the step's queries,
 keys and values after the rotary embedding (the positions are each row's own), and `slot_attention`
 writes the keys and values into the rows' slots and attends over each row's prefix. Shapes depend
-only on (rows, tokens per row): the step a bucketed, compiled decode can run.
+only on (rows, tokens per row) and the span of positions read: the step a bucketed, compiled decode
+runs (`serving.slot_engine`). The write is a custom op that mutates the cache in place (`slot_write`):
+written as a plain indexed assignment, a compiled step copied the cache per layer (16 GB at 8 slots x
+256 positions on SmolLM2) where the op writes only the new positions.
 """
 
 from __future__ import annotations
@@ -21,17 +24,30 @@ from transformers.masking_utils import AttentionMaskInterface
 SLOT_ATTENTION = "fflora_slots"
 
 
+@torch.library.custom_op("fflora::slot_write", mutates_args=("cache",))
+def slot_write(cache: Tensor, rows: Tensor, positions: Tensor, values: Tensor) -> None:
+    """cache[rows[i], positions[i, t]] = values[i, t], in place (cache: slots x max_len x kv_heads x dim;
+    positions: rows x tokens; values: rows x tokens x kv_heads x dim)."""
+    cache.index_put_((rows[:, None], positions), values)
+
+
+@slot_write.register_fake
+def _(cache: Tensor, rows: Tensor, positions: Tensor, values: Tensor) -> None:
+    return None
+
+
 class SlotCache:
     """Keys and values of `slots` requests, `max_len` positions each, for every layer of `config`'s
-    model; `lengths[s]`: the positions slot s holds."""
+    model (one tensor per layer: slots x max_len x kv_heads x dim); `lengths[s]`: the positions slot s holds."""
 
     def __init__(self, config, slots: int, max_len: int, dtype: torch.dtype = torch.float32) -> None:
         text = config.get_text_config()
         heads = text.num_attention_heads
         kv_heads = getattr(text, "num_key_value_heads", None) or heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-        shape = (text.num_hidden_layers, slots, kv_heads, max_len, head_dim)
-        self.keys, self.values = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+        shape = (slots, max_len, kv_heads, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype) for _ in range(text.num_hidden_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype) for _ in range(text.num_hidden_layers)]
         self.lengths = torch.zeros(slots, dtype=torch.long)
         self.max_len = max_len
 
@@ -42,21 +58,22 @@ class SlotCache:
 
 def slot_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask, scaling=None,
                    dropout: float = 0.0, slot_cache: SlotCache | None = None, slot_rows: Tensor | None = None,
-                   slot_starts: Tensor | None = None, **kwargs) -> tuple[Tensor, None]:
+                   slot_starts: Tensor | None = None, slot_window: Tensor | None = None, **kwargs) -> tuple[Tensor, None]:
     """Write this step's keys and values into the rows' slots (`slot_rows`, from positions `slot_starts`),
     then attend over each row's prefix (its earlier positions and this step's up to the query's own).
-    query: rows x heads x tokens x dim; key, value: rows x kv_heads x tokens x dim. Returns rows x tokens
-    x heads x dim, as transformers' attention functions do."""
+    query: rows x heads x tokens x dim; key, value: rows x kv_heads x tokens x dim. `slot_window`:
+    `arange(span)` of the positions read (a compiled step takes it as an input of dynamic size; None: up
+    to the furthest position). Returns rows x tokens x heads x dim, as transformers' attention functions do."""
     cache, layer = slot_cache, module.layer_idx
     tokens = query.shape[2]
     positions = slot_starts[:, None] + torch.arange(tokens, device=query.device)  # rows x tokens
-    slots = slot_rows[:, None]
-    cache.keys[layer][slots, :, positions] = key.transpose(1, 2).to(cache.keys.dtype)
-    cache.values[layer][slots, :, positions] = value.transpose(1, 2).to(cache.values.dtype)
-    span = int(positions.max()) + 1  # the furthest position any row reads
-    window = torch.arange(span, device=query.device)
-    keys = cache.keys[layer][slot_rows, :, :span].to(query.dtype)
-    values = cache.values[layer][slot_rows, :, :span].to(query.dtype)
+    keys, values = cache.keys[layer], cache.values[layer]
+    slot_write(keys, slot_rows, positions, key.transpose(1, 2).to(keys.dtype))
+    slot_write(values, slot_rows, positions, value.transpose(1, 2).to(values.dtype))
+    window = torch.arange(int(positions.max()) + 1, device=query.device) if slot_window is None else slot_window
+    span = window.shape[0]
+    keys = keys[slot_rows, :span].transpose(1, 2).to(query.dtype)  # rows x kv_heads x span x dim
+    values = values[slot_rows, :span].transpose(1, 2).to(query.dtype)
     visible = window[None, None, :] <= positions[:, :, None]  # rows x tokens x span: causal, own prefix
     out = F.scaled_dot_product_attention(query, keys, values, attn_mask=visible[:, None], scale=scaling,
                                          enable_gqa=keys.shape[1] != query.shape[1])
@@ -74,13 +91,14 @@ def use_slots(model: nn.Module) -> nn.Module:
 
 
 def slot_forward(model: nn.Module, cache: SlotCache, rows: Tensor, starts: Tensor, input_ids: Tensor,
-                 **model_kwargs) -> Tensor:
+                 window: Tensor | None = None, **model_kwargs) -> Tensor:
     """The model over `input_ids` (rows x tokens), row i continuing slot `rows[i]` from position `starts[i]`
     (its keys and values are written there); the logits of each row's last token (rows x vocab). Reads
-    and sets no Python state (`slot_step` keeps the slots' lengths)."""
+    and sets no Python state (`slot_step` keeps the slots' lengths): what a compiled step runs (`window`:
+    see `slot_attention`)."""
     position_ids = starts[:, None] + torch.arange(input_ids.shape[1], device=input_ids.device)
     return model(input_ids=input_ids, position_ids=position_ids, slot_cache=cache, slot_rows=rows, slot_starts=starts,
-                 use_cache=False, logits_to_keep=1, **model_kwargs).logits[:, -1]
+                 slot_window=window, use_cache=False, logits_to_keep=1, **model_kwargs).logits[:, -1]
 
 
 @torch.no_grad()
