@@ -27,6 +27,7 @@ from transformers import ContinuousBatchingConfig, GenerationConfig
 
 from ..fastpath.compile import engine_compile_settings
 from ..methods import BASE_NAME, FusedModel
+from .outputs import until_finished
 
 # Greedy requests keep only the top token (exact argmax) instead of switching the engine out of
 # sampling mode, which transformers' engine sets once for all requests.
@@ -286,16 +287,7 @@ class BankEngine:
             raise KeyError(f"no request {request_id!r} to read: unknown, already read to the end, or one that "
                            "`stream` runs")
         try:
-            while True:
-                try:
-                    output = outputs.get(timeout=timeout_s)
-                except queue.Empty:
-                    if self.is_running():
-                        continue
-                    return
-                yield output
-                if output.is_finished():
-                    return
+            yield from until_finished(outputs, self.is_running, timeout_s)
         finally:
             self._release(request_id)
 

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from ..fastpath.compile import engine_compile_settings
 from ..methods import BASE_NAME, FusedModel
+from .outputs import until_finished
 from .slots import SLOT_ATTENTION, SlotCache, slot_forward, slot_step
 
 DEFAULT_SLOTS = 8
@@ -238,16 +239,7 @@ class SlotEngine:
         if outputs is None:
             raise KeyError(f"no request {request_id!r} to read: unknown, or already read to the end")
         try:
-            while True:
-                try:
-                    output = outputs.get(timeout=timeout_s)
-                except queue.Empty:
-                    if self.is_running():
-                        continue
-                    return
-                yield output
-                if output.is_finished():
-                    return
+            yield from until_finished(outputs, self.is_running, timeout_s)
         finally:
             with self._lock:
                 self._outputs.pop(request_id, None)
