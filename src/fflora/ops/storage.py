@@ -7,7 +7,7 @@ rows or columns, read base rows back, run the GEMM over the whole matrix or a le
 
     DenseStorage   the whole matrix in the model's dtype: one GEMM, laid out as a GEMM plan says
                    (`fflora.ops.gemm`, `fflora.fastpath.plan`)
-    Int8Storage    the base rows weight-only int8, one scale per row (`fflora.ops.int8`)
+    Int8Storage    every row weight-only int8, one scale per row (`fflora.ops.int8`)
     Int4Storage    the base rows weight-only int4, groups of 32 along the input (`fflora.ops.int4`)
 
 The quantized formats (`QuantizedStorage`) keep an adapter's columns in float32 beside the quantized
