@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..methods import FFBAConfig, adapter_state_dict, apply_adapter, bank_of, fuse
+from ..methods import FFBAConfig, FusedModel, adapter_state_dict, apply_adapter, fuse
 from ..recipes.budget import LORA_TARGETS, match_lora_rank
 from ..utils.sources import say
 from .latency import _median_spread, _randomize, write_results
@@ -190,9 +190,9 @@ def run_bank_bench(base: nn.Module, settings: BankBenchSettings) -> dict:
     say(f"building {most} FFBA r={settings.rank} and {most} LoRA r={lora_rank} adapters")
     states = ffba_states(base, config, most, settings.seed)
     peft_model = peft_with_adapters(base, lora_rank, most, settings.seed)
-    bank_model = fuse(copy.deepcopy(base), max_adapters=most, rank_budget=settings.rank * most)
+    bank = FusedModel.build(copy.deepcopy(base), max_adapters=most, rank_budget=settings.rank * most)
     runners = {"fused_base": _Runner(fuse(copy.deepcopy(base)).eval(), "fused_base"),
-               "bank": _Runner(bank_model.eval(), "bank"), "peft_mixed": _Runner(peft_model, "peft_mixed")}
+               "bank": _Runner(bank.model.eval(), "bank"), "peft_mixed": _Runner(peft_model, "peft_mixed")}
     rng = random.Random(settings.seed)
     cells = []
     progress = tqdm(list(_cells(settings)), desc="bank bench", unit="cell")
@@ -200,7 +200,7 @@ def run_bank_bench(base: nn.Module, settings: BankBenchSettings) -> dict:
     for resident, batch, mix in progress:
         if loaded != resident:  # the bank and the gather stacks hold K adapters; PEFT holds all of them
             for k in range(loaded, resident):
-                bank_of(bank_model).add(f"ffba{k}", config, states[k])
+                bank.add(f"ffba{k}", config, states[k])
             runners["gather_lora"] = _Runner(gather_lora_from_peft(base, peft_model, [f"a{k}" for k in range(resident)]),
                                              "gather_lora")
             loaded = resident

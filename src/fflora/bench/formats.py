@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..fastpath.compile import compile_generation
-from ..methods import FFBAConfig, bank_of, compile_decode, fuse, load_adapter, plan_gemms, select_adapters
+from ..methods import FFBAConfig, FusedModel, compile_decode, fuse, load_adapter, plan_gemms, select_adapters
 from ..models.base_models import embedded_gguf
 from ..models.catalog import embedded
 from ..models.footprint import tensor_bytes
@@ -100,11 +100,11 @@ def build_model(base: nn.Module, weights: str, kind: str, settings: FormatsBench
     """A deep copy of `base` as `kind` in `weights` (a peer's weights cast to that dtype)."""
     if kind == "bank_fused":
         config = FFBAConfig(r=settings.rank, alpha=2 * settings.rank)
-        model = fuse(copy.deepcopy(base), max_adapters=BANK_ADAPTERS, rank_budget=BANK_ADAPTERS * settings.rank,
-                     weights=weights)
+        fused = FusedModel.build(copy.deepcopy(base), max_adapters=BANK_ADAPTERS, rank_budget=BANK_ADAPTERS * settings.rank,
+                                 weights=weights)
         for k, state in enumerate(ffba_states(base, config, BANK_ADAPTERS, settings.seed)):
-            bank_of(model).add(f"ffba{k}", config, state)
-        return model.eval()
+            fused.add(f"ffba{k}", config, state)
+        return fused.model.eval()
     model = copy.deepcopy(base)
     if kind in PEER_KINDS:
         if kind == "lora_unmerged_compiled":

@@ -107,9 +107,7 @@ class FusedModel:
                              "adapters); fuse this model without max_adapters")
         carried = (registry.adapter_config(model), adapter_state_dict(model)) if carried_method is not None else None
         remove_adapter(model)
-        fused = cls(model, bank_method)
-        fused.bank = bank_method.build_bank(model, max_adapters, budget)
-        fused.gemms = gemm_modules(model)
+        fused = cls(model, bank_method, bank_method.build_bank(model, max_adapters, budget))
         attach(model, fused)
         try:
             fused._convert(weights, keep=set())
