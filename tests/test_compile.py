@@ -43,7 +43,7 @@ def test_a_projection_called_outside_its_decoder_layer_is_refused():
     with pytest.raises(RuntimeError, match="an FFBA projection was called outside its decoder layer"):
         model.model.layers[1].self_attn.q_proj(x)  # training form
     fflora.fuse(model)
-    with pytest.raises(RuntimeError, match="an FFBA projection was called outside its decoder layer"):
+    with pytest.raises(RuntimeError, match="an FFBA projection was called outside its model's forward pass"):
         model.model.layers[1].self_attn.q_proj(x)
 
 

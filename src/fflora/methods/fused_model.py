@@ -52,11 +52,12 @@ class FusedModel:
     every fused GEMM module; weights: their format; dtype: the model's dtype before fusing; fingerprint:
     the base weights' fingerprint from before quantizing (None: computed from the weights); gemm_mode
     and planned: the GEMM plan (`plan`) and the modules it changed; compiled: the generation settings
-    from before `compile` (None: not compiled)."""
+    from before `compile` (None: not compiled); fused_form: what the method's single-adapter fused form
+    keeps to refresh it (`Method.fuse`; FFBA: a one-adapter bank, not for loading into)."""
 
-    def __init__(self, model: nn.Module, method: Method | None, bank=None) -> None:
+    def __init__(self, model: nn.Module, method: Method | None, bank=None, fused_form=None) -> None:
         """Record a model that `build` just fused; use `build`, which fuses."""
-        self.model, self.method, self.bank = model, method, bank
+        self.model, self.method, self.bank, self.fused_form = model, method, bank, fused_form
         self.gemms = gemm_modules(model)
         self.weights, self.dtype, self.fingerprint = "float32", torch.float32, None
         self.gemm_mode, self.planned = "standard", []
@@ -89,11 +90,8 @@ class FusedModel:
             return cls._build_bank(model, max_adapters, rank_budget, weights)
         method = registry.method_of(model)
         embedding_grad_hook(model, on=False)
-        if method is None:
-            fuse_plain(model)
-        else:
-            method.fuse(model)
-        fused = cls(model, method)
+        fused_form = fuse_plain(model) if method is None else method.fuse(model, registry.adapter_config(model))
+        fused = cls(model, method, fused_form=fused_form)
         attach(model, fused)
         fused._convert(weights, keep=set(map(id, adapter_parameters(model).values())))
         return fused
@@ -162,7 +160,7 @@ class FusedModel:
             if registry.adapter_config(model) is None:  # merged and unloaded (`drop_training_form`): the base
                 self.method.remove(model)
         attach(model, None)
-        self.bank, self.gemms = None, []
+        self.bank, self.fused_form, self.gemms = None, None, []
         if registry.adapter_config(model) is not None:  # the adapter trains again
             embedding_grad_hook(model, on=True)
         return model
@@ -209,9 +207,10 @@ class FusedModel:
         return self.model
 
     def refresh(self) -> None:
-        """After the parameters of the adapter fused in (not a bank's) changed, rewrite its rows and columns."""
-        if self.method is not None and self.bank is None:
-            self.method.refresh_fused(self.model)
+        """After the parameters of the adapter fused in (not a bank's) changed, rewrite its rows and columns
+        (nothing to do once `drop_training_form` took them out)."""
+        if self.method is not None and self.bank is None and registry.adapter_config(self.model) is not None:
+            self.method.refresh_fused(self.model, self.fused_form)
 
     def _require_bank(self):
         if self.bank is None:

@@ -60,16 +60,19 @@ class Method(ABC):
     # --- fused form ---
 
     @abstractmethod
-    def fuse(self, model: nn.Module) -> None:
-        """Install the fused GEMMs (`fflora.methods.fused`) in every sub-block, the adapter written into them."""
+    def fuse(self, model: nn.Module, config):
+        """Install the fused GEMMs (`fflora.methods.fused`) in every sub-block, the adapter (configured by
+        `config`) written into them; returns what the fused form keeps to refresh it (FFBA: its
+        one-adapter bank), or None. The `FusedModel` holds it and hands it to `refresh_fused`."""
 
     @abstractmethod
     def unfuse(self, model: nn.Module) -> None:
         """Back to the training form: the base nn.Linear modules rebuilt bit for bit, the adapter around them."""
 
     @abstractmethod
-    def refresh_fused(self, model: nn.Module) -> None:
-        """After the adapter's parameters changed in a fused model, rewrite its rows/columns in place."""
+    def refresh_fused(self, model: nn.Module, fused_form) -> None:
+        """After the adapter's parameters changed in a fused model, rewrite its rows/columns in place
+        (`fused_form`: what `fuse` returned)."""
 
     @abstractmethod
     def unload_fused(self, model: nn.Module) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..methods import adapter_folder, fuse, load_adapter, registry
+from ..methods import adapter_folder, adapter_state_dict, fuse, load_adapter, registry
 from ..models.architectures import sub_blocks
 from ..models.base_models import load_base_model, model_source
 from ..utils.files import atomic_write, atomic_write_text
@@ -64,13 +64,18 @@ def export_vllm(adapter: str | os.PathLike, output: str | os.PathLike, model: st
         raise ValueError(f"{adapter} is a {method.name if method else 'no'} adapter; vLLM takes FFBA adapters "
                          "(zFLoRA: see docs/vllm.md)")
     phi = registry.adapter_config(base).phi
+    weights = adapter_state_dict(base)  # canonical keys: the adapter's ranks are its matrices' sizes
+
+    def rank(key: str, dim: int) -> int:
+        return weights[key].shape[dim] if key in weights else 0
+
     fuse(base)
     tensors, layers = {}, [{} for _ in range(base.config.num_hidden_layers)]
     for index, _, name, spec, holder in sub_blocks(base):
         group, out = holder.ffba_fused_inputs, getattr(holder, spec.output)
         # the adapter's ranks, and each GEMM's extra rows and columns (the ranks, zero-padded)
-        layers[index][name] = {"fa": getattr(group, "fa_rank", 0), "ba_in": getattr(group, "ba_in_rank", 0),
-                               "ba_out": getattr(out, "ba_out_rank", 0),
+        key = f"layers.{index}.{name}."
+        layers[index][name] = {"fa": rank(key + "fa_down", 0), "ba_in": rank(key + "ba_up", 1), "ba_out": rank(key + "ba_down", 0),
                                "in_rows": group.n_rows - group.base_rows, "in_cols": group.n_cols - group.d_in,
                                "out_rows": out.n_rows - out.d_out, "out_cols": out.n_cols - out.d_core}
         inputs, output_gemm = VLLM_GEMMS[name]

@@ -48,8 +48,6 @@ from .adapter import PHI
 from .config import FFBAConfig
 from .model import sub_block_ranks
 
-DEFAULT_MAX_ADAPTERS = 8
-DEFAULT_RANK_PER_ADAPTER = 16  # default rank budget per space: max_adapters * this
 SPACES = ("fa.attn", "fa.mlp", "ba.attn", "ba.mlp")
 _PREVIOUS = {"attn": "mlp", "mlp": "attn"}  # whose BA arrives at a sub-block's inputs
 
@@ -150,17 +148,23 @@ class _BankGemm:
 
     row_space: str
     col_space: str
-    step: BankStep  # the bank's, shared by all its GEMMs (set by build_bank)
+    step: BankStep  # the bank's, shared by all its GEMMs (set by AdapterBank)
 
     def bank_gemm(self, x: Tensor) -> tuple[BankSelection | None, Tensor, int]:
         """(the current selection, the GEMM's output, the width of its row window)."""
         sel = self.step.current()
         rows = sel.windows[self.row_space] if sel is not None and self.row_room else 0
         cols = sel.windows[self.col_space] if sel is not None and self.col_room else 0
-        inp = torch.cat([x, sel.pending.pop(self.col_space)], dim=-1) if cols else x
+        if cols:
+            arriving = sel.pending.pop(self.col_space, None)
+            if arriving is None:
+                raise RuntimeError("an FFBA projection was called outside its model's forward pass (it takes the "
+                                   "adapter activations of the sub-block before it); call the model, not a layer "
+                                   "or a projection on its own")
+            x = torch.cat([x, arriving], dim=-1)
         if self.step.fixed:  # the whole matrix, as a compiled step traces it (no cached window views)
-            return sel, self.gemm(zero_padded([inp], self.n_cols))[..., : self.base_size[0] + rows], rows
-        return sel, self.gemm(inp, self.base_size[0] + rows, self.base_size[1] + cols), rows
+            return sel, self.gemm(zero_padded([x], self.n_cols))[..., : self.base_size[0] + rows], rows
+        return sel, self.gemm(x, self.base_size[0] + rows, self.base_size[1] + cols), rows
 
 
 class BankInputProjections(_BankGemm, FusedInputProjections):
@@ -204,11 +208,14 @@ class AdapterBank:
     Not an nn.Module: the fused GEMM modules it writes into are registered where the projections
     were, once. Use it through `fflora.load_adapter(..., adapter_name=)`, `delete_adapter`,
     `list_adapters`, the `adapter_names=` argument of forward/generate and `select_adapters`.
+    `room[space]`: the rank each rank space holds (a bank built by `build_bank`: `rank_budget` in
+    each; FFBA's single fused form: its one adapter's ranks, `ffba.fused`).
     """
 
-    def __init__(self, model: nn.Module, max_adapters: int, rank_budget: int) -> None:
+    def __init__(self, model: nn.Module, max_adapters: int, room: dict[str, int]) -> None:
         self.max_adapters = max_adapters
-        self.rank_budget = rank_budget
+        self.room = room
+        self.rank_budget = max(room.values())
         self.num_layers = len(decoder_layers(model))
         # (layer index, sub-block name, input GEMM, output GEMM) of every sub-block.
         self.blocks = [(i, name, holder.ffba_fused_inputs, getattr(holder, spec.output))
@@ -309,20 +316,29 @@ class AdapterBank:
         wrong = [f"{k}: {tuple(state[k].shape)} != {shape}" for k, shape in expected.items() if tuple(state[k].shape) != shape]
         if wrong:
             raise ValueError(f"the adapter weights at {where} have wrong shapes ({'; '.join(wrong[:4])}); save the adapter again")
-        kept = self.blocks[0][2].storage_dtype
-        entry = BankEntry(config, {k: v.detach().to(self.device, kept) for k, v in state.items()},
-                          adapter_space_ranks(config))
-        used = {s: sum(e.ranks[s] for e in self.entries.values()) for s in SPACES}
-        over = [f"{s}: {used[s]} used + {entry.ranks[s]} > {self.rank_budget}" for s in SPACES
-                if used[s] + entry.ranks[s] > self.rank_budget]
+        entry = BankEntry(config, self._kept(state), adapter_space_ranks(config))
+        used = self.rank_used()
+        over = [f"{s}: {used[s]} used + {entry.ranks[s]} > {self.room[s]}" for s in SPACES
+                if used[s] + entry.ranks[s] > self.room[s]]
         if over:
             raise ValueError(f"the adapter bank has no room for {name!r} ({'; '.join(over)}); delete an adapter or "
                              "fuse with a larger rank_budget")
-        if any(self._reach(self.entries, s) + entry.ranks[s] > self.rank_budget for s in SPACES):
+        if any(self._reach(self.entries, s) + entry.ranks[s] > self.room[s] for s in SPACES):
             self._arrange(list(self.entries))  # holes left by deleted adapters: pack the others first
         entry.offsets = {s: self._reach(self.entries, s) for s in SPACES}
         self.entries[name] = entry
         self._write(entry)
+
+    def rewrite(self, name: str, state: dict[str, Tensor]) -> None:
+        """New weights (same shapes) for the resident adapter `name`, written where it sits."""
+        entry = self.entry(name)
+        entry.state = self._kept(state)
+        self._write(entry)
+
+    def _kept(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A copy of `state` as the bank keeps it (on its device, in the precision its GEMMs are written from)."""
+        kept = self.blocks[0][2].storage_dtype
+        return {k: v.detach().to(self.device, kept, copy=True) for k, v in state.items()}
 
     def _reach(self, names: Sequence[str], space: str) -> int:
         """Where the furthest of `names` ends in `space` (their window must reach that far; for all
@@ -404,14 +420,17 @@ class AdapterBank:
         else:
             token_ids = ids[:, None]  # (rows, 1): one adapter per row
         windows, masks, fa_phi = {}, {}, {}
-        uniform = len(present) == 1 and BASE_NAME not in names
+        # One adapter for every token, in a bank whose windows cannot change under it (an unfixed one, or a
+        # one-adapter bank: fixed windows over a bank that will hold more keep their masks, one graph for all)
+        uniform = len(present) == 1 and BASE_NAME not in names and (not fixed or self.max_adapters == 1)
         for s in SPACES:
             reach = self._reach(present, s)
-            width = self.rank_budget if fixed else min(_round_up(reach), self.rank_budget)
+            width = self.room[s] if fixed else min(_round_up(reach), self.room[s])
             windows[s] = width
             if not width:
                 continue
-            if uniform and not fixed and width == reach and self.entries[present[0]].offsets[s] == 0:  # it fills the window
+            alone = width == reach or self.max_adapters == 1  # the rest of the window can only be zeros (alignment)
+            if uniform and alone and self.entries[present[0]].offsets[s] == 0:  # it fills the window
                 masks[s] = None
                 phi = self.entries[present[0]].config.phi
                 if s.startswith("fa.") and phi != "identity":
@@ -458,20 +477,28 @@ def _bank_model_class(base_cls: type) -> type:
     return type(f"FFBABank{base_cls.__name__}", (base_cls,), {BASE: base_cls, "forward": forward, "generate": generate})
 
 
-def build_bank(model: nn.Module, max_adapters: int, rank_budget: int) -> AdapterBank:
-    """Fuse a plain base model with room for `max_adapters` adapters of total rank `rank_budget` per rank
-    space (a multiple of ALIGN); returns the (empty) bank. `fflora.fuse(model, max_adapters=K)` checks
-    its arguments and the model first."""
+def install_bank(model: nn.Module, max_adapters: int, room: dict[str, int]) -> AdapterBank:
+    """Put a bank's fused GEMMs in every sub-block, `room[space]` (a multiple of ALIGN) reserved for each
+    rank space; returns the (empty) bank."""
     last = len(decoder_layers(model)) - 1
     for i, _, name, spec, holder in sub_blocks(model):
-        ba_in_room = rank_budget if (name == "mlp" or i > 0) else 0  # layer 0's attention has no BA arriving
-        ba_out_room = rank_budget if (name == "attn" or i < last) else 0  # the last MLP has no successor
+        ba_in_room = room[f"ba.{_PREVIOUS[name]}"] if (name == "mlp" or i > 0) else 0  # none arrives at layer 0
+        ba_out_room = room[f"ba.{name}"] if (name == "attn" or i < last) else 0  # the last MLP has no successor
+        fa_room = room[f"fa.{name}"]
         group = BankInputProjections([unwrap(getattr(holder, p)) for p in spec.inputs], name,
-                                     extra_rows=rank_budget, extra_cols=ba_in_room)
-        output = BankOutputProjection(unwrap(getattr(holder, spec.output)), name, extra_rows=ba_out_room, extra_cols=rank_budget)
+                                     extra_rows=fa_room, extra_cols=ba_in_room)
+        output = BankOutputProjection(unwrap(getattr(holder, spec.output)), name, extra_rows=ba_out_room, extra_cols=fa_room)
         install_fused(holder, spec, group, output)
+    return AdapterBank(model, max_adapters, room)
+
+
+def build_bank(model: nn.Module, max_adapters: int, rank_budget: int) -> AdapterBank:
+    """Fuse a plain base model with room for `max_adapters` adapters of total rank `rank_budget` per rank
+    space (a multiple of ALIGN), and `adapter_names=` on its forward and generate; returns the (empty)
+    bank. `fflora.fuse(model, max_adapters=K)` checks its arguments and the model first."""
+    bank = install_bank(model, max_adapters, dict.fromkeys(SPACES, rank_budget))
     extend(model, _bank_model_class(type(model)))
-    return AdapterBank(model, max_adapters, rank_budget)
+    return bank
 
 
 def unfuse_bank(model: nn.Module) -> None:

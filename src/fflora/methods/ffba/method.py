@@ -6,13 +6,12 @@ from __future__ import annotations
 from torch import nn
 
 from ...models.architectures import projection_dims
-from ..fused import refresh_adapters
 from ..interface import Method
 from ..layers import canonical_sub_block_key
 from .bank import build_bank, unfuse_bank
 from .config import FFBA_PEFT_TYPE, FFBAConfig
-from .fused import fuse_ffba, unfuse_ffba
-from .model import adapter_of, attach_ffba, detach_ffba, ffba_parameters, unload_fused_ffba
+from .fused import fuse_ffba, refresh_ffba, unfuse_ffba
+from .model import attach_ffba, detach_ffba, ffba_parameters, unload_fused_ffba
 
 
 def ffba_parameter_count(hf_config, cfg: FFBAConfig) -> int:
@@ -59,14 +58,14 @@ class FFBA(Method):
     def parameter_count(self, hf_config, config: FFBAConfig) -> int:
         return ffba_parameter_count(hf_config, config)
 
-    def fuse(self, model: nn.Module) -> None:
-        fuse_ffba(model)
+    def fuse(self, model: nn.Module, config: FFBAConfig):
+        return fuse_ffba(model, config)
 
     def unfuse(self, model: nn.Module) -> None:
         unfuse_ffba(model)
 
-    def refresh_fused(self, model: nn.Module) -> None:
-        refresh_adapters(model, adapter_of)
+    def refresh_fused(self, model: nn.Module, fused_form) -> None:
+        refresh_ffba(model, fused_form)
 
     def unload_fused(self, model: nn.Module) -> None:
         unload_fused_ffba(model)

@@ -54,13 +54,13 @@ class ZFLoRA(Method):
     def parameter_count(self, hf_config, config: ZFLoRAConfig) -> int:
         return zflora_parameter_count(hf_config, config)
 
-    def fuse(self, model: nn.Module) -> None:
+    def fuse(self, model: nn.Module, config: ZFLoRAConfig) -> None:
         fuse_zflora(model)
 
     def unfuse(self, model: nn.Module) -> None:
         unfuse_zflora(model)
 
-    def refresh_fused(self, model: nn.Module) -> None:
+    def refresh_fused(self, model: nn.Module, fused_form) -> None:
         refresh_adapters(model, adapter_of)
 
     def unload_fused(self, model: nn.Module) -> None:
