@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow test-vllm demo bench-peers clean
+.PHONY: install test test-slow test-vllm vllm-venv demo bench-peers clean
 
 install: $(STAMP)
 
@@ -21,7 +21,7 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
-# FFBA inside vLLM: vLLM's CPU build in a venv of its own (it pins this same torch and an older transformers,
+# FFBA inside vLLM, and vLLM as the peer of `fflora bench serve`: vLLM's CPU build in a venv of its own (it pins this same torch and an older transformers,
 # ~3.5 GB, a few minutes once), fflora installed into it, then the tests marked vllm. Its torchvision /
 # torchaudio / torchcodec from the index are CUDA builds that break `import transformers`: text needs none.
 VLLM_VENV := .venv-vllm
@@ -35,6 +35,8 @@ $(VLLM_STAMP): pyproject.toml
 	$(VLLM_VENV)/bin/pip install --disable-pip-version-check -q -c $(VLLM_VENV)/constraints.txt -e '.[vllm]' \
 		peft==0.21.2 pytest
 	touch $@
+
+vllm-venv: $(VLLM_STAMP)
 
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/test_vllm.py

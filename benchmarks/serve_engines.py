@@ -1,10 +1,12 @@
-"""The two engines under `fflora serve`, side by side without HTTP (issue 43): transformers' continuous
-batching (`BankEngine`, the default) and fflora's own over static KV slots (`SlotEngine`, eager so far),
-next to `generate` on the same bank model (eager and compiled: the speed the server should reach).
+"""The engine under `fflora serve` (`SlotEngine`, eager; with --compiled-slots also compiled) without HTTP,
+next to `generate` on the same bank model, eager and compiled: the speed the server should reach (issue 43).
+(The first run, in results/serve-engines/, also had transformers' continuous batching, the server's engine
+until the slots replaced it.)
 
-SmolLM2-135M (embedded), float32, a bank of 8 random FFBA r = 8 adapters; 64-token prompts, 64 new
-tokens, greedy, ignore_eos. One stream (adapter a0), then eight streams at once, each on its own adapter.
-Rounds interleave the engines; medians over rounds. Run it with the CPU to itself:
+SmolLM2-135M (embedded), a bank of 8 random FFBA r = 8 adapters in the --weights format (float32 by
+default); 64-token prompts, 64 new tokens, greedy, ignore_eos. One stream (adapter a0), then eight streams
+at once, each on its own adapter. Rounds interleave the systems; medians over rounds. Run it with the CPU
+to itself:
 
     python benchmarks/serve_engines.py --rounds 3 --out results/serve-engines
 """
@@ -23,8 +25,7 @@ import torch
 
 import fflora
 from fflora.bench.serve import make_adapters
-from fflora.serving import BankEngine, SlotEngine
-from fflora.serving.engine import sampling_generation_config
+from fflora.serving import SlotEngine
 
 PROMPT, NEW = 64, 64
 
@@ -56,6 +57,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("results/serve-engines"))
+    parser.add_argument("--weights", default="float32", help="the bank's weight format (float32, bfloat16, int8, int4)")
+    parser.add_argument("--compiled-slots", action="store_true",
+                        help="also the slot engine with compiled decode steps (in one process with other models it grew past 16 GB once: see serve_slots_compiled.py)")
     args = parser.parse_args()
     torch.manual_seed(0)
     base, _ = fflora.load_base_model()
@@ -64,13 +68,14 @@ def main() -> None:
         paths = make_adapters(base, Path(tmp), 8, 8, 0)
 
         def bank():
-            fused = fflora.FusedModel.build(copy.deepcopy(base), max_adapters=8)
+            fused = fflora.FusedModel.build(copy.deepcopy(base), max_adapters=8, weights=args.weights)
             for i, path in enumerate(paths):
                 fused.load(f"a{i}", path)
             return fused
 
-        engines = {"transformers": BankEngine(bank(), sampling_generation_config(base.generation_config)).start(),
-                   "slots": SlotEngine(bank(), slots=8, max_len=256).start()}
+        engines = {"slots": SlotEngine(bank(), slots=8, max_len=256).start()}
+        if args.compiled_slots:
+            engines["slots compiled"] = SlotEngine(bank(), slots=8, max_len=256, compile=True).start()
         eager, compiled = bank(), bank()
         compiled.compile()
         systems = {**{f"engine {k}": (lambda n, e=e: run_engine(e, n, vocab)) for k, e in engines.items()},
@@ -89,7 +94,8 @@ def main() -> None:
     rows = [{"system": name, "streams": n, "tokens_per_s": statistics.median(v), "rounds": v}
             for (name, n), v in samples.items()]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "serve-engines.json").write_text(json.dumps({"prompt": PROMPT, "new_tokens": NEW, "rows": rows}, indent=2) + "\n")
+    result = {"prompt": PROMPT, "new_tokens": NEW, "weights": args.weights, "rows": rows}
+    (args.out / "serve-engines.json").write_text(json.dumps(result, indent=2) + "\n")
     compiled_one = next(r["tokens_per_s"] for r in rows if r["system"] == "generate compiled" and r["streams"] == 1)
     lines = ["| system | streams | tokens/s (median) | ms per token per stream | vs generate compiled, 1 stream |",
              "|---|---:|---:|---:|---:|"]

@@ -7,7 +7,7 @@ with the CPU to itself:
     for round in 1 2; do for c in 0 1; do for s in 1 8; do
       python benchmarks/serve_slots_compiled.py --compile $c --streams $s >> /tmp/slots.jsonl; done; done; done
 
-(Run in one process next to `BankEngine` and `generate` models, as `serve_engines.py` runs its systems, the
+(Run in one process next to transformers' engine and `generate` models, as `serve_engines.py` then ran its systems, the
 compiled slot engine grew past 16 GB; alone it stays near 2 GB. Not understood yet, hence a process each.)
 """
 

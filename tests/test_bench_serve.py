@@ -8,7 +8,9 @@ from fflora.bench.serve import (
     check_serve_target,
     format_serve_table,
     run_serve_bench,
+    serve_systems,
     summarize,
+    vllm_peer,
     workload,
     write_serve_bench,
 )
@@ -57,9 +59,33 @@ def test_bad_settings_are_refused(kwargs, message):
         ServeBenchSettings(**kwargs)
 
 
+def test_the_vllm_peers_serve_the_base_model_and_as_many_loras_as_adapters(tiny_model_dir, tmp_path):
+    settings = ServeBenchSettings(prompt_len=(32, 600), output_len=(16, 64), rank=4, vllm_python="/venv/bin/python")
+    adapters, loras = [tmp_path / "a0", tmp_path / "a1"], [tmp_path / "l0", tmp_path / "l1"]
+    systems = {s.name: s for s in serve_systems(settings, str(tiny_model_dir), adapters, tiny_model_dir, loras)}
+    assert list(systems) == ["batched", "one_at_a_time", "vllm_base", "vllm_lora"]
+    assert [systems["batched"].model(1), systems["vllm_base"].model(1), systems["vllm_lora"].model(1)] == ["a1", "base", "l1"]
+    assert systems["batched"].program is None and systems["one_at_a_time"].args[-2:] == ["--max-num-seqs", "1"]
+    assert systems["vllm_base"].program == ["/venv/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
+    base = systems["vllm_base"].args
+    assert base[base.index("--dtype") + 1] == "float32" and base[base.index("--max-model-len") + 1] == "664"
+    lora = systems["vllm_lora"].args
+    assert lora[len(base):] == ["--enable-lora", "--max-loras", "2", "--max-lora-rank", "4", "--lora-modules",
+                                f"l0={loras[0]}", f"l1={loras[1]}"]
+    assert [s.name for s in serve_systems(settings, None, adapters)] == ["batched", "one_at_a_time"]  # no vLLM model
+    assert vllm_peer(str(tmp_path / "nope"), None) == (None, f"no vLLM at {tmp_path / 'nope'} (`make vllm-venv` "
+                                                             "installs vLLM's CPU build into .venv-vllm; or pass --vllm-python)")
+    python = tmp_path / "python"
+    python.touch()
+    assert vllm_peer(str(python), str(tiny_model_dir)) == (tiny_model_dir, None)
+    assert vllm_peer(str(python), "org/remote-model")[1].startswith("vLLM here serves a local model folder, and "
+                                                                  "org/remote-model is not one (download it")
+
+
 def test_a_tiny_run_over_two_real_servers(tiny_model_dir, tmp_path):
     settings = ServeBenchSettings(adapters=(1, 2), distributions=("uniform",), rate=50.0, requests=3,
-                                 prompt_len=(4, 6), output_len=(2, 3), rounds=1, rank=2)
+                                 prompt_len=(4, 6), output_len=(2, 3), rounds=1, rank=2,
+                                 vllm_python=str(tmp_path / "no-vllm"))
     result = run_serve_bench(make_model("llama", max_position_embeddings=1024), str(tiny_model_dir), settings,
                              work_dir=tmp_path)
     rows = {(r["mode"], r["adapters"]): r for r in result["rows"]}
@@ -69,3 +95,4 @@ def test_a_tiny_run_over_two_real_servers(tiny_model_dir, tmp_path):
     out = write_serve_bench(result, tmp_path / "out")
     assert "| batched | 2 | uniform |" in (out / "serve.md").read_text() and (out / "serve.png").stat().st_size > 0
     assert format_serve_table(result).startswith("Poisson arrivals at 50 req/s")
+    assert f"vLLM peer skipped: no vLLM at {tmp_path / 'no-vllm'}" in format_serve_table(result)

@@ -127,11 +127,10 @@ def test_serve_refuses_bad_adapters_before_listening(tiny_model_dir, tmp_path, c
     assert "--adapter 'a' is given twice" in capsys.readouterr().err
     assert main(["serve", "--model", str(tiny_model_dir), "--adapter", f"a={tmp_path / 'none'}"]) == 2
     assert f"fflora: error: no fflora adapter at {tmp_path / 'none'}" in capsys.readouterr().err
-    assert main(["serve", "--model", str(tiny_model_dir), "--kv-cache-tokens", "0"]) == 2
-    assert "fflora: error: --kv-cache-tokens must be >= 1, got 0" in capsys.readouterr().err
-    assert main(["serve", "--model", str(tiny_model_dir), "--kv-cache-tokens", "10"]) == 2
-    assert ("fflora: error: --kv-cache-tokens 10 is below one page of the KV cache (256 tokens); give at least 256"
-            in capsys.readouterr().err)
+    assert main(["serve", "--model", str(tiny_model_dir), "--max-num-seqs", "0"]) == 2
+    assert "fflora: error: --max-num-seqs must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tiny_model_dir), "--max-model-len", "0"]) == 2
+    assert "fflora: error: --max-model-len must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_train_flags_are_checked_before_any_data_or_model_is_read(tmp_path, capsys):
@@ -151,7 +150,7 @@ def test_train_flags_are_checked_before_any_data_or_model_is_read(tmp_path, caps
 @pytest.mark.parametrize("argv, message", [
     (["train", "--method", "ffba", "--task", "math", "--output-dir", "x", "--rank", "0"], "--rank must be an integer >= 1"),
     (["compare", "--methods", "ffba", "--task", "math", "--output-dir", "x"], "--methods takes two or more"),
-    (["serve", "--kv-cache-tokens", "10"], "--kv-cache-tokens 10 is below one page of the KV cache"),
+    (["serve", "--max-num-seqs", "0"], "--max-num-seqs must be >= 1, got 0"),
     (["serve", "--adapter", "nameonly"], "--adapter takes NAME=PATH"),
     (["train", "--method", "ffba", "--task", "math", "--output-dir", "x", "--model", "./no-such-folder"],
      "no model folder at './no-such-folder'"),

@@ -5,6 +5,7 @@ import torch
 from conftest import make_model, randomize_adapters
 
 import fflora
+import fflora.methods
 from fflora import BASE_NAME, FusedModel
 
 TOL = 1e-4
@@ -100,3 +101,30 @@ def test_the_functional_api_needs_a_fused_model():
         fflora.compile_decode(make_model("llama"))
     model = make_model("llama")
     assert fflora.unfuse(model) is model and FusedModel.of(model) is None
+
+
+@torch.no_grad()
+def test_ffbas_single_adapter_is_a_one_adapter_bank_sized_to_its_ranks(tmp_path):
+    """FA rank 4 and BA rank 12: the GEMMs widen by 8 and 16 (aligned), no more; no mask runs; the
+    adapter's parameters stay the model's (refresh rewrites them) and unfusing gives the training form."""
+    trained = _saved(tmp_path, "a", fflora.FFBAConfig(r=4, r_backward=12, alpha=8), seed=1)
+    expected = trained(_ids()).logits
+    fused = FusedModel.build(trained)
+    assert fused.bank is None and fused.fused_form.names() == ["default"]  # no bank to load into
+    assert fused.fused_form.room == {"fa.attn": 8, "fa.mlp": 8, "ba.attn": 16, "ba.mlp": 16}
+    first = trained.model.layers[1].self_attn
+    d, q_kv = trained.config.hidden_size, first.ffba_fused_inputs.base_rows
+    assert (first.ffba_fused_inputs.n_rows, first.ffba_fused_inputs.n_cols) == (q_kv + 8, d + 16)
+    assert (first.o_proj.n_rows, first.o_proj.n_cols) == (d + 16, first.o_proj.d_core + 8)
+    held = fused.fused_form.step.selection
+    assert fused.fused_form.step.fixed and all(mask is None for mask in held.masks.values())
+    assert (fused(_ids()).logits - expected).abs().max().item() < TOL
+    with pytest.raises(ValueError, match="has no adapter bank"):
+        fused.load("b", tmp_path / "a")
+    for param in fflora.methods.adapter_parameters(trained).values():
+        param.mul_(0.5)
+    fused.refresh()
+    halved = fused(_ids()).logits
+    model = fused.unfuse()
+    assert model is trained and (model(_ids()).logits - halved).abs().max().item() < TOL
+    assert (halved - expected).abs().max().item() > 1e-3

@@ -42,8 +42,8 @@ def _tokenizer():
 
 
 class Server:
-    def __init__(self, root, engine="transformers"):
-        self.root, self.engine = root, engine
+    def __init__(self, root):
+        self.root = root
         self.tokenizer = _tokenizer()
         model = make_model("llama", max_position_embeddings=256)
         model.generation_config.eos_token_id = 2
@@ -61,7 +61,7 @@ class Server:
         args = ["--model", str(root / "base"), "--served-model-name", BASE, "--adapter", f"a={root / 'a'}",
                 "--adapter", f"b={root / 'b'}", "--adapter", f"l={root / 'l'}", "--max-adapters", "3",
                 "--limit-max-requests", "300",
-                "--enable-adapter-loading", "--adapter-root", str(root), "--log-level", "warning", "--engine", engine]
+                "--enable-adapter-loading", "--adapter-root", str(root), "--log-level", "warning"]
         self.process = ServerProcess(args, root / "server.log", ready_timeout_s=120)
 
     def connect(self):
@@ -85,10 +85,9 @@ class Server:
         return httpx.get(f"{self.url}/health", timeout=5).json()
 
 
-@pytest.fixture(scope="module", params=["transformers", "slots"])
-def server(tmp_path_factory, request):
-    """The server under each engine: transformers' continuous batching, fflora's slots."""
-    server = Server(tmp_path_factory.mktemp("serve"), request.param)
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    server = Server(tmp_path_factory.mktemp("serve"))
     with server.process:  # stopped by its process id when the module's tests are done
         server.connect()
         yield server
@@ -100,10 +99,8 @@ def test_models_lists_the_base_model_then_each_adapter(server):
     assert [getattr(m, "parent", None) for m in models] == [None, BASE, BASE, BASE]
     metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
     assert "\nfflora:adapter_loads_total 3.0\n" in metrics  # counted from start: the three --adapter ones
-    if server.engine == "slots":  # idle: all 8 slots free (--max-num-seqs default)
-        assert "\nfflora:kv_slots_used 0.0\n" in metrics and "\nfflora:kv_slots_free 8.0\n" in metrics
-    else:
-        assert "fflora:kv_slots" not in metrics
+    # idle: all 8 slots free (--max-num-seqs default)
+    assert "\nfflora:kv_slots_used 0.0\n" in metrics and "\nfflora:kv_slots_free 8.0\n" in metrics
 
 
 def test_a_lora_adapter_is_served_merged_as_a_model_of_its_own(server):

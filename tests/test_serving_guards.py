@@ -9,7 +9,7 @@ import fflora
 from fflora.serving.adapter_policy import MAX_NAME_LENGTH, AdapterRoots, adapter_name_problem
 from fflora.serving.admission import Admission, Overloaded
 from fflora.serving.api_server import run_server
-from fflora.serving.config import PAGE_SIZE, ServerConfig
+from fflora.serving.config import SLOT_LEN_CAP, ServerConfig
 from fflora.serving.memory import describe_memory, memory_estimate
 from fflora.serving.http_guards import host_of
 
@@ -96,11 +96,11 @@ def test_server_settings_are_checked_before_anything_loads():
 
 def test_the_memory_estimate_counts_weights_cache_and_a_step():
     model = fflora.fuse(make_model("llama"), max_adapters=2)
-    cfg = ServerConfig(kv_cache_tokens=1000, max_batch_tokens=64)
+    cfg = ServerConfig(max_num_seqs=3, max_model_len=100, max_batch_tokens=64)
     estimate = memory_estimate(model, cfg)
     c = model.config
     kv_heads, head_dim = c.num_key_value_heads, c.hidden_size // c.num_attention_heads
-    assert estimate["kv_cache"] == 4 * PAGE_SIZE * c.num_hidden_layers * 2 * kv_heads * head_dim * 4  # 4 pages, fp32
+    assert estimate["kv_cache"] == 3 * 100 * c.num_hidden_layers * 2 * kv_heads * head_dim * 4  # 3 slots, fp32
     unique = {t.data_ptr(): t.numel() * 4 for t in [*model.parameters(), *model.buffers()]}
     assert estimate["weights"] == sum(unique.values())
     assert estimate["step"] == 64 * (c.vocab_size * 4 + 3 * c.intermediate_size * 4)
@@ -108,11 +108,8 @@ def test_the_memory_estimate_counts_weights_cache_and_a_step():
     assert memory_estimate(model, cfg, runtime=10)["total"] == estimate["total"] + 10
     with_lora = memory_estimate(model, cfg, merged=[model])  # a merged LoRA: weights, a cache and a step of its own
     assert [with_lora[k] for k in ("weights", "kv_cache", "step")] == [2 * estimate[k] for k in ("weights", "kv_cache", "step")]
-    slots = ServerConfig(engine="slots", max_num_seqs=3, max_model_len=100, max_batch_tokens=64)
-    assert memory_estimate(model, slots)["kv_cache"] == 3 * 100 * c.num_hidden_layers * 2 * kv_heads * head_dim * 4
-    assert "3 slots x 100 positions, --max-num-seqs x --max-model-len" in describe_memory(memory_estimate(model, slots),
-                                                                                         slots, model)
-    with pytest.raises(ValueError, match=r"--engine must be one of \['transformers', 'slots'\], got 'vllm'"):
-        ServerConfig(engine="vllm")
+    assert "3 slots x 100 positions, --max-num-seqs x --max-model-len" in describe_memory(estimate, cfg, model)
+    default = memory_estimate(model, ServerConfig())  # 8 slots of the model's positions
+    assert default["kv_cache"] == 8 * min(c.max_position_embeddings, SLOT_LEN_CAP) * c.num_hidden_layers * 2 * kv_heads * head_dim * 4
     with pytest.raises(ValueError, match="--max-num-seqs must be >= 1, got 0"):
         ServerConfig(max_num_seqs=0)

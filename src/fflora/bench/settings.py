@@ -109,6 +109,7 @@ class ServeBenchSettings:
     rank: int = 8
     powerlaw_alpha: float = 1.0
     seed: int = 0
+    vllm_python: str | None = ".venv-vllm/bin/python"  # the vLLM peer's interpreter (`make vllm-venv`); None: no peer
 
     def __post_init__(self) -> None:
         check_sizes(self, lists=("adapters", "prompt_len", "output_len"), positive=("requests", "rounds", "rank"))

@@ -16,7 +16,7 @@ from ..bench.settings import (DISTRIBUTIONS, KINDS, MIXES, BankBenchSettings, Fo
 from ..models.catalog import DEFAULT_MODEL, EMBEDDED
 from ..ops.formats import MODES, WEIGHT_FORMATS
 from ..recipes.settings import COMPARED_METHODS, METHODS, CompareSettings, TrainConfig
-from ..serving.config import ENGINES, SLOT_LEN_CAP, ServerConfig
+from ..serving.config import SLOT_LEN_CAP, ServerConfig
 from ..utils.method_names import DEFAULT_METHOD, method_names
 from ..utils.version import __version__
 from .settings import compare_settings, server_config, train_config
@@ -187,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
     d = ServeBenchSettings  # its defaults, read from the class (making one would check them)
-    q = suites.add_parser("serve", help="end to end: fflora serve under Poisson load, batched vs one request at a time")
+    q = suites.add_parser("serve", help="end to end: fflora serve under Poisson load, batched vs one request at a time, "
+                                        "vLLM beside it where installed")
     _add_model(q)
     q.add_argument("--adapters", type=int, nargs="+", default=list(d.adapters), help="numbers N of adapters in use")
     q.add_argument("--distributions", nargs="+", default=list(DISTRIBUTIONS), choices=DISTRIBUTIONS)
@@ -198,6 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--rounds", type=int, default=d.rounds, help="interleaved rounds (medians reported)")
     q.add_argument("--rank", dest="r", type=int, default=d.rank, help=f"FFBA rank (default {d.rank})")
     q.add_argument("--seed", type=int, default=d.seed)
+    q.add_argument("--vllm-python", default=d.vllm_python,
+                   help=f"the python of a venv with vLLM: its base model and LoRA join as peers (default {d.vllm_python}, "
+                        "what `make vllm-venv` installs; skipped, saying so, where absent)")
+    q.add_argument("--no-vllm", dest="vllm_python", action="store_const", const=None, help="leave the vLLM peer out")
     q.add_argument("--output-dir", default=None, help="default: runs/bench-serve-<time>")
     q.set_defaults(handler="cmd_bench_serve")
 
@@ -349,18 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens,
                    help=f"tokens per engine step; longer prompts are prefilled in chunks of this size (default "
                         f"{d.max_batch_tokens})")
-    p.add_argument("--max-batch-requests", type=int, default=None,
-                   help="requests per engine step (default: transformers'; 1 serves one request at a time)")
-    p.add_argument("--kv-cache-tokens", type=int, default=d.kv_cache_tokens,
-                   help=f"tokens the paged KV cache holds for all running requests (default {d.kv_cache_tokens})")
-    p.add_argument("--engine", default=d.engine, choices=ENGINES,
-                   help="the engine under the server: transformers' continuous batching over a paged KV cache "
-                        "(default), or fflora's own over static KV slots (--max-num-seqs, --max-model-len)")
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs,
-                   help=f"--engine slots: requests decoding at once, one KV slot each (default {d.max_num_seqs})")
+                   help=f"requests decoding at once, one KV slot each (default {d.max_num_seqs})")
     p.add_argument("--max-model-len", type=int, default=None,
-                   help="--engine slots: positions per slot, prompt and completion (default: the model's, at most "
-                        f"{SLOT_LEN_CAP})")
+                   help="positions per KV slot, prompt and completion: a longer request is refused (default: the "
+                        f"model's, at most {SLOT_LEN_CAP})")
     p.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens,
                    help=f"new tokens for a chat request that sets no max_tokens (default {d.default_max_tokens})")
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",

@@ -20,12 +20,11 @@ calls) keeps the settings to restore and fixes a bank's windows before it compil
 
 from __future__ import annotations
 
-import copy
 from typing import Callable
 
 import torch
 from torch import nn
-from transformers import CompileConfig, ContinuousBatchingConfig
+from transformers import CompileConfig
 
 RECOMPILE_LIMIT = 64
 
@@ -48,32 +47,10 @@ def compile_generation(model: nn.Module, freezing: bool = False, cpp_wrapper: bo
     return model
 
 
-# Padding of transformers' continuous-batching steps when compiled. Its defaults (64 query tokens, 8192
-# cached tokens) bucket shapes for CUDA graphs; a CPU pays for every padded token, and a dynamic-shape
-# graph needs no buckets: queries are padded to a multiple of 8 only (no padding measured no faster on
-# SmolLM2), the keys and values read to one KV-cache page.
-ENGINE_QUERY_PADDING = 8
-
-
-def engine_step_config(cb_config: ContinuousBatchingConfig) -> ContinuousBatchingConfig:
-    """Settings under which transformers' continuous-batching engine runs each step compiled: a copy of
-    `cb_config` with a compile config for its (varlen) step, dynamic in the number of tokens
-    (`FusedModel.compile_engine` fixes a bank's windows first, so one graph serves every mix of adapters).
-
-    Not one graph per step as `compile_decode` makes: transformers wraps its paged KV-cache update in
-    `torch.compiler.disable`, so each attention layer breaks the graph.
-    """
-    config = copy.deepcopy(cb_config)
-    config.varlen_compile_config = CompileConfig(fullgraph=False, dynamic=True, mode=None)  # inductor
-    config.q_padding_interval_size = ENGINE_QUERY_PADDING
-    config.kv_padding_interval_size = config.page_size
-    return config
-
-
 def engine_compile_settings() -> None:
-    """Set, in the current context, what the engine's compiled step needs from Dynamo: each attention
-    layer's graph break resumes in a frame of its own, which one graph serves for every layer only if
-    the layer's index is not a constant; and the recompile limit of `compile_decode`."""
+    """Set, in the current thread, what a serving engine's compiled steps need from Dynamo: layer indices
+    not specialized as constants (one graph serves every layer's frame if a step breaks), and the
+    recompile limit of `compile_decode` (a graph per batch-size bucket)."""
     torch._dynamo.config.allow_unspec_int_on_nn_module = True
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
 

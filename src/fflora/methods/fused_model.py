@@ -24,9 +24,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from transformers import ContinuousBatchingConfig
 
-from ..fastpath.compile import compile_generation, drop_compiled_step, engine_step_config
+from ..fastpath.compile import compile_generation, drop_compiled_step
 from ..fastpath.plan import plan_modules, planned_modules
 from ..ops.formats import check_weights
 from ..ops.gemm import set_gemm_plan
@@ -239,12 +238,6 @@ class FusedModel:
             self.compiled = (config.cache_implementation, config.compile_config)
         compile_generation(self.model, freezing, cpp_wrapper)
         return self
-
-    def compile_engine(self, cb_config: ContinuousBatchingConfig) -> ContinuousBatchingConfig:
-        """The settings under which transformers' continuous-batching engine runs each step of this bank
-        model compiled (`fastpath.compile.engine_step_config`), the bank's windows fixed."""
-        self._require_bank().fix_windows()
-        return engine_step_config(cb_config)
 
     def _undo_fast_path(self) -> None:
         """The model's own generation settings again and every GEMM standard (F.linear, row-major)."""

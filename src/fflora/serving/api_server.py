@@ -1,4 +1,4 @@
-"""An OpenAI-compatible HTTP server over `BankEngine`: `fflora serve`.
+"""An OpenAI-compatible HTTP server over `SlotEngine`: `fflora serve`.
 
 A thin layer, like vLLM's entrypoints: it validates requests (`protocol`), turns prompts and
 chat messages into token ids, hands them to the engine (which knows nothing of HTTP) and turns
@@ -50,7 +50,6 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from transformers import ContinuousBatchingConfig
 
 from ..methods import BASE_NAME, FusedModel
 from ..methods.adapter_files import BaseModelMismatchError
@@ -59,12 +58,11 @@ from ..models.footprint import peak_resident_bytes
 from ..utils.sources import say
 from .adapter_policy import AdapterRoots, adapter_name_problem, check_adapter_names
 from .admission import Admission, Overloaded
-from .config import PAGE_SIZE, SLOT_LEN_CAP, ServerConfig
-from .engine import BankEngine, sampling_generation_config
+from .config import ServerConfig
 from .errors import APIError
 from .http_guards import BodyLimit, HostAllowList, header_deadline_protocol
 from .lora import is_lora, merged_lora
-from .memory import describe_memory, memory_estimate
+from .memory import describe_memory, memory_estimate, slot_length
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .protocol import (ChatCompletionRequest, CompletionRequest, LoadLoRAAdapterRequest, SamplingRequest,
                        UnloadLoRAAdapterRequest)
@@ -91,9 +89,9 @@ class OpenAIServing:
     adapters in the bank of `engine`, and LoRA adapters merged into copies of it, one engine each
     (`merged`: model name -> engine; `fflora.serving.lora`)."""
 
-    def __init__(self, engine: BankEngine, tokenizer, model_name: str, max_model_len: int,
+    def __init__(self, engine: SlotEngine, tokenizer, model_name: str, max_model_len: int,
                  default_max_tokens: int = 256, roots: AdapterRoots | None = None,
-                 admission: Admission | None = None, merged: dict[str, BankEngine] | None = None) -> None:
+                 admission: Admission | None = None, merged: dict[str, SlotEngine] | None = None) -> None:
         self.engine, self.tokenizer = engine, tokenizer
         self.merged = dict(merged or {})
         self.model_name, self.max_model_len, self.default_max_tokens = model_name, max_model_len, default_max_tokens
@@ -118,10 +116,10 @@ class OpenAIServing:
                     for name in [*self.engine.adapters(), *self.merged]]
         return {"object": "list", "data": [base, *adapters]}
 
-    def engines(self) -> list[BankEngine]:
+    def engines(self) -> list[SlotEngine]:
         return [self.engine, *self.merged.values()]
 
-    def route(self, model: str) -> tuple[BankEngine, str]:
+    def route(self, model: str) -> tuple[SlotEngine, str]:
         """The engine that serves `model`, and the adapter of its bank that does."""
         if model == self.model_name:
             return self.engine, BASE_NAME
@@ -238,7 +236,7 @@ class OpenAIServing:
         except Overloaded as e:
             raise APIError(429, f"the server is busy: {e}; retry shortly", headers={"Retry-After": "1"}) from e
         stream = engine.stream(ids, adapter, max_new_tokens=max_new, temperature=body.temperature,
-                               top_p=body.top_p, ignore_eos=body.ignore_eos)
+                               top_p=body.top_p, ignore_eos=body.ignore_eos, seed=body.seed)
         seen, last, reason = 0, arrived, "abort"  # "abort" unless it finishes
         try:
             async with aclosing(stream):  # leaving early (stop string, client gone) cancels the request
@@ -473,19 +471,10 @@ def build_app(serving: OpenAIServing, start_engine: bool = True, api_keys: list[
     return app
 
 
-def serving_engine(fused: FusedModel, cfg: ServerConfig) -> tuple[BankEngine | SlotEngine, int]:
-    """The engine `cfg.engine` names over `fused`, and the context (prompt plus completion tokens) it serves."""
-    positions = fused.model.config.get_text_config().max_position_embeddings
-    if cfg.engine == "slots":
-        max_len = cfg.max_model_len or min(positions, SLOT_LEN_CAP)
-        return SlotEngine(fused, slots=cfg.max_num_seqs, max_len=max_len, max_batch_tokens=cfg.max_batch_tokens,
-                          max_new_tokens=cfg.default_max_tokens), max_len
-    # transformers sizes the paged KV cache from free accelerator memory; on a CPU that is most of the
-    # RAM (12 GB per server here), so the cache is sized in tokens instead.
-    batching = ContinuousBatchingConfig(max_batch_tokens=cfg.max_batch_tokens, max_requests_per_batch=cfg.max_batch_requests,
-                                        num_blocks=-(-cfg.kv_cache_tokens // PAGE_SIZE), page_size=PAGE_SIZE)
-    engine = BankEngine(fused, sampling_generation_config(fused.model.generation_config), batching)
-    return engine, min(positions, cfg.kv_cache_tokens)
+def serving_engine(fused: FusedModel, cfg: ServerConfig) -> SlotEngine:
+    """The engine over `fused` with the server's slots (`--max-num-seqs` of `--max-model-len` positions)."""
+    return SlotEngine(fused, slots=cfg.max_num_seqs, max_len=slot_length(fused.model, cfg),
+                      max_batch_tokens=cfg.max_batch_tokens, max_new_tokens=cfg.default_max_tokens)
 
 
 def run_server(cfg: ServerConfig) -> None:
@@ -501,10 +490,10 @@ def run_server(cfg: ServerConfig) -> None:
     check_adapter_names(cfg.adapters, name)  # the model's own name too, now that it is known
     merged = {adapter: merged_lora(model, cfg.adapters[adapter], cfg.weights) for adapter in loras}  # from the plain base
     fused = FusedModel.build(model, max_adapters=cfg.max_adapters, rank_budget=cfg.rank_budget, weights=cfg.weights)
-    engine, context = serving_engine(fused, cfg)
-    serving = OpenAIServing(engine, tokenizer, name, context, cfg.default_max_tokens, roots,
+    engine = serving_engine(fused, cfg)
+    serving = OpenAIServing(engine, tokenizer, name, engine.max_len, cfg.default_max_tokens, roots,
                             Admission(cfg.max_queued_requests, cfg.max_queued_tokens),
-                            merged={adapter: serving_engine(m, cfg)[0] for adapter, m in merged.items()})
+                            merged={adapter: serving_engine(m, cfg) for adapter, m in merged.items()})
     for adapter, path in cfg.adapters.items():
         if adapter not in merged:
             engine.load_adapter(path, adapter, strict=not cfg.allow_base_mismatch)

@@ -9,19 +9,15 @@ from dataclasses import dataclass, field
 
 from ..ops.formats import check_weights
 
-# Tokens per engine step. A prompt longer than this is prefilled over several steps (chunked
-# prefill), so one long prompt pauses the running streams for one step at a time. Measured on
-# SmolLM2-135M, 2 cores, fp32 (benchmarks/serve_limits.py, results/serve-limits/): a 3000-token
-# prompt stretched a running stream's longest gap by 0.54 s at 256, 1.39 s at 512, 2.08 s at 1024
-# and 7.41 s at 8192 (transformers' default), while 30 concurrent streams ran at 112, 113, 115 and
-# 117 tokens/s: 256 keeps the stall under a second for 4% of throughput.
+# Prompt tokens per engine step. A prompt longer than this is prefilled over several steps (chunked
+# prefill), so one long prompt pauses the running streams for one chunk at a time. Measured on
+# SmolLM2-135M, 2 cores, fp32, under the server's former engine (transformers' continuous batching;
+# benchmarks/serve_limits.py, results/serve-limits/): a 3000-token prompt stretched a running stream's
+# longest gap by 0.54 s at 256, 1.39 s at 512, 2.08 s at 1024 and 7.41 s at 8192, while 30 concurrent
+# streams ran at 112, 113, 115 and 117 tokens/s: 256 keeps the stall under a second for 4% of throughput.
 DEFAULT_MAX_BATCH_TOKENS = 256
-PAGE_SIZE = 256  # tokens per KV-cache page (transformers' default)
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-# The engines under the server: transformers' continuous batching over a paged cache (the default while
-# fflora's own, over static KV slots, is not yet compiled), and fflora's `SlotEngine` (issue 43).
-ENGINES = ("transformers", "slots")
-SLOT_LEN_CAP = 4096  # the slot engine's default positions per slot, where the model takes more
+SLOT_LEN_CAP = 4096  # default positions per KV slot, where the model takes more
 
 
 @dataclass
@@ -38,11 +34,8 @@ class ServerConfig:
     dtype: str = "float32"
     weights: str | None = None  # the fused weights' format (fflora.methods.weight_formats); None: dtype's
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
-    max_batch_requests: int | None = None
-    kv_cache_tokens: int = 32768
-    engine: str = "transformers"
-    max_num_seqs: int = 8  # the slot engine's slots: requests decoding at once
-    max_model_len: int | None = None  # the slot engine's positions per slot (None: the model's, at most SLOT_LEN_CAP)
+    max_num_seqs: int = 8  # KV slots: requests decoding at once
+    max_model_len: int | None = None  # positions per slot (None: the model's, at most SLOT_LEN_CAP)
     default_max_tokens: int = 256
     limit_max_requests: int | None = None
     log_level: str = "info"
@@ -59,18 +52,12 @@ class ServerConfig:
     shutdown_timeout_s: float = 30.0  # on SIGTERM: how long running requests may still take
 
     def __post_init__(self) -> None:
-        for name in ("max_adapters", "kv_cache_tokens", "default_max_tokens", "max_batch_tokens", "max_batch_requests",
-                     "limit_max_requests", "rank_budget", "max_request_bytes", "max_queued_requests", "max_num_seqs",
-                     "max_model_len",
-                     "max_queued_tokens", "timeout_keep_alive_s", "header_timeout_s", "shutdown_timeout_s"):
+        for name in ("max_adapters", "default_max_tokens", "max_batch_tokens", "limit_max_requests", "rank_budget",
+                     "max_request_bytes", "max_queued_requests", "max_num_seqs", "max_model_len", "max_queued_tokens",
+                     "timeout_keep_alive_s", "header_timeout_s", "shutdown_timeout_s"):
             value, bound = getattr(self, name), "> 0" if name.endswith("timeout_s") and name != "timeout_keep_alive_s" else ">= 1"
             if value is not None and not value > 0:
                 raise ValueError(f"--{name.removesuffix('_s').replace('_', '-')} must be {bound}, got {value}")
-        if self.kv_cache_tokens < PAGE_SIZE:
-            raise ValueError(f"--kv-cache-tokens {self.kv_cache_tokens} is below one page of the KV cache ({PAGE_SIZE} "
-                             f"tokens); give at least {PAGE_SIZE}: it bounds every request's prompt plus completion")
-        if self.engine not in ENGINES:
-            raise ValueError(f"--engine must be one of {list(ENGINES)}, got {self.engine!r}")
         check_weights(self.weights)
         if any(not key.strip() for key in self.api_keys):
             raise ValueError("--api-key must not be empty")

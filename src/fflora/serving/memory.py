@@ -5,21 +5,24 @@ from __future__ import annotations
 from torch import nn
 
 from ..models.footprint import tensor_bytes
-from .config import PAGE_SIZE, SLOT_LEN_CAP, ServerConfig
+from .config import SLOT_LEN_CAP, ServerConfig
+
+
+def slot_length(model: nn.Module, cfg: ServerConfig) -> int:
+    """Positions per KV slot: --max-model-len, or the model's (at most SLOT_LEN_CAP)."""
+    return cfg.max_model_len or min(model.config.get_text_config().max_position_embeddings, SLOT_LEN_CAP)
 
 
 def kv_cache_tokens(model: nn.Module, cfg: ServerConfig) -> tuple[int, str]:
-    """(tokens the KV cache holds, the options that set it): the paged cache's pages, or the slots' positions."""
-    if cfg.engine == "slots":
-        length = cfg.max_model_len or min(model.config.get_text_config().max_position_embeddings, SLOT_LEN_CAP)
-        return cfg.max_num_seqs * length, f"{cfg.max_num_seqs} slots x {length} positions, --max-num-seqs x --max-model-len"
-    return -(-cfg.kv_cache_tokens // PAGE_SIZE) * PAGE_SIZE, f"{cfg.kv_cache_tokens} tokens, --kv-cache-tokens"
+    """(tokens the KV cache holds, the options that set it): every slot's positions."""
+    length = slot_length(model, cfg)
+    return cfg.max_num_seqs * length, f"{cfg.max_num_seqs} slots x {length} positions, --max-num-seqs x --max-model-len"
 
 
 def memory_estimate(model: nn.Module, cfg: ServerConfig, runtime: int = 0, merged: list[nn.Module] = ()) -> dict[str, int]:
     """Bytes the server will hold, from the fused model and the settings: the weights (measured on the
     model and on the `merged` LoRA models, each with an engine, a KV cache and a step of its own), the
-    paged KV cache, one engine step's largest temporaries (its logits, over every token of the step, and
+    KV slots, one engine step's largest temporaries (its logits, over every token of the step, and
     the MLP's activations), and `runtime` (what the process held before the model)."""
     weights = tensor_bytes(model) + sum(tensor_bytes(m) for m in merged)
     engines = 1 + len(merged)

@@ -11,8 +11,8 @@ vLLM's OpenAI server need only the prefix changed:
 and fflora's own: fflora:model_requests_total{model}, fflora:model_generation_tokens_total{model}
 (per requested model: the base model, an adapter, a merged LoRA), and the bank's:
 fflora:adapters_resident, fflora:bank_rank_used{space}, fflora:bank_rank_budget,
-fflora:adapter_loads_total (from start: the --adapter ones too), fflora:adapter_unloads_total; under
-`--engine slots`, fflora:kv_slots_used and fflora:kv_slots_free.
+fflora:adapter_loads_total (from start: the --adapter ones too), fflora:adapter_unloads_total; and the
+engine's fflora:kv_slots_used and fflora:kv_slots_free.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class _StateCollector:
         budget = GaugeMetricFamily("fflora:bank_rank_budget", "Rank room per rank space.")
         budget.add_metric([], bank.rank_budget)
         yield from (running, queued, resident, used, budget)
-        for name, value in engine.kv_usage().items():  # the slot engine's KV slots in use and free
+        for name, value in engine.kv_usage().items():  # KV slots in use and free
             gauge = GaugeMetricFamily(f"fflora:kv_{name}", f"KV-cache {name.replace('_', ' ')}.")
             gauge.add_metric([], value)
             yield gauge

@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 _UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False),
                 "best_of": (None, 1), "suffix": (None, ""), "presence_penalty": (None, 0, 0.0),
                 "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}), "tools": (None, []),
-                "functions": (None, []), "response_format": (None,), "seed": (None,)}
+                "functions": (None, []), "response_format": (None,)}
 
 
 class SamplingRequest(BaseModel):
@@ -31,6 +31,7 @@ class SamplingRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens
+    seed: int | None = None  # repeatable sampling for this request
 
     @model_validator(mode="before")
     @classmethod

@@ -1,4 +1,4 @@
-"""fflora's own serving engine: a fixed number of static KV-cache slots over a `FusedModel` (issue 43).
+"""The engine under `fflora serve`: a fixed number of static KV-cache slots over a `FusedModel`.
 
 Each request takes a slot (`serving.slots`: its own rows of one preallocated KV cache) for its life.
 A thread runs steps, and between two steps requests join free slots and leave finished ones
@@ -6,7 +6,7 @@ A thread runs steps, and between two steps requests join free slots and leave fi
 request, then one decode step of every running request together, each at its own position, each row
 with its adapter (the bank's per-row selection): so a long prompt never holds running streams up by
 more than one chunk. Adapters load and unload between steps. Greedy rows take the argmax; sampled rows
-their own temperature and top-p.
+their own temperature, top-p and random stream (a seed).
 
 It offers what the API server uses of an engine (`stream`, `adapters`, `load_adapter`, `unload_adapter`,
 `running_requests`, `scheduled_requests`, `abort_all`, `start`, `stop`, `is_running`) and `add_request` /
@@ -37,7 +37,6 @@ from torch import Tensor
 
 from ..fastpath.compile import engine_compile_settings
 from ..methods import BASE_NAME, FusedModel
-from .outputs import until_finished
 from .slots import SLOT_ATTENTION, SlotCache, slot_forward, slot_step
 
 DEFAULT_SLOTS = 8
@@ -66,6 +65,7 @@ class _Request:
     max_new_tokens: int
     temperature: float | None
     top_p: float | None
+    generator: torch.Generator | None  # the request's own random stream (`seed`), else torch's global one
     eos: frozenset[int]
     put: Callable[[SlotOutput], None]
     streaming: bool
@@ -198,16 +198,18 @@ class SlotEngine:
 
     def add_request(self, input_ids: Sequence[int], adapter: str = BASE_NAME, max_new_tokens: int | None = None,
                     streaming: bool = False, temperature: float | None = None, top_p: float | None = None,
-                    ignore_eos: bool = False) -> str:
-        """Queue a request; returns its id (read its outputs with `results` or `wait`)."""
+                    ignore_eos: bool = False, seed: int | None = None) -> str:
+        """Queue a request; returns its id (read its outputs with `results` or `wait`). A `seed` makes its
+        sampling repeatable, whatever else runs beside it."""
         outputs = queue.SimpleQueue()
-        request = self._request(input_ids, adapter, max_new_tokens, temperature, top_p, ignore_eos, outputs.put, streaming)
+        request = self._request(input_ids, adapter, max_new_tokens, temperature, top_p, ignore_eos, seed, outputs.put,
+                                streaming)
         with self._lock:
             self._outputs[request.request_id] = outputs
         self._queue(request)
         return request.request_id
 
-    def _request(self, input_ids, adapter, max_new_tokens, temperature, top_p, ignore_eos, put, streaming) -> _Request:
+    def _request(self, input_ids, adapter, max_new_tokens, temperature, top_p, ignore_eos, seed, put, streaming) -> _Request:
         """A checked request (ValueError naming what is wrong)."""
         prompt = [int(t) for t in input_ids]
         if not prompt:
@@ -222,7 +224,8 @@ class SlotEngine:
         if adapter != BASE_NAME and adapter not in self.adapters():  # unloaded ones included
             raise ValueError(f"no adapter named {adapter!r} is loaded; loaded adapters: {self.adapters()} "
                              f"(and {BASE_NAME!r} for the base model)")
-        return _Request(f"req-{next(self._ids)}", prompt, adapter, max_new, temperature or None, top_p,
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        return _Request(f"req-{next(self._ids)}", prompt, adapter, max_new, temperature or None, top_p, generator,
                         frozenset() if ignore_eos else self.eos, put, streaming)
 
     def _queue(self, request: _Request) -> None:
@@ -239,7 +242,16 @@ class SlotEngine:
         if outputs is None:
             raise KeyError(f"no request {request_id!r} to read: unknown, or already read to the end")
         try:
-            yield from until_finished(outputs, self.is_running, timeout_s)
+            while True:
+                try:
+                    output = outputs.get(timeout=timeout_s)
+                except queue.Empty:
+                    if self.is_running():
+                        continue
+                    return  # the engine stopped: no finished output will come
+                yield output
+                if output.is_finished():
+                    return
         finally:
             with self._lock:
                 self._outputs.pop(request_id, None)
@@ -255,12 +267,12 @@ class SlotEngine:
 
     async def stream(self, input_ids: Sequence[int], adapter: str = BASE_NAME, max_new_tokens: int | None = None,
                      temperature: float | None = None, top_p: float | None = None,
-                     ignore_eos: bool = False) -> AsyncIterator[SlotOutput]:
+                     ignore_eos: bool = False, seed: int | None = None) -> AsyncIterator[SlotOutput]:
         """One request from asyncio code: an output per new token, the last finished. Leaving early cancels
         it (its slot frees at the next step); a failed request raises RuntimeError."""
         outputs: asyncio.Queue = asyncio.Queue()
         put = functools.partial(asyncio.get_running_loop().call_soon_threadsafe, outputs.put_nowait)
-        request = self._request(input_ids, adapter, max_new_tokens, temperature, top_p, ignore_eos, put, True)
+        request = self._request(input_ids, adapter, max_new_tokens, temperature, top_p, ignore_eos, seed, put, True)
         self._queue(request)
         try:
             while True:
@@ -410,5 +422,5 @@ class SlotEngine:
                 sorted_probs, order = probs.sort(descending=True)
                 keep = sorted_probs.cumsum(-1) - sorted_probs < request.top_p  # the smallest set reaching top_p
                 probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
-            tokens[i] = int(torch.multinomial(probs, 1))
+            tokens[i] = int(torch.multinomial(probs, 1, generator=request.generator))
         return tokens

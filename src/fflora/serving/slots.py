@@ -1,4 +1,4 @@
-"""Static KV-cache slots: the core of the serving engine of issue 43 (not yet under `fflora serve`).
+"""Static KV-cache slots: the core of the serving engine (`serving.slot_engine`, under `fflora serve`).
 
 A fixed number of slots, each a row of one preallocated KV cache of `max_len` positions per layer.
 A request takes a slot for its life; each step runs some slots together, each at its own position:
