@@ -1,5 +1,6 @@
 """The engine under `fflora serve` (`SlotEngine`, eager; with --compiled-slots also compiled) without HTTP,
-next to `generate` on the same bank model, eager and compiled: the speed the server should reach (issue 43).
+next to `generate` on the same bank model, eager and compiled (GEMMs planned for 1 and 8 rows in every system, as the
+engine plans them at start): the speed the server should reach (issue 43).
 (The first run, in results/serve-engines/, also had transformers' continuous batching, the server's engine
 until the slots replaced it.)
 
@@ -77,6 +78,8 @@ def main() -> None:
         if args.compiled_slots:
             engines["slots compiled"] = SlotEngine(bank(), slots=8, max_len=256, compile=True).start()
         eager, compiled = bank(), bank()
+        for fused in (eager, compiled):  # as the engines plan theirs at start (SlotEngine's gemm_plan)
+            fused.plan("auto", rows=(1, 8))
         compiled.compile()
         systems = {**{f"engine {k}": (lambda n, e=e: run_engine(e, n, vocab)) for k, e in engines.items()},
                    "generate eager": lambda n: run_generate(eager, n, vocab),

@@ -3,6 +3,7 @@ slots, joining and leaving between steps, prompts in chunks, each generating wha
 
 import asyncio
 import contextlib
+import threading
 
 import pytest
 import torch
@@ -169,6 +170,42 @@ def test_bad_requests_are_refused_with_what_to_change(saved):
         with pytest.raises(ValueError, match="the prompt is empty"):
             engine.add_request([])
     assert engine.model.config._attn_implementation != "fflora_slots"  # the model's own attention is back
+
+
+def test_run_serves_in_the_calling_thread_until_told(saved):
+    """`fflora serve`'s form: the loop in the thread that built the model, requests from others."""
+    engine = SlotEngine(_bank(saved), slots=2, max_len=64, eos_token_id=[])
+    answers, done = [], threading.Event()
+
+    def client():
+        answers.append(engine.wait(engine.add_request(PROMPTS[0], "ba", 4)).generated_tokens)
+        done.set()
+
+    engine.run(until=done.is_set, started=threading.Thread(target=client).start)
+    assert answers == [_alone(saved, "ba", PROMPTS[0], 4)] and not engine.is_running()
+    assert engine.model.config._attn_implementation != "fflora_slots"
+    threading.Timer(0.5, engine.stop).start()  # stopped from another thread: run returns
+    engine.run(until=lambda: False)
+    assert not engine.is_running()
+    with pytest.raises(RuntimeError, match=r"the engine does not accept requests \(stopped\)"):
+        engine.add_request([1, 2])
+
+
+def test_the_engine_plans_the_gemms_for_its_batch_sizes_unless_planned(saved):
+    with pytest.raises(ValueError, match=r"gemm_plan must be one of \['standard', 'transposed', 'auto'\], got 'fast'"):
+        SlotEngine(_bank(saved), gemm_plan="fast")
+    fused = _bank(saved)
+    with SlotEngine(fused, slots=4, max_len=64, eos_token_id=[]) as engine:
+        assert fused.gemm_mode == "auto" and fused.planned
+        measured = {tuple(rows for rows, _ in g.storage.gemm_plan.orders) for g in fused.gemms}
+        assert measured == {(1, 4)}  # every GEMM: an operand order for one row and for the 4 slots
+        assert engine.wait(engine.add_request(PROMPTS[0], "ffba", 5)).generated_tokens == _alone(saved, "ffba", PROMPTS[0], 5)
+    planned = _bank(saved)
+    planned.plan("transposed")
+    with SlotEngine(planned, slots=4, max_len=64):
+        assert planned.gemm_mode == "transposed"  # the caller's plan is kept
+    with SlotEngine(unplanned := _bank(saved), slots=2, max_len=64, gemm_plan="standard"):
+        assert unplanned.gemm_mode == "standard" and not unplanned.planned
 
 
 @pytest.mark.slow

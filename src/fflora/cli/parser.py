@@ -359,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=None,
                    help="positions per KV slot, prompt and completion: a longer request is refused (default: the "
                         f"model's, at most {SLOT_LEN_CAP})")
+    p.add_argument("--gemm-plan", default=d.gemm_plan, choices=list(MODES),
+                   help="how the fused GEMMs run: measured per weight shape at 1 and --max-num-seqs rows at start "
+                        "(auto, the default: a few seconds), or one layout for all")
     p.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens,
                    help=f"new tokens for a chat request that sets no max_tokens (default {d.default_max_tokens})")
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",

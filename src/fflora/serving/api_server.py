@@ -39,6 +39,7 @@ import hmac
 import json
 import logging
 import signal
+import threading
 import time
 import uuid
 from contextlib import aclosing, asynccontextmanager
@@ -474,13 +475,14 @@ def build_app(serving: OpenAIServing, start_engine: bool = True, api_keys: list[
 def serving_engine(fused: FusedModel, cfg: ServerConfig) -> SlotEngine:
     """The engine over `fused` with the server's slots (`--max-num-seqs` of `--max-model-len` positions)."""
     return SlotEngine(fused, slots=cfg.max_num_seqs, max_len=slot_length(fused.model, cfg),
-                      max_batch_tokens=cfg.max_batch_tokens, max_new_tokens=cfg.default_max_tokens)
+                      max_batch_tokens=cfg.max_batch_tokens, max_new_tokens=cfg.default_max_tokens, gemm_plan=cfg.gemm_plan)
 
 
 def run_server(cfg: ServerConfig) -> None:
     """Load the base model, fuse it with a bank of `cfg.max_adapters`, load `cfg.adapters` (FFBA into the
     bank; LoRA merged into copies of the base, each its own model), print the memory the settings take,
     serve until stopped (or `cfg.limit_max_requests`)."""
+    begun = time.monotonic()
     roots = AdapterRoots(cfg.enable_adapter_loading, cfg.adapter_roots)  # checked before the model loads
     check_adapter_names(cfg.adapters, cfg.served_model_name or "")
     loras = [adapter for adapter, path in cfg.adapters.items() if is_lora(path)]
@@ -491,9 +493,9 @@ def run_server(cfg: ServerConfig) -> None:
     merged = {adapter: merged_lora(model, cfg.adapters[adapter], cfg.weights) for adapter in loras}  # from the plain base
     fused = FusedModel.build(model, max_adapters=cfg.max_adapters, rank_budget=cfg.rank_budget, weights=cfg.weights)
     engine = serving_engine(fused, cfg)
+    merged_engines = {adapter: serving_engine(m, cfg) for adapter, m in merged.items()}
     serving = OpenAIServing(engine, tokenizer, name, engine.max_len, cfg.default_max_tokens, roots,
-                            Admission(cfg.max_queued_requests, cfg.max_queued_tokens),
-                            merged={adapter: serving_engine(m, cfg) for adapter, m in merged.items()})
+                            Admission(cfg.max_queued_requests, cfg.max_queued_tokens), merged=merged_engines)
     for adapter, path in cfg.adapters.items():
         if adapter not in merged:
             engine.load_adapter(path, adapter, strict=not cfg.allow_base_mismatch)
@@ -505,12 +507,49 @@ def run_server(cfg: ServerConfig) -> None:
         say(f"WARNING: serving on {cfg.host} without an API key: anyone who reaches port {cfg.port} can generate"
             + (" and load or unload adapters" if cfg.enable_adapter_loading else "")
             + ". Pass --api-key KEY (or set FFLORA_API_KEY)")
-    app = build_app(serving, api_keys=cfg.api_keys, allowed_hosts=cfg.hosts(), max_request_bytes=cfg.max_request_bytes)
+    app = build_app(serving, start_engine=False, api_keys=cfg.api_keys, allowed_hosts=cfg.hosts(),
+                    max_request_bytes=cfg.max_request_bytes)
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, limit_max_requests=cfg.limit_max_requests,
                             log_level=cfg.log_level, log_config=log_config(), timeout_keep_alive=cfg.timeout_keep_alive_s,
                             http=header_deadline_protocol(cfg.header_timeout_s),
                             timeout_graceful_shutdown=cfg.shutdown_timeout_s + 2)  # a backstop past the drain
-    DrainingServer(config, serving, cfg.shutdown_timeout_s).run()
+    serve_in_main_thread(engine, list(merged_engines.values()), DrainingServer(config, serving, cfg.shutdown_timeout_s),
+                         begun)
+
+
+def serve_in_main_thread(engine: SlotEngine, others: list[SlotEngine], server: DrainingServer, begun: float) -> None:
+    """The HTTP server in a thread of its own, the engine's steps in this (the main) thread, which built
+    the model: there they run fastest (`SlotEngine.run`); the other engines (merged LoRA) in threads of
+    their own. SIGTERM and SIGINT start the drain, as uvicorn would in the main thread; returns once the
+    HTTP server has stopped, with every engine stopped. Says how long the start took (from `begun`, a
+    `time.monotonic()`)."""
+    failure: list[BaseException] = []
+
+    def serve_http() -> None:
+        try:
+            server.run()
+        except BaseException as e:  # uvicorn exits with SystemExit where it cannot start
+            failure.append(e)
+
+    http = threading.Thread(target=serve_http, name="fflora-http")
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, server.handle_exit)
+    for other in others:
+        other.start()
+
+    def started() -> None:
+        say(f"engine ready {time.monotonic() - begun:.1f} s after start (model, adapters, GEMM plan)")
+        http.start()
+
+    try:
+        engine.run(until=lambda: not http.is_alive(), started=started)
+    finally:
+        for other in others:
+            other.stop()
+    if failure:
+        raise failure[0]
+    if not server.started:
+        raise RuntimeError(f"the HTTP server did not start on {server.config.host}:{server.config.port} (see the log above)")
 
 
 class DrainingServer(uvicorn.Server):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..ops.formats import check_weights
+from ..ops.formats import MODES, check_weights
 
 # Prompt tokens per engine step. A prompt longer than this is prefilled over several steps (chunked
 # prefill), so one long prompt pauses the running streams for one chunk at a time. Measured on
@@ -36,6 +36,7 @@ class ServerConfig:
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
     max_num_seqs: int = 8  # KV slots: requests decoding at once
     max_model_len: int | None = None  # positions per slot (None: the model's, at most SLOT_LEN_CAP)
+    gemm_plan: str = "auto"  # how the fused GEMMs run (fflora.fastpath.plan), measured at start for 1 and max_num_seqs rows
     default_max_tokens: int = 256
     limit_max_requests: int | None = None
     log_level: str = "info"
@@ -59,6 +60,8 @@ class ServerConfig:
             if value is not None and not value > 0:
                 raise ValueError(f"--{name.removesuffix('_s').replace('_', '-')} must be {bound}, got {value}")
         check_weights(self.weights)
+        if self.gemm_plan not in MODES:
+            raise ValueError(f"--gemm-plan must be one of {list(MODES)}, got {self.gemm_plan!r}")
         if any(not key.strip() for key in self.api_keys):
             raise ValueError("--api-key must not be empty")
         if len(self.adapters) > self.max_adapters:
