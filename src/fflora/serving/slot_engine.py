@@ -21,8 +21,9 @@ unplanned, one row 50 either way.
 to a bucket (`BUCKETS`; padding rows write a scratch slot), the span of positions it reads an input of
 dynamic length, the bank's windows fixed and each row's adapter selection held outside the graph: one
 graph per bucket, compiled the first time a bucket is used (60-70 s each on SmolLM2 here). Prefill chunks
-run eagerly. Measured no faster than eager so far (`results/serve-slots-compiled/`: 53.6 against 59.3
-tokens/s at eight streams, 16.6 against 17.1 at one, within the spread between runs): off by default.
+run eagerly. Measured no faster than eager at eight streams (`results/serve-slots-compiled/`, in a
+thread: 53.6 against 59.3 tokens/s; in the main thread, `run`: 81-84 against 74-101), faster at one
+(22 against 19 in the main thread; docs/serving.md): off by default.
 """
 
 from __future__ import annotations
