@@ -113,3 +113,37 @@ def test_the_memory_estimate_counts_weights_cache_and_a_step():
     assert default["kv_cache"] == 8 * min(c.max_position_embeddings, SLOT_LEN_CAP) * c.num_hidden_layers * 2 * kv_heads * head_dim * 4
     with pytest.raises(ValueError, match="--max-num-seqs must be >= 1, got 0"):
         ServerConfig(max_num_seqs=0)
+
+
+def test_a_failed_engine_step_stops_the_server_with_the_reason(monkeypatch):
+    """`fflora serve`'s form (HTTP in a thread, the engine in this one): a step that fails ends both, and
+    the reason is raised (the process exits non-zero), instead of a server left answering 503."""
+    import signal
+    import time
+
+    from types import SimpleNamespace
+
+    import uvicorn
+
+    from fflora.serving.api_server import DrainingServer, OpenAIServing, build_app, serve_in_main_thread
+    from fflora.serving.slot_engine import SlotEngine
+
+    engine = SlotEngine(fflora.FusedModel.build(make_model("llama"), max_adapters=1), slots=1, max_len=32,
+                        gemm_plan="standard")
+    serving = OpenAIServing(engine, SimpleNamespace(get_vocab=lambda: {"a": 0}), model_name="base", max_model_len=32)
+    server = DrainingServer(uvicorn.Config(build_app(serving, start_engine=False), host="127.0.0.1", port=0,
+                                           log_level="warning"), serving, shutdown_timeout_s=1)
+
+    def failing_step():
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(engine, "_step", failing_step)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        started = time.monotonic()
+        with pytest.raises(RuntimeError, match="the engine stopped: RuntimeError: boom"):
+            serve_in_main_thread(engine, [], server, begun=started)
+        assert not engine.is_running() and time.monotonic() - started < 30
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)

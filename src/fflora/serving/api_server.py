@@ -543,6 +543,10 @@ def serve_in_main_thread(engine: SlotEngine, others: list[SlotEngine], server: D
 
     try:
         engine.run(until=lambda: not http.is_alive(), started=started)
+        if http.is_alive():  # the engine stopped on its own (a step failed): the server stops too
+            server.handle_exit(signal.SIGTERM, None)
+            http.join()
+            raise RuntimeError(f"the engine stopped: {engine.error}")
     finally:
         for other in others:
             other.stop()

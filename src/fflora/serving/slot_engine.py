@@ -142,11 +142,11 @@ class SlotEngine:
 
     def run(self, until: Callable[[], bool], started: Callable[[], None] | None = None) -> None:
         """Run the engine's loop in the calling thread until `until()` is true or another thread calls
-        `stop`, then stop; `started()` is called once the engine takes requests. What `fflora serve` does:
-        PyTorch's steps run fastest in the thread that built the model. A decode step of 8 rows on SmolLM2
-        took 56 ms in the main thread that built the model, 78-100 ms in a second thread (1.4-1.8x), and 54-66 ms in
-        a thread that had built the model itself (OpenMP's thread teams, one per thread that has run
-        PyTorch, contend for the 2 cores)."""
+        `stop` (or a step fails: `error` says why), then stop; `started()` is called once the engine takes
+        requests. What `fflora serve` does: PyTorch's steps run fastest in the thread that built the model.
+        A decode step of 8 rows on SmolLM2 took 56 ms in the main thread that built the model, 78-100 ms
+        in a second thread (1.4-1.8x), and 54-66 ms in a thread that had built the model itself (OpenMP's
+        thread teams, one per thread that has run PyTorch, contend for the 2 cores)."""
         if self._thread is not None:
             raise RuntimeError("the engine is running already")
         self._prepare()
