@@ -93,8 +93,8 @@ def detach_ffba(model: nn.Module) -> None:
 
 
 def unload_fused_ffba(model: nn.Module) -> None:
-    """Drop every sub-block's adapter module from a fused model: its fused GEMMs hold the adapter's rows
-    and columns and the layer keeps the state they share (`LayerAdapters.state`)."""
+    """Drop every sub-block's adapter module from a fused model: its fused GEMMs (a one-adapter bank,
+    `ffba.fused`) hold the adapter's rows and columns."""
     for layer in decoder_layers(model):
         layer.ffba.attn = layer.ffba.mlp = None
 
