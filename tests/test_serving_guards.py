@@ -131,7 +131,7 @@ def test_a_failed_engine_step_stops_the_server_with_the_reason(monkeypatch):
     engine = SlotEngine(fflora.FusedModel.build(make_model("llama"), max_adapters=1), slots=1, max_len=32,
                         gemm_plan="standard")
     serving = OpenAIServing(engine, SimpleNamespace(get_vocab=lambda: {"a": 0}), model_name="base", max_model_len=32)
-    server = DrainingServer(uvicorn.Config(build_app(serving, start_engine=False), host="127.0.0.1", port=0,
+    server = DrainingServer(uvicorn.Config(build_app(serving), host="127.0.0.1", port=0,
                                            log_level="warning"), serving, shutdown_timeout_s=1)
 
     def failing_step():

@@ -42,7 +42,7 @@ import signal
 import threading
 import time
 import uuid
-from contextlib import aclosing, asynccontextmanager
+from contextlib import aclosing
 
 import torch
 import uvicorn
@@ -391,28 +391,16 @@ def key_check(api_keys: list[str]):
     return require_key
 
 
-def build_app(serving: OpenAIServing, start_engine: bool = True, api_keys: list[str] | None = None,
-              allowed_hosts: list[str] | None = None, max_request_bytes: int = 1 << 20) -> FastAPI:
-    """The FastAPI application; it starts the engine on startup and stops it on shutdown. With `api_keys`
-    every route but /health requires one of them (a dependency of each route, not a path prefix);
-    `allowed_hosts` (None: any) and `max_request_bytes` guard every route."""
+def build_app(serving: OpenAIServing, api_keys: list[str] | None = None, allowed_hosts: list[str] | None = None,
+              max_request_bytes: int = 1 << 20) -> FastAPI:
+    """The FastAPI application over `serving` (whose engines run elsewhere: `serve_in_main_thread`). With
+    `api_keys` every route but /health requires one of them (a dependency of each route, not a path
+    prefix); `allowed_hosts` (None: any) and `max_request_bytes` guard every route."""
     authorized = [Depends(key_check(list(api_keys or [])))]
-
-    @asynccontextmanager
-    async def lifespan(app):
-        if start_engine:
-            for engine in serving.engines():
-                engine.start()
-        try:
-            yield
-        finally:
-            if start_engine:
-                for engine in serving.engines():
-                    await run_in_threadpool(engine.stop)
 
     # With keys, no route answers without one: FastAPI's /docs, /redoc and /openapi.json are off.
     docs = {} if not api_keys else {"docs_url": None, "redoc_url": None, "openapi_url": None}
-    app = FastAPI(title="fflora", lifespan=lifespan, **docs)
+    app = FastAPI(title="fflora", **docs)
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
     app.add_middleware(HostAllowList, hosts=allowed_hosts)
     app.add_middleware(RequestIds)  # the outermost (added last): every answer carries its id
@@ -507,8 +495,7 @@ def run_server(cfg: ServerConfig) -> None:
         say(f"WARNING: serving on {cfg.host} without an API key: anyone who reaches port {cfg.port} can generate"
             + (" and load or unload adapters" if cfg.enable_adapter_loading else "")
             + ". Pass --api-key KEY (or set FFLORA_API_KEY)")
-    app = build_app(serving, start_engine=False, api_keys=cfg.api_keys, allowed_hosts=cfg.hosts(),
-                    max_request_bytes=cfg.max_request_bytes)
+    app = build_app(serving, api_keys=cfg.api_keys, allowed_hosts=cfg.hosts(), max_request_bytes=cfg.max_request_bytes)
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, limit_max_requests=cfg.limit_max_requests,
                             log_level=cfg.log_level, log_config=log_config(), timeout_keep_alive=cfg.timeout_keep_alive_s,
                             http=header_deadline_protocol(cfg.header_timeout_s),
