@@ -142,5 +142,5 @@ def test_bad_bench_options_are_one_line_errors_before_any_work(capsys):
         BenchSettings(configs=("merged",))
     with pytest.raises(ValueError, match=r"configs must include 'base' \(every ratio is to it\), got \['ffba_fused'\]"):
         BenchSettings(configs=("ffba_fused",))
-    with pytest.raises(ValueError, match=r"gemm-plan must be one of \['standard', 'transposed', 'auto'\], got 'rows'"):
+    with pytest.raises(ValueError, match=r"gemm-plan must be one of \['standard', 'transposed', 'packed', 'auto'\], got 'rows'"):
         BenchSettings(gemm_plan="rows")

@@ -66,7 +66,7 @@ def test_bad_formats_bench_settings_are_refused():
         FormatsBenchSettings(kinds=("lora",))
     with pytest.raises(ValueError, match="lora-rank must be an integer >= 1, got 0"):
         FormatsBenchSettings(lora_rank=0)
-    with pytest.raises(ValueError, match=r"gemm-plan must be one of \['standard', 'transposed', 'auto'\], got 'fast'"):
+    with pytest.raises(ValueError, match=r"gemm-plan must be one of \['standard', 'transposed', 'packed', 'auto'\], got 'fast'"):
         FormatsBenchSettings(gemm_plan="fast")
 
 

@@ -18,13 +18,15 @@ from fflora.bench.serve import (
 
 def test_every_cell_replays_the_same_arrivals_and_lengths():
     settings = ServeBenchSettings(requests=200, rate=4.0, prompt_len=(5, 9), output_len=(2, 3))
-    one, uniform, power = (workload(settings, n, d, 1000) for n, d in ((1, "uniform"), (16, "uniform"), (16, "powerlaw")))
-    for cell in (uniform, power):
+    one, uniform, power, turns = (workload(settings, n, d, 1000) for n, d in
+                                  ((1, "uniform"), (16, "uniform"), (16, "powerlaw"), (16, "round-robin")))
+    for cell in (uniform, power, turns):
         assert [(r.arrival_s, r.prompt, r.output_len) for r in cell] == [(r.arrival_s, r.prompt, r.output_len) for r in one]
     assert {r.adapter for r in one} == {0} and len({r.adapter for r in uniform}) == 16
     share = sum(r.adapter == 0 for r in power) / 200
     assert 0.22 < share < 0.38  # power law, alpha 1: 1 / H_16 = 30% on the first adapter
     assert sum(r.adapter == 0 for r in uniform) / 200 < 0.15  # uniform: 6%
+    assert [r.adapter for r in turns] == [k % 16 for k in range(200)]  # any 16 in a row: 16 distinct adapters
     assert all(5 <= len(r.prompt) <= 9 and 2 <= r.output_len <= 3 for r in one)
     mean_gap = one[-1].arrival_s / len(one)
     assert 0.2 < mean_gap < 0.3  # Poisson at 4 requests/s

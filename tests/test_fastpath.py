@@ -8,7 +8,7 @@ from conftest import FAMILIES, make_model, randomize_adapters
 
 import fflora
 import fflora.fastpath.plan
-from fflora.fastpath.plan import PlannedLinear, choose_plan, planned_modules
+from fflora.fastpath.plan import PlannedLinear, candidates, choose_plan, planned_modules
 from fflora.methods import FusedModel, plan_gemms
 from fflora.ops.gemm import GemmPlan, laid_out, layout_of, planned_linear
 
@@ -63,7 +63,7 @@ def _storages(model):
 @torch.no_grad()
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # tied LM head and embeddings; biases on q/k/v
 @pytest.mark.parametrize("family", [None, "ffba", "zflora"])
-@pytest.mark.parametrize("mode", ["transposed", "auto", "forced wx"])
+@pytest.mark.parametrize("mode", ["transposed", "packed", "auto", "forced wx"])
 def test_every_plan_keeps_the_fused_model_equal_to_the_training_form(arch, family, mode):
     model = make_model(arch)
     tied = model.lm_head.weight is model.model.embed_tokens.weight
@@ -86,7 +86,12 @@ def test_every_plan_keeps_the_fused_model_equal_to_the_training_form(arch, famil
         shapes = {f"{m.weight.shape[0]}x{m.weight.shape[1]} float32" for m in planned_modules(model, _storages(model))}
         assert set(report["plans"]) == shapes
         if mode == "auto":
-            assert set(report["measured"]) == shapes and all(len(t) == 8 for t in report["measured"].values())
+            pairs = 2 * len(candidates(torch.float32))  # 2 row counts
+            assert set(report["measured"]) == shapes and all(len(t) == pairs for t in report["measured"].values())
+        elif mode == "packed":  # row-major weights, a oneDNN copy beside each
+            modules = planned_modules(model, _storages(model))
+            assert all(layout_of(m.weight) == "standard" and m.packed_weight.is_mkldnn for m in modules)
+            assert report["packed_bytes"] == sum(4 * m.weight.numel() for m in modules)
         else:
             assert all(layout_of(m.weight) == "transposed" for m in planned_modules(model, _storages(model)))
     assert type(model.lm_head) is PlannedLinear and (model.lm_head.weight is model.model.embed_tokens.weight) == tied
@@ -95,6 +100,7 @@ def test_every_plan_keeps_the_fused_model_equal_to_the_training_form(arch, famil
                        gen_reference)
     fflora.unfuse(model)  # the training form again: the same values, row-major, a plain LM head
     assert type(model.lm_head) is torch.nn.Linear and not hasattr(model.lm_head, "gemm_plan")
+    assert not any("packed_weight" in m.__dict__ for m in model.modules())
     assert all(torch.equal(v, state[k]) and v.is_contiguous() for k, v in model.state_dict().items())
 
 
@@ -109,21 +115,42 @@ def test_adapters_load_into_a_planned_fused_model_and_bank(tmp_path):
     plan_gemms(single, "transposed")
     fflora.load_adapter(single, tmp_path / "a")  # rewrites the adapter rows/columns in place
     assert (single(ids, attention_mask=mask).logits - expected)[mask.bool()].abs().max().item() < TOL
-    bank = fflora.fuse(make_model("llama"), max_adapters=2)
-    plan_gemms(bank, "transposed")
-    for module in planned_modules(bank, _storages(bank)):
-        module.gemm_plan = GemmPlan("transposed", ((3, "wx"),))
-    fflora.load_adapter(bank, tmp_path / "a", adapter_name="a")
-    rows = bank(ids, attention_mask=mask, adapter_names=["a", "__base__", "a"]).logits
-    assert (rows[0] - expected[0])[mask[0].bool()].abs().max().item() < TOL
-    assert (rows[1] - make_model("llama")(ids, attention_mask=mask).logits[1]).abs().max().item() < TOL
+    for mode in ("transposed", "packed"):  # packed: windows run as the whole matrix, loads pack again
+        bank = fflora.fuse(make_model("llama"), max_adapters=2)
+        plan_gemms(bank, mode)
+        if mode == "transposed":
+            for module in planned_modules(bank, _storages(bank)):
+                module.gemm_plan = GemmPlan("transposed", ((3, "wx"),))
+        bank(ids, attention_mask=mask)  # packed before the load: the load's writes make the copies stale
+        fflora.load_adapter(bank, tmp_path / "a", adapter_name="a")
+        rows = bank(ids, attention_mask=mask, adapter_names=["a", "__base__", "a"]).logits
+        assert (rows[0] - expected[0])[mask[0].bool()].abs().max().item() < TOL, mode
+        assert (rows[1] - make_model("llama")(ids, attention_mask=mask).logits[1]).abs().max().item() < TOL, mode
 
 
 def test_bad_plans_and_unfused_models_are_refused():
     with pytest.raises(ValueError, match="call fflora.fuse"):
         plan_gemms(make_model("llama"), "transposed")
     fused = fflora.fuse(make_model("llama"))
-    with pytest.raises(ValueError, match=r"gemm plan must be one of \['standard', 'transposed', 'auto'\], got 'columns'"):
+    with pytest.raises(ValueError, match=r"gemm plan must be one of \['standard', 'transposed', 'packed', 'auto'\], got 'columns'"):
         plan_gemms(fused, "columns")
     with pytest.raises(ValueError, match=r"rows must be integers >= 1 \(the decode batch sizes to tune for\), got \[0\]"):
         plan_gemms(fused, "auto", rows=(0,))
+
+
+def test_a_model_to_compile_plans_without_the_packed_layout(monkeypatch):
+    """oneDNN's packed copies run eagerly only: compiling plans "auto" again without them, and refuses "packed"."""
+    fused = FusedModel.build(make_model("llama"))
+    fused.plan("packed", rows=(1, 3))
+    assert fused.packed()
+    with pytest.raises(ValueError, match=r"a compiled step cannot run the packed layout \(oneDNN's opaque weights\)"):
+        fused.compile()
+    assert fused.packed() and fused.compiled is None  # refused before anything changed
+    monkeypatch.setattr(fflora.fastpath.plan, "measure_shape", lambda shape, dtype, rows: {  # packed measured fastest
+        f"{layout}/{order}/{m}": 0.0 if layout == "packed" else 1.0 for layout, order in candidates(dtype) for m in rows})
+    fused.plan("auto", rows=(1, 3))  # chosen for eager steps
+    assert fused.packed()
+    fused.compile()
+    assert not fused.packed() and fused.gemm_mode == "auto" and fused.plan_rows == (1, 3)
+    fused.plan("auto", rows=(1, 3))  # compiled: planned without it from now on
+    assert not fused.packed()

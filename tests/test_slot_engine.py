@@ -8,6 +8,7 @@ import threading
 import pytest
 import torch
 from conftest import make_model, randomize_adapters
+from torch._dynamo.utils import counters
 from transformers import GenerationConfig
 
 import fflora
@@ -61,6 +62,22 @@ def test_more_requests_than_slots_in_chunks_each_equal_its_adapter_alone(saved):
         assert engine.scheduled_requests() == 0 and engine.running_requests() == {}
     for output, prompt, adapter, n in zip(outputs, PROMPTS, adapters, lengths):
         assert output.is_finished() and output.generated_tokens == _alone(saved, adapter, prompt, n), adapter
+
+
+def test_a_burst_of_prompts_is_prefilled_several_at_a_time_each_equal_its_adapter_alone(saved):
+    """Five requests at once, 8 prompt tokens a step: the first waiting prompt's chunk sets the width and
+    the next ones join, right-padded, while rows x width fits (prompts of 4, 3, 7, 2 and 5 tokens)."""
+    adapters = ["ffba", "ba", BASE_NAME, "ba", "ffba"]
+    engine = SlotEngine(_bank(saved), slots=5, max_len=64, max_batch_tokens=8, eos_token_id=[])
+    shapes, run = [], engine._run
+    engine._run = lambda requests, ids, *rest: shapes.append(tuple(ids.shape)) or run(requests, ids, *rest)
+    with engine:
+        with engine.paused():  # all five queued before the first step
+            ids = [engine.add_request(p, a, max_new_tokens=4) for p, a in zip(PROMPTS, adapters)]
+        outputs = [engine.wait(i) for i in ids]
+    assert [s for s in shapes if s[1] > 1] == [(2, 4), (1, 7), (2, 2), (1, 3)]
+    for output, prompt, adapter in zip(outputs, PROMPTS, adapters):
+        assert output.generated_tokens == _alone(saved, adapter, prompt, 4), adapter
 
 
 def test_a_request_that_joins_while_others_decode_and_eos_ends_a_request(saved):
@@ -192,7 +209,7 @@ def test_run_serves_in_the_calling_thread_until_told(saved):
 
 
 def test_the_engine_plans_the_gemms_for_its_batch_sizes_unless_planned(saved):
-    with pytest.raises(ValueError, match=r"gemm_plan must be one of \['standard', 'transposed', 'auto'\], got 'fast'"):
+    with pytest.raises(ValueError, match=r"gemm_plan must be one of \['standard', 'transposed', 'packed', 'auto'\], got 'fast'"):
         SlotEngine(_bank(saved), gemm_plan="fast")
     fused = _bank(saved)
     with SlotEngine(fused, slots=4, max_len=64, eos_token_id=[]) as engine:
@@ -210,12 +227,14 @@ def test_the_engine_plans_the_gemms_for_its_batch_sizes_unless_planned(saved):
 
 @pytest.mark.slow
 def test_compiled_decode_steps_give_each_request_its_adapters_tokens(saved):
-    """Decode steps compiled per bucket (1, 2 and 4 rows here: padding rows in the scratch slot), prompts
-    eager in chunks: the same tokens as each request alone."""
+    """Decode steps compiled per bucket (1, 2 and 4 rows here: padding rows in the scratch slot) at start,
+    prompts eager in chunks: the same tokens as each request alone, and nothing compiled after start."""
     adapters = ["ffba", BASE_NAME, "ba"]
     with SlotEngine(_bank(saved), slots=3, max_len=64, max_batch_tokens=3, eos_token_id=[], compile=True) as engine:
+        graphs = counters["stats"]["unique_graphs"]
         ids = [engine.add_request(p, a, max_new_tokens=6) for p, a in zip(PROMPTS, adapters)]
         outputs = [engine.wait(i).generated_tokens for i in ids]
         assert engine.bank.step.fixed  # compiled over the bank's whole room
+        assert counters["stats"]["unique_graphs"] == graphs  # every bucket's graph was compiled by the warm-up
     for tokens, prompt, adapter in zip(outputs, PROMPTS, adapters):
         assert tokens == _alone(saved, adapter, prompt, 6), adapter

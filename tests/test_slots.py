@@ -86,3 +86,27 @@ def test_a_step_beyond_a_slot_is_refused():
     slot_step(model, cache, torch.tensor([0]), torch.tensor([[1, 2, 3, 4, 5, 6]]))
     with pytest.raises(ValueError, match="a slot holds at most 8 positions; this step would reach 9"):
         slot_step(model, cache, torch.tensor([0]), torch.tensor([[1, 2, 3]]))
+
+
+@torch.no_grad()
+def test_prompts_of_different_lengths_prefill_together_right_padded():
+    """Three prompts in one prefill step, right-padded to the longest, then a decode step: each row's logits
+    are those of a plain forward over its own tokens (the padding written past a row's end is overwritten
+    before anything reads it)."""
+    model = use_slots(make_model("llama", max_position_embeddings=128))
+    cache = SlotCache(model.config, 3, max_len=16)
+    width = max(map(len, PROMPTS[:2]))
+    ids = torch.tensor([p[:width] + [0] * (width - len(p[:width])) for p in PROMPTS])
+    lengths = torch.tensor([min(len(p), width) for p in PROMPTS])
+    logits = slot_step(model, cache, torch.tensor([0, 1, 2]), ids, lengths)
+    assert logits.shape == (3, model.config.vocab_size) and cache.lengths.tolist() == lengths.tolist()
+    plain = make_model("llama", max_position_embeddings=128)
+    for k, prompt in enumerate(PROMPTS):
+        assert logits[k].sub(plain(input_ids=torch.tensor([prompt])).logits[0, -1]).abs().max() < 1e-4, k
+    nxt = logits.argmax(-1)
+    again = slot_step(model, cache, torch.tensor([0, 1, 2]), nxt[:, None])
+    for k, prompt in enumerate(PROMPTS):
+        reference = plain(input_ids=torch.tensor([prompt + [int(nxt[k])]])).logits[0, -1]
+        assert again[k].sub(reference).abs().max() < 1e-4, k
+    with pytest.raises(ValueError, match=r"each row's length must be within 1..2 \(its tokens\), got \[3, 1\]"):
+        slot_step(model, cache, torch.tensor([0, 1]), torch.tensor([[1, 2], [3, 4]]), torch.tensor([3, 1]))

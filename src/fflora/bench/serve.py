@@ -1,7 +1,7 @@
 """End-to-end serving benchmark, after S-LoRA's protocol at small scale: `fflora bench serve`.
 
 Requests arrive as a Poisson process at a fixed rate; each names an adapter drawn uniformly or
-by a power law from N adapters; prompt and output lengths are drawn from ranges (outputs are
+by a power law from N adapters (or request k adapter k mod N: round-robin); prompt and output lengths are drawn from ranges (outputs are
 exact: `ignore_eos`). Two `fflora serve` processes hold the same 16 random FFBA adapters: one
 batches continuously (the default), the other serves one request at a time
 (`--max-num-seqs 1`: one KV slot). Where vLLM is installed (its own venv: `make vllm-venv`), two vLLM
@@ -70,11 +70,11 @@ def workload(settings: ServeBenchSettings, adapters: int, distribution: str, voc
     weights = [1.0] * adapters if distribution == "uniform" else \
         [1 / (k + 1) ** settings.powerlaw_alpha for k in range(adapters)]
     requests, t = [], 0.0
-    for _ in range(settings.requests):
+    for k in range(settings.requests):
         t += timing.expovariate(settings.rate)
         prompt = [timing.randrange(vocab // 10, vocab // 2) for _ in range(timing.randint(*settings.prompt_len))]
-        requests.append(Request(t, draws.choices(range(adapters), weights=weights)[0], prompt,
-                                timing.randint(*settings.output_len)))
+        adapter = k % adapters if distribution == "round-robin" else draws.choices(range(adapters), weights=weights)[0]
+        requests.append(Request(t, adapter, prompt, timing.randint(*settings.output_len)))
     return requests
 
 
@@ -165,13 +165,14 @@ def serve_systems(settings: ServeBenchSettings, model_arg: str | None, adapters:
     """fflora serve batched and one request at a time over the FFBA `adapters`; with `vllm_model`, vLLM's
     base model and vLLM's LoRA over `loras` (one per FFBA adapter), started from `settings.vllm_python`."""
     fflora_args = [*([] if model_arg is None else ["--model", model_arg]), "--max-adapters", str(len(adapters)),
-                   "--log-level", "warning", *(a for i, p in enumerate(adapters) for a in ("--adapter", f"a{i}={p}"))]
+                   "--log-level", "warning", "--dtype", settings.dtype, *(["--compile"] if settings.compile else []),
+                   *([] if settings.weights is None else ["--weights", settings.weights]), *(a for i, p in enumerate(adapters) for a in ("--adapter", f"a{i}={p}"))]
     systems = [System("batched", fflora_args, lambda i: f"a{i}"),
                System("one_at_a_time", [*fflora_args, "--max-num-seqs", "1"], lambda i: f"a{i}")]
     if vllm_model is not None:
         program = [settings.vllm_python, *VLLM_SERVER]
         context = settings.prompt_len[1] + settings.output_len[1]
-        common = ["--model", str(vllm_model), "--served-model-name", "base", "--dtype", "float32",
+        common = ["--model", str(vllm_model), "--served-model-name", "base", "--dtype", settings.dtype,
                   "--max-model-len", str(max(512, context)),
                   "--gpu-memory-utilization", "0.1"]  # on a CPU: the RAM share for its KV cache; else its defaults
         systems.append(System("vllm_base", common, lambda i: "base", program))
@@ -239,7 +240,9 @@ def format_serve_table(result: dict) -> str:
     s = result["settings"]
     lines = [f"Poisson arrivals at {s['rate']:g} req/s, {s['requests']} requests per cell, prompts "
              f"{s['prompt_len'][0]}-{s['prompt_len'][1]} tokens, outputs {s['output_len'][0]}-{s['output_len'][1]} "
-             f"tokens, FFBA r={s['rank']}, medians of {s['rounds']} rounds ({result['model']})", "",
+             f"tokens, FFBA r={s['rank']}, {s.get('dtype', 'float32')}"
+             f"{', fflora weights ' + s['weights'] if s.get('weights') else ''}{', fflora --compile' if s.get('compile') else ''}, "
+             f"medians of {s['rounds']} rounds ({result['model']})", "",
              "| server | adapters | distribution | tokens/s | requests/s | TTFT p50 / p90 (ms) | TPOT p50 / p90 (ms) |",
              "|---|---:|---|---:|---:|---:|---:|"]
     order = _servers(result)

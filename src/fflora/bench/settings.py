@@ -94,13 +94,13 @@ class BankBenchSettings:
             raise ValueError(f"mixes must be among {list(MIXES)}, got {list(self.mixes)}")
 
 
-DISTRIBUTIONS = ("uniform", "powerlaw")
+DISTRIBUTIONS = ("uniform", "powerlaw", "round-robin")  # how requests draw their adapters (`bench.serve.workload`)
 
 
 @dataclass
 class ServeBenchSettings:
     adapters: tuple[int, ...] = (1, 4, 16)
-    distributions: tuple[str, ...] = DISTRIBUTIONS
+    distributions: tuple[str, ...] = ("uniform", "powerlaw")
     rate: float = 2.0  # requests per second
     requests: int = 32  # per cell and mode
     prompt_len: tuple[int, int] = (32, 128)
@@ -110,6 +110,9 @@ class ServeBenchSettings:
     powerlaw_alpha: float = 1.0
     seed: int = 0
     vllm_python: str | None = ".venv-vllm/bin/python"  # the vLLM peer's interpreter (`make vllm-venv`); None: no peer
+    dtype: str = "float32"  # every server's (fflora serve --dtype, vLLM --dtype)
+    weights: str | None = None  # fflora serve --weights (its fused weights' format; None: the dtype's)
+    compile: bool = False  # fflora serve --compile
 
     def __post_init__(self) -> None:
         check_sizes(self, lists=("adapters", "prompt_len", "output_len"), positive=("requests", "rounds", "rank"))
@@ -120,6 +123,9 @@ class ServeBenchSettings:
                 raise ValueError(f"{name.replace('_', '-')} takes MIN MAX with MIN <= MAX, got {low} {high}")
         if not self.rate > 0:
             raise ValueError(f"rate must be > 0 requests per second, got {self.rate}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16 (what both fflora and vLLM's CPU build run), got {self.dtype!r}")
+        check_weights(self.weights)
         unknown = [d for d in self.distributions if d not in DISTRIBUTIONS]
         if unknown or not self.distributions:
             raise ValueError(f"distributions must be among {list(DISTRIBUTIONS)}, got {list(self.distributions)}")

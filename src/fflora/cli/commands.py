@@ -255,7 +255,8 @@ def cmd_bench_serve(args) -> dict:
     settings = ServeBenchSettings(
         adapters=tuple(args.adapters), distributions=tuple(args.distributions), rate=args.rate,
         requests=args.requests, prompt_len=tuple(args.prompt_len), output_len=tuple(args.output_len),
-        rounds=args.rounds, rank=args.r, seed=args.seed, vllm_python=args.vllm_python,
+        rounds=args.rounds, rank=args.r, seed=args.seed, vllm_python=args.vllm_python, dtype=args.dtype,
+        weights=args.weights, compile=args.compile,
     )
     return _report_bench(args, lambda model, _: run_serve_bench(model, args.model, settings), write_serve_bench,
                          format_serve_table, "bench-serve", "serve")

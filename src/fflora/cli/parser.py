@@ -191,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         "vLLM beside it where installed")
     _add_model(q)
     q.add_argument("--adapters", type=int, nargs="+", default=list(d.adapters), help="numbers N of adapters in use")
-    q.add_argument("--distributions", nargs="+", default=list(DISTRIBUTIONS), choices=DISTRIBUTIONS)
+    q.add_argument("--distributions", nargs="+", default=list(d.distributions), choices=DISTRIBUTIONS,
+                   help="how each request picks its adapter: uniformly, by a power law, or request k adapter k mod N "
+                        "(round-robin: N requests at once on N distinct adapters)")
     q.add_argument("--rate", type=float, default=d.rate, help=f"Poisson arrival rate, requests/s (default {d.rate:g})")
     q.add_argument("--requests", type=int, default=d.requests, help="requests per cell and server")
     q.add_argument("--prompt-len", type=int, nargs=2, default=list(d.prompt_len), metavar=("MIN", "MAX"))
@@ -203,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"the python of a venv with vLLM: its base model and LoRA join as peers (default {d.vllm_python}, "
                         "what `make vllm-venv` installs; skipped, saying so, where absent)")
     q.add_argument("--no-vllm", dest="vllm_python", action="store_const", const=None, help="leave the vLLM peer out")
+    q.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16"], help="every server's dtype (default float32)")
+    _add_weights(q)
+    q.add_argument("--compile", action="store_true", help="fflora serve --compile (decode steps compiled at start)")
     q.add_argument("--output-dir", default=None, help="default: runs/bench-serve-<time>")
     q.set_defaults(handler="cmd_bench_serve")
 
@@ -362,6 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gemm-plan", default=d.gemm_plan, choices=list(MODES),
                    help="how the fused GEMMs run: measured per weight shape at 1 and --max-num-seqs rows at start "
                         "(auto, the default: a few seconds), or one layout for all")
+    p.add_argument("--compile", action="store_true",
+                   help="run decode steps as torch.compile graphs, one per padded batch size up to --max-num-seqs, "
+                        "compiled at start (about a minute each the first time; inductor's on-disk cache serves "
+                        "later starts)")
     p.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens,
                    help=f"new tokens for a chat request that sets no max_tokens (default {d.default_max_tokens})")
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",

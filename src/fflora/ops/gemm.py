@@ -4,8 +4,14 @@
 ("wx"), and W can be stored row-major ("standard", as nn.Linear keeps it) or column-major
 ("transposed"). The values are the same; the BLAS kernels that run are not, and at the small row
 counts of decoding their speed differs by up to 2.5x in either direction depending on the shape,
-the row count and the CPU. `fflora.fastpath.plan` measures and picks; this module runs the choice
-(`planned_linear`) and applies it to a module (`set_gemm_plan`).
+the row count and the CPU. A third layout, "packed", keeps the row-major weight and beside it a copy
+in oneDNN's blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's freezing pass
+gives CPU linears), run by oneDNN's linear for every row count: on an AVX-512 EPYC with 2 threads,
+SmolLM2's decode GEMMs at 8 rows streamed 32 GB/s that way in float32 against 15 for the best BLAS
+order (30 against 20 in bfloat16). It costs a second copy of the weight, and a compiled graph cannot
+take it (Dynamo has no fake tensor for oneDNN's opaque layout): `FusedModel.compile` plans without it.
+`fflora.fastpath.plan` measures and picks; this module runs the choice (`planned_linear`) and
+applies it to a module (`set_gemm_plan`).
 """
 
 from __future__ import annotations
@@ -47,8 +53,22 @@ def layout_of(weight: Tensor) -> str:
     return "transposed" if weight.stride(0) == 1 and weight.shape[0] > 1 else "standard"
 
 
-def planned_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, plan: GemmPlan | None = None) -> Tensor:
-    """F.linear(x, weight, bias), run in the operand order `plan` picks for x's number of rows."""
+def packable(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's packed linear runs weights of `dtype` here (the "packed" layout)."""
+    return torch.backends.mkldnn.is_available() and dtype in (torch.float32, torch.bfloat16)
+
+
+def packed(weight: Tensor, rows: int) -> Tensor:
+    """`weight` (out x in) in oneDNN's blocked layout, chosen for inputs of `rows` rows (any row count runs)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), rows)
+
+
+def planned_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, plan: GemmPlan | None = None,
+                   packed_weight: Tensor | None = None) -> Tensor:
+    """F.linear(x, weight, bias), run in the operand order `plan` picks for x's number of rows, or by
+    oneDNN's linear on `packed_weight` (the "packed" layout: `packed(weight)`)."""
+    if packed_weight is not None:
+        return torch.ops.mkldnn._linear_pointwise(x, packed_weight, bias, "none", [], "")
     if plan is not None:
         rows = x.numel() // x.shape[-1]
         if plan.order(rows) == "wx":
@@ -66,14 +86,22 @@ class PlannedLinear(nn.Linear):
     _fflora_base_class = nn.Linear  # utils.classes.BASE
     gemm_plan: GemmPlan | None = None
 
+    packed_weight: Tensor | None = None  # the "packed" layout's copy (`set_gemm_plan`)
+
     def forward(self, x: Tensor) -> Tensor:
-        return planned_linear(x, self.weight, self.bias, self.gemm_plan)
+        return planned_linear(x, self.weight, self.bias, self.gemm_plan, self.packed_weight)
 
 
 def set_gemm_plan(module: nn.Module, plan: GemmPlan | None) -> None:
     """Store `module.weight` in the plan's layout and make the module run it (None: row-major, F.linear).
-    `module` is a fused GEMM (it reads `gemm_plan`) or a plain nn.Linear LM head (its class is swapped)."""
+    `module` is a fused GEMM (it reads `gemm_plan` and `packed_weight`) or a plain nn.Linear LM head (its
+    class is swapped)."""
     layout = plan.layout if plan is not None else "standard"
+    if layout == "packed":  # row-major, and the packed copy beside it, for the largest row count planned
+        module.packed_weight = packed(module.weight, max((rows for rows, _ in plan.orders), default=1))
+        layout = "standard"
+    else:
+        module.__dict__.pop("packed_weight", None)
     if layout_of(module.weight) != layout:
         if isinstance(module.weight, nn.Parameter):  # the LM head: keep the Parameter (and its ties)
             module.weight.data = laid_out(module.weight.data, layout)

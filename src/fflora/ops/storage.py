@@ -23,10 +23,11 @@ adapter never changes how the base rows are quantized. A new format (a GPU kerne
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import int4
-from .gemm import GemmPlan, planned_linear
+from .gemm import GemmPlan, planned_linear, set_gemm_plan
 from .int8 import dequantize_rows, int8_linear, quantize_rows
 
 
@@ -94,6 +95,8 @@ class DenseStorage(GemmStorage):
     """The whole matrix in one tensor of the model's dtype: one GEMM, `gemm_plan` choosing its layout."""
 
     gemm_plan: GemmPlan | None = None  # how the GEMM runs (fflora.fastpath.plan); None: F.linear
+    packed_weight: Tensor | None = None  # the "packed" layout's oneDNN copy of `weight` (`ops.gemm.set_gemm_plan`)
+    packed_stale: bool = False  # the weight was written since: the copy is packed again before the next GEMM
 
     def __init__(self, weight: Tensor, bias: Tensor | None, base_out: int, d_main: int) -> None:
         super().__init__()
@@ -111,15 +114,25 @@ class DenseStorage(GemmStorage):
 
     def write_rows(self, start: int, values: Tensor) -> None:
         self.weight[start : start + values.shape[0], : self.d_main] = values.to(self.weight.dtype)
+        self.packed_stale = True
 
     def write_cols(self, start: int, values: Tensor) -> None:
         rows, cols = values.shape
         self.weight[:rows, start : start + cols] = values.to(self.weight.dtype)
+        self.packed_stale = True
 
     def base_rows(self, start: int, stop: int) -> Tensor:
         return self.weight[start:stop, : self.d_main]
 
     def gemm(self, x: Tensor, rows: int | None = None, cols: int | None = None) -> Tensor:
+        if self.packed_weight is not None:  # the whole packed matrix: zero columns past the window, rows cut
+            if self.packed_stale:  # written since packed (an adapter loaded): pack again, once
+                set_gemm_plan(self, self.gemm_plan)
+                self.packed_stale = False
+            if x.shape[-1] < self.n_cols:
+                x = F.pad(x, (0, self.n_cols - x.shape[-1]))
+            out = planned_linear(x, self.weight, self.bias, packed_weight=self.packed_weight)
+            return out if rows is None or rows == self.n_rows else out[..., :rows]
         if rows is None and cols is None:
             return planned_linear(x, self.weight, self.bias, self.gemm_plan)
         weight, bias = self._views(rows or self.n_rows, cols or self.n_cols)

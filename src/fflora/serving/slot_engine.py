@@ -2,11 +2,13 @@
 
 Each request takes a slot (`serving.slots`: its own rows of one preallocated KV cache) for its life.
 A thread runs steps, and between two steps requests join free slots and leave finished ones
-(continuous batching). A step is one prefill chunk of at most `max_batch_tokens` prompt tokens of one
-request, then one decode step of every running request together, each at its own position, each row
-with its adapter (the bank's per-row selection): so a long prompt never holds running streams up by
-more than one chunk. Adapters load and unload between steps. Greedy rows take the argmax; sampled rows
-their own temperature, top-p and random stream (a seed).
+(continuous batching). A step is one prefill of at most `max_batch_tokens` prompt tokens (the next
+chunk of the first waiting prompt, with as many others beside it as fit, each row right-padded to the
+first's width), then one decode step of every running request together, each at its own position, each
+row with its adapter (the bank's per-row selection): so a long prompt never holds running streams up by
+more than one chunk, and a burst of short prompts is prefilled several at a time, not one per step.
+Adapters load and unload between steps. Greedy rows take the argmax; sampled rows their own
+temperature, top-p and random stream (a seed).
 
 It offers what the API server uses of an engine (`stream`, `adapters`, `load_adapter`, `unload_adapter`,
 `running_requests`, `scheduled_requests`, `abort_all`, `start`, `stop`, `is_running`) and `add_request` /
@@ -20,10 +22,11 @@ unplanned, one row 50 either way.
 `compile=True` runs each decode step compiled (`torch.compile` of `slots.slot_forward`): its rows padded
 to a bucket (`BUCKETS`; padding rows write a scratch slot), the span of positions it reads an input of
 dynamic length, the bank's windows fixed and each row's adapter selection held outside the graph: one
-graph per bucket, compiled the first time a bucket is used (60-70 s each on SmolLM2 here). Prefill chunks
-run eagerly. Measured no faster than eager at eight streams (`results/serve-slots-compiled/`, in a
-thread: 53.6 against 59.3 tokens/s; in the main thread, `run`: 81-84 against 74-101), faster at one
-(22 against 19 in the main thread; docs/serving.md): off by default.
+graph per bucket up to `slots` rows, each compiled at start by the warm-up (60-70 s each on SmolLM2 here
+from an empty inductor cache; inductor's on-disk cache serves later starts), so that no request waits on
+a compile. Prefill chunks run eagerly. Measured no faster than eager at eight streams
+(`results/serve-slots-compiled/`, in a thread: 53.6 against 59.3 tokens/s; in the main thread, `run`:
+81-84 against 74-101), faster at one (22 against 19 in the main thread; docs/serving.md): off by default.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import functools
 import itertools
 import queue
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -64,7 +68,7 @@ class SlotOutput:
         return self.status != "running"
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: compared by identity
 class _Request:
     request_id: str
     prompt: list[int]
@@ -128,6 +132,8 @@ class SlotEngine:
         self._in_run = False  # the loop runs in a caller's thread (`run`), not one of its own
         self.error: str | None = None  # why the engine's thread stopped, if a step failed
         self._attention = None  # the model's attention implementation, restored on stop
+        self.warm_up_s: float | None = None  # seconds the steps before the first request took (`_warm_up`)
+        self.plan_report: dict | None = None  # the GEMM plan made at start (`FusedModel.plan`), if one was
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -176,7 +182,9 @@ class SlotEngine:
         """Plan the GEMMs (unless planned), route the model's attention through the slots, set up the
         compiled decode step if asked."""
         if self.gemm_plan != "standard" and self.fused.gemm_mode == "standard":
-            self.fused.plan(self.gemm_plan, rows=tuple(sorted({1, self.slots})))
+            self.plan_report = self.fused.plan(self.gemm_plan, rows=tuple(sorted({1, self.slots})), packed_ok=not self.compile)
+        elif self.compile and self.fused.packed():  # the caller's plan, without what a graph cannot run
+            self.plan_report = self.fused.plan(self.fused.gemm_mode, self.fused.plan_rows, packed_ok=False)
         self._attention = self.model.config._attn_implementation
         self.model.config._attn_implementation = SLOT_ATTENTION
         if self.compile and self._decoder is None:
@@ -184,6 +192,29 @@ class SlotEngine:
                 self.bank.fix_windows()  # one graph for every mix of adapters, the selection held outside it
             self._decoder = torch.compile(functools.partial(slot_forward, self.model, self.cache), dynamic=False)
         self._stopping.clear()
+        self.warm_up_s = self._warm_up()
+
+    @torch.no_grad()
+    def _warm_up(self) -> float:
+        """Run, before the first request, the steps requests will run, in the scratch slot on the base model:
+        a prompt step and a decode step of one row, and compiled, a decode step of each bucket up to `slots`
+        rows (each compiled now, from inductor's on-disk cache where an earlier start left it: then the
+        time is Dynamo's tracing). Returns the seconds it took."""
+        begun = time.perf_counter()
+        scratch = torch.tensor([self.scratch])
+        with self._selected([BASE_NAME]):
+            slot_step(self.model, self.cache, scratch, torch.zeros(1, 2, dtype=torch.long))
+            slot_step(self.model, self.cache, scratch, torch.zeros(1, 1, dtype=torch.long))
+        if self._decoder is not None:
+            engine_compile_settings()
+            for bucket in sorted({self._bucket(n) for n in range(1, self.slots + 1)}):
+                rows = scratch.repeat(bucket)
+                window = torch.arange(2)  # a dynamic length (never 1: Dynamo would specialize it)
+                torch._dynamo.maybe_mark_dynamic(window, 0)
+                with self._selected([BASE_NAME] * bucket):
+                    self._decoder(rows, self.cache.lengths[rows], torch.zeros(bucket, 1, dtype=torch.long), window)
+        self.cache.free(self.scratch)
+        return time.perf_counter() - begun
 
     def _release(self) -> None:
         self.model.config._attn_implementation = self._attention
@@ -396,20 +427,48 @@ class SlotEngine:
                 self.cache.free(request.slot)
                 self._active[request.slot] = request
             active = list(self._active.values())
-        prefilling = next((r for r in active if r.prefilled < len(r.prompt)), None)
-        if prefilling is not None:
+        prefilling = self._prefill_rows([r for r in active if r.prefilled < len(r.prompt) and not r.cancelled])
+        if prefilling:
             self._prefill(prefilling)
-        decoding = [r for r in active if r.generated and r is not prefilling and not r.cancelled]
+        decoding = [r for r in active if r.generated and r not in prefilling and not r.cancelled]
         if decoding:
             self._decode(decoding)
-        return prefilling is not None or bool(decoding)
+        return bool(prefilling) or bool(decoding)
 
-    def _prefill(self, request: _Request) -> None:
-        chunk = request.prompt[request.prefilled : request.prefilled + self.max_batch_tokens]
-        logits = self._run([request], torch.tensor([chunk]))
-        request.prefilled += len(chunk)
-        if request.prefilled == len(request.prompt):  # the prompt's last chunk: its first token
-            self._emit([request], logits)
+    def _prefill_rows(self, waiting: list[_Request]) -> list[_Request]:
+        """The requests whose prompts advance this step, in order of arrival: the first one's next chunk
+        (at most `max_batch_tokens`) sets the width, and as many after it join as fit in `max_batch_tokens`
+        padded to that width (each its next chunk of at most that width; one whose padding would run past
+        its slot waits for a later step)."""
+        if not waiting:
+            return []
+        width = self._chunk_width(waiting[0])
+        rows = [waiting[0]]
+        for request in waiting[1:]:
+            if (len(rows) + 1) * width > self.max_batch_tokens:
+                break
+            if request.prefilled + width <= self.max_len:
+                rows.append(request)
+        return rows
+
+    def _chunk_width(self, request: _Request) -> int:
+        """The length of `request`'s next prompt chunk, the width of a prefill step it leads."""
+        return min(len(request.prompt) - request.prefilled, self.max_batch_tokens)
+
+    def _prefill(self, requests: list[_Request]) -> None:
+        """The next prompt chunk of each of `requests` in one step (right-padded to the longest); a request
+        whose prompt is now in takes its first token."""
+        width = self._chunk_width(requests[0])
+        chunks = [r.prompt[r.prefilled : r.prefilled + width] for r in requests]
+        ids = torch.tensor([chunk + [0] * (width - len(chunk)) for chunk in chunks])
+        logits = self._run(requests, ids, torch.tensor([len(chunk) for chunk in chunks]))
+        done = []
+        for i, (request, chunk) in enumerate(zip(requests, chunks)):
+            request.prefilled += len(chunk)
+            if request.prefilled == len(request.prompt):
+                done.append(i)
+        if done:
+            self._emit([requests[i] for i in done], logits[done])
 
     def _decode(self, requests: list[_Request]) -> None:
         if self._decoder is None:
@@ -422,7 +481,7 @@ class SlotEngine:
         """One compiled decode step: its rows padded to a bucket (padding rows write the scratch slot), the
         positions read given as a tensor of dynamic length: one graph per bucket."""
         n = len(requests)
-        pad = next((b for b in BUCKETS if b >= n), n) - n
+        pad = self._bucket(n) - n
         rows = torch.tensor([r.slot for r in requests] + [self.scratch] * pad)
         starts = self.cache.lengths[rows]
         ids = torch.tensor([[r.generated[-1]] for r in requests] + [[0]] * pad)
@@ -433,9 +492,14 @@ class SlotEngine:
         self.cache.lengths[rows[:n]] = starts[:n] + 1
         return logits[:n]
 
-    def _run(self, requests: list[_Request], input_ids: Tensor) -> Tensor:
+    @staticmethod
+    def _bucket(rows: int) -> int:
+        """The padded row count of a compiled decode step of `rows` rows (one graph each)."""
+        return next((b for b in BUCKETS if b >= rows), rows)
+
+    def _run(self, requests: list[_Request], input_ids: Tensor, lengths: Tensor | None = None) -> Tensor:
         with self._selected([r.adapter for r in requests]):
-            return slot_step(self.model, self.cache, torch.tensor([r.slot for r in requests]), input_ids)
+            return slot_step(self.model, self.cache, torch.tensor([r.slot for r in requests]), input_ids, lengths)
 
     def _selected(self, names: list[str]):
         """Each row's adapter for the forward passes inside the block (nothing to choose without a bank).

@@ -91,26 +91,34 @@ def use_slots(model: nn.Module) -> nn.Module:
 
 
 def slot_forward(model: nn.Module, cache: SlotCache, rows: Tensor, starts: Tensor, input_ids: Tensor,
-                 window: Tensor | None = None, **model_kwargs) -> Tensor:
+                 window: Tensor | None = None, last: Tensor | None = None, **model_kwargs) -> Tensor:
     """The model over `input_ids` (rows x tokens), row i continuing slot `rows[i]` from position `starts[i]`
-    (its keys and values are written there); the logits of each row's last token (rows x vocab). Reads
-    and sets no Python state (`slot_step` keeps the slots' lengths): what a compiled step runs (`window`:
-    see `slot_attention`)."""
+    (its keys and values are written there); the logits of each row's last token (rows x vocab), or of
+    token `last[i]` of row i where `last` is given. Reads and sets no Python state (`slot_step` keeps the
+    slots' lengths): what a compiled step runs (`window`: see `slot_attention`)."""
     position_ids = starts[:, None] + torch.arange(input_ids.shape[1], device=input_ids.device)
+    keep = 1 if last is None else last[:, None]  # transformers: one position per row, its own
     return model(input_ids=input_ids, position_ids=position_ids, slot_cache=cache, slot_rows=rows, slot_starts=starts,
-                 slot_window=window, use_cache=False, logits_to_keep=1, **model_kwargs).logits[:, -1]
+                 slot_window=window, use_cache=False, logits_to_keep=keep, **model_kwargs).logits[:, -1]
 
 
 @torch.no_grad()
-def slot_step(model: nn.Module, cache: SlotCache, slots: Tensor, input_ids: Tensor, **model_kwargs) -> Tensor:
+def slot_step(model: nn.Module, cache: SlotCache, slots: Tensor, input_ids: Tensor, lengths: Tensor | None = None,
+              **model_kwargs) -> Tensor:
     """Run one step: row i of `input_ids` (rows x tokens) continues slot `slots[i]` from the position it
-    holds. Returns the logits of each row's last token (rows x vocab); the slots now hold the tokens too.
-    `model_kwargs` go to the model (e.g. `adapter_names=` for a bank)."""
+    holds. `lengths[i]`: how many of row i's tokens are its own (the rest right padding, so that prompt
+    chunks of different lengths run together; default: all). Returns the logits of each row's last own
+    token (rows x vocab); the slots now hold their rows' own tokens. Padding writes keys and values past
+    a row's end, where its next tokens overwrite them before anything reads there, so it must stay
+    inside the slot. `model_kwargs` go to the model (e.g. `adapter_names=` for a bank)."""
     tokens = input_ids.shape[1]
     starts = cache.lengths[slots]
     if int(starts.max()) + tokens > cache.max_len:
         raise ValueError(f"a slot holds at most {cache.max_len} positions; this step would reach "
                          f"{int(starts.max()) + tokens}")
-    logits = slot_forward(model, cache, slots, starts, input_ids, **model_kwargs)
-    cache.lengths[slots] = starts + tokens
+    if lengths is not None and (int(lengths.min()) < 1 or int(lengths.max()) > tokens):
+        raise ValueError(f"each row's length must be within 1..{tokens} (its tokens), got {lengths.tolist()}")
+    logits = slot_forward(model, cache, slots, starts, input_ids, last=None if lengths is None else lengths - 1,
+                          **model_kwargs)
+    cache.lengths[slots] = starts + (tokens if lengths is None else lengths)
     return logits
