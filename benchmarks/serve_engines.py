@@ -6,8 +6,9 @@ until the slots replaced it.)
 
 SmolLM2-135M (embedded), a bank of 8 random FFBA r = 8 adapters in the --weights format (float32 by
 default); 64-token prompts, 64 new tokens, greedy, ignore_eos. One stream (adapter a0), then eight streams
-at once, each on its own adapter. Rounds interleave the systems; medians over rounds. Run it with the CPU
-to itself:
+at once, each on its own adapter. Rounds interleave the systems; medians over rounds. For `generate`, also
+its decode step alone (64 new tokens less one, per token): what a server's time per output token compares
+with. Run it with the CPU to itself:
 
     python benchmarks/serve_engines.py --rounds 3 --out results/serve-engines
 """
@@ -46,12 +47,19 @@ def run_engine(engine, streams: int, vocab: int) -> float:
 
 
 @torch.no_grad()
-def run_generate(fused, streams: int, vocab: int) -> float:
+def run_generate(fused, streams: int, vocab: int, new_tokens: int = NEW) -> float:
     ids = torch.tensor(prompts(streams, vocab))
     start = time.perf_counter()
     out = fused.generate(ids, attention_mask=torch.ones_like(ids), adapter_names=[f"a{i}" for i in range(streams)],
-                         max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
+                         max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     return streams * (out.shape[1] - PROMPT) / (time.perf_counter() - start)
+
+
+def decode_ms(fused, streams: int, vocab: int) -> float:
+    """`generate`'s decode step alone, ms per token per stream: (time for NEW tokens - time for 1) / (NEW - 1),
+    what a server's time per output token compares with."""
+    one = streams / run_generate(fused, streams, vocab, 1)
+    return 1e3 * (streams * NEW / run_generate(fused, streams, vocab) - one) / (NEW - 1)
 
 
 def main() -> None:
@@ -87,24 +95,29 @@ def main() -> None:
         for run in systems.values():  # warm-up (compiles the compiled one for both batch sizes)
             run(1), run(8)
         samples = {(name, n): [] for name in systems for n in (1, 8)}
+        decode = {(name, n): [] for name in ("generate eager", "generate compiled") for n in (1, 8)}
         for round_ in range(args.rounds):
             for n in (1, 8):
                 for name, run in systems.items():
                     samples[name, n].append(run(n))
                     print(f"round {round_ + 1}: {name}, {n} streams: {samples[name, n][-1]:.1f} tokens/s", flush=True)
+                for name, fused in (("generate eager", eager), ("generate compiled", compiled)):
+                    decode[name, n].append(decode_ms(fused, n, vocab))
         for engine in engines.values():
             engine.stop()
-    rows = [{"system": name, "streams": n, "tokens_per_s": statistics.median(v), "rounds": v}
+    rows = [{"system": name, "streams": n, "tokens_per_s": statistics.median(v), "rounds": v,
+             **({"decode_ms_per_token": statistics.median(decode[name, n])} if (name, n) in decode else {})}
             for (name, n), v in samples.items()]
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"prompt": PROMPT, "new_tokens": NEW, "weights": args.weights, "rows": rows}
     (args.out / "serve-engines.json").write_text(json.dumps(result, indent=2) + "\n")
     compiled_one = next(r["tokens_per_s"] for r in rows if r["system"] == "generate compiled" and r["streams"] == 1)
-    lines = ["| system | streams | tokens/s (median) | ms per token per stream | vs generate compiled, 1 stream |",
-             "|---|---:|---:|---:|---:|"]
+    lines = ["| system | streams | tokens/s (median) | ms per token per stream | decode step alone, ms per token | "
+             "vs generate compiled, 1 stream |", "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
+        step = f"{r['decode_ms_per_token']:.1f}" if "decode_ms_per_token" in r else ""
         lines.append(f"| {r['system']} | {r['streams']} | {r['tokens_per_s']:.1f} | {1e3 * r['streams'] / r['tokens_per_s']:.1f} "
-                     f"| {r['tokens_per_s'] / compiled_one:.2f}x |")
+                     f"| {step} | {r['tokens_per_s'] / compiled_one:.2f}x |")
     (args.out / "serve-engines.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

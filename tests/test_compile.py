@@ -78,15 +78,19 @@ def test_compiled_decoding_gives_the_eager_tokens_and_unfuse_undoes_it(family, f
     assert "_compiled_call" not in model.__dict__ and not is_compiled(model)
 
 
-@pytest.mark.parametrize("freezing", [False, True])
-def test_a_compiled_model_follows_an_adapter_loaded_after_compiling(tmp_path, freezing, fresh_dynamo):
+@pytest.mark.parametrize("freezing, plan", [(False, None), (True, None), (False, "packed")])
+def test_a_compiled_model_follows_an_adapter_loaded_after_compiling(tmp_path, freezing, plan, fresh_dynamo):
+    """Packed: the graph runs oneDNN's copies by handle; the load packs them again under the same handles."""
     other = fflora.apply_adapter(make_model("llama"), FAMILIES["ffba"]())
     randomize_adapters(other, seed=9)
     fflora.save_adapter(other, tmp_path / "other")
     ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(0))
     expected = fflora.fuse(other).generate(ids, max_new_tokens=6, do_sample=False)
 
-    model = fflora.compile_decode(_fused("llama", "ffba", seed=1), freezing=freezing)
+    model = _fused("llama", "ffba", seed=1)
+    if plan is not None:
+        fflora.plan_gemms(model, plan)
+    model = fflora.compile_decode(model, freezing=freezing)
     before = model.generate(ids, max_new_tokens=6, do_sample=False)
     assert not torch.equal(before, expected)  # the two adapters decode differently
     fflora.load_adapter(model, tmp_path / "other")

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..ops.formats import LAYOUTS, MODES, ORDERS
-from ..ops.gemm import GemmPlan, PlannedLinear, packable, packed, planned_linear, set_gemm_plan
+from ..ops.gemm import GemmPlan, PlannedLinear, onednn_linear, packable, packed, planned_linear, set_gemm_plan
 
 WORKING_SET_BYTES = 256 * 2**20  # larger than the caches: weights come from memory, as in a decode step
 MAX_COPIES = 256  # of one small weight in that working set (bounds the number of timed calls)
@@ -52,11 +52,11 @@ def planned_modules(model: nn.Module, storages: list[nn.Module]) -> list[nn.Modu
 _MEASURED: dict[tuple, float] = {}  # (shape, dtype, threads, layout, order, rows) -> seconds, for this process
 
 
-def candidates(dtype: torch.dtype, packed_ok: bool = True) -> list[tuple[str, str]]:
+def candidates(dtype: torch.dtype) -> list[tuple[str, str]]:
     """The (layout, order) pairs a plan chooses from: either BLAS order on either plain layout, and oneDNN's
-    packed linear (one kernel: order "xw") where it runs `dtype` and `packed_ok` (not for a compiled step)."""
+    packed linear (one kernel: order "xw") where it runs `dtype`."""
     pairs = [(layout, order) for layout in LAYOUTS if layout != "packed" for order in ORDERS]
-    return pairs + [("packed", "xw")] if packed_ok and packable(dtype) else pairs
+    return pairs + [("packed", "xw")] if packable(dtype) else pairs
 
 
 @torch.no_grad()
@@ -88,7 +88,7 @@ def measure_shape(shape: tuple[int, int], dtype: torch.dtype, rows: tuple[int, .
                 start = time.perf_counter()
                 for w in weights[layout]:
                     if layout == "packed":
-                        planned_linear(inputs[m], standard[0], None, packed_weight=w)
+                        onednn_linear(inputs[m], w)
                     else:
                         planned_linear(inputs[m], w, None, plan)
                 if repeat:
@@ -97,34 +97,29 @@ def measure_shape(shape: tuple[int, int], dtype: torch.dtype, rows: tuple[int, .
     return {f"{layout}/{order}/{m}": _MEASURED[(*prefix, layout, order, m)] for m in rows for layout, order in pairs}
 
 
-def choose_plan(times: dict, rows: tuple[int, ...], packed_ok: bool = True) -> GemmPlan:
-    """The layout with the least total time over `rows` (each in its faster order), and those orders;
-    the packed layout only where measured and `packed_ok`."""
+def choose_plan(times: dict, rows: tuple[int, ...]) -> GemmPlan:
+    """The layout with the least total time over `rows` (each in its faster order), and those orders
+    (the packed layout where it was measured)."""
     def best(layout: str, m: int) -> tuple[float, str]:
         return min((times[key], order) for order in ORDERS if (key := f"{layout}/{order}/{m}") in times)
 
-    layouts = [lay for lay in LAYOUTS if f"{lay}/xw/{rows[0]}" in times and (packed_ok or lay != "packed")]
+    layouts = [lay for lay in LAYOUTS if f"{lay}/xw/{rows[0]}" in times]
     layout = min(layouts, key=lambda lay: (sum(best(lay, m)[0] for m in rows), lay != "standard"))
     return GemmPlan(layout, tuple((m, best(layout, m)[1]) for m in sorted(rows)))
 
 
 @torch.no_grad()
-def plan_modules(modules: list[nn.Module], mode: str = "auto", rows: tuple[int, ...] = (1, 8),
-                 packed_ok: bool = True) -> dict:
+def plan_modules(modules: list[nn.Module], mode: str = "auto", rows: tuple[int, ...] = (1, 8)) -> dict:
     """Set how each of `modules` (`planned_modules`) runs; returns a report (see the module docstring).
 
     mode "standard": row-major weights, F.linear (what `fflora.fuse` gives); "transposed":
     column-major weights, F.linear; "packed": oneDNN's packed copies (`fflora.ops.gemm`); "auto":
-    measured per weight shape at `rows` input rows (the decode batch sizes to serve), the packed
-    layout among the candidates where `packed_ok` (not for a model to compile).
+    measured per weight shape at `rows` input rows (the decode batch sizes to serve).
     """
     if mode not in MODES:
         raise ValueError(f"gemm plan must be one of {list(MODES)}, got {mode!r}")
     if not rows or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in rows):
         raise ValueError(f"rows must be integers >= 1 (the decode batch sizes to tune for), got {list(rows)}")
-    if mode == "packed" and not packed_ok:
-        raise ValueError("a compiled step cannot run the packed layout (oneDNN's opaque weights); plan 'auto', "
-                         "'standard' or 'transposed' for a model to compile")
     start = time.perf_counter()
     measured, plans = {}, {}
     for module in modules:
@@ -136,12 +131,12 @@ def plan_modules(modules: list[nn.Module], mode: str = "auto", rows: tuple[int, 
                              f"these are {key[1]}: plan 'auto' or 'standard'")
         if mode == "auto":
             measured[key] = measure_shape(key[0], key[1], tuple(rows))
-            plans[key] = choose_plan(measured[key], tuple(rows), packed_ok)
+            plans[key] = choose_plan(measured[key], tuple(rows))
         else:
             plans[key] = GemmPlan(mode, tuple((m, "xw") for m in sorted(rows)) if mode == "packed" else ())
     for module in modules:
         set_gemm_plan(module, None if mode == "standard" else plans[(tuple(module.weight.shape), module.weight.dtype)])
-    copies = [m.weight for m in modules if getattr(m, "packed_weight", None) is not None]
+    copies = [m.weight for m in modules if getattr(m, "packed_handle", None) is not None]
     return {
         "mode": mode, "rows": list(rows), "seconds": time.perf_counter() - start,
         "packed_bytes": sum(w.numel() * w.element_size() for w in copies),  # the packed layout's second copies

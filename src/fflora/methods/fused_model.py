@@ -49,9 +49,8 @@ class FusedModel:
     model: the transformers model, fused in place; method: the `Method` whose fused form is installed
     (None: the plain base, fused); bank: the method's adapter bank (None: one adapter or none); gemms:
     every fused GEMM module; weights: their format; dtype: the model's dtype before fusing; fingerprint:
-    the base weights' fingerprint from before quantizing (None: computed from the weights); gemm_mode,
-    planned and plan_rows: the GEMM plan (`plan`), the modules it changed and the row counts it was
-    measured for; compiled: the generation settings
+    the base weights' fingerprint from before quantizing (None: computed from the weights); gemm_mode
+    and planned: the GEMM plan (`plan`) and the modules it changed; compiled: the generation settings
     from before `compile` (None: not compiled); fused_form: what the method's single-adapter fused form
     keeps to refresh it (`Method.fuse`; FFBA: a one-adapter bank, not for loading into)."""
 
@@ -60,7 +59,7 @@ class FusedModel:
         self.model, self.method, self.bank, self.fused_form = model, method, bank, fused_form
         self.gemms = gemm_modules(model)
         self.weights, self.dtype, self.fingerprint = "float32", torch.float32, None
-        self.gemm_mode, self.planned, self.plan_rows = "standard", [], (1, 8)
+        self.gemm_mode, self.planned = "standard", []
         self.compiled: tuple | None = None
 
     # --- building and taking apart ---
@@ -219,26 +218,19 @@ class FusedModel:
 
     # --- the decode fast path ---
 
-    def plan(self, mode: str = "auto", rows: tuple[int, ...] = (1, 8), packed_ok: bool | None = None) -> dict:
+    def plan(self, mode: str = "auto", rows: tuple[int, ...] = (1, 8)) -> dict:
         """Choose how every fused GEMM and the LM head run (`fflora.fastpath.plan`); returns its report.
-        A compiled step is dropped (it is traced again, for the new layouts, when next needed). The packed
-        layout is a candidate unless `packed_ok` is False (default: unless compiled, which cannot run it)."""
+        A compiled step is dropped (it is traced again, for the new layouts, when next needed)."""
         modules = planned_modules(self.model, [g.storage for g in self.gemms])
-        report = plan_modules(modules, mode, rows, packed_ok=self.compiled is None if packed_ok is None else packed_ok)
-        self.gemm_mode, self.planned, self.plan_rows = mode, [] if mode == "standard" else modules, tuple(rows)
+        report = plan_modules(modules, mode, rows)
+        self.gemm_mode, self.planned = mode, [] if mode == "standard" else modules
         drop_compiled_step(self.model)
         return report
-
-    def packed(self) -> bool:
-        """Whether a GEMM runs the packed layout (oneDNN's copies: eager only)."""
-        return any(getattr(m, "packed_weight", None) is not None for m in self.planned)
 
     def compile(self, freezing: bool = False, cpp_wrapper: bool = False) -> FusedModel:
         """Make `generate` run each decode step as one compiled graph (`fflora.fastpath.compile`); with a
         bank, its GEMMs then cover their whole room and masks choose each row's adapter. `freezing` and
         `cpp_wrapper`: inductor's options (see `fflora.compile_decode`)."""
-        if self.packed():  # planned for eager steps: plan again without the packed layout (ValueError if asked for)
-            self.plan(self.gemm_mode, self.plan_rows, packed_ok=False)
         if self.bank is not None:
             self.bank.fix_windows()  # one graph for every mix of adapters (methods/ffba/bank.py)
         config = self.model.generation_config
@@ -324,9 +316,8 @@ def plan_gemms(model: nn.Module, mode: str = "auto", rows: tuple[int, ...] = (1,
     """Set how every GEMM of a fused model runs (`FusedModel.plan`; `fflora.fastpath.plan`); returns a report.
 
     mode "standard": row-major weights, F.linear (what `fflora.fuse` gives); "transposed": column-major
-    weights, F.linear; "packed": a oneDNN-packed copy of each weight beside it (eager only: a model to
-    compile is planned without it); "auto": measured per weight shape at `rows` input rows (the decode
-    batch sizes).
+    weights, F.linear; "packed": a oneDNN-packed copy of each weight beside it; "auto": measured per
+    weight shape at `rows` input rows (the decode batch sizes).
     """
     return _required(model, "GEMM plans are part of the fused form; call fflora.fuse(model) first").plan(mode, rows)
 

@@ -8,14 +8,18 @@ the row count and the CPU. A third layout, "packed", keeps the row-major weight 
 in oneDNN's blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's freezing pass
 gives CPU linears), run by oneDNN's linear for every row count: on an AVX-512 EPYC with 2 threads,
 SmolLM2's decode GEMMs at 8 rows streamed 32 GB/s that way in float32 against 15 for the best BLAS
-order (30 against 20 in bfloat16). It costs a second copy of the weight, and a compiled graph cannot
-take it (Dynamo has no fake tensor for oneDNN's opaque layout): `FusedModel.compile` plans without it.
-`fflora.fastpath.plan` measures and picks; this module runs the choice (`planned_linear`) and
-applies it to a module (`set_gemm_plan`).
+order (30 against 20 in bfloat16). It costs a second copy of the weight. Dynamo cannot hold oneDNN's
+opaque tensors, so the packed copies live in a table here and a module holds its copy's handle: the
+custom op `fflora::packed_linear` takes the handle, so eager and compiled steps run the same kernel, and
+packing a module again (its weight was written: an adapter loaded) keeps its handle and every compiled
+graph that uses it. `fflora.fastpath.plan` measures and picks; this module runs the choice
+(`planned_linear`) and applies it to a module (`set_gemm_plan`).
 """
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -63,12 +67,47 @@ def packed(weight: Tensor, rows: int) -> Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), rows)
 
 
+def onednn_linear(x: Tensor, packed_weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x @ W^T + bias by oneDNN, W given `packed` (what the packed layout runs)."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed_weight, bias, "none", [], "")
+
+
+_PACKED: dict[int, Tensor] = {}  # handle -> a module's packed copy (see the module docstring)
+_HANDLES = itertools.count()
+
+
+@torch.library.custom_op("fflora::packed_linear", mutates_args=())
+def packed_linear(x: Tensor, handle: int, out_features: int, bias: Tensor | None = None) -> Tensor:
+    """x @ W^T + bias by oneDNN, W the packed copy under `handle` (`out_features` rows)."""
+    return onednn_linear(x, _PACKED[handle], bias)
+
+
+@packed_linear.register_fake
+def _(x: Tensor, handle: int, out_features: int, bias: Tensor | None = None) -> Tensor:
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def _pack(module: nn.Module, rows: int) -> None:
+    """Pack `module.weight` for `rows` rows under the module's handle (a new one, freed with the module)."""
+    handle = module.__dict__.get("packed_handle")
+    if handle is None:
+        handle = module.packed_handle = next(_HANDLES)
+        weakref.finalize(module, _PACKED.pop, handle, None)
+    _PACKED[handle] = packed(module.weight, rows)
+
+
+def _unpack(module: nn.Module) -> None:
+    handle = module.__dict__.pop("packed_handle", None)
+    if handle is not None:
+        _PACKED.pop(handle, None)
+
+
 def planned_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, plan: GemmPlan | None = None,
-                   packed_weight: Tensor | None = None) -> Tensor:
+                   packed_handle: int | None = None) -> Tensor:
     """F.linear(x, weight, bias), run in the operand order `plan` picks for x's number of rows, or by
-    oneDNN's linear on `packed_weight` (the "packed" layout: `packed(weight)`)."""
-    if packed_weight is not None:
-        return torch.ops.mkldnn._linear_pointwise(x, packed_weight, bias, "none", [], "")
+    oneDNN's linear on the packed copy of `weight` under `packed_handle` (the "packed" layout)."""
+    if packed_handle is not None:
+        return packed_linear(x, packed_handle, weight.shape[0], bias)
     if plan is not None:
         rows = x.numel() // x.shape[-1]
         if plan.order(rows) == "wx":
@@ -86,22 +125,22 @@ class PlannedLinear(nn.Linear):
     _fflora_base_class = nn.Linear  # utils.classes.BASE
     gemm_plan: GemmPlan | None = None
 
-    packed_weight: Tensor | None = None  # the "packed" layout's copy (`set_gemm_plan`)
+    packed_handle: int | None = None  # the "packed" layout's copy (`set_gemm_plan`)
 
     def forward(self, x: Tensor) -> Tensor:
-        return planned_linear(x, self.weight, self.bias, self.gemm_plan, self.packed_weight)
+        return planned_linear(x, self.weight, self.bias, self.gemm_plan, self.packed_handle)
 
 
 def set_gemm_plan(module: nn.Module, plan: GemmPlan | None) -> None:
     """Store `module.weight` in the plan's layout and make the module run it (None: row-major, F.linear).
-    `module` is a fused GEMM (it reads `gemm_plan` and `packed_weight`) or a plain nn.Linear LM head (its
+    `module` is a fused GEMM (it reads `gemm_plan` and `packed_handle`) or a plain nn.Linear LM head (its
     class is swapped)."""
     layout = plan.layout if plan is not None else "standard"
     if layout == "packed":  # row-major, and the packed copy beside it, for the largest row count planned
-        module.packed_weight = packed(module.weight, max((rows for rows, _ in plan.orders), default=1))
+        _pack(module, max((rows for rows, _ in plan.orders), default=1))
         layout = "standard"
     else:
-        module.__dict__.pop("packed_weight", None)
+        _unpack(module)
     if layout_of(module.weight) != layout:
         if isinstance(module.weight, nn.Parameter):  # the LM head: keep the Parameter (and its ties)
             module.weight.data = laid_out(module.weight.data, layout)

@@ -95,7 +95,7 @@ class DenseStorage(GemmStorage):
     """The whole matrix in one tensor of the model's dtype: one GEMM, `gemm_plan` choosing its layout."""
 
     gemm_plan: GemmPlan | None = None  # how the GEMM runs (fflora.fastpath.plan); None: F.linear
-    packed_weight: Tensor | None = None  # the "packed" layout's oneDNN copy of `weight` (`ops.gemm.set_gemm_plan`)
+    packed_handle: int | None = None  # the "packed" layout's oneDNN copy of `weight` (`ops.gemm.set_gemm_plan`)
     packed_stale: bool = False  # the weight was written since: the copy is packed again before the next GEMM
 
     def __init__(self, weight: Tensor, bias: Tensor | None, base_out: int, d_main: int) -> None:
@@ -125,13 +125,13 @@ class DenseStorage(GemmStorage):
         return self.weight[start:stop, : self.d_main]
 
     def gemm(self, x: Tensor, rows: int | None = None, cols: int | None = None) -> Tensor:
-        if self.packed_weight is not None:  # the whole packed matrix: zero columns past the window, rows cut
+        if self.packed_handle is not None:  # the whole packed matrix: zero columns past the window, rows cut
             if self.packed_stale:  # written since packed (an adapter loaded): pack again, once
                 set_gemm_plan(self, self.gemm_plan)
                 self.packed_stale = False
             if x.shape[-1] < self.n_cols:
                 x = F.pad(x, (0, self.n_cols - x.shape[-1]))
-            out = planned_linear(x, self.weight, self.bias, packed_weight=self.packed_weight)
+            out = planned_linear(x, self.weight, self.bias, packed_handle=self.packed_handle)
             return out if rows is None or rows == self.n_rows else out[..., :rows]
         if rows is None and cols is None:
             return planned_linear(x, self.weight, self.bias, self.gemm_plan)

@@ -24,9 +24,9 @@ to a bucket (`BUCKETS`; padding rows write a scratch slot), the span of position
 dynamic length, the bank's windows fixed and each row's adapter selection held outside the graph: one
 graph per bucket up to `slots` rows, each compiled at start by the warm-up (60-70 s each on SmolLM2 here
 from an empty inductor cache; inductor's on-disk cache serves later starts), so that no request waits on
-a compile. Prefill chunks run eagerly. Measured no faster than eager at eight streams
-(`results/serve-slots-compiled/`, in a thread: 53.6 against 59.3 tokens/s; in the main thread, `run`:
-81-84 against 74-101), faster at one (22 against 19 in the main thread; docs/serving.md): off by default.
+a compile. Prefill chunks run eagerly. Through `fflora serve` in bfloat16 (GEMMs packed, 8 streams on 8
+adapters; docs/serving.md): 183 tokens/s compiled against 155 eager, one stream 21 ms per token against
+27; but a start of about 3 minutes (2.7 with inductor's cache) against 17 s: off by default.
 """
 
 from __future__ import annotations
@@ -182,9 +182,7 @@ class SlotEngine:
         """Plan the GEMMs (unless planned), route the model's attention through the slots, set up the
         compiled decode step if asked."""
         if self.gemm_plan != "standard" and self.fused.gemm_mode == "standard":
-            self.plan_report = self.fused.plan(self.gemm_plan, rows=tuple(sorted({1, self.slots})), packed_ok=not self.compile)
-        elif self.compile and self.fused.packed():  # the caller's plan, without what a graph cannot run
-            self.plan_report = self.fused.plan(self.fused.gemm_mode, self.fused.plan_rows, packed_ok=False)
+            self.plan_report = self.fused.plan(self.gemm_plan, rows=tuple(sorted({1, self.slots})))
         self._attention = self.model.config._attn_implementation
         self.model.config._attn_implementation = SLOT_ATTENTION
         if self.compile and self._decoder is None:
