@@ -2,8 +2,8 @@
 
 A fused model owns every base projection GEMM (and here also takes the LM head), so it can choose
 how each one runs (`fflora.ops.gemm`: row- or column-major weight, `x W^T` or `(W x^T)^T`, or a
-oneDNN-packed copy run by oneDNN's linear). On an
-AVX-512 EPYC with 2 threads, SmolLM2-135M's decode GEMMs, streamed from memory as in a real step:
+oneDNN-packed copy run by oneDNN's linear). On an AVX-512 EPYC with 2 threads, SmolLM2-135M's decode
+GEMMs, streamed from memory as in a real step:
 
     rows 1: the column-major layout is 1.3x (q|k|v), 1.7x (gate|up) and 1.9x (LM head) faster,
             and 1.25x slower for down_proj
@@ -11,11 +11,12 @@ AVX-512 EPYC with 2 threads, SmolLM2-135M's decode GEMMs, streamed from memory a
 
 so no single BLAS layout wins, and another CPU (an AVX2 EPYC measured the column-major layout faster
 for every GEMV shape) answers differently; oneDNN's packed linear beat both there at 8 rows (32 GB/s
-against 15 in float32), at the cost of a second copy of each weight it takes. `plan_gemms(model, "auto", rows=(1, 8))` therefore times
-every (layout, order) for each distinct weight shape at the given decode row counts, stores each
-weight in the layout with the least total time over those row counts and runs each row count in
-its faster order. The measurement streams a 256 MiB working set, as a decode step does, and takes
-a few seconds (`report["seconds"]`): a warm-up cost paid once, at fuse time or when asked.
+against 15 in float32), at the cost of a second copy of each weight it takes. `plan_gemms(model,
+"auto", rows=(1, 8))` therefore times every (layout, order) for each distinct weight shape at the
+given decode row counts, stores each weight in the layout with the least total time over those row
+counts and runs each row count in its faster order. The measurement streams a 256 MiB working set, as
+a decode step does, and takes 12 s for SmolLM2 here (`report["seconds"]`; minutes where another
+process holds the cores: OpenMP waits on them): a warm-up cost paid once, at fuse time or when asked.
 
 Values never change, only their order in memory and the kernel that reads them: every plan stays
 within float tolerance of the training form (tests run the equivalence checks under each mode),
