@@ -1,6 +1,9 @@
 """The decode fast path: GEMM plans change how the weights lie and which kernel reads them, never
 what the model computes."""
 
+import copy
+import gc
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -137,3 +140,25 @@ def test_bad_plans_and_unfused_models_are_refused():
     with pytest.raises(ValueError, match=r"rows must be integers >= 1 \(the decode batch sizes to tune for\), got \[0\]"):
         plan_gemms(fused, "auto", rows=(0,))
 
+
+
+@torch.no_grad()
+def test_a_deep_copy_of_a_packed_model_keeps_copies_of_its_own(tmp_path):
+    """A deep copy holds its own handles: an adapter loaded into the copy repacks only the copy's GEMMs, and
+    the original runs on after the copy is gone."""
+    trained = fflora.apply_adapter(make_model("llama"), fflora.FFBAConfig(r=4, alpha=8))
+    randomize_adapters(trained)
+    fflora.save_adapter(trained, tmp_path / "a")
+    ids, mask = _ids()
+    bank = fflora.fuse(make_model("llama"), max_adapters=2)
+    plan_gemms(bank, "packed")
+    before = bank(ids, attention_mask=mask).logits
+    twin = copy.deepcopy(bank)
+    handles = lambda model: {m.packed_handle for m in planned_modules(model, _storages(model))}  # noqa: E731
+    assert not handles(bank) & handles(twin) and len(handles(twin)) == len(planned_modules(twin, _storages(twin)))
+    fflora.load_adapter(twin, tmp_path / "a", adapter_name="a")
+    rows = twin(ids, attention_mask=mask, adapter_names=["a"] * 3).logits
+    assert (rows - trained(ids, attention_mask=mask).logits)[mask.bool()].abs().max().item() < TOL
+    del twin, rows
+    gc.collect()
+    assert torch.equal(bank(ids, attention_mask=mask).logits, before)

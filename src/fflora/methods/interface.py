@@ -28,6 +28,11 @@ class Method(ABC):
     supports_bank: bool = False  # whether its adapters can join an adapter bank
     exports_to_vllm: bool = False  # whether `fflora export vllm` writes its fused form for fflora's vLLM plugin
 
+    def __deepcopy__(self, memo) -> Method:
+        """The same method: one registry entry per method, compared by identity (a deep copy of a model that
+        holds it keeps it)."""
+        return self
+
     # --- training form ---
 
     @abstractmethod

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 WEIGHT_FORMATS = ("float32", "bfloat16", "int8", "int4")  # `fflora.methods.weight_formats`
 # A weight stored row-major (as nn.Linear keeps it) or column-major, or row-major with a copy in oneDNN's
-# blocked layout beside it, run by oneDNN's linear (what inductor's freezing gives CPU linears; eager only)
+# blocked layout beside it, run by oneDNN's linear (what inductor's freezing gives CPU linears; `ops.gemm`)
 LAYOUTS = ("standard", "transposed", "packed")
 ORDERS = ("xw", "wx")  # F.linear(x, W), or (W x^T)^T
 MODES = (*LAYOUTS, "auto")  # a GEMM plan: one layout for every GEMM, or measured per shape (`fastpath.plan`)

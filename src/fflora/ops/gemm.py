@@ -18,6 +18,7 @@ graph that uses it. `fflora.fastpath.plan` measures and picks; this module runs 
 
 from __future__ import annotations
 
+import copy
 import itertools
 import weakref
 from dataclasses import dataclass
@@ -88,12 +89,19 @@ def _(x: Tensor, handle: int, out_features: int, bias: Tensor | None = None) -> 
 
 
 def _pack(module: nn.Module, rows: int) -> None:
-    """Pack `module.weight` for `rows` rows under the module's handle (a new one, freed with the module)."""
+    """Pack `module.weight` for `rows` rows under the module's handle (a new one if it has none)."""
     handle = module.__dict__.get("packed_handle")
     if handle is None:
-        handle = module.packed_handle = next(_HANDLES)
-        weakref.finalize(module, _PACKED.pop, handle, None)
-    _PACKED[handle] = packed(module.weight, rows)
+        _register(module, packed(module.weight, rows))
+    else:
+        _PACKED[handle] = packed(module.weight, rows)
+
+
+def _register(module: nn.Module, copy_: Tensor) -> None:
+    """Give `module` a new handle to `copy_`, freed with the module."""
+    handle = module.packed_handle = next(_HANDLES)
+    _PACKED[handle] = copy_
+    weakref.finalize(module, _PACKED.pop, handle, None)
 
 
 def _unpack(module: nn.Module) -> None:
@@ -117,14 +125,29 @@ def planned_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, plan: 
     return F.linear(x, weight, bias)
 
 
-class PlannedLinear(nn.Linear):
+class HoldsPackedCopy:
+    """What a module that may hold a packed copy (`packed_handle`) mixes in: a deep copy of it gets a handle
+    of its own (to the same copy, which packing replaces, never changes), so that neither module's
+    packing again, nor its end, reaches the other."""
+
+    def __deepcopy__(self, memo):
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        for key, value in self.__dict__.items():
+            if key != "packed_handle":
+                clone.__dict__[key] = copy.deepcopy(value, memo)
+        if "packed_handle" in self.__dict__:
+            _register(clone, _PACKED[self.__dict__["packed_handle"]])
+        return clone
+
+
+class PlannedLinear(HoldsPackedCopy, nn.Linear):
     """An nn.Linear (the LM head) that follows `gemm_plan`. Set by swapping the module's class
     (`fflora.utils.classes`), so the module, its parameters and their ties (the LM head is often the
     embedding matrix) stay the same."""
 
     _fflora_base_class = nn.Linear  # utils.classes.BASE
     gemm_plan: GemmPlan | None = None
-
     packed_handle: int | None = None  # the "packed" layout's copy (`set_gemm_plan`)
 
     def forward(self, x: Tensor) -> Tensor:

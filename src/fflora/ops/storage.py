@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import int4
-from .gemm import GemmPlan, planned_linear, set_gemm_plan
+from .gemm import GemmPlan, HoldsPackedCopy, planned_linear, set_gemm_plan
 from .int8 import dequantize_rows, int8_linear, quantize_rows
 
 
@@ -91,7 +91,7 @@ class GemmStorage(nn.Module):
         raise NotImplementedError
 
 
-class DenseStorage(GemmStorage):
+class DenseStorage(HoldsPackedCopy, GemmStorage):
     """The whole matrix in one tensor of the model's dtype: one GEMM, `gemm_plan` choosing its layout."""
 
     gemm_plan: GemmPlan | None = None  # how the GEMM runs (fflora.fastpath.plan); None: F.linear
