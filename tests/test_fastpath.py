@@ -13,7 +13,7 @@ import fflora
 import fflora.fastpath.plan
 from fflora.fastpath.plan import PlannedLinear, candidates, choose_plan, planned_modules
 from fflora.methods import FusedModel, plan_gemms
-from fflora.ops.gemm import GemmPlan, laid_out, layout_of, planned_linear
+from fflora.ops.gemm import GemmPlan, laid_out, layout_of, packable, planned_linear
 
 TOL = 1e-4
 
@@ -162,3 +162,12 @@ def test_a_deep_copy_of_a_packed_model_keeps_copies_of_its_own(tmp_path):
     del twin, rows
     gc.collect()
     assert torch.equal(bank(ids, attention_mask=mask).logits, before)
+
+
+def test_the_packed_layout_is_for_cpu_weights_of_float32_or_bfloat16():
+    assert packable(torch.float32) and packable(torch.bfloat16, "cpu")
+    assert not packable(torch.float16) and not packable(torch.float32, "cuda") and not packable(torch.float32, "meta")
+    fused = fflora.fuse(make_model("llama").to(torch.float16))
+    with pytest.raises(ValueError, match=r"the packed layout runs float32 and bfloat16 weights on a CPU where PyTorch "
+                                         r"has oneDNN; these are torch.float16 on cpu: plan 'auto' or 'standard'"):
+        plan_gemms(fused, "packed")

@@ -127,11 +127,13 @@ def plan_modules(modules: list[nn.Module], mode: str = "auto", rows: tuple[int, 
         key = (tuple(module.weight.shape), module.weight.dtype)
         if key in plans:
             continue
-        if mode == "packed" and not packable(key[1]):
-            raise ValueError(f"the packed layout runs float32 and bfloat16 weights where PyTorch has oneDNN; "
-                             f"these are {key[1]}: plan 'auto' or 'standard'")
+        if mode == "packed" and not packable(key[1], module.weight.device):
+            raise ValueError(f"the packed layout runs float32 and bfloat16 weights on a CPU where PyTorch has oneDNN; "
+                             f"these are {key[1]} on {module.weight.device}: plan 'auto' or 'standard'")
         if mode == "auto":
-            measured[key] = measure_shape(key[0], key[1], tuple(rows))
+            measured[key] = measure_shape(key[0], key[1], tuple(rows))  # on the CPU
+            if not packable(key[1], module.weight.device):
+                measured[key] = {k: t for k, t in measured[key].items() if not k.startswith("packed/")}
             plans[key] = choose_plan(measured[key], tuple(rows))
         else:
             plans[key] = GemmPlan(mode, tuple((m, "xw") for m in sorted(rows)) if mode == "packed" else ())

@@ -58,9 +58,10 @@ def layout_of(weight: Tensor) -> str:
     return "transposed" if weight.stride(0) == 1 and weight.shape[0] > 1 else "standard"
 
 
-def packable(dtype: torch.dtype) -> bool:
-    """Whether oneDNN's packed linear runs weights of `dtype` here (the "packed" layout)."""
-    return torch.backends.mkldnn.is_available() and dtype in (torch.float32, torch.bfloat16)
+def packable(dtype: torch.dtype, device: torch.device | str = "cpu") -> bool:
+    """Whether oneDNN's packed linear runs weights of `dtype` on `device` here (the "packed" layout: CPU only)."""
+    return (torch.device(device).type == "cpu" and torch.backends.mkldnn.is_available()
+            and dtype in (torch.float32, torch.bfloat16))
 
 
 def packed(weight: Tensor, rows: int) -> Tensor:
