@@ -110,3 +110,20 @@ def test_prompts_of_different_lengths_prefill_together_right_padded():
         assert again[k].sub(reference).abs().max() < 1e-4, k
     with pytest.raises(ValueError, match=r"each row's length must be within 1..2 \(its tokens\), got \[3, 1\]"):
         slot_step(model, cache, torch.tensor([0, 1]), torch.tensor([[1, 2], [3, 4]]), torch.tensor([3, 1]))
+
+
+@torch.no_grad()
+def test_bfloat16_decode_steps_attend_as_sdpa_does():
+    """Decode rows in bfloat16 take the two-matmul attention (`_decode_attention`): the same numbers as SDPA's
+    on grouped heads, each row over its own visible prefix only."""
+    from fflora.serving.slots import _decode_attention
+
+    gen = torch.Generator().manual_seed(0)
+    query = torch.randn(3, 6, 1, 16, generator=gen).bfloat16()
+    keys, values = (torch.randn(3, 2, 10, 16, generator=gen).bfloat16() for _ in range(2))
+    visible = torch.arange(10)[None, None, :] <= torch.tensor([3, 9, 0])[:, None, None]  # rows x 1 x span
+    reference = torch.nn.functional.scaled_dot_product_attention(
+        query.float(), keys.float(), values.float(), attn_mask=visible[:, None], enable_gqa=True).transpose(1, 2)
+    out = _decode_attention(query, keys, values, visible, None)
+    assert out.shape == (3, 1, 6, 16) and (out.float() - reference).abs().max() < 2e-2
+    assert torch.equal(out[2, 0], values[:, :, 0].repeat_interleave(3, dim=1)[2])  # one visible position: its values
