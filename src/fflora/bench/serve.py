@@ -1,13 +1,14 @@
 """End-to-end serving benchmark, after S-LoRA's protocol at small scale: `fflora bench serve`.
 
 Requests arrive as a Poisson process at a fixed rate; each names an adapter drawn uniformly or
-by a power law from N adapters (or request k adapter k mod N: round-robin); prompt and output lengths are drawn from ranges (outputs are
-exact: `ignore_eos`). Two `fflora serve` processes hold the same 16 random FFBA adapters: one
-batches continuously (the default), the other serves one request at a time
-(`--max-num-seqs 1`: one KV slot). Where vLLM is installed (its own venv: `make vllm-venv`), two vLLM
-servers join them as peers, run as vLLM's users run them (its OpenAI server, compiled, same dtype): the
-base model with no adapter (every request to it: the speed adapters would have to match), and the base
-model with `--enable-lora` and as many random PEFT LoRA adapters of the same rank (request i on LoRA i).
+by a power law from N adapters (or request k adapter k mod N: round-robin); prompt and output
+lengths are drawn from ranges (outputs are exact: `ignore_eos`). Two `fflora serve` processes hold
+the same random FFBA adapters: one batches continuously (the default), the other serves one request
+at a time (`--max-num-seqs 1`: one KV slot); `--dtype`, `--weights` and `--compile` choose how.
+Where vLLM is installed (its own venv: `make vllm-venv`), two vLLM servers join them as peers, run
+as vLLM's users run them (its OpenAI server, compiled, same dtype): the base model with no adapter
+(every request to it: the speed adapters would have to match), and the base model with
+`--enable-lora` and as many random PEFT LoRA adapters of the same rank (request i on LoRA i).
 Every cell (N, distribution) replays the same arrival times and lengths on every server, interleaved,
 over HTTP with streaming; the client records time to first token (TTFT), time per output token after
 it (TPOT) and throughput. A rate far above what the servers sustain (`--rate 1000`) makes a cell one
@@ -166,7 +167,8 @@ def serve_systems(settings: ServeBenchSettings, model_arg: str | None, adapters:
     base model and vLLM's LoRA over `loras` (one per FFBA adapter), started from `settings.vllm_python`."""
     fflora_args = [*([] if model_arg is None else ["--model", model_arg]), "--max-adapters", str(len(adapters)),
                    "--log-level", "warning", "--dtype", settings.dtype, *(["--compile"] if settings.compile else []),
-                   *([] if settings.weights is None else ["--weights", settings.weights]), *(a for i, p in enumerate(adapters) for a in ("--adapter", f"a{i}={p}"))]
+                   *([] if settings.weights is None else ["--weights", settings.weights]),
+                   *(a for i, p in enumerate(adapters) for a in ("--adapter", f"a{i}={p}"))]
     systems = [System("batched", fflora_args, lambda i: f"a{i}"),
                System("one_at_a_time", [*fflora_args, "--max-num-seqs", "1"], lambda i: f"a{i}")]
     if vllm_model is not None:
