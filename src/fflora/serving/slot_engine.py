@@ -207,10 +207,8 @@ class SlotEngine:
             engine_compile_settings()
             for bucket in sorted({self._bucket(n) for n in range(1, self.slots + 1)}):
                 rows = scratch.repeat(bucket)
-                window = torch.arange(2)  # a dynamic length (never 1: Dynamo would specialize it)
-                torch._dynamo.maybe_mark_dynamic(window, 0)
-                with self._selected([BASE_NAME] * bucket):
-                    self._decoder(rows, self.cache.lengths[rows], torch.zeros(bucket, 1, dtype=torch.long), window)
+                self._graph_step(rows, self.cache.lengths[rows], torch.zeros(bucket, 1, dtype=torch.long),
+                                 [BASE_NAME] * bucket, 2)
         self.cache.free(self.scratch)
         return time.perf_counter() - begun
 
@@ -483,12 +481,18 @@ class SlotEngine:
         rows = torch.tensor([r.slot for r in requests] + [self.scratch] * pad)
         starts = self.cache.lengths[rows]
         ids = torch.tensor([[r.generated[-1]] for r in requests] + [[0]] * pad)
-        window = torch.arange(int(starts.max()) + 1)
-        torch._dynamo.maybe_mark_dynamic(window, 0)
-        with self._selected([r.adapter for r in requests] + [BASE_NAME] * pad):
-            logits = self._decoder(rows, starts, ids, window)
+        logits = self._graph_step(rows, starts, ids, [r.adapter for r in requests] + [BASE_NAME] * pad,
+                                  int(starts.max()) + 1)
         self.cache.lengths[rows[:n]] = starts[:n] + 1
         return logits[:n]
+
+    def _graph_step(self, rows: Tensor, starts: Tensor, ids: Tensor, adapters: list[str], span: int) -> Tensor:
+        """The compiled decode graph of `len(rows)` rows, reading `span` positions (a dynamic length: never
+        1, which Dynamo would specialize), each row with its adapter."""
+        window = torch.arange(span)
+        torch._dynamo.maybe_mark_dynamic(window, 0)
+        with self._selected(adapters):
+            return self._decoder(rows, starts, ids, window)
 
     @staticmethod
     def _bucket(rows: int) -> int:
