@@ -113,17 +113,20 @@ def test_prompts_of_different_lengths_prefill_together_right_padded():
 
 
 @torch.no_grad()
-def test_bfloat16_decode_steps_attend_as_sdpa_does():
-    """Decode rows in bfloat16 take the two-matmul attention (`_decode_attention`): the same numbers as SDPA's
-    on grouped heads, each row over its own visible prefix only."""
+@pytest.mark.parametrize("compiled,dtype", [(False, torch.bfloat16), (True, torch.bfloat16), (True, torch.float32)],
+                         ids=["eager-bfloat16", "compiled-bfloat16", "compiled-float32"])
+def test_decode_steps_attend_as_sdpa_does(compiled, dtype):
+    """Eager bfloat16 and every compiled decode step take `_decode_attention` (matmuls eager; multiply-and-sum
+    compiled): the same numbers as SDPA's on grouped heads, each row over its own visible prefix only."""
     from fflora.serving.slots import _decode_attention
 
     gen = torch.Generator().manual_seed(0)
-    query = torch.randn(3, 6, 1, 16, generator=gen).bfloat16()
-    keys, values = (torch.randn(3, 2, 10, 16, generator=gen).bfloat16() for _ in range(2))
+    query = torch.randn(3, 6, 1, 16, generator=gen).to(dtype)
+    keys, values = (torch.randn(3, 2, 10, 16, generator=gen).to(dtype) for _ in range(2))
     visible = torch.arange(10)[None, None, :] <= torch.tensor([3, 9, 0])[:, None, None]  # rows x 1 x span
     reference = torch.nn.functional.scaled_dot_product_attention(
         query.float(), keys.float(), values.float(), attn_mask=visible[:, None], enable_gqa=True).transpose(1, 2)
-    out = _decode_attention(query, keys, values, visible, None)
-    assert out.shape == (3, 1, 6, 16) and (out.float() - reference).abs().max() < 2e-2
-    assert torch.equal(out[2, 0], values[:, :, 0].repeat_interleave(3, dim=1)[2])  # one visible position: its values
+    attend = torch.compile(_decode_attention, fullgraph=True) if compiled else _decode_attention
+    out = attend(query, keys, values, visible, None)
+    assert out.shape == (3, 1, 6, 16) and (out.float() - reference).abs().max() < (2e-2 if dtype == torch.bfloat16 else 1e-5)
+    assert torch.equal(out[2, 0], values[:, :, 0].repeat_interleave(3, dim=1)[2])  # one visible position: its values  # one visible position: its values

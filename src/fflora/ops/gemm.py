@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..utils.classes import extend, restore
+from .library import define_op
 
 
 @dataclass(frozen=True)
@@ -78,15 +79,13 @@ _PACKED: dict[int, Tensor] = {}  # handle -> a module's packed copy (see the mod
 _HANDLES = itertools.count()
 
 
-@torch.library.custom_op("fflora::packed_linear", mutates_args=())
-def packed_linear(x: Tensor, handle: int, out_features: int, bias: Tensor | None = None) -> Tensor:
+def _packed_linear(x: Tensor, handle: int, out_features: int, bias: Tensor | None = None) -> Tensor:
     """x @ W^T + bias by oneDNN, W the packed copy under `handle` (`out_features` rows)."""
     return onednn_linear(x, _PACKED[handle], bias)
 
 
-@packed_linear.register_fake
-def _(x: Tensor, handle: int, out_features: int, bias: Tensor | None = None) -> Tensor:
-    return x.new_empty((*x.shape[:-1], out_features))
+packed_linear = define_op("packed_linear(Tensor x, int handle, int out_features, Tensor? bias=None) -> Tensor",
+                          _packed_linear, lambda x, handle, out_features, bias=None: x.new_empty((*x.shape[:-1], out_features)))
 
 
 def _pack(module: nn.Module, rows: int) -> None:

@@ -8,9 +8,9 @@ implementation set to `SLOT_ATTENTION`: transformers hands each attention layer 
 keys and values after the rotary embedding (the positions are each row's own), and `slot_attention`
 writes the keys and values into the rows' slots and attends over each row's prefix. Shapes depend
 only on (rows, tokens per row) and the span of positions read: the step a bucketed, compiled decode
-runs (`serving.slot_engine`). The write is a custom op that mutates the cache in place (`slot_write`):
-written as a plain indexed assignment, a compiled step copied the cache per layer (16 GB at 8 slots x
-256 positions on SmolLM2) where the op writes only the new positions.
+runs (`serving.slot_engine`). The write is an operator of fflora's (`slot_write`, `ops.library`) that
+mutates the cache in place: written as a plain indexed assignment, a compiled step copied the cache per
+layer (16 GB at 8 slots x 256 positions on SmolLM2) where the op writes only the new positions.
 """
 
 from __future__ import annotations
@@ -21,19 +21,21 @@ from torch import Tensor, nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from ..ops.library import define_op
+
 SLOT_ATTENTION = "fflora_slots"
 
 
-@torch.library.custom_op("fflora::slot_write", mutates_args=("cache",))
-def slot_write(cache: Tensor, rows: Tensor, positions: Tensor, values: Tensor) -> None:
-    """cache[rows[i], positions[i, t]] = values[i, t], in place (cache: slots x max_len x kv_heads x dim;
-    positions: rows x tokens; values: rows x tokens x kv_heads x dim)."""
-    cache.index_put_((rows[:, None], positions), values)
+def _slot_write(keys: Tensor, values: Tensor, rows: Tensor, positions: Tensor, new_keys: Tensor,
+                new_values: Tensor) -> None:
+    """keys[rows[i], positions[i, t]] = new_keys[i, t] and the same for values, in place (keys, values:
+    slots x max_len x kv_heads x dim; positions: rows x tokens; new_*: rows x tokens x kv_heads x dim)."""
+    keys.index_put_((rows[:, None], positions), new_keys)
+    values.index_put_((rows[:, None], positions), new_values)
 
 
-@slot_write.register_fake
-def _(cache: Tensor, rows: Tensor, positions: Tensor, values: Tensor) -> None:
-    return None
+slot_write = define_op("slot_write(Tensor(a!) keys, Tensor(b!) values, Tensor rows, Tensor positions, "
+                       "Tensor new_keys, Tensor new_values) -> ()", _slot_write, lambda *args: None)
 
 
 class SlotCache:
@@ -68,14 +70,14 @@ def slot_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
     tokens = query.shape[2]
     positions = slot_starts[:, None] + torch.arange(tokens, device=query.device)  # rows x tokens
     keys, values = cache.keys[layer], cache.values[layer]
-    slot_write(keys, slot_rows, positions, key.transpose(1, 2).to(keys.dtype))
-    slot_write(values, slot_rows, positions, value.transpose(1, 2).to(values.dtype))
+    slot_write(keys, values, slot_rows, positions, key.transpose(1, 2).to(keys.dtype),
+               value.transpose(1, 2).to(values.dtype))
     window = torch.arange(int(positions.max()) + 1, device=query.device) if slot_window is None else slot_window
     span = window.shape[0]
     keys = keys[slot_rows, :span].transpose(1, 2).to(query.dtype)  # rows x kv_heads x span x dim
     values = values[slot_rows, :span].transpose(1, 2).to(query.dtype)
     visible = window[None, None, :] <= positions[:, :, None]  # rows x tokens x span: causal, own prefix
-    if tokens == 1 and query.dtype != torch.float32:
+    if tokens == 1 and (torch.compiler.is_compiling() or query.dtype != torch.float32):
         return _decode_attention(query, keys, values, visible, scaling), None
     out = F.scaled_dot_product_attention(query, keys, values, attn_mask=visible[:, None], scale=scaling,
                                          enable_gqa=keys.shape[1] != query.shape[1])
@@ -83,18 +85,28 @@ def slot_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
 
 
 def _decode_attention(query: Tensor, keys: Tensor, values: Tensor, visible: Tensor, scaling: float | None) -> Tensor:
-    """Attention of one query token per row as two small matmuls, each query head with its key-value head
-    (rows x 1 x heads x dim): what decode steps in bfloat16 (or float16) run. SDPA's CPU kernel costs more
-    than the work there: on SmolLM2's shapes (8 rows, 9 heads over 3, 80-1000 positions) 4-5x the time of
-    this, and a decode step of 8 rows took 33 ms this way against 39 (AVX-512 EPYC, 2 threads). In float32
-    the step took the same time either way (40-43 against 40-41 ms), so float32 keeps SDPA."""
+    """Attention of one query token per row, each query head with its key-value head (rows x 1 x heads x
+    dim): what compiled decode steps run, and eager ones in bfloat16 (or float16), instead of SDPA. Compiled,
+    the two products are written as broadcast multiply-and-sum in float32, which inductor fuses with the
+    gather of the keys and the softmax into loops that read each key once. Eager, that form would hold
+    rows x heads x span x dim at once, so eager steps run two matmuls. Measured on SmolLM2's shapes (8 rows,
+    9 heads over 3, 64 dims; AVX-512 EPYC, 2 threads; gather included), one layer at 70 / 300 positions:
+    compiled 43 / 111 us this way against 123 / 216 with matmuls and 509 / 1270 with SDPA in bfloat16, 41 /
+    97 against 76 / 187 with SDPA in float32; eager bfloat16 166 / 638 with matmuls against 273 / 1454 with
+    SDPA; eager float32 119 / 423 against 162 / 268 (so eager float32 keeps SDPA)."""
     rows, heads, _, dim = query.shape
     kv_heads, span = keys.shape[1], keys.shape[2]
     grouped = query.view(rows, kv_heads, heads // kv_heads, dim)  # query head h reads key-value head h // group
-    scores = grouped @ keys.transpose(-1, -2) * (dim**-0.5 if scaling is None else scaling)
-    scores = scores.masked_fill(~visible.view(rows, 1, 1, span), float("-inf"))
-    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
-    return (weights @ values).view(rows, 1, heads, dim)
+    scale = dim**-0.5 if scaling is None else scaling
+    hidden = ~visible.view(rows, 1, 1, span)
+    if torch.compiler.is_compiling():
+        scores = (grouped.unsqueeze(-2).float() * keys.unsqueeze(2).float()).sum(-1) * scale
+        weights = torch.softmax(scores.masked_fill(hidden, float("-inf")), dim=-1)
+        out = (weights.unsqueeze(-1) * values.unsqueeze(2).float()).sum(-2).to(values.dtype)
+    else:
+        scores = (grouped @ keys.transpose(-1, -2) * scale).masked_fill(hidden, float("-inf"))
+        out = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype) @ values
+    return out.view(rows, 1, heads, dim)
 
 
 AttentionInterface.register(SLOT_ATTENTION, slot_attention)
