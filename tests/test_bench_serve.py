@@ -54,6 +54,7 @@ def test_the_target_compares_the_most_adapters_with_one():
     ({"adapters": (0,)}, "adapters must be integers >= 1"),
     ({"output_len": (5, 2)}, "output-len takes MIN MAX with MIN <= MAX"),
     ({"rate": 0}, "rate must be > 0"),
+    ({"settle_s": -1}, "settle_s must be >= 0 seconds"),
     ({"distributions": ("zipf",)}, "distributions must be among"),
 ])
 def test_bad_settings_are_refused(kwargs, message):
@@ -88,7 +89,7 @@ def test_the_vllm_peers_serve_the_base_model_and_as_many_loras_as_adapters(tiny_
 def test_a_tiny_run_over_two_real_servers(tiny_model_dir, tmp_path):
     settings = ServeBenchSettings(adapters=(1, 2), distributions=("uniform",), rate=50.0, requests=3,
                                  prompt_len=(4, 6), output_len=(2, 3), rounds=1, rank=2,
-                                 vllm_python=str(tmp_path / "no-vllm"))
+                                 vllm_python=str(tmp_path / "no-vllm"), settle_s=0.0)
     result = run_serve_bench(make_model("llama", max_position_embeddings=1024), str(tiny_model_dir), settings,
                              work_dir=tmp_path)
     rows = {(r["mode"], r["adapters"]): r for r in result["rows"]}

@@ -227,11 +227,13 @@ def test_the_engine_plans_the_gemms_for_its_batch_sizes_unless_planned(saved):
 
 @pytest.mark.slow
 def test_compiled_decode_steps_give_each_request_its_adapters_tokens(saved):
-    """Decode steps compiled per bucket (1, 2 and 4 rows here: padding rows in the scratch slot) at start,
+    """Decode steps compiled at start, one graph for 3, 2 and 1 rows (padded to 2 by a row in the scratch slot),
     prompts eager in chunks: the same tokens as each request alone, and nothing compiled after start."""
     adapters = ["ffba", BASE_NAME, "ba"]
+    before = counters["stats"]["unique_graphs"]
     with SlotEngine(_bank(saved), slots=3, max_len=64, max_batch_tokens=3, eos_token_id=[], compile=True) as engine:
         graphs = counters["stats"]["unique_graphs"]
+        assert graphs == before + 1  # one graph for every number of rows
         ids = [engine.add_request(p, a, max_new_tokens=6) for p, a in zip(PROMPTS, adapters)]
         outputs = [engine.wait(i).generated_tokens for i in ids]
         assert engine.bank.step.fixed  # compiled over the bank's whole room

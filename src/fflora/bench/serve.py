@@ -209,6 +209,7 @@ def run_serve_bench(base, model_arg: str | None, settings: ServeBenchSettings, w
                 for n, dist in cells:
                     for system in systems:
                         say(f"round {round_ + 1}/{settings.rounds}: {n} adapters, {dist}, {system.name}")
+                        time.sleep(settings.settle_s)
                         records = asyncio.run(_replay(servers[system.name].url, system, workload(settings, n, dist, vocab)))
                         runs.setdefault(f"{system.name}|{n}|{dist}", []).append(summarize(records))
         finally:

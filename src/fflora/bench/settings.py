@@ -113,6 +113,10 @@ class ServeBenchSettings:
     dtype: str = "float32"  # every server's (fflora serve --dtype, vLLM --dtype)
     weights: str | None = None  # fflora serve --weights (its fused weights' format; None: the dtype's)
     compile: bool = False  # fflora serve --compile
+    # seconds each cell waits before it runs, so that its server has the CPU to itself: vLLM's CPU build keeps
+    # about one core busy for a few seconds after a burst (1.0 core-second in the 5 s after 8 requests, then
+    # 0.02 a second), and the cell after it ran 20% slower
+    settle_s: float = 5.0
 
     def __post_init__(self) -> None:
         check_sizes(self, lists=("adapters", "prompt_len", "output_len"), positive=("requests", "rounds", "rank"))
@@ -121,6 +125,8 @@ class ServeBenchSettings:
             low, high = getattr(self, name)
             if low > high:
                 raise ValueError(f"{name.replace('_', '-')} takes MIN MAX with MIN <= MAX, got {low} {high}")
+        if not self.settle_s >= 0:
+            raise ValueError(f"settle_s must be >= 0 seconds, got {self.settle_s}")
         if not self.rate > 0:
             raise ValueError(f"rate must be > 0 requests per second, got {self.rate}")
         if self.dtype not in ("float32", "bfloat16"):

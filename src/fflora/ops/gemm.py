@@ -36,7 +36,10 @@ class GemmPlan:
     """The layout a weight is stored in, and the operand order for each measured row count.
 
     A call with a row count that was not measured takes the order of the nearest measured one, up
-    to twice the largest; beyond that (prefill) it runs "xw", F.linear's usual path.
+    to twice the largest; beyond that (prefill) it runs "xw", F.linear's usual path. A plan of one
+    row count gives its order to every count up to twice it without comparing them: what a compiled
+    graph over a dynamic number of rows needs (a serving engine's decode step), where each comparison
+    would tie the graph to a range of row counts.
     """
 
     layout: str
@@ -45,7 +48,11 @@ class GemmPlan:
     def order(self, rows: int) -> str:
         if not self.orders or rows > 2 * self.orders[-1][0]:
             return "xw"
-        return min(self.orders, key=lambda ro: (abs(ro[0] - rows), ro[0]))[1]
+        nearest = self.orders[0]  # the nearest measured row count, the smaller on a tie (Dynamo traces this loop)
+        for measured in self.orders[1:]:
+            if abs(measured[0] - rows) < abs(nearest[0] - rows):
+                nearest = measured
+        return nearest[1]
 
 
 def laid_out(weight: Tensor, layout: str) -> Tensor:

@@ -553,7 +553,7 @@ def compiled_steps(engine: SlotEngine) -> str:
     if not engine.compile:
         return ""
     from torch._inductor.runtime.cache_dir_utils import cache_dir
-    return f", compiling a decode step per batch size up to {engine.slots} rows; inductor's cache: {cache_dir()}"
+    return f", compiling the decode step (one graph for 2 to {max(engine.slots, 2)} rows); inductor's cache: {cache_dir()}"
 
 
 class DrainingServer(uvicorn.Server):

@@ -15,18 +15,15 @@ It offers what the API server uses of an engine (`stream`, `adapters`, `load_ada
 `results` / `wait` for code of one's own, and knows nothing of HTTP.
 
 At start the engine plans the fused GEMMs for its decode batch sizes (`gemm_plan`, "auto" by default:
-`FusedModel.plan` measures each weight shape's layout and operand order at 1 and `slots` rows; a model
-planned already keeps its plan): on SmolLM2 here a decode step of 8 rows took 57 ms planned against 89
+`FusedModel.plan` measures each weight shape's layout and operand order at 1 and `slots` rows, compiled
+at `slots` rows only; a model planned already keeps its plan): on SmolLM2 here a decode step of 8 rows took 57 ms planned against 89
 unplanned, one row 50 either way.
 
-`compile=True` runs each decode step compiled (`torch.compile` of `slots.slot_forward`): its rows padded
-to a bucket (`BUCKETS`; padding rows write a scratch slot), the span of positions it reads an input of
-dynamic length, the bank's windows fixed and each row's adapter selection held outside the graph: one
-graph per bucket up to `slots` rows, each compiled at start by the warm-up (60-70 s each on SmolLM2 here
-from an empty inductor cache; inductor's on-disk cache serves later starts), so that no request waits on
-a compile. Prefill chunks run eagerly. Through `fflora serve` in bfloat16 (GEMMs packed, 8 streams on 8
-adapters; docs/serving.md): 183 tokens/s compiled against 155 eager, one stream 21 ms per token against
-27; but a start of about 3 minutes (2.7 with inductor's cache) against 17 s: off by default.
+`compile=True` runs each decode step compiled (`torch.compile` of `slots.slot_forward`): one graph for
+every number of rows and every span of positions read (both dynamic sizes), the bank's windows fixed and
+each row's adapter selection held outside the graph, compiled at start by the warm-up so that no request
+waits on a compile (inductor's on-disk cache serves later starts). Dynamo specializes a size of 1, so a
+step of one row runs two, the second a padding row in a scratch slot. Prefill chunks run eagerly.
 """
 
 from __future__ import annotations
@@ -52,7 +49,7 @@ from .slots import SLOT_ATTENTION, SlotCache, slot_forward, slot_step
 
 DEFAULT_SLOTS = 8
 DEFAULT_MAX_BATCH_TOKENS = 256
-BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # compiled decode steps pad their rows up to one of these (one graph each)
+MIN_COMPILED_ROWS = 2  # a compiled decode step pads its rows up to this (Dynamo specializes a size of 1)
 
 
 @dataclass
@@ -113,7 +110,7 @@ class SlotEngine:
             raise ValueError(f"max_len {self.max_len} is past the model's {config.max_position_embeddings} positions")
         dtype = fused.gemms[0].activation_dtype if fused.gemms else torch.float32
         self.cache = SlotCache(self.model.config, slots + 1, self.max_len, dtype=dtype)
-        self.scratch = slots  # the extra slot: the padding rows of a compiled step write there
+        self.scratch = slots  # the extra slot: a compiled step's padding row writes there
         self.compile, self.gemm_plan = compile, gemm_plan
         self._decoder = None  # the compiled decode step, once started with compile=True
         self.slots, self.max_batch_tokens, self.max_new_tokens = slots, max_batch_tokens, max_new_tokens
@@ -182,7 +179,9 @@ class SlotEngine:
         """Plan the GEMMs (unless planned), route the model's attention through the slots, set up the
         compiled decode step if asked."""
         if self.gemm_plan != "standard" and self.fused.gemm_mode == "standard":
-            self.plan_report = self.fused.plan(self.gemm_plan, rows=tuple(sorted({1, self.slots})))
+            # compiled, one graph runs every number of rows: one operand order per weight, the full batch's
+            rows = (self.slots,) if self.compile else tuple(sorted({1, self.slots}))
+            self.plan_report = self.fused.plan(self.gemm_plan, rows=rows)
         self._attention = self.model.config._attn_implementation
         self.model.config._attn_implementation = SLOT_ATTENTION
         if self.compile and self._decoder is None:
@@ -195,9 +194,9 @@ class SlotEngine:
     @torch.no_grad()
     def _warm_up(self) -> float:
         """Run, before the first request, the steps requests will run, in the scratch slot on the base model:
-        a prompt step and a decode step of one row, and compiled, a decode step of each bucket up to `slots`
-        rows (each compiled now, from inductor's on-disk cache where an earlier start left it: then the
-        time is Dynamo's tracing). Returns the seconds it took."""
+        a prompt step and a decode step of one row, and compiled, decode steps of the fewest and the most
+        rows (the graph compiled now, from inductor's on-disk cache where an earlier start left it: then
+        the time is Dynamo's tracing). Returns the seconds it took."""
         begun = time.perf_counter()
         scratch = torch.tensor([self.scratch])
         with self._selected([BASE_NAME]):
@@ -205,10 +204,10 @@ class SlotEngine:
             slot_step(self.model, self.cache, scratch, torch.zeros(1, 1, dtype=torch.long))
         if self._decoder is not None:
             engine_compile_settings()
-            for bucket in sorted({self._bucket(n) for n in range(1, self.slots + 1)}):
-                rows = scratch.repeat(bucket)
-                self._graph_step(rows, self.cache.lengths[rows], torch.zeros(bucket, 1, dtype=torch.long),
-                                 [BASE_NAME] * bucket, 2)
+            for count in sorted({MIN_COMPILED_ROWS, max(self.slots, MIN_COMPILED_ROWS)}):
+                rows = scratch.repeat(count)
+                self._graph_step(rows, self.cache.lengths[rows], torch.zeros(count, 1, dtype=torch.long),
+                                 [BASE_NAME] * count, 2)
         self.cache.free(self.scratch)
         return time.perf_counter() - begun
 
@@ -474,10 +473,9 @@ class SlotEngine:
         self._emit(requests, logits)
 
     def _compiled_decode(self, requests: list[_Request]) -> Tensor:
-        """One compiled decode step: its rows padded to a bucket (padding rows write the scratch slot), the
-        positions read given as a tensor of dynamic length: one graph per bucket."""
+        """One compiled decode step (one row padded to two: the padding row writes the scratch slot)."""
         n = len(requests)
-        pad = self._bucket(n) - n
+        pad = max(MIN_COMPILED_ROWS - n, 0)
         rows = torch.tensor([r.slot for r in requests] + [self.scratch] * pad)
         starts = self.cache.lengths[rows]
         ids = torch.tensor([[r.generated[-1]] for r in requests] + [[0]] * pad)
@@ -487,17 +485,13 @@ class SlotEngine:
         return logits[:n]
 
     def _graph_step(self, rows: Tensor, starts: Tensor, ids: Tensor, adapters: list[str], span: int) -> Tensor:
-        """The compiled decode graph of `len(rows)` rows, reading `span` positions (a dynamic length: never
-        1, which Dynamo would specialize), each row with its adapter."""
+        """The compiled decode graph over `len(rows)` rows (at least 2), reading `span` positions (at least 2),
+        each row with its adapter: both sizes dynamic (Dynamo would specialize a size of 1)."""
         window = torch.arange(span)
-        torch._dynamo.maybe_mark_dynamic(window, 0)
+        for tensor in (window, rows, starts, ids):
+            torch._dynamo.mark_dynamic(tensor, 0)
         with self._selected(adapters):
             return self._decoder(rows, starts, ids, window)
-
-    @staticmethod
-    def _bucket(rows: int) -> int:
-        """The padded row count of a compiled decode step of `rows` rows (one graph each)."""
-        return next((b for b in BUCKETS if b >= rows), rows)
 
     def _run(self, requests: list[_Request], input_ids: Tensor, lengths: Tensor | None = None) -> Tensor:
         with self._selected([r.adapter for r in requests]):

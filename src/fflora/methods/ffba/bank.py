@@ -441,6 +441,8 @@ class AdapterBank:
                 entry = self.entries[n]
                 owner[entry.offsets[s] : entry.end(s)] = k
             masks[s] = (token_ids[..., None] == owner).to(self.dtype)
+            if fixed:  # a compiled graph reads it: one graph for any number of rows
+                torch._dynamo.maybe_mark_dynamic(masks[s], 0)
             if s.startswith("fa.") and any(self.entries[n].config.phi != "identity" for n in present):
                 phis = {}
                 for k, n in enumerate(present):
