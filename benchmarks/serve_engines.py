@@ -1,6 +1,7 @@
-"""The engine under `fflora serve` (`SlotEngine`, eager; with --compiled-slots also compiled) without HTTP,
-next to `generate` on the same bank model, eager and compiled (GEMMs planned for 1 and 8 rows in every system, as the
-engine plans them at start): the speed the server should reach (issue 43).
+"""The engine under `fflora serve` (`SlotEngine`, eager; with --compiled-slots also compiled) without HTTP, in
+the main thread as the server runs it, next to `generate` on the same bank model, eager and compiled (GEMMs
+planned for 1 and 8 rows, the compiled engine's for 8, as the engine plans them at start): the speed the
+server should reach (issue 43).
 (The first run, in results/serve-engines/, also had transformers' continuous batching, the server's engine
 until the slots replaced it.)
 
@@ -20,6 +21,7 @@ import copy
 import json
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -38,12 +40,22 @@ def prompts(count: int, vocab: int) -> list[list[int]]:
 
 
 def run_engine(engine, streams: int, vocab: int) -> float:
-    """Output tokens per second of `streams` requests at once, each on its own adapter."""
+    """Output tokens per second of `streams` requests at once, each on its own adapter. The engine runs in
+    this thread, as `fflora serve` runs it (`SlotEngine.run`: a step in a second thread took 1.4-1.8x the
+    time); the requests come from another thread."""
     ids = prompts(streams, vocab)
-    start = time.perf_counter()
-    rids = [engine.add_request(p, adapter=f"a{i}", max_new_tokens=NEW, ignore_eos=True) for i, p in enumerate(ids)]
-    tokens = sum(len(engine.wait(r).generated_tokens) for r in rids)
-    return tokens / (time.perf_counter() - start)
+    measured = []
+
+    def client() -> None:
+        start = time.perf_counter()
+        rids = [engine.add_request(p, adapter=f"a{i}", max_new_tokens=NEW, ignore_eos=True) for i, p in enumerate(ids)]
+        tokens = sum(len(engine.wait(r).generated_tokens) for r in rids)
+        measured.append(tokens / (time.perf_counter() - start))
+
+    engine.run(until=lambda: bool(measured), started=lambda: threading.Thread(target=client, daemon=True).start())
+    if not measured:
+        raise RuntimeError(f"the engine stopped: {engine.error}")
+    return measured[0]
 
 
 @torch.no_grad()
@@ -82,9 +94,9 @@ def main() -> None:
                 fused.load(f"a{i}", path)
             return fused
 
-        engines = {"slots": SlotEngine(bank(), slots=8, max_len=256).start()}
+        engines = {"slots": SlotEngine(bank(), slots=8, max_len=256)}
         if args.compiled_slots:
-            engines["slots compiled"] = SlotEngine(bank(), slots=8, max_len=256, compile=True).start()
+            engines["slots compiled"] = SlotEngine(bank(), slots=8, max_len=256, compile=True)
         eager, compiled = bank(), bank()
         for fused in (eager, compiled):  # as the engines plan theirs at start (SlotEngine's gemm_plan)
             fused.plan("auto", rows=(1, 8))
@@ -103,8 +115,6 @@ def main() -> None:
                     print(f"round {round_ + 1}: {name}, {n} streams: {samples[name, n][-1]:.1f} tokens/s", flush=True)
                 for name, fused in (("generate eager", eager), ("generate compiled", compiled)):
                     decode[name, n].append(decode_ms(fused, n, vocab))
-        for engine in engines.values():
-            engine.stop()
     rows = [{"system": name, "streams": n, "tokens_per_s": statistics.median(v), "rounds": v,
              **({"decode_ms_per_token": statistics.median(decode[name, n])} if (name, n) in decode else {})}
             for (name, n), v in samples.items()]

@@ -4,7 +4,7 @@ Each start runs `fflora serve` on the embedded SmolLM2-135M with 8 random FFBA r
 for /health, then sends one streamed request (16 prompt tokens, 8 new tokens, greedy, adapter a0): the
 time from launching the process to that request's first token is what a client waiting on a fresh
 server sees. The server's own line ("engine ready ... warm-up steps: X s") splits it. Order: eager,
-compiled with an empty inductor cache (cold: every batch-size bucket compiled from scratch), compiled
+compiled with an empty inductor cache (cold: the decode graph compiled from scratch), compiled
 again on the cache the cold start left (warm: Dynamo traces, inductor's compiled code comes from disk),
 eager again. Run it with the CPU to itself:
 

@@ -49,11 +49,9 @@ def compile_generation(model: nn.Module, freezing: bool = False, cpp_wrapper: bo
 
 def engine_compile_settings() -> None:
     """Set, in the current thread, what a serving engine's compiled steps need from Dynamo: layer indices
-    not specialized as constants (one graph serves every layer's frame if a step breaks), sizes of tensors
-    the model's modules hold (an adapter bank's per-row selection) as dynamic as the step's inputs (one graph
-    for every number of rows), and the recompile limit of `compile_decode`."""
+    not specialized as constants (one graph serves every layer's frame if a step breaks), and the
+    recompile limit of `compile_decode`."""
     torch._dynamo.config.allow_unspec_int_on_nn_module = True
-    torch._dynamo.config.force_nn_module_property_static_shapes = False
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
 
 

@@ -37,7 +37,7 @@ class ServerConfig:
     max_num_seqs: int = 8  # KV slots: requests decoding at once
     max_model_len: int | None = None  # positions per slot (None: the model's, at most SLOT_LEN_CAP)
     gemm_plan: str = "auto"  # how the fused GEMMs run (fflora.fastpath.plan), measured at start for 1 and max_num_seqs rows
-    compile: bool = False  # decode steps as torch.compile graphs, one per batch-size bucket, compiled at start
+    compile: bool = False  # decode steps through one torch.compile graph (any batch size), compiled at start
     default_max_tokens: int = 256
     limit_max_requests: int | None = None
     log_level: str = "info"

@@ -16,8 +16,8 @@ It offers what the API server uses of an engine (`stream`, `adapters`, `load_ada
 
 At start the engine plans the fused GEMMs for its decode batch sizes (`gemm_plan`, "auto" by default:
 `FusedModel.plan` measures each weight shape's layout and operand order at 1 and `slots` rows, compiled
-at `slots` rows only; a model planned already keeps its plan): on SmolLM2 here a decode step of 8 rows took 57 ms planned against 89
-unplanned, one row 50 either way.
+at `slots` rows only; a model planned already keeps its plan): on SmolLM2 here a decode step of 8 rows
+took 57 ms planned against 89 unplanned, one row 50 either way.
 
 `compile=True` runs each decode step compiled (`torch.compile` of `slots.slot_forward`): one graph for
 every number of rows and every span of positions read (both dynamic sizes), the bank's windows fixed and

@@ -7,7 +7,7 @@ unchanged (fused or not, any weight format, a bank choosing each row's adapter) 
 implementation set to `SLOT_ATTENTION`: transformers hands each attention layer the step's queries,
 keys and values after the rotary embedding (the positions are each row's own), and `slot_attention`
 writes the keys and values into the rows' slots and attends over each row's prefix. Shapes depend
-only on (rows, tokens per row) and the span of positions read: the step a bucketed, compiled decode
+only on (rows, tokens per row) and the span of positions read: the step a compiled decode
 runs (`serving.slot_engine`). The write is an operator of fflora's (`slot_write`, `ops.library`) that
 mutates the cache in place: written as a plain indexed assignment, a compiled step copied the cache per
 layer (16 GB at 8 slots x 256 positions on SmolLM2) where the op writes only the new positions.
