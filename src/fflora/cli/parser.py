@@ -371,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="run decode steps through one torch.compile graph (any batch size up to --max-num-seqs), "
                         "compiled at start: faster steps (bfloat16, 8 streams: 1.7x eager on SmolLM2 here, no HTTP) "
-                        "for a start of about 70 s against 17 (inductor's on-disk cache saves part of it)")
+                        "for a start of about 110 s against 21 (40 s with inductor's on-disk cache from an earlier start)")
     p.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens,
                    help=f"new tokens for a chat request that sets no max_tokens (default {d.default_max_tokens})")
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",
