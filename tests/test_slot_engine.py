@@ -234,6 +234,8 @@ def test_compiled_decode_steps_give_each_request_its_adapters_tokens(saved):
     with SlotEngine(_bank(saved), slots=3, max_len=64, max_batch_tokens=3, eos_token_id=[], compile=True) as engine:
         graphs = counters["stats"]["unique_graphs"]
         assert graphs == before + 1  # one graph for every number of rows
+        measured = {tuple(rows for rows, _ in g.storage.gemm_plan.orders) for g in engine.fused.gemms}
+        assert measured == {(3,)}  # one operand order per GEMM, the full batch's: the graph compares no row count
         ids = [engine.add_request(p, a, max_new_tokens=6) for p, a in zip(PROMPTS, adapters)]
         outputs = [engine.wait(i).generated_tokens for i in ids]
         assert engine.bank.step.fixed  # compiled over the bank's whole room
