@@ -10,9 +10,9 @@ gives CPU linears), run by oneDNN's linear for every row count: on an AVX-512 EP
 SmolLM2's decode GEMMs at 8 rows streamed 32 GB/s that way in float32 against 15 for the best BLAS
 order (30 against 20 in bfloat16). It costs a second copy of the weight. Dynamo cannot hold oneDNN's
 opaque tensors, so the packed copies live in a table here and a module holds its copy's handle: the
-operator `fflora::packed_linear` (`ops.library`) takes the handle, so eager and compiled steps run the same kernel, and
-packing a module again (its weight was written: an adapter loaded) keeps its handle and every compiled
-graph that uses it. `fflora.fastpath.plan` measures and picks; this module runs the choice
+operator `fflora::packed_linear` (`ops.library`) takes the handle, so eager and compiled steps run the
+same kernel, and packing a module again (its weight was written: an adapter loaded) keeps its handle
+and every compiled graph that uses it. `fflora.fastpath.plan` measures and picks; this module runs the choice
 (`planned_linear`) and applies it to a module (`set_gemm_plan`).
 """
 
