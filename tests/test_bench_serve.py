@@ -69,6 +69,8 @@ def test_the_vllm_peers_serve_the_base_model_and_as_many_loras_as_adapters(tiny_
     assert list(systems) == ["batched", "one_at_a_time", "vllm_base", "vllm_lora"]
     assert [systems["batched"].model(1), systems["vllm_base"].model(1), systems["vllm_lora"].model(1)] == ["a1", "base", "l1"]
     assert systems["batched"].program is None and systems["one_at_a_time"].args[-2:] == ["--max-num-seqs", "1"]
+    batched = systems["batched"].args  # the bank's room: the adapters' total rank, as vLLM's --max-lora-rank
+    assert batched[batched.index("--max-adapters") + 1] == "2" and batched[batched.index("--rank-budget") + 1] == "8"
     assert systems["vllm_base"].program == ["/venv/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
     base = systems["vllm_base"].args
     assert base[base.index("--dtype") + 1] == "float32" and base[base.index("--max-model-len") + 1] == "664"
