@@ -297,6 +297,23 @@ def test_bad_loads_are_refused_and_leave_the_bank_unchanged(saved, tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["llama"])
+def test_room_for_is_the_largest_sum_of_ranks_over_the_spaces_and_holds_those_adapters(saved, tmp_path):
+    names = ["ffba4", "mlp8", "ba2", "mixed"]
+    # fa.attn 4 + 6 = 10, fa.mlp 4 + 8 + 6 = 18, ba.attn 4 + 2 + 3 = 9, ba.mlp 4 + 8 + 2 + 3 = 17
+    assert fflora.FusedModel.room_for([saved / n for n in names]) == 24  # 18, rounded up to a multiple of 8
+    model = _bank("llama", saved, names=names, max_adapters=4, rank_budget=18)
+    assert bank_of(model).rank_budget == 24 and bank_of(model).names() == names
+    with pytest.raises(ValueError, match=r"no room for 'mixed' \(fa.mlp: 12 used \+ 6 > 16"):  # a smaller room does not hold them
+        _bank("llama", saved, names=names, max_adapters=4, rank_budget=16)
+    zflora = fflora.apply_adapter(make_model("llama"), fflora.ZFLoRAConfig(r=4))
+    fflora.save_adapter(zflora, tmp_path / "z")
+    assert fflora.FusedModel.room_for([saved / "fa16", tmp_path / "z"]) == 16  # not a bank adapter: counts nothing
+    assert fflora.FusedModel.room_for([]) == 8
+    with pytest.raises(FileNotFoundError, match="no fflora adapter at"):
+        fflora.FusedModel.room_for([tmp_path / "nothing"])
+
+
+@pytest.mark.parametrize("arch", ["llama"])
 def test_unknown_names_and_misuse_get_clear_errors(saved):
     model = _bank("llama", saved, names=["ffba4"])
     ids = torch.tensor([[4, 5, 6]])

@@ -66,7 +66,9 @@ def test_metrics_count_what_was_sent(server):
     assert delta[f"fflora:model_generation_tokens_total{{model={BASE}}}"] == 3 * 5 + 4
     assert after["fflora:num_requests_running"] == 0 and after["fflora:num_requests_waiting"] == 0
     assert after["fflora:adapters_resident"] == 0 and after["fflora:bank_rank_used{space=fa.attn}"] == 0
-    assert after["fflora:bank_rank_budget"] == 16
+    assert after["fflora:bank_rank_budget"] == 8  # no adapter and no run-time loading: the least room
+    assert ("adapter bank: room for rank 8 per rank space, what the --adapter adapters take (no adapter loads at run "
+            "time without --enable-adapter-loading") in server.log_path.read_text()
 
 
 def test_every_response_carries_a_request_id_and_the_log_shows_it(server):

@@ -8,7 +8,7 @@ from conftest import make_model
 import fflora
 from fflora.serving.adapter_policy import MAX_NAME_LENGTH, AdapterRoots, adapter_name_problem
 from fflora.serving.admission import Admission, Overloaded
-from fflora.serving.api_server import run_server
+from fflora.serving.api_server import bank_room, run_server
 from fflora.serving.config import SLOT_LEN_CAP, ServerConfig
 from fflora.serving.memory import describe_memory, memory_estimate
 from fflora.serving.http_guards import host_of
@@ -147,3 +147,14 @@ def test_a_failed_engine_step_stops_the_server_with_the_reason(monkeypatch):
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+
+
+def test_the_bank_room_is_what_the_start_adapters_take_unless_adapters_can_load_later(tmp_path):
+    for name, config in (("a", fflora.FFBAConfig(r=4, alpha=8)), ("b", fflora.FFBAConfig(r=6, alpha=6, forward=False))):
+        fflora.save_adapter(fflora.apply_ffba(make_model("llama"), config), tmp_path / name)
+    adapters = {"a": str(tmp_path / "a"), "b": str(tmp_path / "b"), "l": str(tmp_path / "lora")}
+    assert bank_room(ServerConfig(adapters=adapters), loras=["l"]) == 16  # ba.*: 4 + 6, rounded up (the LoRA is merged, apart)
+    assert bank_room(ServerConfig(adapters=adapters, rank_budget=32), loras=["l"]) == 32  # --rank-budget says
+    assert bank_room(ServerConfig(adapters=adapters, enable_adapter_loading=True, adapter_roots=[str(tmp_path)]),
+                     loras=["l"]) is None  # the default room: adapters may load at run time
+    assert bank_room(ServerConfig(), loras=[]) == 8  # the base model alone: the least room

@@ -351,7 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "PEFT LoRA (fflora train --method lora) merged into a copy of the base weights, served by an "
                         "engine of its own (one more copy of the weights and of the KV cache)")
     p.add_argument("--max-adapters", type=int, default=d.max_adapters, help="adapters resident at once (default 8)")
-    p.add_argument("--rank-budget", type=int, default=None, help="rank room per rank space (default 16 x max-adapters)")
+    p.add_argument("--rank-budget", type=int, default=None,
+                   help="the bank's rank room per rank space, in every GEMM a step runs (default: what the --adapter "
+                        "adapters take; with --enable-adapter-loading, 16 x --max-adapters)")
     p.add_argument("--host", default=d.host, help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=d.port)
     p.add_argument("--served-model-name", default=None, help="the base model's name in the API (default: --model)")

@@ -87,19 +87,24 @@ def adapter_method(meta: dict) -> Method | None:
     return registry.by_legacy_format(meta.get("format"))
 
 
+def read_config(path) -> tuple[Method, object]:
+    """The method and configuration of the adapter at `path`, from its adapter_config.json alone (no weights read)."""
+    meta = read_adapter_config(path)
+    method = adapter_method(meta)
+    return method, method.config_class.from_dict(meta if meta.get("peft_type") is not None else meta[method.name])
+
+
 def read_checked(model: nn.Module, path, strict: bool) -> tuple[object, dict[str, torch.Tensor]]:
     """The configuration and weights (canonical keys) of the adapter at `path`, after checking that it was
     saved for this architecture and shape (ValueError) and for these base weights (warning, or ValueError
     if strict). An adapter that PEFT saved carries no record of its base: only its tensor shapes are checked."""
     meta = read_adapter_config(path)
     architecture_of(model)
-    method = adapter_method(meta)
+    method, config = read_config(path)
     if meta.get("peft_type") is not None:
-        config = method.config_class.from_dict(meta)
         state, metadata = read_weights(Path(path) / WEIGHTS_NAME, method)
         saved_base = json.loads(metadata[BASE_MODEL_KEY]) if BASE_MODEL_KEY in metadata else None
     else:
-        config = method.config_class.from_dict(meta[method.name])
         state, _ = read_weights(Path(path) / LEGACY_WEIGHTS_NAME)
         saved_base = meta.get("base_model", {})
     if saved_base is not None:

@@ -30,7 +30,7 @@ from ..fastpath.plan import plan_modules, planned_modules
 from ..ops.formats import check_weights
 from ..ops.gemm import set_gemm_plan
 from . import registry
-from .adapter_files import adapter_folder, read_checked
+from .adapter_files import adapter_folder, read_checked, read_config
 from .adapters import adapter_parameters, adapter_state_dict, apply_adapter, embedding_grad_hook, remove_adapter
 from .fused import ALIGN, fuse_plain, gemm_modules, unfuse_plain
 from .fused_state import attach, fused_model_of
@@ -94,6 +94,23 @@ class FusedModel:
         attach(model, fused)
         fused._convert(weights, keep=set(map(id, adapter_parameters(model).values())))
         return fused
+
+    @staticmethod
+    def room_for(paths: Sequence[str | os.PathLike]) -> int:
+        """The rank budget that holds the adapters at `paths` (adapter or run folders) in one bank: the largest,
+        over the bank's rank spaces, of their ranks' sum, read from their configurations alone, rounded up to
+        a multiple of 8 as a bank's budget is (8 for no adapter).
+        What `build(max_adapters=len(paths), rank_budget=...)` takes for a bank of fixed adapters: a bank's
+        whole room is in every GEMM a step runs, so room no adapter uses costs time (8 adapters of rank 8 in
+        the default room of 16 each: 25.1 ms a compiled 8-row step of SmolLM2 in bfloat16, against 23.5 in a
+        room of 64). Adapters of a method the bank does not hold count nothing (loading them says why)."""
+        bank_method, totals = registry.bank_method(), {}
+        for path in paths:
+            method, config = read_config(adapter_folder(path))
+            if method is bank_method:
+                for space, rank in bank_method.bank_ranks(config).items():
+                    totals[space] = totals.get(space, 0) + rank
+        return _bank_budget(max(len(paths), 1), max([1, *totals.values()]))
 
     @classmethod
     def _build_bank(cls, model: nn.Module, max_adapters: int, rank_budget: int | None, weights: str | None) -> FusedModel:

@@ -90,6 +90,10 @@ class Method(ABC):
         (only where `supports_bank`)."""
         raise NotImplementedError(f"{self.title} has no adapter bank")
 
+    def bank_ranks(self, config) -> dict[str, int]:
+        """The rank an adapter with `config` takes in each of the bank's rank spaces (only where `supports_bank`)."""
+        raise NotImplementedError(f"{self.title} has no adapter bank")
+
     def unfuse_bank(self, model: nn.Module) -> None:
         """Undo `build_bank`: the plain base model again (the bank's adapters are dropped)."""
         raise NotImplementedError

@@ -467,10 +467,22 @@ def serving_engine(fused: FusedModel, cfg: ServerConfig) -> SlotEngine:
                       compile=cfg.compile)
 
 
+def bank_room(cfg: ServerConfig, loras: list[str]) -> int | None:
+    """The bank's rank budget: `--rank-budget`; else, where no adapter can load at run time, the room the
+    `--adapter` ones other than `loras` take (`FusedModel.room_for`: room nobody uses costs every step
+    time), said in the log; else None, the default (16 per adapter)."""
+    if cfg.rank_budget is not None or cfg.enable_adapter_loading:
+        return cfg.rank_budget
+    room = FusedModel.room_for([path for adapter, path in cfg.adapters.items() if adapter not in loras])
+    say(f"adapter bank: room for rank {room} per rank space, what the --adapter adapters take (no adapter loads at "
+        "run time without --enable-adapter-loading; --rank-budget sets the room)")
+    return room
+
+
 def run_server(cfg: ServerConfig) -> None:
-    """Load the base model, fuse it with a bank of `cfg.max_adapters`, load `cfg.adapters` (FFBA into the
-    bank; LoRA merged into copies of the base, each its own model), print the memory the settings take,
-    serve until stopped (or `cfg.limit_max_requests`)."""
+    """Load the base model, fuse it with a bank of `cfg.max_adapters` (its room: `bank_room`), load
+    `cfg.adapters` (FFBA into the bank; LoRA merged into copies of the base, each its own model), print the
+    memory the settings take, serve until stopped (or `cfg.limit_max_requests`)."""
     begun = time.monotonic()
     roots = AdapterRoots(cfg.enable_adapter_loading, cfg.adapter_roots)  # checked before the model loads
     check_adapter_names(cfg.adapters, cfg.served_model_name or "")
@@ -480,7 +492,7 @@ def run_server(cfg: ServerConfig) -> None:
     name = cfg.served_model_name or model.config._name_or_path or "base"
     check_adapter_names(cfg.adapters, name)  # the model's own name too, now that it is known
     merged = {adapter: merged_lora(model, cfg.adapters[adapter], cfg.weights) for adapter in loras}  # from the plain base
-    fused = FusedModel.build(model, max_adapters=cfg.max_adapters, rank_budget=cfg.rank_budget, weights=cfg.weights)
+    fused = FusedModel.build(model, max_adapters=cfg.max_adapters, rank_budget=bank_room(cfg, loras), weights=cfg.weights)
     engine = serving_engine(fused, cfg)
     merged_engines = {adapter: serving_engine(m, cfg) for adapter, m in merged.items()}
     serving = OpenAIServing(engine, tokenizer, name, engine.max_len, cfg.default_max_tokens, roots,

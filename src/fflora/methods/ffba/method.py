@@ -8,7 +8,7 @@ from torch import nn
 from ...models.architectures import projection_dims
 from ..interface import Method
 from ..layers import canonical_sub_block_key
-from .bank import build_bank, unfuse_bank
+from .bank import adapter_space_ranks, build_bank, unfuse_bank
 from .config import FFBA_PEFT_TYPE, FFBAConfig
 from .fused import fuse_ffba, refresh_ffba, unfuse_ffba
 from .model import attach_ffba, detach_ffba, ffba_parameters, unload_fused_ffba
@@ -72,6 +72,9 @@ class FFBA(Method):
 
     def build_bank(self, model: nn.Module, max_adapters: int, rank_budget: int):
         return build_bank(model, max_adapters, rank_budget)
+
+    def bank_ranks(self, config: FFBAConfig) -> dict[str, int]:
+        return adapter_space_ranks(config)
 
     def unfuse_bank(self, model: nn.Module) -> None:
         unfuse_bank(model)
