@@ -110,7 +110,7 @@ class FusedModel:
             if method is bank_method:
                 for space, rank in bank_method.bank_ranks(config).items():
                     totals[space] = totals.get(space, 0) + rank
-        return _bank_budget(max(len(paths), 1), max([1, *totals.values()]))
+        return -(-max([1, *totals.values()]) // ALIGN) * ALIGN
 
     @classmethod
     def _build_bank(cls, model: nn.Module, max_adapters: int, rank_budget: int | None, weights: str | None) -> FusedModel:
