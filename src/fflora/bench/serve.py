@@ -165,9 +165,9 @@ def serve_systems(settings: ServeBenchSettings, model_arg: str | None, adapters:
                   vllm_model: Path | None = None, loras: list[Path] = ()) -> list[System]:
     """fflora serve batched and one request at a time over the FFBA `adapters`; with `vllm_model`, vLLM's
     base model and vLLM's LoRA over `loras` (one per FFBA adapter), started from `settings.vllm_python`."""
-    # the bank's room is the adapters' total rank, as vLLM's LoRA gets --max-lora-rank of theirs: the default
-    # room (16 per adapter) doubles it at rank 8, and a compiled step reads all of it (25.1 ms against 23.5 for
-    # 8 rows in bfloat16 on SmolLM2, same logits)
+    # the bank's room is the adapters' total rank, as vLLM's LoRA gets --max-lora-rank of theirs (what fflora serve
+    # takes by default without run-time loading; given here so that the comparison never rests on a default:
+    # a compiled step reads all of the room, 25.1 ms against 23.5 for 8 rows in bfloat16 on SmolLM2 in twice it)
     fflora_args = [*([] if model_arg is None else ["--model", model_arg]), "--max-adapters", str(len(adapters)),
                    "--rank-budget", str(settings.rank * len(adapters)),
                    "--log-level", "warning", "--dtype", settings.dtype, *(["--compile"] if settings.compile else []),
