@@ -167,7 +167,8 @@ def serve_systems(settings: ServeBenchSettings, model_arg: str | None, adapters:
     base model and vLLM's LoRA over `loras` (one per FFBA adapter), started from `settings.vllm_python`."""
     # the bank's room is the adapters' total rank, as vLLM's LoRA gets --max-lora-rank of theirs (what fflora serve
     # takes by default without run-time loading; given here so that the comparison never rests on a default:
-    # a compiled step reads all of the room, 25.1 ms against 23.5 for 8 rows in bfloat16 on SmolLM2 in twice it)
+    # a compiled step reads the whole room: 8 rows in bfloat16 on SmolLM2 took 25.1 ms in twice the adapters'
+    # rank, 23.5 in exactly it)
     fflora_args = [*([] if model_arg is None else ["--model", model_arg]), "--max-adapters", str(len(adapters)),
                    "--rank-budget", str(settings.rank * len(adapters)),
                    "--log-level", "warning", "--dtype", settings.dtype, *(["--compile"] if settings.compile else []),
