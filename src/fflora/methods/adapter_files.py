@@ -87,9 +87,8 @@ def adapter_method(meta: dict) -> Method | None:
     return registry.by_legacy_format(meta.get("format"))
 
 
-def read_config(path) -> tuple[Method, object]:
-    """The method and configuration of the adapter at `path`, from its adapter_config.json alone (no weights read)."""
-    meta = read_adapter_config(path)
+def config_of(meta: dict) -> tuple[Method, object]:
+    """The method and configuration a parsed adapter config (`read_adapter_config`) describes."""
     method = adapter_method(meta)
     return method, method.config_class.from_dict(meta if meta.get("peft_type") is not None else meta[method.name])
 
@@ -100,7 +99,7 @@ def read_checked(model: nn.Module, path, strict: bool) -> tuple[object, dict[str
     if strict). An adapter that PEFT saved carries no record of its base: only its tensor shapes are checked."""
     meta = read_adapter_config(path)
     architecture_of(model)
-    method, config = read_config(path)
+    method, config = config_of(meta)
     if meta.get("peft_type") is not None:
         state, metadata = read_weights(Path(path) / WEIGHTS_NAME, method)
         saved_base = json.loads(metadata[BASE_MODEL_KEY]) if BASE_MODEL_KEY in metadata else None

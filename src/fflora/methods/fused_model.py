@@ -30,7 +30,7 @@ from ..fastpath.plan import plan_modules, planned_modules
 from ..ops.formats import check_weights
 from ..ops.gemm import set_gemm_plan
 from . import registry
-from .adapter_files import adapter_folder, read_checked, read_config
+from .adapter_files import adapter_folder, config_of, read_adapter_config, read_checked
 from .adapters import adapter_parameters, adapter_state_dict, apply_adapter, embedding_grad_hook, remove_adapter
 from .fused import ALIGN, fuse_plain, gemm_modules, unfuse_plain
 from .fused_state import attach, fused_model_of
@@ -106,7 +106,7 @@ class FusedModel:
         room of 64). Adapters of a method the bank does not hold count nothing (loading them says why)."""
         bank_method, totals = registry.bank_method(), {}
         for path in paths:
-            method, config = read_config(adapter_folder(path))
+            method, config = config_of(read_adapter_config(adapter_folder(path)))
             if method is bank_method:
                 for space, rank in bank_method.bank_ranks(config).items():
                     totals[space] = totals.get(space, 0) + rank
