@@ -110,7 +110,7 @@ class FusedModel:
             if method is bank_method:
                 for space, rank in bank_method.bank_ranks(config).items():
                     totals[space] = totals.get(space, 0) + rank
-        return -(-max([1, *totals.values()]) // ALIGN) * ALIGN
+        return _whole_blocks(max([1, *totals.values()]))
 
     @classmethod
     def _build_bank(cls, model: nn.Module, max_adapters: int, rank_budget: int | None, weights: str | None) -> FusedModel:
@@ -295,7 +295,12 @@ def _bank_budget(max_adapters: int, rank_budget: int | None) -> int:
     budget = DEFAULT_RANK_PER_ADAPTER * max_adapters if rank_budget is None else rank_budget
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
         raise ValueError(f"rank_budget must be an integer >= 1, got {rank_budget!r}")
-    return -(-budget // ALIGN) * ALIGN
+    return _whole_blocks(budget)
+
+
+def _whole_blocks(rank: int) -> int:
+    """`rank` rounded up to a multiple of ALIGN, as a bank's budget is."""
+    return -(-rank // ALIGN) * ALIGN
 
 
 def _required(model: nn.Module, message: str) -> FusedModel:
