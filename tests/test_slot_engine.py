@@ -91,9 +91,14 @@ def test_a_request_that_joins_while_others_decode_and_eos_ends_a_request(saved):
         assert last.generated_tokens == _alone(saved, "ba", PROMPTS[2], 12)
     first = _alone(saved, "ffba", PROMPTS[1], 6)
     with SlotEngine(_bank(saved), slots=1, max_len=64, eos_token_id=first[0]) as engine:  # ends at its first token
-        assert engine.wait(engine.add_request(PROMPTS[1], "ffba", max_new_tokens=6)).generated_tokens == first[:1]
-        ignoring = engine.add_request(PROMPTS[1], "ffba", max_new_tokens=6, ignore_eos=True)
-        assert engine.wait(ignoring).generated_tokens == first
+        stopped = engine.wait(engine.add_request(PROMPTS[1], "ffba", max_new_tokens=6))
+        assert (stopped.generated_tokens, stopped.finish_reason) == (first[:1], "stop")
+        ignoring = engine.wait(engine.add_request(PROMPTS[1], "ffba", max_new_tokens=6, ignore_eos=True))
+        assert (ignoring.generated_tokens, ignoring.finish_reason) == (first, "length")
+    with SlotEngine(_bank(saved), slots=1, max_len=64, eos_token_id=first[-1]) as engine:
+        # Ignoring the end-of-sequence token and ending on it all the same: it ended by its length.
+        ignoring = engine.wait(engine.add_request(PROMPTS[1], "ffba", max_new_tokens=6, ignore_eos=True))
+        assert (ignoring.generated_tokens, ignoring.finish_reason) == (first, "length")
 
 
 def test_sampling_rows_and_greedy_rows_share_a_step(saved):

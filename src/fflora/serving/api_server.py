@@ -96,7 +96,6 @@ class OpenAIServing:
         self.engine, self.tokenizer = engine, tokenizer
         self.merged = dict(merged or {})
         self.model_name, self.max_model_len, self.default_max_tokens = model_name, max_model_len, default_max_tokens
-        self.eos = engine.eos_token_ids()
         self.roots = roots or AdapterRoots(enabled=False, roots=[])
         self.admission = admission or Admission(max_requests=128, max_tokens=65536)
         # No token is longer than this many characters, so a text longer than max_model_len times it has
@@ -252,7 +251,7 @@ class OpenAIServing:
                         yield delta, reason, len(ids), len(tokens)
                         return
                     if finished:
-                        reason = "stop" if tokens and tokens[-1] in self.eos else "length"
+                        reason = output.finish_reason
                     yield delta, reason if finished else None, len(ids), len(tokens)
         except RuntimeError as e:
             raise APIError(503 if self.draining or not engine.is_running() else 500, str(e)) from e

@@ -54,12 +54,16 @@ MIN_COMPILED_ROWS = 2  # a compiled decode step pads its rows up to this (Dynamo
 
 @dataclass
 class SlotOutput:
-    """What a request has generated so far; `status` "running", "finished" or "failed" (`error` says why)."""
+    """What a request has generated so far; `status` "running", "finished" or "failed" (`error` says why).
+    A finished request's `finish_reason` is "stop" (it generated an end-of-sequence token it did not ignore)
+    or "length" (it reached its max_new_tokens): the engine knows which, a reader of the tokens cannot (an
+    `ignore_eos` request may end on an end-of-sequence token by its length)."""
 
     request_id: str
     generated_tokens: list[int]
     status: str = "running"
     error: str | None = None
+    finish_reason: str | None = None
 
     def is_finished(self) -> bool:
         return self.status != "running"
@@ -223,10 +227,6 @@ class SlotEngine:
 
     def is_running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
-
-    def eos_token_ids(self) -> set[int]:
-        """The tokens that end a request (unless it asks `ignore_eos`)."""
-        return set(self.eos)
 
     def paused(self) -> threading.RLock:
         """Hold the engine between two steps for the `with` block (what adapter loads do; re-entrant)."""
@@ -506,12 +506,14 @@ class SlotEngine:
         """Choose each row's next token, hand each request its output, free the slots of finished ones."""
         for request, token in zip(requests, self._sample(requests, logits)):
             request.generated.append(token)
-            done = token in request.eos or len(request.generated) >= request.max_new_tokens
-            if done:
+            reason = ("stop" if token in request.eos else
+                      "length" if len(request.generated) >= request.max_new_tokens else None)
+            if reason:
                 with self._lock:
                     self._active.pop(request.slot, None)
-            if done or request.streaming:
-                request.put(SlotOutput(request.request_id, list(request.generated), "finished" if done else "running"))
+            if reason or request.streaming:
+                request.put(SlotOutput(request.request_id, list(request.generated),
+                                       "finished" if reason else "running", finish_reason=reason))
 
     @staticmethod
     def _sample(requests: list[_Request], logits: Tensor) -> list[int]:
