@@ -65,7 +65,10 @@ def test_a_study_runs_every_cell_once_and_resumes(tiny_model_dir, tiny_data_dir,
     assert final["train"]["grad_norm"]["steps"] == 2 and 0 <= final["train"]["grad_norm"]["clipped_share"] <= 1
     assert result["methods"]["ffba"]["seeds"] == 2
     assert list(result["comparisons"]) == ["ffba - lora", "ffba - base", "lora - base"]
+    assert result["compute"]["estimated_cells"] == [key]  # resumed: its run measured half its steps
+    assert result["compute"]["active_hours"] > 0
     assert (results / "tiny" / "aggregate.md").read_text().startswith("Study tiny (8 cells)")
+    assert "Compute: " in (results / "tiny" / "aggregate.md").read_text()
     assert (results / "tiny" / "aggregate.png").stat().st_size > 0
 
     monkeypatch.setattr(study, "train", lambda *a, **k: pytest.fail("a finished cell was trained again"))
@@ -366,6 +369,24 @@ def test_cell_estimates_come_from_the_measured_cells():
                                                                    "resumed_from": None}}
     assert cell_seconds("sweep", "ffba", 10, [old]) == 40.0
     assert cell_seconds("sweep", "ffba", 10, [old | {"train": old["train"] | {"resumed_from": "c-50"}}]) is None
+
+
+def test_the_study_counts_its_measured_cells_and_estimates_the_rest():
+    from fflora.recipes.schedule import study_seconds
+
+    def cell(phase, method, steps, train_s, steps_run, evaluate_s=None):
+        return _timed({"cell": {"phase": phase, "method": method}, "train": {"global_step": steps}},
+                      train_s, steps_run, evaluate_s)
+
+    records = {"sweep-ffba": cell("sweep", "ffba", 100, 200.0, 100),              # measured: 200 s
+               "sweep-lora": cell("sweep", "lora", 100, 300.0, 100),              # measured: 300 s
+               "base-model": cell("base", "base", 0, 0.0, 0, evaluate_s=500.0),   # measured: 500 s
+               # resumed after 60 of its 100 steps: lora's 3 s a step and the median evaluation (475 s)
+               "final-lora": cell("final", "lora", 100, 120.0, 40, evaluate_s=450.0),
+               "base-old": {"cell": {"phase": "base", "method": "base"}, "train": {}}}  # no timing: 475 s
+    total, estimated = study_seconds(records)
+    assert estimated == ["final-lora", "base-old"]
+    assert total == 200.0 + 300.0 + 500.0 + (100 * 3.0 + 475.0) + 475.0
 
 
 def test_until_starts_only_cells_that_end_in_time(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):

@@ -111,3 +111,20 @@ def cell_seconds(phase: str, method: str, steps: int, records: list[dict]) -> fl
         return train
     evaluate = evaluation_seconds(records)
     return None if evaluate is None else train + evaluate
+
+
+def study_seconds(records: dict[str, dict]) -> tuple[float, list[str]]:
+    """The active seconds the study's cells (by key) took so far, and the keys of the cells estimated
+    rather than measured. A cell that trained (and evaluated) in one run counts what it measured; one that
+    resumed after a cut-off, or a record older than `timing`, counts `cell_seconds` of its kind."""
+    total, estimated, rows = 0.0, [], list(records.values())
+    for key, record in records.items():
+        cell, timing = record["cell"], record.get("timing", {})
+        steps = record.get("train", {}).get("global_step") or 0
+        if timing.get("steps_run") == steps and (cell["phase"] == "sweep" or "evaluate_s" in timing
+                                                 or "diverged" in record):
+            total += timing["train_s"] + timing.get("evaluate_s", 0.0)
+            continue
+        total += cell_seconds(cell["phase"], cell["method"], steps, rows) or 0.0
+        estimated.append(key)
+    return total, estimated

@@ -38,7 +38,7 @@ from ..utils.method_names import DEFAULT_METHOD
 from ..utils.sources import say
 from .artifacts import RUN_FILE, load_trained
 from .evaluate import evaluate, response_loss
-from .schedule import SAFETY, PauseWatch, cell_seconds
+from .schedule import SAFETY, PauseWatch, cell_seconds, study_seconds
 from .stats import mean_std, paired_bootstrap, set_average
 from .settings import TrainConfig
 from .train import CONFIG_FILE, TrainingDivergedError, dev_records, train
@@ -468,7 +468,9 @@ def aggregate(spec: StudySpec, records: dict[str, dict]) -> dict:
             if ids != ids_b:
                 raise ValueError(f"{a} and {b} were evaluated on different items")
             comparisons[f"{a} - {b}"][name] = paired_bootstrap(va, vb, groups, scale=metric.scale)
+    active_s, estimated = study_seconds(records)
     return {"study": spec.name, "cells_done": len(records), "sweep_dev_loss": sweep,
+            "compute": {"active_hours": active_s / 3600, "device": spec.device, "estimated_cells": estimated},
             "metrics": {name: {"kind": m.kind, "evaluation": m.evaluation} for name, m in metrics.items()},
             "methods": methods, "comparisons": comparisons, "decision": decide(spec, metrics, comparisons)}
 
@@ -577,6 +579,12 @@ def format_aggregate(result: dict) -> str:
             lines.append(f"- {metric}{' (primary)' if d['primary'] else ''}: **{d['verdict']}**, {d['difference']:+.{n}f} "
                          f"[{d['ci95'][0]:+.{n}f}, {d['ci95'][1]:+.{n}f}]"
                          + (f", margin +-{d['margin']:.{n}f}" if d["margin"] is not None else ""))
+    if result.get("compute"):
+        c = result["compute"]
+        lines += ["", f"Compute: {c['active_hours']:.1f} hours of active time on {c['device']} for the "
+                      f"{result['cells_done']} cells (pauses taken out"
+                      + (f"; {len(c['estimated_cells'])} cells resumed or older than their timing, counted at the "
+                         "median of their kind" if c["estimated_cells"] else "") + ")."]
     if result.get("runner"):
         r = result["runner"]
         lines += ["", f"Stopped early at {r['at']}: {r['next']} (about {r['next_estimate_s'] / 60:.0f} min) would not "
