@@ -69,6 +69,21 @@ def test_every_steps_gradient_norm_is_kept_with_the_share_clipping_cut(tiny_mode
     assert summary["first"] == norms[0]["grad_norm"] and summary["last"] == norms[-1]["grad_norm"]
 
 
+def test_max_grad_norm_sets_the_clipping_and_zero_turns_it_off(tiny_model_dir, tiny_data_dir, tmp_path):
+    """Clipped to 1e-6 on every step, AdamW's epsilon swamps the gradient: other weights than unclipped."""
+    def run(name, max_grad_norm):
+        record = train(_cfg(tiny_model_dir, tiny_data_dir, tmp_path / name, max_steps=3, save_steps=100,
+                            max_grad_norm=max_grad_norm))
+        return record["grad_norm"], load_file(tmp_path / name / "adapter" / WEIGHTS_NAME)
+
+    (off, unclipped), (every, clipped) = run("off", 0.0), run("tiny", 1e-6)
+    assert (off["max_grad_norm"], off["clipped_share"]) == (0.0, 0.0)
+    assert (every["max_grad_norm"], every["clipped_share"]) == (1e-6, 1.0)
+    assert any(not torch.equal(unclipped[k], clipped[k]) for k in unclipped)
+    with pytest.raises(ValueError, match="--max-grad-norm must be >= 0"):
+        _cfg(tiny_model_dir, tiny_data_dir, tmp_path / "bad", max_grad_norm=-1.0)
+
+
 @pytest.mark.parametrize("method", ["ffba", "zflora"])
 def test_resume_continues_exactly(method, tiny_model_dir, tiny_data_dir, tmp_path):
     """6 steps straight == 3 steps, a crash, --resume, 3 more steps (same adapter weights)."""

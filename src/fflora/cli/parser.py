@@ -81,6 +81,9 @@ def _add_train(p: argparse.ArgumentParser, method: bool = True) -> None:
     p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio,
                    help=f"share of the steps that warm the rate up (default {d.warmup_ratio:g})")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"AdamW's (default {d.weight_decay:g})")
+    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm,
+                   help=f"clip the gradient's global norm to this before each step; 0: no clipping "
+                        f"(default {d.max_grad_norm:g})")
     p.add_argument("--max-length", type=int, default=d.max_length,
                    help=f"tokens per example, prompt and response (default {d.max_length})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"adapter initialisation and data order (default {d.seed})")

@@ -47,6 +47,7 @@ class TrainConfig:
     lr: float = 3e-4
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # the gradient's global norm is clipped to this before each step (0: not clipped)
     max_length: int = 256
     seed: int = 42
     save_steps: int = 50
@@ -73,9 +74,11 @@ class TrainConfig:
                                ("lora_alpha", "--lora-alpha", self.lora_alpha > 0), ("epochs", "--epochs", self.epochs > 0),
                                ("dropout", "--dropout", 0 <= self.dropout < 1),
                                ("warmup_ratio", "--warmup-ratio", 0 <= self.warmup_ratio < 1),
-                               ("weight_decay", "--weight-decay", self.weight_decay >= 0)):
+                               ("weight_decay", "--weight-decay", self.weight_decay >= 0),
+                               ("max_grad_norm", "--max-grad-norm", self.max_grad_norm >= 0)):
             if not ok:
-                bound = "in [0, 1)" if name in ("dropout", "warmup_ratio") else ">= 0" if name == "weight_decay" else "> 0"
+                bound = ("in [0, 1)" if name in ("dropout", "warmup_ratio")
+                         else ">= 0" if name in ("weight_decay", "max_grad_norm") else "> 0")
                 raise ValueError(f"{flag} must be {bound}, got {getattr(self, name)!r}")
         if self.max_loss_ratio is not None and self.max_loss_ratio <= 1:
             raise ValueError(f"max_loss_ratio must be above 1 (a multiple of the first logged loss), got {self.max_loss_ratio}")

@@ -16,11 +16,12 @@ and exact resumption (optimizer, scheduler, RNG and data position). fflora adds:
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import random
 import shutil
-import contextlib
 import time
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -335,6 +336,9 @@ def _run_trainer(cfg: TrainConfig, model, tokenizer, dataset, collate, dtype: di
         gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.lr,
         weight_decay=cfg.weight_decay,
+        # 0 turns clipping off; the Trainer then skips computing the norm too, which grad_norms.jsonl
+        # records: clipping at infinity measures every step's norm and scales nothing.
+        max_grad_norm=cfg.max_grad_norm or math.inf,
         warmup_steps=cfg.warmup_ratio,
         lr_scheduler_type="linear",
         max_steps=cfg.max_steps,
@@ -383,7 +387,7 @@ def _run_trainer(cfg: TrainConfig, model, tokenizer, dataset, collate, dtype: di
         "resumed_from": checkpoint,
         "adapter_dir": str(out / RUN_ADAPTER),
         "loss_curve": loss_curve(out),
-        "grad_norm": grad_norm_summary(out, args.max_grad_norm),
+        "grad_norm": grad_norm_summary(out, cfg.max_grad_norm),
     }
     held_out = held_out_records(cfg)
     if held_out:
@@ -415,7 +419,7 @@ def loss_curve(out: Path) -> list[list[float]]:
 
 def grad_norm_summary(out: Path, max_norm: float) -> dict | None:
     """Median, 90th percentile and largest gradient norm before clipping over a run's steps, and the
-    share of steps that clipping at `max_norm` cut (None where no norms were written)."""
+    share of steps that clipping at `max_norm` cut (0: no clipping; None where no norms were written)."""
     path = out / GRAD_NORMS_FILE
     if not path.is_file():
         return None
@@ -428,7 +432,7 @@ def grad_norm_summary(out: Path, max_norm: float) -> dict | None:
         return None
     return {"steps": len(values), "median": values[len(values) // 2], "p90": values[int(0.9 * (len(values) - 1))],
             "max": values[-1], "first": norms[min(norms)], "last": norms[max(norms)],
-            "max_grad_norm": max_norm, "clipped_share": sum(v > max_norm for v in values) / len(values)}
+            "max_grad_norm": max_norm, "clipped_share": sum(v > max_norm for v in values) / len(values) if max_norm > 0 else 0.0}
 
 
 def _step_of(checkpoint: str | None) -> int:
