@@ -571,6 +571,10 @@ def format_aggregate(result: dict) -> str:
         lines += [f"| {m} | {e['grad_norm']['median']:.3g} | {e['grad_norm']['max']:.3g} | "
                   f"{e['grad_norm']['max_grad_norm']:g} | {100 * e['grad_norm']['clipped_share']:.0f}% |"
                   for m, e in trained.items()]
+        lines += ["", "Clipping scales a step's whole gradient by max_grad_norm / norm. AdamW divides each update by the "
+                      "running RMS of the gradients it was given, so a method clipped on every step has its steps "
+                      "weighted against each other differently, not its updates shrunk: their size is the learning "
+                      "rate, swept per method. A study run without clipping (max_grad_norm = 0) measures the rest."]
     if result.get("decision"):
         lines += ["", "Decision, FFBA - LoRA (better/worse: the 95% interval excludes 0; equivalent: it lies within "
                       "the margin; NLL margin 5% of LoRA's gain over the base model, accuracy 1 point):", ""]
