@@ -138,6 +138,20 @@ def test_no_module_outside_methods_lists_or_branches_on_methods():
     assert not offenders, "; ".join(offenders)
 
 
+# The study package, from its bottom up: a module imports only those before it (the aggregate reads
+# records and never trains; the specification knows nothing of running).
+STUDY_ORDER = ["spec", "schedule", "report", "runner"]
+
+
+def test_the_study_package_imports_only_down_its_order():
+    package = "fflora.recipes.study"
+    assert sorted(STUDY_ORDER) == sorted(n.rpartition(".")[2] for n in MODULES if n.startswith(package + "."))
+    upward = [f"{package}.{name} imports {target}" for i, name in enumerate(STUDY_ORDER)
+              for target, _ in _imports(f"{package}.{name}")
+              if target.startswith(package + ".") and target.rpartition(".")[2] not in STUDY_ORDER[:i]]
+    assert not upward, "; ".join(upward)
+
+
 def test_only_utils_classes_swaps_a_modules_class():
     """A module's class changes in one place (`fflora.utils.classes`: extend, restore), where each swap
     records the class it returns to; nowhere else assigns `__class__`."""

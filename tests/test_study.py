@@ -20,7 +20,7 @@ def _spec(tiny_model_dir, tiny_data_dir, **kw):
 
 
 def test_a_study_runs_every_cell_once_and_resumes(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
-    import fflora.recipes.study as study
+    import fflora.recipes.study.runner as study
     import fflora.recipes.train as train_module
 
     spec = _spec(tiny_model_dir, tiny_data_dir)
@@ -243,7 +243,7 @@ def test_a_study_keeps_one_device(tiny_model_dir, tiny_data_dir, tmp_path):
 
 def test_a_diverged_cell_is_recorded_and_the_study_goes_on(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
     """A learning rate at which training blows up is a sweep result (never the best), not the study's end."""
-    import fflora.recipes.study as study
+    import fflora.recipes.study.runner as study
     from fflora.recipes.train import NonFiniteLossError
 
     spec = _spec(tiny_model_dir, tiny_data_dir, seeds={"ffba": 1}, methods={"ffba": {"method": "ffba", "r": 2}})
@@ -336,7 +336,7 @@ def test_every_spec_under_benchmarks_loads():
 def test_until_is_the_next_occurrence_of_a_time_of_day():
     import datetime as dt
 
-    from fflora.recipes.schedule import parse_until
+    from fflora.recipes.study.schedule import parse_until
 
     now = dt.datetime(2026, 12, 6, 23, 20)
     assert parse_until("23:50", now) == dt.datetime(2026, 12, 6, 23, 50)
@@ -352,7 +352,7 @@ def _timed(record, train_s, steps, evaluate_s=None):
 
 
 def test_cell_estimates_come_from_the_measured_cells():
-    from fflora.recipes.schedule import cell_seconds
+    from fflora.recipes.study.schedule import cell_seconds
 
     ffba = _timed(_sweep_record("ffba", 1e-3, 0.5)[Cell("sweep", "ffba", 1e-3, 0).key], 200.0, 100)  # 2 s/step
     lora = _timed(_sweep_record("lora", 1e-3, 0.5)[Cell("sweep", "lora", 1e-3, 0).key], 300.0, 100)  # 3 s/step
@@ -372,7 +372,7 @@ def test_cell_estimates_come_from_the_measured_cells():
 
 
 def test_the_study_counts_its_measured_cells_and_estimates_the_rest():
-    from fflora.recipes.schedule import study_seconds
+    from fflora.recipes.study.schedule import study_seconds
 
     def cell(phase, method, steps, train_s, steps_run, evaluate_s=None):
         return _timed({"cell": {"phase": phase, "method": method}, "train": {"global_step": steps}},
@@ -394,7 +394,7 @@ def test_until_starts_only_cells_that_end_in_time(tiny_model_dir, tiny_data_dir,
     fit are, and the run then stops, saying so in the aggregate."""
     import datetime as dt
 
-    import fflora.recipes.study as study
+    import fflora.recipes.study.runner as study
 
     spec = _spec(tiny_model_dir, tiny_data_dir, seeds={"ffba": 1, "lora": 1}, learning_rates=[1e-3, 3e-2],
                  sweep_steps=10, final_steps=10)
@@ -443,7 +443,7 @@ def test_a_stopped_process_counts_its_pause_apart(tmp_path):
     import sys
     import time
 
-    script = ("import time\nfrom fflora.recipes.schedule import PauseWatch\n"
+    script = ("import time\nfrom fflora.recipes.study.schedule import PauseWatch\n"
               "with PauseWatch(tick=0.05, gap=0.5) as w:\n    print('ready', flush=True)\n    time.sleep(3.0)\n"
               "print(round(w.wall(), 2), round(w.paused_s, 2), flush=True)\n")
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)

@@ -29,8 +29,7 @@ from ..recipes.data import default_data_dir, prepare
 from ..jobs.demo import run_demo
 from ..recipes.evaluate import evaluate, format_table, response_loss
 from ..recipes.export_vllm import export_vllm
-from ..recipes.schedule import parse_until
-from ..recipes.study import StudySpec, format_aggregate, run_study
+from ..recipes.study import StudySpec, format_aggregate, parse_until, run_study
 from ..recipes.train import train
 from ..recipes.user_data import held_out_user_records
 from ..serving.api_server import run_server
