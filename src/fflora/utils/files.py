@@ -1,7 +1,9 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of one."""
+"""Atomic file writes (a reader sees the old file or the new one, never half of one), and JSON Lines
+read as JSON Lines."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -29,3 +31,19 @@ def atomic_write_bytes(target: str | os.PathLike, payload: bytes) -> None:
 
 def atomic_write_text(target: str | os.PathLike, text: str) -> None:
     atomic_write(target, lambda tmp: Path(tmp).write_text(text))
+
+
+def json_lines(text: str) -> list[str]:
+    """The lines of a JSON Lines text: split at "\\n" only. str.splitlines() also splits at U+2028,
+    U+0085 and other characters that a JSON string may hold unescaped (GSM8K's training set has one)."""
+    return text.split("\n")
+
+
+def parse_jsonl(text: str) -> list:
+    """The records of a JSON Lines text (blank lines skipped)."""
+    return [json.loads(line) for line in json_lines(text) if line.strip()]
+
+
+def read_jsonl(path: str | os.PathLike) -> list:
+    """The records of a JSON Lines file (UTF-8)."""
+    return parse_jsonl(Path(path).read_text(encoding="utf-8"))

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ...models.base_models import load_base_model
-from ...utils.files import atomic_write_text
+from ...utils.files import atomic_write_text, read_jsonl
 from ...utils.sources import say
 from ..artifacts import RUN_FILE, load_trained
 from ..evaluate import evaluate, response_loss
@@ -124,7 +124,7 @@ def _evaluate_all(spec: StudySpec, model, tokenizer, out: Path) -> dict:
         with _autocast(spec):
             result["eval"][name] = evaluate(model, tokenizer, evaluation["tasks"], data_dir=spec.data_dir,
                                             limit=evaluation["limit"] or None, mode=mode, output=output, **options)
-        rows = [json.loads(line) for line in output.with_suffix(".predictions.jsonl").read_text().splitlines()]
+        rows = read_jsonl(output.with_suffix(".predictions.jsonl"))
         result["predictions"][name] = [[r["dataset"], r["id"], *(_cell_value(r[c]) for c in ROW_COLUMNS[mode])]
                                        for r in rows if all(r.get(c) is not None for c in ROW_COLUMNS[mode][-1:])]
     return result
