@@ -161,6 +161,11 @@ def test_the_aggregate_on_synthetic_records_with_known_answers(tiny_model_dir, t
     assert "| chance | 50.0 | 50.0 | 50.0 |" in table.split("text acc per set")[1]
     assert result["decision"]["text acc_norm"]["verdict"] == "equivalent"  # a difference of 0, within 1 point
     assert "- text acc_norm (primary): **equivalent**, +0.00 [+0.00, +0.00], margin +-1.00" in table
+    sweep = table.split("Sweep (dev loss per learning rate")[1]
+    assert "| method | lr 0.001 | lr 0.03 |\n|---|---:|---:|\n| ffba | **0.5000** | 0.9000 |" in sweep
+    # A study run in its sweep phase alone reports the sweep, with no empty table of finals
+    sweeps_only = format_aggregate(aggregate(spec, {k: v for k, v in records.items() if k.startswith("sweep")}))
+    assert sweeps_only.startswith("Study tiny (4 cells)\n\nSweep (dev loss") and "| method | lr |" not in sweeps_only
 
 
 def test_the_aggregate_compares_every_trained_method_with_lora_and_the_base_model(tiny_model_dir, tiny_data_dir):

@@ -157,10 +157,12 @@ def format_aggregate(result: dict) -> str:
     metrics = list(result["metrics"])
     first = next(iter(result["methods"].values()), None)
     with_baseline = [m for m in metrics if first and m in first["baselines"]]
-    lines = [f"Study {result['study']} ({result['cells_done']} cells)", "",
-             "| method | lr | seeds | trainable | dev loss | " + " | ".join(metrics) + " | "
-             + " | ".join(f"{m} > {first['baselines'][m]['name']} (sets, per seed)" for m in with_baseline) + " |",
-             "|---|---:|---:|---:|---:|" + "---:|" * (len(metrics) + len(with_baseline))]
+    lines = [f"Study {result['study']} ({result['cells_done']} cells)", ""]
+    if first:
+        lines += ["| method | lr | seeds | trainable | dev loss | "
+                  + "".join(f"{m} | " for m in metrics)
+                  + "".join(f"{m} > {first['baselines'][m]['name']} (sets, per seed) | " for m in with_baseline),
+                  "|---|---:|---:|---:|---:|" + "---:|" * (len(metrics) + len(with_baseline))]
 
     def ms(value: dict, digits: int = 1) -> str:
         return f"{value['mean']:.{digits}f} +- {value['std']:.{digits}f}"
@@ -173,14 +175,18 @@ def format_aggregate(result: dict) -> str:
         above = [f"{', '.join(map(str, e['sets_above_baseline'][m]))} of {len(e['baselines'][m]['sets'])}"
                  for m in with_baseline]
         lines.append(f"| {name} | {lr} | {e['seeds']} | {e['parameters']:,} | {ms(e['dev_loss'], 4)} | "
-                     + " | ".join(ms(e[m]["average"], _digits(result, m)) for m in metrics) + " | "
-                     + " | ".join(above) + " |")
+                     + "".join(f"{ms(e[m]['average'], _digits(result, m))} | " for m in metrics)
+                     + "".join(f"{a} | " for a in above))
     if first:
         cells = [f"{first['baselines'][m]['average']:.1f} ({first['baselines'][m]['name']})" if m in first["baselines"]
                  else "" for m in metrics]
-        lines.append("| baseline on the same items | | | | | " + " | ".join(cells) + " |" + " |" * len(with_baseline))
+        lines.append("| baseline on the same items | | | | | " + "".join(f"{c} | " for c in cells)
+                     + "| " * len(with_baseline))
         for metric in metrics:
             lines += ["", f"{metric} per set (mean +- std over seeds):", ""] + _per_set_table(result, metric)
+    if any(result["sweep_dev_loss"].values()):
+        lines += [""] * bool(lines[-1]) + ["Sweep (dev loss per learning rate, one seed; in bold each method's lowest):", ""]
+        lines += _sweep_table(result["sweep_dev_loss"])
     trained = {m: e for m, e in result["methods"].items() if "grad_norm" in e}
     if trained:
         lines += ["", "Training (gradient norm before clipping, median over each run's steps; share of steps "
@@ -217,7 +223,20 @@ def format_aggregate(result: dict) -> str:
         lines += [f"- {metric}: {c['difference']:+.{_digits(result, metric) + 1}f} "
                   f"[{c['ci95'][0]:+.{_digits(result, metric) + 1}f}, {c['ci95'][1]:+.{_digits(result, metric) + 1}f}]"
                   + (" (excludes 0)" if c["excludes_zero"] else " (includes 0)") for metric, c in compared.items()]
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _sweep_table(sweep: dict[str, dict]) -> list[str]:
+    """Markdown rows: one per method with its dev loss at each swept rate ("diverged": no dev loss)."""
+    rates = sorted({lr for losses in sweep.values() for lr in losses}, key=float)
+    lines = ["| method | " + "".join(f"lr {float(r):g} | " for r in rates), "|---|" + "---:|" * len(rates)]
+    for method, losses in sweep.items():
+        finite = [v for v in losses.values() if v is not None]
+        cells = ["" if r not in losses else "diverged" if losses[r] is None
+                 else f"**{losses[r]:.4f}**" if losses[r] == min(finite) else f"{losses[r]:.4f}" for r in rates]
+        if losses:
+            lines.append(f"| {method} | " + "".join(f"{c} | " for c in cells))
+    return lines
 
 
 def _per_set_table(result: dict, metric: str) -> list[str]:
