@@ -63,6 +63,44 @@ def test_fused_and_unfused_models_give_the_same_predictions(tiny_model_dir, tiny
     assert evaluate(model, tokenizer, ["arc_e", "gsm8k"], **kwargs) == unfused
 
 
+def _tiny_of_kind(tiny_model_dir, kind: str):
+    """A tiny model: the base, with a random FFBA adapter in training form, or a random PEFT LoRA model."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = _tiny(tiny_model_dir, adapter=False)
+    with torch.no_grad():  # base weights whose answers differ in length and text
+        for i, p in enumerate(model.parameters()):
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.2)
+    if kind == "ffba":
+        fflora.apply_ffba(model, fflora.FFBAConfig(r=4))
+        randomize_adapters(model, std=0.2)
+    if kind == "lora":
+        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+        randomize_adapters(model, std=0.2)
+    return model.eval(), tokenizer
+
+
+@pytest.mark.parametrize("kind", ["base", "ffba", "lora"])
+def test_the_slot_engine_gives_transformers_greedy_answers(tiny_model_dir, tiny_data_dir, tmp_path, kind):
+    # 4 AddSub and 4 GSM8K prompts of different lengths in 3 slots: rows end apart and new prompts join
+    kwargs = dict(data_dir=tiny_data_dir, batch_size=3, max_new_tokens=24)
+    outputs = {}
+    for engine in ("transformers", "slots"):  # a fresh model each: the slot engine fuses (merges) it in place
+        model, tokenizer = _tiny_of_kind(tiny_model_dir, kind)
+        out = tmp_path / f"{engine}.json"
+        summary = evaluate(model, tokenizer, ["addsub", "gsm8k"], engine=engine, output=out, **kwargs)
+        assert summary["engine"] == engine
+        outputs[engine] = [json.loads(line)["output"] for line in out.with_suffix(".predictions.jsonl").read_text().splitlines()]
+    assert outputs["slots"] == outputs["transformers"]
+    assert len(outputs["slots"]) == 8 and len({len(text) for text in outputs["slots"]}) > 1
+
+
+def test_an_unknown_engine_is_refused_with_the_choices(tiny_model_dir, tiny_data_dir):
+    model, tokenizer = _tiny(tiny_model_dir, adapter=False)
+    with pytest.raises(ValueError, match=r"engine 'vllm': choose one of \['transformers', 'slots'\]"):
+        evaluate(model, tokenizer, ["addsub"], data_dir=tiny_data_dir, engine="vllm")
+
+
 def test_choice_text_pairs_follow_lm_eval_harness_formats():
     wino = {"dataset": "winogrande", "question": "Ann gave Bob a gift because _ was kind.", "choices": ["Ann", "Bob"]}
     assert choice_text_pairs(wino) == [("Ann gave Bob a gift because Ann", " was kind."),
@@ -139,6 +177,10 @@ def test_cli_train_then_eval(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
     assert "ffba: " in capsys.readouterr().out
     assert main(["eval", "--adapter", str(out), "--task", "piqa", "--limit", "2", "--mode", "loglik", *common]) == 0
     assert "| piqa | 2 |" in capsys.readouterr().out
+    result = tmp_path / "addsub.json"
+    assert main(["eval", "--adapter", str(out), "--task", "addsub", "--limit", "3", "--engine", "slots",
+                 "--max-new-tokens", "4", "--output", str(result), *common]) == 0
+    assert "| addsub | 3 |" in capsys.readouterr().out and json.loads(result.read_text())["engine"] == "slots"
     assert main(["eval", "--task", "nope", *common]) == 2
     assert "unknown task 'nope'" in capsys.readouterr().err
     assert main(["eval", "--task", "piqa", "--model", str(tiny_model_dir), "--data-dir", str(tmp_path / "none")]) == 2

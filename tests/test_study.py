@@ -269,7 +269,8 @@ def test_a_diverged_cell_is_recorded_and_the_study_goes_on(tiny_model_dir, tiny_
 
 
 MATH_EVALUATIONS = [{"name": "rationale", "mode": "nll", "tasks": ["gsm8k", "svamp"]},
-                    {"name": "arith", "mode": "generate", "tasks": ["addsub", "singleeq"], "max_new_tokens": 3}]
+                    {"name": "arith", "mode": "generate", "tasks": ["addsub", "singleeq"], "max_new_tokens": 3,
+                     "engine": "slots"}]
 
 
 def test_a_math_study_scores_rationale_nll_and_exact_match(tiny_model_dir, tiny_data_dir, tmp_path):
@@ -281,6 +282,7 @@ def test_a_math_study_scores_rationale_nll_and_exact_match(tiny_model_dir, tiny_
     assert [row[0] for row in rationale] == ["gsm8k"] * 3 + ["svamp"] * 3 and all(row[2] > 0 for row in rationale)
     assert [len(row) for row in arith] == [4] * 6 and {row[3] for row in arith} <= {0, 1}
     assert record["eval"]["arith"]["datasets"]["addsub"]["best_constant"]["accuracy"] == pytest.approx(100 / 3)
+    assert record["eval"]["arith"]["engine"] == "slots" and "engine" not in record["eval"]["rationale"]
     base = result["methods"]["base"]
     assert list(result["metrics"]) == ["rationale nll", "arith exact match"]
     expected = np.mean([np.mean([r[2] for r in rationale if r[0] == s]) for s in ("gsm8k", "svamp")])
@@ -316,6 +318,9 @@ def test_evaluations_are_checked_when_the_spec_is_read(tiny_model_dir, tiny_data
         _spec(tiny_model_dir, tiny_data_dir, evaluations=[{"name": "x", "mode": "rouge"}])
     with pytest.raises(ValueError, match="share a name or a metric"):
         _spec(tiny_model_dir, tiny_data_dir, evaluations=[{"name": "a", "mode": "text"}, {"name": "b", "mode": "text"}])
+    for evaluation in ({"name": "a", "mode": "generate", "engine": "vllm"}, {"name": "a", "mode": "nll", "engine": "slots"}):
+        with pytest.raises(ValueError, match=r"an engine decodes a generate evaluation's answers, one of \['transformers', 'slots'\]"):
+            _spec(tiny_model_dir, tiny_data_dir, task="math", evaluations=[evaluation])
 
 
 def test_a_study_trains_every_cell_in_the_dtype_its_spec_names(tiny_model_dir, tiny_data_dir):

@@ -195,7 +195,7 @@ def cmd_eval(args) -> dict:
         return _eval_held_out(args, model, tokenizer, title)
     summary = evaluate(model, tokenizer, args.task, data_dir=args.data_dir, limit=args.limit, mode=args.mode,
                        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, output=args.output,
-                       **({"form": args.form} if args.mode == "nll" else {}))
+                       engine=args.engine, **({"form": args.form} if args.mode == "nll" else {}))
     summary["model"] = title
     print(format_table(summary, f"### {title}, mode {args.mode}"))
     if args.output:

@@ -15,7 +15,7 @@ from ..bench.settings import (DISTRIBUTIONS, KINDS, MIXES, BankBenchSettings, Fo
                               ServeBenchSettings, TrainBenchSettings)
 from ..models.catalog import DEFAULT_MODEL, EMBEDDED
 from ..ops.formats import MODES, WEIGHT_FORMATS
-from ..recipes.settings import COMPARED_METHODS, METHODS, CompareSettings, TrainConfig
+from ..recipes.settings import COMPARED_METHODS, ENGINES, METHODS, CompareSettings, TrainConfig
 from ..serving.config import SLOT_LEN_CAP, ServerConfig
 from ..utils.method_names import DEFAULT_METHOD, method_names
 from ..utils.version import __version__
@@ -148,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data form of --mode nll (cloze: commonsense answers' own texts)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--engine", default="transformers", choices=list(ENGINES),
+                   help="greedy decoding of --mode generate: transformers' generate, --batch-size prompts a batch, "
+                        "or fflora's slot engine, continuous batching over --batch-size slots (the same answers, "
+                        "about 2x faster on math; the model fused, a LoRA merged)")
     p.add_argument("--output", help="results JSON (predictions go next to it)")
     p.set_defaults(handler="cmd_eval")
 

@@ -17,6 +17,7 @@ METHODS = (*method_names(), *PEERS)
 TRAIN_DATASETS = {"commonsense": FAMILIES["commonsense"], "math": ("gsm8k",), "summary": ("xsum",)}
 DTYPES = ("auto", "float32", "bfloat16")  # of training: `dtype.choose_dtype` resolves auto, once per machine
 FORMS = ("instruction", "cloze")  # how a record becomes a prompt and a response (`examples`)
+ENGINES = ("transformers", "slots")  # what decodes an evaluation's greedy answers (`evaluate.text_generator`)
 
 
 @dataclass
