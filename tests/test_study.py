@@ -283,6 +283,11 @@ def test_a_math_study_scores_rationale_nll_and_exact_match(tiny_model_dir, tiny_
     assert [len(row) for row in arith] == [4] * 6 and {row[3] for row in arith} <= {0, 1}
     assert record["eval"]["arith"]["datasets"]["addsub"]["best_constant"]["accuracy"] == pytest.approx(100 / 3)
     assert record["eval"]["arith"]["engine"] == "slots" and "engine" not in record["eval"]["rationale"]
+    assert result["engines"] == {"arith": {"slots": ["base-model"]}}
+    del record["eval"]["arith"]["engine"]  # a record from before the choice: transformers' generate
+    older = aggregate(spec, {"base-model": record, "other": record})
+    assert older["engines"] == {"arith": {"transformers": ["base-model", "other"]}}
+    assert "Greedy answers of arith: transformers' generate for base-model, other." in format_aggregate(older)
     base = result["methods"]["base"]
     assert list(result["metrics"]) == ["rationale nll", "arith exact match"]
     expected = np.mean([np.mean([r[2] for r in rationale if r[0] == s]) for s in ("gsm8k", "svamp")])

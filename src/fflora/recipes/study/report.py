@@ -14,6 +14,8 @@ from ..stats import mean_std, paired_bootstrap, set_average
 from .schedule import study_seconds
 from .spec import BASE_CELL, BASELINE_NAMES, COMPARED, Metric, StudySpec, best_rates, dropped_rates, metrics_of
 
+ENGINE_NAMES = {"transformers": "transformers' generate", "slots": "fflora's slot engine"}
+
 
 def _item_matrix(records: list[dict], metric: Metric) -> tuple[np.ndarray, list[str], list[str]]:
     """(seeds x items) values of a metric, item data sets and ids, items in one order for every record."""
@@ -90,7 +92,21 @@ def aggregate(spec: StudySpec, records: dict[str, dict]) -> dict:
     return {"study": spec.name, "cells_done": len(records), "sweep_dev_loss": sweep,
             "compute": {"active_hours": active_s / 3600, "device": spec.device, "estimated_cells": estimated},
             "metrics": {name: {"kind": m.kind, "evaluation": m.evaluation} for name, m in metrics.items()},
+            "engines": _engines(spec, records),
             "methods": methods, "comparisons": comparisons, "decision": decide(spec, metrics, comparisons)}
+
+
+def _engines(spec: StudySpec, records: dict[str, dict]) -> dict[str, dict[str, list[str]]]:
+    """Per generate evaluation, the keys of the cells whose greedy answers each engine decoded (a record
+    that names none is from before the choice: transformers' `generate`)."""
+    out: dict[str, dict[str, list[str]]] = {}
+    for evaluation in spec.scored():
+        if evaluation["mode"] == "generate":
+            for key, record in records.items():
+                if evaluation["name"] in record.get("eval", {}):
+                    engine = record["eval"][evaluation["name"]].get("engine", "transformers")
+                    out.setdefault(evaluation["name"], {}).setdefault(engine, []).append(key)
+    return out
 
 
 def _training_summary(runs: list[dict]) -> dict:
@@ -207,6 +223,10 @@ def format_aggregate(result: dict) -> str:
             lines.append(f"- {metric}{' (primary)' if d['primary'] else ''}: **{d['verdict']}**, {d['difference']:+.{n}f} "
                          f"[{d['ci95'][0]:+.{n}f}, {d['ci95'][1]:+.{n}f}]"
                          + (f", margin +-{d['margin']:.{n}f}" if d["margin"] is not None else ""))
+    for name, engines in result.get("engines", {}).items():
+        lines += ["", f"Greedy answers of {name}: " + "; ".join(
+            f"{ENGINE_NAMES.get(engine, engine)} for " + (", ".join(keys) if len(keys) <= 3 else f"{len(keys)} cells")
+            for engine, keys in engines.items()) + "."]
     if result.get("compute"):
         c = result["compute"]
         lines += ["", f"Compute: {c['active_hours']:.1f} hours of active time on {c['device']} for the "
