@@ -90,6 +90,19 @@ def test_imports_only_point_down_the_layers():
     assert not upward, "; ".join(upward)
 
 
+def _folder(name: str) -> str:
+    parts = name.split(".")
+    return parts[1] if len(parts) > 2 or (len(parts) == 2 and MODULES[name].name == "__init__.py") else ""
+
+
+def test_two_folders_of_one_layer_import_each_other_one_way_at_most():
+    """recipes/ and serving/ share a layer: the recipes evaluate on the serving engine, so serving/ must not
+    reach back into recipes/ (what both need lives below, e.g. `methods.adapter_files.describe`)."""
+    pairs = {(_folder(name), _folder(target)) for name in MODULES for target, _ in _imports(name)}
+    both = sorted(f"{a}/ <-> {b}/" for a, b in pairs if a < b and a and b and (b, a) in pairs)
+    assert not both, "folders that import each other: " + "; ".join(both)
+
+
 def test_only_methods_know_which_method_a_model_holds():
     outside = [p for name, p in MODULES.items() if not name.startswith("fflora.methods")]
     offenders = [f"{p.relative_to(SRC)}: {needle}" for p in outside for needle in

@@ -20,9 +20,10 @@ from ..bench.serve import format_serve_table, run_serve_bench, write_serve_bench
 from ..bench.settings import BankBenchSettings, BenchSettings, FormatsBenchSettings, ServeBenchSettings, TrainBenchSettings
 from ..bench.train import format_train_table, run_train_bench, write_train_bench
 from ..methods import apply_adapter, compile_decode, fuse, load_adapter, plan_gemms, registry
+from ..methods.adapter_files import RUN_FILE
 from ..models.base_models import load_base_model, model_source
 from ..models.catalog import DEFAULT_MODEL
-from ..recipes.artifacts import RUN_FILE, load_trained
+from ..recipes.artifacts import load_trained
 from ..recipes.budget import lora_parameter_count
 from ..jobs.compare import format_compare, run_compare
 from ..recipes.data import default_data_dir, prepare

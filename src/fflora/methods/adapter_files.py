@@ -5,6 +5,8 @@ under PEFT's names) plus, in the safetensors metadata, the base model's shape an
 weights (`serialization.save_adapter` writes them): reading for another architecture or shape fails,
 for a base with other weights warns (or fails when strict). fflora 0.1.0's own files still read.
 Loading what is read into a model is `serialization` (one adapter) or `FusedModel.load` (a bank).
+`describe` says what any trained folder holds (an fflora adapter, a PEFT LoRA adapter, a full model, or a
+run folder of `fflora train` with one of them under `adapter/`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class BaseModelMismatchError(ValueError):
 
 
 RUN_ADAPTER = "adapter"  # where `fflora train` writes a run's adapter, inside the run folder
+RUN_FILE = "run.json"  # what `fflora train` records of a run (its configuration, losses, timing), in the run folder
 
 
 def adapter_folder(path: str | os.PathLike) -> Path:
@@ -51,6 +54,30 @@ def adapter_folder(path: str | os.PathLike) -> Path:
     if not (path / CONFIG_NAME).is_file() and (path / RUN_ADAPTER / CONFIG_NAME).is_file():
         return path / RUN_ADAPTER
     return path
+
+
+def describe(path: str | Path) -> dict:
+    """{"kind": "ffba" | "zflora" | "lora" | "full", "path": folder, "base": base model or None} of a trained result."""
+    path = Path(path)
+    if (path / RUN_ADAPTER).is_dir():
+        run = json.loads((path / RUN_FILE).read_text()) if (path / RUN_FILE).is_file() else {}
+        found = describe(path / RUN_ADAPTER)
+        return {**found, "base": found["base"] or run.get("config", {}).get("model")}
+    config = path / CONFIG_NAME
+    if config.is_file():
+        meta = json.loads(config.read_text())
+        method = adapter_method(meta)
+        if method is not None:
+            base = meta.get("base_model_name_or_path") if "peft_type" in meta else meta["base_model"].get("name_or_path")
+            return {"kind": method.name, "path": path, "base": base}
+        if "peft_type" in meta:
+            return {"kind": "lora", "path": path, "base": meta.get("base_model_name_or_path")}
+    if (path / "config.json").is_file():
+        return {"kind": "full", "path": path, "base": None}
+    raise FileNotFoundError(
+        f"{path} holds no trained result: expected an fflora adapter ({CONFIG_NAME}), a PEFT adapter, "
+        "a model folder (config.json) or a run folder with adapter/ inside"
+    )
 
 
 def read_adapter_config(path: str | os.PathLike) -> dict:

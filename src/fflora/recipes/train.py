@@ -33,12 +33,11 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, Train
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 from ..methods import has_adapter, load_adapter, parameter_summary, registry, save_adapter
-from ..methods.adapter_files import RUN_ADAPTER
+from ..methods.adapter_files import RUN_ADAPTER, RUN_FILE
 from ..models.base_models import load_base_model
 from ..utils.errors import FFloraError
 from ..utils.files import atomic_write_text, read_jsonl
 from ..utils.sources import say
-from .artifacts import RUN_FILE
 from .budget import LORA_TARGETS, adapter_parameter_count, lora_parameter_count, match_adapter_rank
 from .data import load_split
 from .dtype import choose_dtype

@@ -16,7 +16,7 @@ from peft import PeftModel
 from torch import nn
 
 from ..methods import FusedModel
-from ..recipes.artifacts import describe
+from ..methods.adapter_files import describe
 
 
 def is_lora(path: str | os.PathLike) -> bool:

@@ -13,7 +13,8 @@ import torch
 from ...models.base_models import load_base_model
 from ...utils.files import atomic_write_text, read_jsonl
 from ...utils.sources import say
-from ..artifacts import RUN_FILE, load_trained
+from ...methods.adapter_files import RUN_FILE
+from ..artifacts import load_trained
 from ..evaluate import evaluate, response_loss
 from ..settings import TrainConfig
 from ..train import CONFIG_FILE, TrainingDivergedError, dev_records, train
