@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
+from ...methods.adapter_files import RUN_FILE
 from ...models.base_models import load_base_model
 from ...utils.files import atomic_write_text, read_jsonl
 from ...utils.sources import say
-from ...methods.adapter_files import RUN_FILE
 from ..artifacts import load_trained
 from ..evaluate import evaluate, response_loss
 from ..settings import TrainConfig
