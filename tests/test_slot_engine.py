@@ -178,6 +178,10 @@ def test_bad_requests_are_refused_with_what_to_change(saved):
         SlotEngine(_llama())
     with pytest.raises(ValueError, match="slots must be an integer >= 1, got 0"):
         SlotEngine(_bank(saved), slots=0)
+    elsewhere = _bank(saved)
+    elsewhere.model.to("meta")
+    with pytest.raises(ValueError, match=r"SlotEngine runs on the CPU; this model is on meta: move it with model.to\('cpu'\)"):
+        SlotEngine(elsewhere)
     engine = SlotEngine(_bank(saved), slots=1, max_len=16)
     with pytest.raises(RuntimeError, match=r"the engine does not accept requests \(stopped\)"):
         engine.add_request([1, 2])

@@ -108,6 +108,10 @@ class SlotEngine:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         self.fused, self.model, self.bank = fused, fused.model, fused.bank
+        device = next(self.model.parameters()).device
+        if device.type != "cpu":  # the slots' KV cache and the GEMM plans are the CPU's
+            raise ValueError(f"SlotEngine runs on the CPU; this model is on {device}: move it with model.to('cpu'), "
+                             "or on a GPU serve it with vLLM and fflora's plugin (evaluate with engine 'transformers')")
         config = self.model.config.get_text_config()
         self.max_len = max_len or config.max_position_embeddings
         if self.max_len > config.max_position_embeddings:
