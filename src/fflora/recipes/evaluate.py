@@ -287,7 +287,7 @@ def format_table(summary: dict, title: str = "") -> str:
         lines += [f"| {d} | {r['n']} | {r['nll']:.4f} | {r['nll_per_token']:.4f} |" for d, r in summary["datasets"].items()]
         lines.append(f"| **average** | | **{summary['average']:.4f}** | |")
     elif metric == "accuracy":
-        lines += ["| dataset | n | accuracy (%) | best constant label (%) | predicted labels |", "|---|---:|---:|---:|---|"]
+        lines += ["| dataset | n | accuracy (%) | best constant answer (%) | predicted labels |", "|---|---:|---:|---:|---|"]
         for d, r in summary["datasets"].items():
             constant = r.get("best_constant")
             lines.append(f"| {d} | {r['n']} | {r['accuracy']:.1f} | "
