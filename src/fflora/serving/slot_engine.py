@@ -45,7 +45,7 @@ from torch import Tensor
 from ..fastpath.compile import engine_compile_settings
 from ..methods import BASE_NAME, FusedModel
 from ..ops.formats import MODES
-from .slots import SLOT_ATTENTION, SlotCache, slot_forward, slot_step
+from .slots import SlotCache, slot_forward, slot_step, use_slots
 
 DEFAULT_SLOTS = 8
 DEFAULT_MAX_BATCH_TOKENS = 256
@@ -191,7 +191,7 @@ class SlotEngine:
             rows = (self.slots,) if self.compile else tuple(sorted({1, self.slots}))
             self.plan_report = self.fused.plan(self.gemm_plan, rows=rows)
         self._attention = self.model.config._attn_implementation
-        self.model.config._attn_implementation = SLOT_ATTENTION
+        use_slots(self.model)
         if self.compile and self._decoder is None:
             if self.bank is not None:
                 self.bank.fix_windows()  # one graph for every mix of adapters, the selection held outside it
