@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", default="transformers", choices=list(ENGINES),
                    help="greedy decoding of --mode generate: transformers' generate, --batch-size prompts a batch, "
                         "or fflora's slot engine, continuous batching over --batch-size slots (the same answers, "
-                        "about 2x faster on math; the model fused, a LoRA merged)")
+                        "1.5-2.1x as fast on math; the model fused, a LoRA merged)")
     p.add_argument("--output", help="results JSON (predictions go next to it)")
     p.set_defaults(handler="cmd_eval")
 

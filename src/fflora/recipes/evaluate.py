@@ -11,7 +11,7 @@
 * summary: greedy decoding, ROUGE-1/2/L F1.
 FFBA adapters are evaluated in their fused form. Greedy decoding runs on one of two engines
 (`ENGINES`): transformers' `generate`, `batch_size` prompts a batch, or fflora's slot engine
-(`serving.offline`: continuous batching over `batch_size` slots; the same answers, about twice as fast
+(`serving.offline`: continuous batching over `batch_size` slots; the same answers, 1.5-2.1x as fast
 on math, for a model turned into its inference form in place: fused, a LoRA merged).
 """
 
