@@ -30,7 +30,7 @@ def inference_form(model: nn.Module) -> FusedModel:
 
 
 def generate_all(fused: FusedModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, slots: int = 8,
-                 adapter: str = BASE_NAME, desc: str = "generate") -> list[list[int]]:
+                 adapter: str = BASE_NAME) -> list[list[int]]:
     """The greedy tokens after each prompt (up to and with its end-of-sequence token, or `max_new_tokens`
     of them), `slots` prompts at a time, with a progress bar. RuntimeError if a step failed."""
     if not prompts:
@@ -38,7 +38,7 @@ def generate_all(fused: FusedModel, prompts: Sequence[Sequence[int]], max_new_to
     engine = SlotEngine(fused, slots=slots, max_len=max(map(len, prompts)) + max_new_tokens,
                         max_new_tokens=max_new_tokens)
     ids: list[str] = []
-    bar = tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False)
+    bar = tqdm(total=len(prompts), desc="generate", unit="prompt", leave=False)
 
     def finished() -> bool:
         left = engine.scheduled_requests()
