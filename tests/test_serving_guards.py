@@ -125,7 +125,8 @@ def test_a_failed_engine_step_stops_the_server_with_the_reason(monkeypatch):
 
     import uvicorn
 
-    from fflora.serving.api_server import DrainingServer, OpenAIServing, build_app, serve_in_main_thread
+    from fflora.serving.api_server import DrainingServer, build_app, serve_in_main_thread
+    from fflora.serving.openai_serving import OpenAIServing
     from fflora.serving.slot_engine import SlotEngine
 
     engine = SlotEngine(fflora.FusedModel.build(make_model("llama"), max_adapters=1), slots=1, max_len=32,
