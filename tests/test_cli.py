@@ -152,6 +152,7 @@ def test_train_flags_are_checked_before_any_data_or_model_is_read(tmp_path, caps
     (["compare", "--methods", "ffba", "--task", "math", "--output-dir", "x"], "--methods takes two or more"),
     (["serve", "--max-num-seqs", "0"], "--max-num-seqs must be >= 1, got 0"),
     (["serve", "--adapter", "nameonly"], "--adapter takes NAME=PATH"),
+    (["serve", "--port", "99999"], "--port must be between 0 and 65535 (0: a free one, said at start), got 99999"),
     (["train", "--method", "ffba", "--task", "math", "--output-dir", "x", "--model", "./no-such-folder"],
      "no model folder at './no-such-folder'"),
     (["generate", "--model", "./no-such-folder", "--prompt", "hi"], "is not a folder here, not one of the embedded models"),
@@ -162,6 +163,17 @@ def test_bad_settings_fail_before_torch_loads(argv, message):
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert run.stdout.split() == ["2", "False"], run.stderr[-2000:]
     assert run.stderr.startswith("fflora: error: ") and message in run.stderr
+
+
+def test_ctrl_c_ends_a_command_with_one_line_and_the_status_of_sigint(monkeypatch, capsys):
+    from fflora.cli import commands
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(commands, "cmd_params", interrupted)
+    assert main(["params"]) == 130
+    assert capsys.readouterr().err == "fflora: interrupted\n"
 
 
 def test_train_help_gives_every_option_a_description_and_default():

@@ -2,13 +2,17 @@
 the server settings and their memory estimate."""
 
 
+import os
+import signal
+import time
+
 import pytest
 from conftest import make_model
 
 import fflora
 from fflora.serving.adapter_policy import MAX_NAME_LENGTH, AdapterRoots, adapter_name_problem
 from fflora.serving.admission import Admission, Overloaded
-from fflora.serving.api_server import bank_room, run_server
+from fflora.serving.api_server import bank_room, listening_socket, run_server
 from fflora.serving.config import SLOT_LEN_CAP, ServerConfig
 from fflora.serving.memory import describe_memory, memory_estimate
 from fflora.serving.http_guards import host_of
@@ -115,39 +119,87 @@ def test_the_memory_estimate_counts_weights_cache_and_a_step():
         ServerConfig(max_num_seqs=0)
 
 
-def test_a_failed_engine_step_stops_the_server_with_the_reason(monkeypatch):
-    """`fflora serve`'s form (HTTP in a thread, the engine in this one): a step that fails ends both, and
-    the reason is raised (the process exits non-zero), instead of a server left answering 503."""
-    import signal
-    import time
-
+def _server_parts(**config):
+    """A tiny engine, its serving layer and a `DrainingServer` over them, as `run_server` builds them."""
     from types import SimpleNamespace
 
     import uvicorn
 
-    from fflora.serving.api_server import DrainingServer, build_app, serve_in_main_thread
+    from fflora.serving.api_server import DrainingServer, build_app
     from fflora.serving.openai_serving import OpenAIServing
     from fflora.serving.slot_engine import SlotEngine
 
     engine = SlotEngine(fflora.FusedModel.build(make_model("llama"), max_adapters=1), slots=1, max_len=32,
                         gemm_plan="standard")
     serving = OpenAIServing(engine, SimpleNamespace(get_vocab=lambda: {"a": 0}), model_name="base", max_model_len=32)
-    server = DrainingServer(uvicorn.Config(build_app(serving), host="127.0.0.1", port=0,
-                                           log_level="warning"), serving, shutdown_timeout_s=1)
+    server = DrainingServer(uvicorn.Config(build_app(serving), log_level="warning", **config), serving,
+                            shutdown_timeout_s=1)
+    return engine, server
+
+
+@pytest.fixture
+def signal_handlers():
+    """SIGINT's and SIGTERM's handlers as they were before the test, restored after it."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield handlers
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+
+
+def test_a_failed_engine_step_stops_the_server_with_the_reason(monkeypatch, signal_handlers):
+    """`fflora serve`'s form (HTTP in a thread, the engine in this one): a step that fails ends both, and
+    the reason is raised (the process exits non-zero), instead of a server left answering 503."""
+    from fflora.serving.api_server import serve_in_main_thread
+
+    engine, server = _server_parts()
 
     def failing_step():
         raise RuntimeError("boom")
 
     monkeypatch.setattr(engine, "_step", failing_step)
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        started = time.monotonic()
-        with pytest.raises(RuntimeError, match="the engine stopped: RuntimeError: boom"):
-            serve_in_main_thread(engine, [], server, begun=started)
-        assert not engine.is_running() and time.monotonic() - started < 30
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+    started = time.monotonic()
+    with listening_socket("127.0.0.1", 0) as sock, pytest.raises(RuntimeError, match="the engine stopped: RuntimeError: boom"):
+        serve_in_main_thread(engine, [], server, sock, begun=started)
+    assert not engine.is_running() and time.monotonic() - started < 30
+    assert signal.getsignal(signal.SIGTERM) == server.handle_exit  # the drain's, once the engine was ready
+
+
+def test_ctrl_c_while_the_server_starts_ends_the_start(monkeypatch, signal_handlers):
+    """Before the engine is ready (its GEMM plan and compiled warm-up take minutes on a real model)
+    SIGINT keeps Python's handler: the start ends at once, nothing was served, no drain is waited for."""
+    from fflora.serving.api_server import serve_in_main_thread
+
+    engine, server = _server_parts()
+
+    def interrupted_warm_up():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)  # the signal's handler runs here, at once
+        raise AssertionError("SIGINT did not end the start")
+
+    monkeypatch.setattr(engine, "_warm_up", interrupted_warm_up)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    with listening_socket("127.0.0.1", 0) as sock, pytest.raises(KeyboardInterrupt):
+        serve_in_main_thread(engine, [], server, sock, begun=time.monotonic())
+    assert not server.started and signal.getsignal(signal.SIGTERM) == signal_handlers[signal.SIGTERM]
+
+
+def test_a_port_in_use_fails_before_the_model_loads(monkeypatch):
+    import fflora.serving.api_server as api_server
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model loaded before the port was checked")
+
+    monkeypatch.setattr(api_server, "load_base_model", no_load)
+    with listening_socket("127.0.0.1", 0) as held:
+        held.listen()
+        port = held.getsockname()[1]
+        with pytest.raises(ValueError, match=rf"cannot serve on 127.0.0.1:{port}: Address already in use; "
+                                             "choose another --port or --host"):
+            run_server(ServerConfig(port=port))
+    with pytest.raises(ValueError, match="cannot serve on 203.0.113.7:8000: .*choose another --port or --host"):
+        run_server(ServerConfig(host="203.0.113.7"))  # an address this machine does not have
+    with pytest.raises(ValueError, match="--port must be between 0 and 65535"):
+        ServerConfig(port=-1)
 
 
 def test_the_bank_room_is_what_the_start_adapters_take_unless_adapters_can_load_later(tmp_path):

@@ -44,4 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FFloraError) as e:
         print(f"fflora: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback; the shell's status for SIGINT
+        print("fflora: interrupted", file=sys.stderr)
+        return 130
     return 0

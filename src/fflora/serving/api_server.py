@@ -39,6 +39,7 @@ import asyncio
 import hmac
 import json
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -269,69 +270,97 @@ def bank_room(cfg: ServerConfig, loras: list[str]) -> int | None:
 
 
 def run_server(cfg: ServerConfig) -> None:
-    """Load the base model, fuse it with a bank of `cfg.max_adapters` (its room: `bank_room`), load
-    `cfg.adapters` (FFBA into the bank; LoRA merged into copies of the base, each its own model), print the
-    memory the settings take, serve until stopped (or `cfg.limit_max_requests`)."""
+    """Bind the server's socket (`listening_socket`), load the base model, fuse it with a bank of
+    `cfg.max_adapters` (its room: `bank_room`), load `cfg.adapters` (FFBA into the bank; LoRA merged into
+    copies of the base, each its own model), print the memory the settings take, serve until stopped (or
+    `cfg.limit_max_requests`)."""
     begun = time.monotonic()
     roots = AdapterRoots(cfg.enable_adapter_loading, cfg.adapter_roots)  # checked before the model loads
     check_adapter_names(cfg.adapters, cfg.served_model_name or "")
-    loras = [adapter for adapter, path in cfg.adapters.items() if is_lora(path)]
-    runtime = peak_resident_bytes()
-    model, tokenizer = load_base_model(cfg.model, dtype=getattr(torch, cfg.dtype))
-    name = cfg.served_model_name or model.config._name_or_path or "base"
-    check_adapter_names(cfg.adapters, name)  # the model's own name too, now that it is known
-    merged = {adapter: merged_lora(model, cfg.adapters[adapter], cfg.weights) for adapter in loras}  # from the plain base
-    fused = FusedModel.build(model, max_adapters=cfg.max_adapters, rank_budget=bank_room(cfg, loras), weights=cfg.weights)
-    engine = serving_engine(fused, cfg)
-    merged_engines = {adapter: serving_engine(m, cfg) for adapter, m in merged.items()}
-    serving = OpenAIServing(engine, tokenizer, name, engine.max_len, cfg.default_max_tokens, roots,
-                            Admission(cfg.max_queued_requests, cfg.max_queued_tokens), merged=merged_engines)
-    for adapter, path in cfg.adapters.items():
-        if adapter not in merged:
-            engine.load_adapter(path, adapter, strict=not cfg.allow_base_mismatch)
-        serving.metrics.loads.inc()  # counted from start: the --adapter ones too
-    if merged:
-        say(f"LoRA adapter(s) {', '.join(merged)}: merged into copies of the base weights, one engine each")
-    say(describe_memory(memory_estimate(model, cfg, runtime, [m.model for m in merged.values()]), cfg, model))
-    if not cfg.api_keys and not cfg.loopback:
-        say(f"WARNING: serving on {cfg.host} without an API key: anyone who reaches port {cfg.port} can generate"
-            + (" and load or unload adapters" if cfg.enable_adapter_loading else "")
-            + ". Pass --api-key KEY (or set FFLORA_API_KEY)")
-    app = build_app(serving, api_keys=cfg.api_keys, allowed_hosts=cfg.hosts(), max_request_bytes=cfg.max_request_bytes)
-    config = uvicorn.Config(app, host=cfg.host, port=cfg.port, limit_max_requests=cfg.limit_max_requests,
-                            log_level=cfg.log_level, log_config=log_config(), timeout_keep_alive=cfg.timeout_keep_alive_s,
-                            http=header_deadline_protocol(cfg.header_timeout_s),
-                            timeout_graceful_shutdown=cfg.shutdown_timeout_s + 2)  # a backstop past the drain
-    serve_in_main_thread(engine, list(merged_engines.values()), DrainingServer(config, serving, cfg.shutdown_timeout_s),
-                         begun)
+    with listening_socket(cfg.host, cfg.port) as sock:
+        loras = [adapter for adapter, path in cfg.adapters.items() if is_lora(path)]
+        runtime = peak_resident_bytes()
+        model, tokenizer = load_base_model(cfg.model, dtype=getattr(torch, cfg.dtype))
+        name = cfg.served_model_name or model.config._name_or_path or "base"
+        check_adapter_names(cfg.adapters, name)  # the model's own name too, now that it is known
+        merged = {adapter: merged_lora(model, cfg.adapters[adapter], cfg.weights) for adapter in loras}  # from the plain base
+        fused = FusedModel.build(model, max_adapters=cfg.max_adapters, rank_budget=bank_room(cfg, loras),
+                                 weights=cfg.weights)
+        engine = serving_engine(fused, cfg)
+        merged_engines = {adapter: serving_engine(m, cfg) for adapter, m in merged.items()}
+        serving = OpenAIServing(engine, tokenizer, name, engine.max_len, cfg.default_max_tokens, roots,
+                                Admission(cfg.max_queued_requests, cfg.max_queued_tokens), merged=merged_engines)
+        for adapter, path in cfg.adapters.items():
+            if adapter not in merged:
+                engine.load_adapter(path, adapter, strict=not cfg.allow_base_mismatch)
+            serving.metrics.loads.inc()  # counted from start: the --adapter ones too
+        if merged:
+            say(f"LoRA adapter(s) {', '.join(merged)}: merged into copies of the base weights, one engine each")
+        say(describe_memory(memory_estimate(model, cfg, runtime, [m.model for m in merged.values()]), cfg, model))
+        if not cfg.api_keys and not cfg.loopback:
+            say(f"WARNING: serving on {cfg.host} without an API key: anyone who reaches port {cfg.port} can generate"
+                + (" and load or unload adapters" if cfg.enable_adapter_loading else "")
+                + ". Pass --api-key KEY (or set FFLORA_API_KEY)")
+        app = build_app(serving, api_keys=cfg.api_keys, allowed_hosts=cfg.hosts(), max_request_bytes=cfg.max_request_bytes)
+        config = uvicorn.Config(app, host=cfg.host, port=cfg.port, limit_max_requests=cfg.limit_max_requests,
+                                log_level=cfg.log_level, log_config=log_config(), timeout_keep_alive=cfg.timeout_keep_alive_s,
+                                http=header_deadline_protocol(cfg.header_timeout_s),
+                                timeout_graceful_shutdown=cfg.shutdown_timeout_s + 2)  # a backstop past the drain
+        serve_in_main_thread(engine, list(merged_engines.values()), DrainingServer(config, serving, cfg.shutdown_timeout_s),
+                             sock, begun)
 
 
-def serve_in_main_thread(engine: SlotEngine, others: list[SlotEngine], server: DrainingServer, begun: float) -> None:
-    """The HTTP server in a thread of its own, the engine's steps in this (the main) thread, which built
-    the model: there they run fastest (`SlotEngine.run`); the other engines (merged LoRA) in threads of
-    their own. SIGTERM and SIGINT start the drain, as uvicorn would in the main thread; returns once the
-    HTTP server has stopped, with every engine stopped. Says how long the start took (from `begun`, a
-    `time.monotonic()`)."""
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads (as vLLM binds its own): a port in use or a host
+    that is not this machine's fails in a second, not after minutes of loading, planning and compiling.
+    uvicorn listens on it once the engine is ready; until then a connection is refused. The address
+    family follows uvicorn's rule (`Config.bind_socket`, not called: it exits the process without naming
+    the fix, and logs that it is running before the model has loaded)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"cannot serve on {host}:{port}: {e.strerror or e}; choose another --port or --host, or stop "
+                         "what holds that port") from e
+    return sock
+
+
+def address(sock: socket.socket) -> str:
+    """The URL a bound socket serves, its port as bound (--port 0: the one the system gave)."""
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if sock.family == socket.AF_INET6 else f"http://{host}:{port}"
+
+
+def serve_in_main_thread(engine: SlotEngine, others: list[SlotEngine], server: DrainingServer, sock: socket.socket,
+                         begun: float) -> None:
+    """The HTTP server (on `sock`, bound) in a thread of its own, the engine's steps in this (the main)
+    thread, which built the model: there they run fastest (`SlotEngine.run`); the other engines (merged
+    LoRA) in threads of their own. Once the engine is ready, SIGTERM and SIGINT start the drain, as
+    uvicorn would in the main thread (before, they end the process as usual: there is nothing to drain,
+    and a start that plans and compiles for minutes stops at Ctrl-C). Returns once the HTTP server has
+    stopped, with every engine stopped. Says how long the start took (from `begun`, a `time.monotonic()`)."""
     failure: list[BaseException] = []
 
     def serve_http() -> None:
         try:
-            server.run()
+            server.run(sockets=[sock])
         except BaseException as e:  # uvicorn exits with SystemExit where it cannot start
             failure.append(e)
 
     http = threading.Thread(target=serve_http, name="fflora-http")
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, server.handle_exit)
     for other in others:
         other.start()
 
     def started() -> None:
         say(f"engine ready {time.monotonic() - begun:.1f} s after start (model, adapters, GEMM plan, warm-up steps: "
-            f"{engine.warm_up_s:.1f} s{compiled_steps(engine)})")
+            f"{engine.warm_up_s:.1f} s{compiled_steps(engine)}); serving on {address(sock)}")
         packed = (engine.plan_report or {}).get("packed_bytes", 0)
         if packed:
             say(f"GEMM plan: {packed / 1e9:.2f} GB of weights also held packed for oneDNN (measured faster here)")
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, server.handle_exit)
         http.start()
 
     try:
@@ -346,7 +375,7 @@ def serve_in_main_thread(engine: SlotEngine, others: list[SlotEngine], server: D
     if failure:
         raise failure[0]
     if not server.started:
-        raise RuntimeError(f"the HTTP server did not start on {server.config.host}:{server.config.port} (see the log above)")
+        raise RuntimeError(f"the HTTP server did not start on {address(sock)} (see the log above)")
 
 
 def compiled_steps(engine: SlotEngine) -> str:

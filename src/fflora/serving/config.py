@@ -60,6 +60,8 @@ class ServerConfig:
             value, bound = getattr(self, name), "> 0" if name.endswith("timeout_s") and name != "timeout_keep_alive_s" else ">= 1"
             if value is not None and not value > 0:
                 raise ValueError(f"--{name.removesuffix('_s').replace('_', '-')} must be {bound}, got {value}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"--port must be between 0 and 65535 (0: a free one, said at start), got {self.port}")
         check_weights(self.weights)
         if self.gemm_plan not in MODES:
             raise ValueError(f"--gemm-plan must be one of {list(MODES)}, got {self.gemm_plan!r}")
