@@ -163,8 +163,11 @@ def test_cloze_scores_and_nll_by_hand_on_a_model_that_predicts_uniformly(tiny_mo
 def test_loglik_mode_refuses_generation_tasks(tiny_model_dir, tiny_data_dir):
 
     model, tokenizer = _tiny(tiny_model_dir, adapter=False)
-    with pytest.raises(ValueError, match="loglik scores multiple-choice sets only; gsm8k is a math set"):
+    with pytest.raises(ValueError, match=r"mode 'loglik' scores the choices of multiple-choice sets \(commonsense\) only, "
+                                         r"not \['gsm8k'\]"):
         evaluate(model, tokenizer, ["gsm8k"], data_dir=tiny_data_dir, mode="loglik")
+    with pytest.raises(ValueError, match="engine 'slots': an engine decodes the answers of mode 'generate', not mode 'nll'"):
+        evaluate(model, tokenizer, ["gsm8k"], data_dir=tiny_data_dir, mode="nll", engine="slots")
 
 
 def test_cli_train_then_eval(tiny_model_dir, tiny_data_dir, tmp_path, capsys):

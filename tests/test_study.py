@@ -323,9 +323,24 @@ def test_evaluations_are_checked_when_the_spec_is_read(tiny_model_dir, tiny_data
         _spec(tiny_model_dir, tiny_data_dir, evaluations=[{"name": "x", "mode": "rouge"}])
     with pytest.raises(ValueError, match="share a name or a metric"):
         _spec(tiny_model_dir, tiny_data_dir, evaluations=[{"name": "a", "mode": "text"}, {"name": "b", "mode": "text"}])
-    for evaluation in ({"name": "a", "mode": "generate", "engine": "vllm"}, {"name": "a", "mode": "nll", "engine": "slots"}):
-        with pytest.raises(ValueError, match=r"an engine decodes a generate evaluation's answers, one of \['transformers', 'slots'\]"):
+    for evaluation, message in (({"name": "a", "mode": "generate", "engine": "vllm"},
+                                 r"evaluation 'a': engine 'vllm': choose one of \['transformers', 'slots'\]"),
+                                ({"name": "a", "mode": "nll", "engine": "slots"},
+                                 "evaluation 'a': engine 'slots': an engine decodes the answers of mode 'generate', not mode 'nll'"),
+                                ({"name": "a", "mode": "text", "tasks": ["gsm8k"]},
+                                 r"evaluation 'a': mode 'text' scores the choices of multiple-choice sets \(commonsense\) only"),
+                                ({"name": "a", "mode": "nll", "tasks": ["gsm9k"]}, "evaluation 'a': unknown task 'gsm9k'")):
+        with pytest.raises(ValueError, match=message):
             _spec(tiny_model_dir, tiny_data_dir, task="math", evaluations=[evaluation])
+
+
+def test_a_missing_spec_file_is_named_with_the_fix(tmp_path, capsys):
+    from fflora.cli import main
+
+    with pytest.raises(FileNotFoundError, match=r"no study spec at .*nope.toml: give a TOML or JSON file"):
+        StudySpec.load(tmp_path / "nope.toml")
+    assert main(["study", str(tmp_path / "nope.toml")]) == 2
+    assert capsys.readouterr().err.startswith(f"fflora: error: no study spec at {tmp_path / 'nope.toml'}")
 
 
 def test_a_study_trains_every_cell_in_the_dtype_its_spec_names(tiny_model_dir, tiny_data_dir):

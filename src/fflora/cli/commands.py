@@ -184,8 +184,6 @@ def cmd_train(args) -> dict:
 
 
 def cmd_eval(args) -> dict:
-    if args.adapter and args.method == "base":
-        raise ValueError("give either --adapter DIR or --method base, not both")
     if args.adapter:
         model, tokenizer, kind = load_trained(args.adapter, args.model, strict=args.strict)
         title = f"{kind} ({args.adapter})"

@@ -1,5 +1,5 @@
 """Each command's settings from its arguments: `train`, `compare` and `serve` build their settings
-objects here, which check themselves, so `main` can run the check before the command's modules
+objects here, which check themselves, and `eval` checks what it is asked to score, so `main` can run the check before the command's modules
 (PyTorch and the rest) load: a bad flag fails in a fraction of a second, not after seconds of imports.
 The commands build them again from here (no cost), so the checked settings are the ones that run."""
 
@@ -9,7 +9,7 @@ import argparse
 import os
 from dataclasses import fields, replace
 
-from ..recipes.settings import CompareSettings, TrainConfig
+from ..recipes.settings import CompareSettings, TrainConfig, check_evaluation
 from ..serving.config import ServerConfig
 
 
@@ -28,6 +28,19 @@ def compare_settings(args: argparse.Namespace) -> tuple[TrainConfig, CompareSett
     if recipe.dev_size == 0 and recipe.task:
         recipe = replace(recipe, dev_size=200)
     return recipe, settings
+
+
+def eval_settings(args: argparse.Namespace) -> None:
+    """`fflora eval`'s request, checked: one model, sizes of at least 1, and the data sets --task names
+    scorable by --mode (and --engine, which decodes --mode generate only)."""
+    if args.adapter and args.method == "base":
+        raise ValueError("give either --adapter DIR or --method base, not both")
+    for name in ("limit", "batch_size", "max_new_tokens", "dev_size"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "dev_size" else 1):
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {0 if name == 'dev_size' else 1}, got {value}")
+    if args.task:
+        check_evaluation(args.task, args.mode, args.engine)
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:

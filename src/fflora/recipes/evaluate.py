@@ -25,11 +25,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..serving.offline import generate_all, inference_form
-from .data import family_of, load_split, resolve_tasks
+from .data import family_of, load_split
 from .examples import check_form, continuation_example, example_nll, tokenize_example
 from .metrics import accuracy, best_constant_label, extract_choice, extract_number, label_histogram, math_correct, rouge
 from .prompts import choice_text_pairs, commonsense_response, instruction_and_response, render_prompt
-from .settings import ENGINES
+from .settings import ENGINES, check_engine, check_evaluation
 
 MAX_NEW_TOKENS = {"commonsense": 32, "math": 256, "summary": 64}
 
@@ -50,7 +50,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[
 
 def text_generator(model, tokenizer, engine: str = "transformers", batch_size: int = 8):
     """`generate(prompts, max_new_tokens) -> completions`: greedy, on `engine` (see the module docstring)."""
-    _check_engine(engine)
+    check_engine(engine)
     if engine == "transformers":
         return lambda prompts, new_tokens: [text for chunk in _batches(prompts, batch_size, "generate")
                                             for text in generate(model, tokenizer, chunk, new_tokens)]
@@ -61,10 +61,6 @@ def text_generator(model, tokenizer, engine: str = "transformers", batch_size: i
         return tokenizer.batch_decode(generate_all(fused, ids, new_tokens, slots=batch_size), skip_special_tokens=True)
     return on_slots
 
-
-def _check_engine(engine: str) -> None:
-    if engine not in ENGINES:
-        raise ValueError(f"engine {engine!r}: choose one of {list(ENGINES)}")
 
 
 @torch.no_grad()
@@ -176,14 +172,13 @@ def gold_nll(model, tokenizer, records: list[dict], form: str = "instruction", m
 def evaluate_dataset(model, tokenizer, dataset: str, *, data_dir=None, limit=None, mode="generate",
                      batch_size=8, max_new_tokens=None, form="instruction", max_length=1024,
                      generator=None) -> tuple[dict, list[dict]]:
-    """(metrics, per-example predictions) of the model on the test split of one dataset.
+    """(metrics, per-example predictions) of the model on the test split of one dataset, which
+    `check_evaluation` allows for `mode` (`evaluate` checks).
 
     `form` and `max_length` apply to mode "nll" (the reference response's NLL in that data form);
     `generator` to mode "generate" (a `text_generator`; default: transformers' `generate`)."""
     family = family_of(dataset)
     records = load_split(dataset, "test", data_dir)[:limit]
-    if mode in ("loglik", "text") and family != "commonsense":
-        raise ValueError(f"--mode {mode} scores multiple-choice sets only; {dataset} is a {family} set")
     rows = []
     if mode == "nll":
         rows = gold_nll(model, tokenizer, records, form, max_length, batch_size)
@@ -235,13 +230,14 @@ def _score(family: str, record: dict, text: str) -> dict:
     return {}
 
 
-def evaluate(model, tokenizer, tasks, *, output: str | Path | None = None, engine: str = "transformers",
+def evaluate(model, tokenizer, tasks, *, output: str | Path | None = None, engine: str | None = None,
              **kwargs) -> dict:
     """Metrics per dataset and their average; writes results JSON and predictions JSONL if `output`.
-    `engine` runs mode "generate" (`ENGINES`; "slots" turns the model into its inference form first)."""
-    _check_engine(engine)
+    `engine` runs mode "generate" (`ENGINES`, the first by default; "slots" turns the model into its
+    inference form first)."""
+    datasets = check_evaluation(tasks, kwargs.get("mode", "generate"), engine)
     generating = kwargs.get("mode", "generate") == "generate"
-    datasets = resolve_tasks(tasks)
+    engine = engine or ENGINES[0]
     if generating:
         kwargs["generator"] = text_generator(model, tokenizer, engine, kwargs.get("batch_size", 8))
     results, predictions = {}, {}

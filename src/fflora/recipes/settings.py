@@ -2,7 +2,8 @@
 
 Plain dataclasses that check themselves, without PyTorch: the command line takes its defaults and
 help from them (`fflora train --help` imports no torch), and a bad flag fails before any data or
-model loads. The recipes that run them: `train`, `compare`.
+model loads. The recipes that run them: `train`, `compare`. Also, torch-free, what an evaluation may
+ask for (`check_evaluation`: `fflora eval`, a study's evaluations, `evaluate`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..utils.method_names import DEFAULT_METHOD, method_names
-from .data import FAMILIES
+from .data import FAMILIES, family_of, resolve_tasks
 
 PEERS = ("lora", "full")  # what fflora's methods are trained next to: PEFT's LoRA, full fine-tuning
 METHODS = (*method_names(), *PEERS)
@@ -18,6 +19,30 @@ TRAIN_DATASETS = {"commonsense": FAMILIES["commonsense"], "math": ("gsm8k",), "s
 DTYPES = ("auto", "float32", "bfloat16")  # of training: `dtype.choose_dtype` resolves auto, once per machine
 FORMS = ("instruction", "cloze")  # how a record becomes a prompt and a response (`examples`)
 ENGINES = ("transformers", "slots")  # what decodes an evaluation's greedy answers (`evaluate.text_generator`)
+EVAL_MODES = ("generate", "loglik", "text", "nll")  # how `evaluate` scores a data set (its module docstring)
+CHOICE_MODES = ("loglik", "text")  # those that score a multiple-choice set's choices: commonsense sets only
+
+
+def check_evaluation(tasks, mode: str = "generate", engine: str | None = None) -> list[str]:
+    """The data sets `tasks` names (families and/or sets), checked against how they are to be scored:
+    `mode` one of EVAL_MODES, `engine` as `check_engine` takes it. Without PyTorch, so that a command
+    refuses a bad evaluation before its model loads."""
+    if mode not in EVAL_MODES:
+        raise ValueError(f"mode {mode!r}: choose one of {list(EVAL_MODES)}")
+    check_engine(engine, mode)
+    datasets = resolve_tasks(tasks)
+    others = [d for d in datasets if family_of(d) != "commonsense"]
+    if mode in CHOICE_MODES and others:
+        raise ValueError(f"mode {mode!r} scores the choices of multiple-choice sets (commonsense) only, not {others}")
+    return datasets
+
+
+def check_engine(engine: str | None, mode: str = "generate") -> None:
+    """`engine` (None: the default) one of ENGINES, and given for mode "generate" only."""
+    if engine is not None and engine not in ENGINES:
+        raise ValueError(f"engine {engine!r}: choose one of {list(ENGINES)}")
+    if engine is not None and mode != "generate":
+        raise ValueError(f"engine {engine!r}: an engine decodes the answers of mode 'generate', not mode {mode!r}")
 
 
 @dataclass

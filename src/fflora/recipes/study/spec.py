@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...utils.method_names import DEFAULT_METHOD
-from ..settings import ENGINES, TrainConfig
+from ..settings import TrainConfig, check_evaluation
 
 # Per evaluation mode: the columns of a prediction row after [data set, id], and its metrics:
 # name -> (column of the row, kind, the baseline each set's summary names). "accuracy" columns are
@@ -101,10 +101,10 @@ class StudySpec:
             if unknown or evaluation["mode"] not in MODE_METRICS:
                 raise ValueError(f"evaluation {evaluation}: unknown keys {sorted(unknown)} or mode; keys are "
                                  f"{sorted(EVALUATION_KEYS)}, modes {sorted(MODE_METRICS)}")
-            if evaluation.get("engine", ENGINES[0]) not in ENGINES or ("engine" in evaluation
-                                                                      and evaluation["mode"] != "generate"):
-                raise ValueError(f"evaluation {evaluation['name']!r}: engine {evaluation['engine']!r}; an engine "
-                                 f"decodes a generate evaluation's answers, one of {list(ENGINES)}")
+            try:
+                check_evaluation(evaluation["tasks"], evaluation["mode"], evaluation.get("engine"))
+            except ValueError as e:
+                raise ValueError(f"evaluation {evaluation['name']!r}: {e}") from None
         names = [template.format(name=e["name"]) for e in self.scored() for template in MODE_METRICS[e["mode"]]]
         if len(names) != len(set(names)) or len({e["name"] for e in self.scored()}) != len(self.scored()):
             raise ValueError("two evaluations of the study share a name or a metric (one loglik and one text "
@@ -125,6 +125,9 @@ class StudySpec:
     @classmethod
     def load(cls, path: str | Path) -> StudySpec:
         path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no study spec at {path}: give a TOML or JSON file (the studies shipped: "
+                                    "benchmarks/study-*.toml)")
         if path.suffix == ".toml":
             try:
                 import tomllib
