@@ -157,13 +157,15 @@ def test_train_flags_are_checked_before_any_data_or_model_is_read(tmp_path, caps
      "engine 'slots': an engine decodes the answers of mode 'generate', not mode 'nll'"),
     (["eval", "--task", "math", "--limit", "0"], "--limit must be >= 1, got 0"),
     (["eval", "--task", "math", "--adapter", "runs/x", "--method", "base"], "give either --adapter DIR or --method base"),
+    (["generate", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+    (["generate", "--prompt", "hi", "--unfused", "--compile", "on"], "--gemm-plan, --compile and --weights apply to the fused form"),
     (["serve", "--port", "99999"], "--port must be between 0 and 65535 (0: a free one, said at start), got 99999"),
     (["train", "--method", "ffba", "--task", "math", "--output-dir", "x", "--model", "./no-such-folder"],
      "no model folder at './no-such-folder'"),
     (["generate", "--model", "./no-such-folder", "--prompt", "hi"], "is not a folder here, not one of the embedded models"),
 ])
 def test_bad_settings_fail_before_torch_loads(argv, message):
-    """train, compare, eval and serve check their settings before the command's modules (and PyTorch) load."""
+    """train, compare, eval, generate and serve check their settings before the command's modules (and PyTorch) load."""
     code = f"import sys\nfrom fflora.cli import main\nprint(main({argv!r}), 'torch' in sys.modules)"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert run.stdout.split() == ["2", "False"], run.stderr[-2000:]

@@ -202,6 +202,18 @@ def test_a_port_in_use_fails_before_the_model_loads(monkeypatch):
         ServerConfig(port=-1)
 
 
+def test_an_adapter_folder_without_an_adapter_fails_before_the_model_loads(monkeypatch, tmp_path):
+    import fflora.serving.api_server as api_server
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model loaded before the adapters were read")
+
+    monkeypatch.setattr(api_server, "load_base_model", no_load)
+    for settings in ({}, {"rank_budget": 32}):  # whether or not the bank's room is taken from the adapters
+        with pytest.raises(FileNotFoundError, match=f"no fflora adapter at {tmp_path}: adapter_config.json is missing"):
+            run_server(ServerConfig(adapters={"a": str(tmp_path)}, port=0, **settings))
+
+
 def test_the_bank_room_is_what_the_start_adapters_take_unless_adapters_can_load_later(tmp_path):
     for name, config in (("a", fflora.FFBAConfig(r=4, alpha=8)), ("b", fflora.FFBAConfig(r=6, alpha=6, forward=False))):
         fflora.save_adapter(fflora.apply_ffba(make_model("llama"), config), tmp_path / name)

@@ -120,8 +120,6 @@ def cmd_verify(args) -> dict:
 
 @torch.no_grad()
 def cmd_generate(args) -> dict:
-    if args.unfused and (args.gemm_plan != "standard" or args.compile != "off" or args.weights):
-        raise ValueError("--gemm-plan, --compile and --weights apply to the fused form; drop --unfused, or them")
     if args.adapter:  # an fflora or PEFT LoRA adapter folder, or the run folder `fflora train` wrote
         model, tokenizer, kind = load_trained(args.adapter, args.model, fused=False, strict=args.strict)
     else:

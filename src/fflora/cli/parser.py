@@ -19,7 +19,7 @@ from ..recipes.settings import COMPARED_METHODS, ENGINES, METHODS, CompareSettin
 from ..serving.config import SLOT_LEN_CAP, ServerConfig
 from ..utils.method_names import DEFAULT_METHOD, method_names
 from ..utils.version import __version__
-from .settings import compare_settings, eval_settings, server_config, train_config
+from .settings import compare_settings, eval_settings, generate_settings, server_config, train_config
 
 DESCRIPTION = "fflora: fused forward-backward adapters (FFBA): data, training, evaluation, fusing, generation, serving."
 
@@ -347,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(handler="cmd_generate")
+    p.set_defaults(handler="cmd_generate", check=generate_settings)
 
     d = ServerConfig  # its defaults, read from the class (making one would check them)
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server: the base model and many adapters, batched together")

@@ -1,5 +1,5 @@
 """Each command's settings from its arguments: `train`, `compare` and `serve` build their settings
-objects here, which check themselves, and `eval` checks what it is asked to score, so `main` can run the check before the command's modules
+objects here, which check themselves, and `eval` and `generate` check what they are asked for, so `main` can run the check before the command's modules
 (PyTorch and the rest) load: a bad flag fails in a fraction of a second, not after seconds of imports.
 The commands build them again from here (no cost), so the checked settings are the ones that run."""
 
@@ -41,6 +41,17 @@ def eval_settings(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {0 if name == 'dev_size' else 1}, got {value}")
     if args.task:
         check_evaluation(args.task, args.mode, args.engine)
+
+
+def generate_settings(args: argparse.Namespace) -> None:
+    """`fflora generate`'s request, checked: tokens to generate, a temperature, the fast path's flags on
+    the fused form only."""
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
+    if args.unfused and (args.gemm_plan != "standard" or args.compile != "off" or args.weights):
+        raise ValueError("--gemm-plan, --compile and --weights apply to the fused form; drop --unfused, or them")
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:

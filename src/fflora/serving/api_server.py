@@ -260,10 +260,11 @@ def serving_engine(fused: FusedModel, cfg: ServerConfig) -> SlotEngine:
 def bank_room(cfg: ServerConfig, loras: list[str]) -> int | None:
     """The bank's rank budget: `--rank-budget`; else, where no adapter can load at run time, the room the
     `--adapter` ones other than `loras` take (`FusedModel.room_for`: room nobody uses costs every step
-    time), said in the log; else None, the default (16 per adapter)."""
+    time), said in the log; else None, the default (16 per adapter). Reads every one of those adapters'
+    configurations either way: called before the model loads, a folder that holds no adapter fails now."""
+    room = FusedModel.room_for([path for adapter, path in cfg.adapters.items() if adapter not in loras])
     if cfg.rank_budget is not None or cfg.enable_adapter_loading:
         return cfg.rank_budget
-    room = FusedModel.room_for([path for adapter, path in cfg.adapters.items() if adapter not in loras])
     say(f"adapter bank: room for rank {room} per rank space, what the --adapter adapters take (no adapter loads at "
         "run time without --enable-adapter-loading; --rank-budget sets the room)")
     return room
@@ -279,13 +280,13 @@ def run_server(cfg: ServerConfig) -> None:
     check_adapter_names(cfg.adapters, cfg.served_model_name or "")
     with listening_socket(cfg.host, cfg.port) as sock:
         loras = [adapter for adapter, path in cfg.adapters.items() if is_lora(path)]
+        room = bank_room(cfg, loras)
         runtime = peak_resident_bytes()
         model, tokenizer = load_base_model(cfg.model, dtype=getattr(torch, cfg.dtype))
         name = cfg.served_model_name or model.config._name_or_path or "base"
         check_adapter_names(cfg.adapters, name)  # the model's own name too, now that it is known
         merged = {adapter: merged_lora(model, cfg.adapters[adapter], cfg.weights) for adapter in loras}  # from the plain base
-        fused = FusedModel.build(model, max_adapters=cfg.max_adapters, rank_budget=bank_room(cfg, loras),
-                                 weights=cfg.weights)
+        fused = FusedModel.build(model, max_adapters=cfg.max_adapters, rank_budget=room, weights=cfg.weights)
         engine = serving_engine(fused, cfg)
         merged_engines = {adapter: serving_engine(m, cfg) for adapter, m in merged.items()}
         serving = OpenAIServing(engine, tokenizer, name, engine.max_len, cfg.default_max_tokens, roots,
