@@ -71,6 +71,22 @@ def test_bad_data_is_refused_with_what_to_do(tmp_path):
         split_user_records([{"id": i} for i in range(3)], 3)
 
 
+def test_training_reads_its_data_before_the_model(tmp_path, monkeypatch):
+    """Bad data fails in a second, before the seconds (or minutes) a model takes to load."""
+    import fflora.recipes.train as train_module
+    from fflora.recipes.settings import TrainConfig
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model loaded before the data was read")
+
+    monkeypatch.setattr(train_module, "load_base_model", no_load)
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="--data .*empty.jsonl holds no records"):
+        train_module.train(TrainConfig(task=None, method="ffba", data=str(tmp_path / "empty.jsonl"),
+                                       output_dir=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_held_out_split_is_fixed_and_disjoint(tmp_path):
     path = _write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
     records, _ = load_user_records(path)

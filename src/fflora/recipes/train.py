@@ -309,11 +309,12 @@ def train(cfg: TrainConfig, resume: bool = False, model=None, tokenizer=None) ->
     """Run one fine-tuning job; returns the run record (also written to OUTPUT_DIR/run.json)."""
     out = Path(cfg.output_dir)
     checkpoint = _check_resume(cfg, out, resume)
+    records = training_records(cfg)  # before the model: data that is missing or empty fails at once
     if model is None:
         model, tokenizer = load_base_model(cfg.model)
     tokenizer.padding_side = "right"  # training pads on the right; generation pads on the left
     torch.manual_seed(cfg.seed)  # adapter initialisation
-    dataset = build_dataset(tokenizer, training_records(cfg), cfg.max_length, cfg.form)
+    dataset = build_dataset(tokenizer, records, cfg.max_length, cfg.form)
     model, counts = prepare_model(cfg, model)
     out.mkdir(parents=True, exist_ok=True)
     collate = collator(tokenizer, cfg.packing)
