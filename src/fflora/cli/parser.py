@@ -15,7 +15,7 @@ from ..bench.settings import (DISTRIBUTIONS, KINDS, MIXES, BankBenchSettings, Fo
                               ServeBenchSettings, TrainBenchSettings)
 from ..models.catalog import DEFAULT_MODEL, EMBEDDED
 from ..ops.formats import MODES, WEIGHT_FORMATS
-from ..recipes.settings import COMPARED_METHODS, ENGINES, METHODS, CompareSettings, TrainConfig
+from ..recipes.settings import COMPARED_METHODS, ENGINES, EVAL_MODES, METHODS, CompareSettings, TrainConfig
 from ..serving.config import SLOT_LEN_CAP, ServerConfig
 from ..utils.method_names import DEFAULT_METHOD, method_names
 from ..utils.version import __version__
@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"with --data: tokens per record (default {TrainConfig.max_length})")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--limit", type=int, default=None, help="first N test examples of each data set")
-    p.add_argument("--mode", default="generate", choices=["generate", "loglik", "text", "nll"],
+    p.add_argument("--mode", default=EVAL_MODES[0], choices=list(EVAL_MODES),
                    help="commonsense: generate + extract the label, log-likelihood of the label response, "
                         "or log-likelihood of each choice's own text (acc, acc_norm, gold answer NLL); "
                         "nll (any task): the reference response's NLL per token, in --form")

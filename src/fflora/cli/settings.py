@@ -1,6 +1,7 @@
 """Each command's settings from its arguments: `train`, `compare` and `serve` build their settings
-objects here, which check themselves, and `eval` and `generate` check what they are asked for, so `main` can run the check before the command's modules
-(PyTorch and the rest) load: a bad flag fails in a fraction of a second, not after seconds of imports.
+objects here, which check themselves, and `eval` and `generate` check what they are asked for, so
+`main` can run the check before the command's modules (PyTorch and the rest) load: a bad flag fails
+in a fraction of a second, not after seconds of imports.
 The commands build them again from here (no cost), so the checked settings are the ones that run."""
 
 from __future__ import annotations
@@ -35,10 +36,11 @@ def eval_settings(args: argparse.Namespace) -> None:
     scorable by --mode (and --engine, which decodes --mode generate only)."""
     if args.adapter and args.method == "base":
         raise ValueError("give either --adapter DIR or --method base, not both")
-    for name in ("limit", "batch_size", "max_new_tokens", "dev_size"):
-        value = getattr(args, name)
-        if value is not None and value < (0 if name == "dev_size" else 1):
-            raise ValueError(f"--{name.replace('_', '-')} must be >= {0 if name == 'dev_size' else 1}, got {value}")
+    for name in ("limit", "batch_size", "max_new_tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.dev_size is not None and args.dev_size < 0:
+        raise ValueError(f"--dev-size must be >= 0, got {args.dev_size}")
     if args.task:
         check_evaluation(args.task, args.mode, args.engine)
 

@@ -62,7 +62,6 @@ def text_generator(model, tokenizer, engine: str = "transformers", batch_size: i
     return on_slots
 
 
-
 @torch.no_grad()
 def loglik_choices(model, tokenizer, records: list[dict]) -> list[int]:
     """For each commonsense record, the index of the most likely candidate response.
