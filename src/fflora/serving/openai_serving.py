@@ -5,7 +5,8 @@ It routes a request's `model` to the engine and adapter that serve it, checks an
 prompt (off the event loop), bounds the tokens asked for by the context, admits the request to the
 waiting line (`admission`), streams the engine's tokens back as text deltas with their finish
 reason, counts them in `/metrics`, loads and unloads adapters at run time (`adapter_policy`), and
-drains on shutdown. It knows requests, not HTTP: every refusal is an `errors.APIError`.
+drains on shutdown. It knows requests, not routes, sockets or streams of events: every refusal is an
+`errors.APIError` (OpenAI's error body and its status), which the routes return.
 """
 
 from __future__ import annotations
