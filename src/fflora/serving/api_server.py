@@ -3,8 +3,9 @@
 A thin layer, like vLLM's entrypoints: routes that validate requests (`protocol`) and hand them to
 `openai_serving.OpenAIServing` (prompts and chat messages to token ids, the engine's tokens to text;
 the engine knows nothing of HTTP), then OpenAI's JSON and server-sent events around its text; and
-the process: the model loaded and fused, the engine in the main thread, HTTP in another. The request's `model` names the
-adapter; vLLM's `/v1/load_lora_adapter` and `/v1/unload_lora_adapter` change the set at run time.
+the process: the model loaded and fused, the engine in the main thread, HTTP in another. The
+request's `model` names the adapter; vLLM's `/v1/load_lora_adapter` and `/v1/unload_lora_adapter`
+change the set at run time.
 
 Hardened as vLLM's and TGI's servers are (`ServerConfig` holds every setting):
 
