@@ -195,7 +195,8 @@ def test_smollm2_budget_match():
 
 def test_two_process_data_parallel_run_on_gloo(tiny_model_dir, tiny_data_dir, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    # --standalone: the rendezvous on a free port of its own, never one a concurrent run holds
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(Path(sys.executable).with_name("fflora")), "train", "--method", "ffba", "--task", "commonsense", "--model", str(tiny_model_dir),
            "--data-dir", str(tiny_data_dir), "--output-dir", str(out), "--rank", "2", "--max-steps", "3",
            "--batch-size", "2", "--max-length", "1024", "--save-steps", "2"]
