@@ -398,11 +398,23 @@ def _run_trainer(cfg: TrainConfig, model, tokenizer, dataset, collate, dtype: di
     if trainer.is_world_process_zero():
         _save_final(trainer, out / RUN_ADAPTER, tokenizer)
         atomic_write_text(out / RUN_FILE, json.dumps(record, indent=2) + "\n")
-    # Every process waits for the saves, then the process group is closed: a process that exits with
-    # gloo's threads still running can abort ("terminate called without an active exception").
-    trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()
+    _close_process_group(trainer)
     return record
+
+
+def _close_process_group(trainer: Trainer) -> None:
+    """Every process waits for the others' saves, then the process group is closed: a process that
+    exits with gloo's threads still running can abort ("terminate called without an active exception").
+
+    The DDP wrapper goes first, while the group is still registered: its reducer holds the group, and
+    a group destroyed by the reducer's release joins gloo's worker threads with the GIL held, while a
+    worker may still need the GIL to release the last collective's tensors (2 of 12 two-process runs
+    hung for good; pytorch/pytorch#56297). Released by `destroy_process_group`, the group's binding
+    lets go of the GIL first."""
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.free_memory()  # the prepared (wrapped) model, optimizer and dataloader
+    trainer.model_wrapped = trainer.model  # as Trainer itself unwraps (`_update_auto_batch_size`)
+    trainer.accelerator.end_training()
 
 
 def loss_curve(out: Path) -> list[list[float]]:
