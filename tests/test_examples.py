@@ -9,11 +9,10 @@ from conftest import make_model, randomize_adapters
 from transformers import DataCollatorForSeq2Seq
 
 import fflora
-from fflora.recipes.examples import (PACKED_ATTENTION, check_form, example_nll, pack, prompt_and_response, token_nll,
-                             tokenize_example)
+from fflora.recipes.examples import (PACKED_ATTENTION, check_form, example_nll, pack, packed_attention_while,
+                                     prompt_and_response, token_nll, tokenize_example)
 from fflora.recipes.dtype import choose_dtype, step_seconds
 from fflora.recipes.settings import TrainConfig
-from fflora.recipes.train import packed_attention_while
 
 
 def _examples(lengths, vocab=128, seed=0):
@@ -65,11 +64,19 @@ def test_packed_loss_and_gradients_equal_the_padded_reference(arch, method):
     torch.testing.assert_close(token_nll(model, _padded(examples)).mean(), reference, rtol=1e-5, atol=1e-6)
 
 
-def test_example_nll_is_each_examples_own_sum():
-    """Packed several to a pass, each example's (summed NLL, tokens) equals scoring it alone by hand."""
-    model = make_model("llama")
+def test_example_nll_is_each_examples_own_sum(arch, monkeypatch):
+    """Packed several to a pass with per-example attention (Gemma 3's window of 8 shorter than some
+    examples), each example's (summed NLL, tokens) equals scoring it alone by hand."""
+    import fflora.recipes.examples as examples_module
+
+    model = make_model(arch)
     examples = _examples([7, 12, 4, 9, 15])
-    scores = example_nll(model, examples, batch_size=2)
+    attentions = []
+    scored = examples_module.token_nll
+    monkeypatch.setattr(examples_module, "token_nll",
+                        lambda m, batch: attentions.append(m.config._attn_implementation) or scored(m, batch))
+    scores = example_nll(model, examples, batch_size=3)
+    assert attentions == [PACKED_ATTENTION] * 2 and model.config._attn_implementation == "sdpa"  # then restored
     for example, (total, count) in zip(examples, scores):
         ids = torch.tensor([example["input_ids"]])
         logprobs = torch.log_softmax(model(ids).logits[0].float(), -1)

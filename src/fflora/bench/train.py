@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 from ..methods import FFBAConfig, apply_adapter
-from ..recipes.examples import token_nll
 from ..recipes.dtype import dtype_autocast
+from ..recipes.examples import packed_attention_while, token_nll
 from ..recipes.settings import TrainConfig
-from ..recipes.train import build_dataset, collator, packed_attention_while, train, training_records
+from ..recipes.train import build_dataset, collator, train, training_records
 from ..utils.files import read_jsonl
 from ..utils.sources import say
 from .latency import write_results

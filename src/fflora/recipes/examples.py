@@ -21,6 +21,8 @@ One place for what training, the dev loss and the log-likelihood scorers share:
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, DataCollatorWithFlattening
@@ -117,6 +119,20 @@ AttentionInterface.register(PACKED_ATTENTION, packed_attention)
 AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
 
 
+@contextlib.contextmanager
+def packed_attention_while(model, packing: bool = True):
+    """Switch an SDPA model to `packed_attention` while it runs on packed rows (training, or scoring
+    in `example_nll`); a model with another attention implementation is left as it is."""
+    config = model.config
+    before = config._attn_implementation
+    if packing and before == "sdpa":
+        config._attn_implementation = PACKED_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+
+
 def label_mask(labels: torch.Tensor) -> torch.Tensor:
     """(batch, length) bool: the positions whose next token is labelled (the logits the loss needs)."""
     mask = torch.zeros_like(labels, dtype=torch.bool)
@@ -150,12 +166,13 @@ def example_nll(model, examples: list[dict], batch_size: int = 8, progress=None)
     model.eval()
     out: list[tuple[float, int]] = []
     starts = range(0, len(examples), batch_size)
-    for start in progress(starts) if progress else starts:
-        chunk = examples[start : start + batch_size]
-        batch = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in pack(chunk).items()}
-        nll, owner = token_nll(model, batch), owners(batch)
-        sums = torch.zeros(len(chunk), device=nll.device).index_add_(0, owner, nll)
-        counts = torch.bincount(owner, minlength=len(chunk))
-        out += [(s, int(c)) for s, c in zip(sums.tolist(), counts.tolist())]
+    with packed_attention_while(model):
+        for start in progress(starts) if progress else starts:
+            chunk = examples[start : start + batch_size]
+            batch = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in pack(chunk).items()}
+            nll, owner = token_nll(model, batch), owners(batch)
+            sums = torch.zeros(len(chunk), device=nll.device).index_add_(0, owner, nll)
+            counts = torch.bincount(owner, minlength=len(chunk))
+            out += [(s, int(c)) for s, c in zip(sums.tolist(), counts.tolist())]
     model.train(was_training)
     return out

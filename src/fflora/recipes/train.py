@@ -16,7 +16,6 @@ and exact resumption (optimizer, scheduler, RNG and data position). fflora adds:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -42,7 +41,7 @@ from .budget import LORA_TARGETS, adapter_parameter_count, lora_parameter_count,
 from .data import load_split
 from .dtype import choose_dtype
 from .evaluate import response_loss
-from .examples import PACKED_ATTENTION, check_form, pack, token_nll, tokenize_example
+from .examples import check_form, pack, packed_attention_while, token_nll, tokenize_example
 from .settings import TRAIN_DATASETS, TrainConfig
 from .user_data import FORMATS, held_out_user_records, split_user_data
 
@@ -290,19 +289,6 @@ def collator(tokenizer, packing: bool):
     if packing:
         return pack
     return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
-
-
-@contextlib.contextmanager
-def packed_attention_while(model, packing: bool):
-    """Switch an SDPA model to `fflora.recipes.examples.packed_attention` while it trains on packed rows."""
-    config = model.config
-    before = config._attn_implementation
-    if packing and before == "sdpa":
-        config._attn_implementation = PACKED_ATTENTION
-    try:
-        yield
-    finally:
-        config._attn_implementation = before
 
 
 def train(cfg: TrainConfig, resume: bool = False, model=None, tokenizer=None) -> dict:
