@@ -11,9 +11,11 @@ One place for what training, the dev loss and the log-likelihood scorers share:
   position ids restart at every example, from which transformers builds a block-diagonal causal
   mask, so no token attends across examples and no compute goes to padding.
 * `packed_attention`: transformers' SDPA on the examples of a packed row side by side (one causal
-  call, no mask), registered as the attention implementation `PACKED_ATTENTION`. Without it SDPA
-  takes the packed row's block-diagonal mask as a dense one and computes every masked block: on
-  SmolLM2 with 8 examples of ~110 tokens, half of a training step's time went to attention.
+  call, no mask), registered as the attention implementation `PACKED_ATTENTION`, which
+  `packed_attention_while` switches an SDPA model to for training and for `example_nll`. Without it
+  SDPA takes the packed row's block-diagonal mask as a dense one and computes every masked block: on
+  SmolLM2 with 8 examples of ~110 tokens, half of a training step's time went to attention; scoring
+  16 math rationales a row, 1.7x the time (`benchmarks/packed_nll.py`).
 * `token_nll`: the next-token NLL at every labelled position, with the LM head run on those
   positions only (`logits_to_keep` as a boolean mask). At 135M the LM head (49,152 x 576) is the
   largest GEMM of the model, and a cloze example labels 2-20 of its ~60 tokens.
