@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from fflora.recipes.study import Cell, StudySpec, aggregate, best_rates, format_aggregate, plan, read_records, run_study
+from fflora.recipes.study.spec import BASE_CELL
 
 
 def _spec(tiny_model_dir, tiny_data_dir, **kw):
@@ -102,6 +103,25 @@ def test_the_plan_runs_ready_final_cells_first_seed_by_seed(tiny_model_dir, tiny
 
     records[todo[0].key] = {"cell": {"phase": "final", "method": "ffba", "lr": 1e-3, "seed": 0}, "train": {"dev_loss": 0.4}}
     assert [c.key for c in plan(spec, records)[0]] == ["final-lora-lr0.03-seed0", "base-model", "final-ffba-lr0.001-seed1"]
+
+
+def test_the_plan_runs_the_compared_pairs_seeds_before_the_other_methods(tiny_model_dir, tiny_data_dir):
+    """The issue's order: FFBA and LoRA at every seed first, then FA-only and the rest, even where
+    another method's first final is ready before the pair's further seeds."""
+    spec = _spec(tiny_model_dir, tiny_data_dir, seeds={"ffba": 2, "lora": 2, "fa": 1, "ba": 1},
+                 methods={"ffba": {"method": "ffba", "r": 2, "alpha": 4}, "lora": {"method": "lora", "lora_r": 2},
+                          "fa": {"method": "ffba", "r": 3, "backward": False},
+                          "ba": {"method": "ffba", "r": 3, "forward": False}})
+    records = {}
+    for method, losses in {"ffba": (0.5, 0.6), "lora": (0.7, 0.6), "fa": (0.9, 0.8)}.items():
+        for lr, loss in zip(spec.learning_rates, losses):
+            records |= _sweep_record(method, lr, loss)
+    records |= {BASE_CELL.key: {"cell": {"phase": "base"}}}
+    todo, waiting = plan(spec, records)
+    assert [c.key for c in todo] == ["final-ffba-lr0.001-seed0", "final-lora-lr0.03-seed0", "final-ffba-lr0.001-seed1",
+                                     "final-lora-lr0.03-seed1", "final-fa-lr0.03-seed0", "sweep-ba-lr0.001-seed0",
+                                     "sweep-ba-lr0.03-seed0"]
+    assert waiting == 1  # BA's final, until its sweep is done
 
 
 def _sweep_record(method, lr, loss):

@@ -28,11 +28,11 @@ def plan(spec: StudySpec, records: dict[str, dict], phase: str | None = None) ->
     method's sweep), of one phase only when `phase` is given.
 
     The order serves the decision (FFBA against LoRA) first, so that a study stopped part way
-    already holds a paired comparison: each ready method's first final cell (seed 0), the base
-    model's cell, the sweep cells of the compared pair (COMPARED), the ready methods' further seeds
-    (seed 1 of each, then seed 2, ...), then the other methods' sweep cells. `phase="sweep"` runs the
-    short cells alone, e.g. when a session has too little time left for a final cell; `phase="final"`
-    the evaluated ones (final cells and the base model's)."""
+    already holds a paired comparison, and then its seeds: the compared pair's (COMPARED) first final
+    cells (seed 0), the base model's cell, the pair's sweep cells, its further seeds (seed 1 of each,
+    then seed 2, ...); then the other methods' final cells that are ready, then their sweep cells.
+    `phase="sweep"` runs the short cells alone, e.g. when a session has too little time left for a
+    final cell; `phase="final"` the evaluated ones (final cells and the base model's)."""
     if phase not in (None, "sweep", "final"):
         raise ValueError(f"phase must be 'sweep' or 'final', not {phase!r}")
     best = best_rates(spec, records)
@@ -40,8 +40,10 @@ def plan(spec: StudySpec, records: dict[str, dict], phase: str | None = None) ->
     finals = [Cell("final", m, best[m], seed) for seed in range(max(spec.seeds.values(), default=0))
               for m in ready if seed < spec.seeds[m]]
     sweeps = [Cell("sweep", m, lr, 0) for m in spec.methods for lr in spec.learning_rates]
-    order = ([c for c in finals if c.seed == 0] + [BASE_CELL] + [c for c in sweeps if c.method in COMPARED]
-             + [c for c in finals if c.seed > 0] + [c for c in sweeps if c.method not in COMPARED])
+    compared = [c for c in finals if c.method in COMPARED]
+    order = ([c for c in compared if c.seed == 0] + [BASE_CELL] + [c for c in sweeps if c.method in COMPARED]
+             + [c for c in compared if c.seed > 0] + [c for c in finals if c.method not in COMPARED]
+             + [c for c in sweeps if c.method not in COMPARED])
     wanted = {None: ("final", "base", "sweep"), "final": ("final", "base"), "sweep": ("sweep",)}[phase]
     waiting = sum(count for method, count in spec.seeds.items() if method not in best) if "final" in wanted else 0
     return [c for c in order if c.key not in records and c.phase in wanted], waiting
